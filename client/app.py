@@ -1,0 +1,132 @@
+"""The fedtune ClientApp: what runs on a device for each instruction from the coordinator.
+
+Flower calls ``train`` / ``evaluate`` with a Message holding the global adapter and a
+ConfigRecord. The reply holds only the (encoded) adapter update and a closed set of numeric
+metrics; local text and token ids never enter a record.
+
+``app`` reads its settings from the Flower run config (deployment); ``make_client_app`` bakes
+in a run config for the Simulation Engine, which cannot pass one to ``run_simulation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from client.local_data import LocalTextData, load_partition
+from client.trainer import Trainer, TrainInstruction
+from protocols import keys
+from protocols.codecs import Fp32Codec, get_codec, record_nbytes
+from protocols.records import get_float, get_int, get_str
+from protocols.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+_TRAINERS: dict[tuple[Any, ...], Trainer] = {}
+
+
+def _settings(context: Context, baked: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(context.run_config)
+    merged.update(baked)
+    return merged
+
+
+def _trainer(flat: Mapping[str, Any]) -> Trainer:
+    """One trainer (one loaded base model) per process, reused across rounds."""
+    from client.torch_trainer import TorchLoraTrainer  # torch only when training on torch
+    from kernels.base_model import resolve_model_dir
+
+    config = RunConfig.from_flat(flat)
+    model_dir = resolve_model_dir(config.model.source, Path(str(flat["paths.cache_dir"])))
+    key = (str(model_dir), config.lora, config.federation.client_threads)
+    if key not in _TRAINERS:
+        _TRAINERS.clear()  # one base model in memory at a time
+        _TRAINERS[key] = TorchLoraTrainer(
+            model_dir, config.lora, threads=config.federation.client_threads
+        )
+    return _TRAINERS[key]
+
+
+def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:
+    partition_id = int(context.node_config["partition-id"])
+    return load_partition(Path(str(flat["paths.partitions_file"])), partition_id)
+
+
+def _instruction(msg: Message) -> TrainInstruction:
+    cfg = msg.content.config_records[keys.CONFIG]
+    return TrainInstruction(
+        server_round=get_int(cfg, keys.SERVER_ROUND),
+        local_steps=get_int(cfg, keys.LOCAL_STEPS),
+        batch_size=get_int(cfg, keys.BATCH_SIZE),
+        learning_rate=get_float(cfg, keys.LEARNING_RATE),
+        seq_len=get_int(cfg, keys.SEQ_LEN),
+        seed=get_int(cfg, keys.SEED),
+    )
+
+
+def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
+    adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
+    instruction = _instruction(msg)
+    codec = get_codec(get_str(msg.content.config_records[keys.CONFIG], keys.CODEC))
+    trainer = _trainer(flat)
+    data = _local_data(flat, context)
+    # Distinct batches per client within a round, reproducible across reruns.
+    seeded = dataclasses.replace(instruction, seed=instruction.seed * 1_000_003 + context.node_id)
+    outcome = trainer.train(adapter, data, seeded)
+    upload: ArrayRecord = codec.encode(outcome.tensors)
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: outcome.num_examples,
+            keys.UPLOAD_BYTES: record_nbytes(upload),
+            **{k: float(v) for k, v in outcome.metrics.items()},
+        }
+    )
+    return Message(RecordDict({keys.ARRAYS: upload, keys.METRICS: metrics}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
+    adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
+    cfg = msg.content.config_records[keys.CONFIG]
+    data = _local_data(flat, context)
+    outcome = _trainer(flat).evaluate(
+        adapter, data, seq_len=get_int(cfg, keys.SEQ_LEN), batch_size=get_int(cfg, keys.BATCH_SIZE)
+    )
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: outcome.tokens,
+            keys.EVAL_LOSS: outcome.loss,
+            keys.EVAL_TOKENS: outcome.tokens,
+        }
+    )
+    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+def make_client_app(
+    run_config: Mapping[str, Any] | None = None, *, mods: list[Mod] | None = None
+) -> ClientApp:
+    """A ClientApp whose settings are ``run_config`` over Flower's own run config.
+
+    ``mods`` wrap every handler (Flower's mechanism for DP clipping, size checks, capture).
+    """
+    baked = dict(run_config or {})
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, _settings(context, baked))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, _settings(context, baked))
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,111 @@
+"""Backprop LoRA training with torch + PEFT on a frozen base (the "GPU client")."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from client.local_data import LocalTextData
+from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
+from kernels.base_model import load_causal_lm
+from kernels.causal_lm_data import token_blocks
+from kernels.lm_eval import mean_token_loss
+from kernels.lora import attach_lora, get_adapter, set_adapter
+from protocols.run_config import LoraSection
+
+log = logging.getLogger(__name__)
+
+
+class TorchLoraTrainer:
+    """Trains the LoRA adapter of a frozen causal LM with AdamW.
+
+    The base model is loaded once per process and reused for every round: the adapter is
+    overwritten from the coordinator's copy at the start of each call, so no state leaks
+    from one round (or one simulated client) to the next.
+    """
+
+    def __init__(self, model_dir: Path, lora: LoraSection, *, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        loaded = load_causal_lm(model_dir)
+        self.tokenizer = loaded.tokenizer
+        self.model = attach_lora(loaded.model, lora)
+        self.load_seconds = loaded.seconds
+        self._blocks_cache: dict[tuple[str, str, int], npt.NDArray[np.int64]] = {}
+
+    def _blocks(self, data: LocalTextData, split: str, seq_len: int) -> npt.NDArray[np.int64]:
+        key = (data.client_id, split, seq_len)
+        if key not in self._blocks_cache:
+            texts = data.train if split == "train" else data.heldout
+            self._blocks_cache[key] = token_blocks(self.tokenizer, texts, seq_len)
+        return self._blocks_cache[key]
+
+    def train(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        data: LocalTextData,
+        instruction: TrainInstruction,
+    ) -> TrainOutcome:
+        import torch
+
+        start = time.perf_counter()
+        set_adapter(self.model, adapter)
+        blocks = self._blocks(data, "train", instruction.seq_len)
+        if len(blocks) == 0:
+            raise ValueError(
+                f"client {data.client_id}: no training block of {instruction.seq_len} tokens"
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=instruction.learning_rate, weight_decay=0.0)
+        order = _batch_order(len(blocks), instruction)
+        self.model.train()
+        losses = []
+        for step in range(instruction.local_steps):
+            idx = order[step * instruction.batch_size : (step + 1) * instruction.batch_size]
+            batch = torch.from_numpy(blocks[idx])  # (B, T)
+            loss = self.model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        self.model.eval()
+        tensors = get_adapter(self.model)
+        return TrainOutcome(
+            tensors=tensors,
+            num_examples=len(blocks),
+            metrics={
+                "train-loss": float(np.mean(losses)),
+                "train-seconds": time.perf_counter() - start,
+            },
+        )
+
+    def evaluate(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        data: LocalTextData,
+        *,
+        seq_len: int,
+        batch_size: int,
+    ) -> EvalOutcome:
+        set_adapter(self.model, adapter)
+        blocks = self._blocks(data, "heldout", seq_len)
+        loss, tokens = mean_token_loss(self.model, blocks, batch_size)
+        return EvalOutcome(loss=loss, tokens=tokens)
+
+
+def _batch_order(n_blocks: int, instruction: TrainInstruction) -> npt.NDArray[np.int64]:
+    """Shuffled epochs of block indices, enough for all local steps.
+
+    Seeded by (seed, round) so a rerun of the same round draws the same batches.
+    """
+    rng = np.random.default_rng([instruction.seed, instruction.server_round])
+    needed = instruction.local_steps * instruction.batch_size
+    epochs = -(-needed // n_blocks)
+    return np.concatenate([rng.permutation(n_blocks) for _ in range(epochs)])[:needed]

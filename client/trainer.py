@@ -1,0 +1,73 @@
+"""The trainer seam: a device turns (global adapter, local data) into an adapter update.
+
+The torch/PEFT backprop trainer implements it now; the ONNX Runtime forward-only trainer
+(edge clients) implements the same protocol later, so the ClientApp does not care which
+kind of device it runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from client.local_data import LocalTextData
+
+Tensors = dict[str, npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What the coordinator asked for this round (from the message's ConfigRecord)."""
+
+    server_round: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    seq_len: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name in ("local_steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass
+class TrainOutcome:
+    """The update and the numbers that may leave the device (nothing else does)."""
+
+    tensors: Tensors
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalOutcome:
+    loss: float
+    tokens: int
+
+
+class Trainer(Protocol):
+    """Anything that can train and evaluate an adapter on local data."""
+
+    def train(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        data: LocalTextData,
+        instruction: TrainInstruction,
+    ) -> TrainOutcome: ...
+
+    def evaluate(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        data: LocalTextData,
+        *,
+        seq_len: int,
+        batch_size: int,
+    ) -> EvalOutcome: ...

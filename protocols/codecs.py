@@ -1,0 +1,89 @@
+"""Update codecs: how adapter tensors become an ``ArrayRecord`` and back.
+
+A codec is the seam for compression (fp16, int8, top-k) and for the seed/scalar uploads of
+forward-only edge clients: the client encodes, the coordinator decodes, and both refer to the
+codec by the name carried in the instruction's ConfigRecord. Decoding is strict because its
+input is untrusted; :mod:`protocols.validation` then checks the decoded tensors against the
+adapter spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord
+
+from protocols.errors import InvalidUpdate
+
+Tensors = dict[str, npt.NDArray[np.float32]]
+
+
+class UpdateCodec(Protocol):
+    """Turns named float32 tensors into a wire record and back."""
+
+    name: str
+
+    def encode(self, tensors: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord: ...
+
+    def decode(self, record: ArrayRecord) -> Tensors: ...
+
+
+class Fp32Codec:
+    """Identity codec: every tensor as little-endian float32, exactly as trained."""
+
+    name = "fp32"
+
+    def encode(self, tensors: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord:
+        arrays = {}
+        for key, value in tensors.items():
+            arr = np.ascontiguousarray(value, dtype="<f4")
+            arrays[key] = Array(arr)
+        return ArrayRecord(arrays)
+
+    def decode(self, record: ArrayRecord) -> Tensors:
+        out: Tensors = {}
+        for key, array in record.items():
+            if array.stype != "numpy.ndarray":
+                raise InvalidUpdate(
+                    f"`{key}`: expected serialisation 'numpy.ndarray', got {array.stype!r}"
+                )
+            try:
+                value = array.numpy()
+            except Exception as exc:  # np.load raises many types on corrupt bytes
+                raise InvalidUpdate(f"`{key}`: payload is not a valid .npy array ({exc})") from exc
+            if value.dtype != np.dtype("<f4"):
+                raise InvalidUpdate(f"`{key}`: expected dtype float32, got {value.dtype}")
+            if tuple(value.shape) != tuple(array.shape):
+                raise InvalidUpdate(
+                    f"`{key}`: header says shape {tuple(array.shape)}, "
+                    f"payload has shape {tuple(value.shape)}"
+                )
+            out[key] = value
+        return out
+
+
+_CODECS: dict[str, Callable[[], UpdateCodec]] = {"fp32": Fp32Codec}
+
+
+def get_codec(name: str) -> UpdateCodec:
+    """Return the codec registered under ``name``; unknown names list the valid ones."""
+    try:
+        return _CODECS[name]()
+    except KeyError:
+        valid = ", ".join(sorted(_CODECS))
+        raise ValueError(f"unknown update codec {name!r}; valid codecs: {valid}") from None
+
+
+def register_codec(name: str, factory: Callable[[], UpdateCodec]) -> None:
+    """Add a codec; refuses to replace one silently."""
+    if name in _CODECS:
+        raise ValueError(f"update codec {name!r} is already registered")
+    _CODECS[name] = factory
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Payload bytes of a record as it travels (serialised arrays, excluding framing)."""
+    return sum(len(array.data) for array in record.values())

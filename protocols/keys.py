@@ -1,0 +1,44 @@
+"""Record and metric key names: the one place both sides agree on spelling.
+
+Flower messages carry ``RecordDict``s; a typo in a key is a silent protocol break, so every
+key used on the wire is a constant here (kebab-case, as Flower's own ``"num-examples"``).
+"""
+
+from typing import Final
+
+# RecordDict entries
+ARRAYS: Final = "arrays"
+CONFIG: Final = "config"
+METRICS: Final = "metrics"
+
+# ConfigRecord keys sent by the coordinator with a train/evaluate instruction
+SERVER_ROUND: Final = "server-round"
+LOCAL_STEPS: Final = "local-steps"
+BATCH_SIZE: Final = "batch-size"
+LEARNING_RATE: Final = "learning-rate"
+SEQ_LEN: Final = "seq-len"
+SEED: Final = "seed"
+CODEC: Final = "codec"
+
+# MetricRecord keys sent back by a client
+NUM_EXAMPLES: Final = "num-examples"
+TRAIN_LOSS: Final = "train-loss"
+EVAL_LOSS: Final = "eval-loss"
+EVAL_TOKENS: Final = "eval-tokens"
+TRAIN_SECONDS: Final = "train-seconds"
+LOAD_SECONDS: Final = "load-seconds"
+UPLOAD_BYTES: Final = "upload-bytes"
+
+#: The only metric keys a client may send. Anything else is refused: metrics are free-form
+#: in Flower, which makes them a side channel for raw data unless they are closed.
+CLIENT_METRIC_KEYS: Final = frozenset(
+    {
+        NUM_EXAMPLES,
+        TRAIN_LOSS,
+        EVAL_LOSS,
+        EVAL_TOKENS,
+        TRAIN_SECONDS,
+        LOAD_SECONDS,
+        UPLOAD_BYTES,
+    }
+)

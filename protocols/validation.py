@@ -1,0 +1,78 @@
+"""Validation of decoded client updates against the adapter spec.
+
+Runs on the coordinator before aggregation and fails closed: a single bad tensor rejects
+the whole reply, with a reason naming the key, what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from protocols.adapter_spec import AdapterSpec
+from protocols.errors import InvalidUpdate
+from protocols.keys import CLIENT_METRIC_KEYS, NUM_EXAMPLES
+
+
+def validate_update(
+    tensors: Mapping[str, npt.NDArray[Any]],
+    spec: AdapterSpec,
+    *,
+    expected_keys: list[str] | None = None,
+) -> None:
+    """Raise :class:`InvalidUpdate` unless ``tensors`` is a well-formed adapter update.
+
+    ``expected_keys`` defaults to the spec's trainable tensors: frozen tensors (FFA-LoRA's A)
+    are not uploaded, so their presence is as suspicious as a missing trainable one.
+    """
+    expected = set(spec.trainable_keys if expected_keys is None else expected_keys)
+    got = set(tensors)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_preview(unexpected)}")
+        raise InvalidUpdate("; ".join(parts))
+    for key in sorted(expected):
+        value = tensors[key]
+        want = spec.tensors[key].shape
+        if tuple(value.shape) != want:
+            raise InvalidUpdate(f"`{key}`: expected shape {want}, got {tuple(value.shape)}")
+        if value.dtype != np.float32:
+            raise InvalidUpdate(f"`{key}`: expected dtype float32, got {value.dtype}")
+        if not np.isfinite(value).all():
+            raise InvalidUpdate(f"`{key}`: contains NaN or Inf")
+
+
+def validate_metrics(metrics: Mapping[str, Any]) -> int:
+    """Check a client's metrics and return its example count.
+
+    Only the closed set :data:`protocols.keys.CLIENT_METRIC_KEYS` of finite numbers is
+    allowed, so metrics cannot carry text; the example count must be a positive integer
+    because it weights the average.
+    """
+    unexpected = sorted(set(metrics) - CLIENT_METRIC_KEYS)
+    if unexpected:
+        raise InvalidUpdate(f"unexpected metric keys {_preview(unexpected)}")
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidUpdate(f"metric `{key}`: expected a number, got {type(value).__name__}")
+        if not np.isfinite(value):
+            raise InvalidUpdate(f"metric `{key}`: not finite ({value})")
+    if NUM_EXAMPLES not in metrics:
+        raise InvalidUpdate(f"metric `{NUM_EXAMPLES}` is missing")
+    count = metrics[NUM_EXAMPLES]
+    if not isinstance(count, int) or count <= 0:
+        raise InvalidUpdate(f"metric `{NUM_EXAMPLES}`: expected a positive integer, got {count!r}")
+    return count
+
+
+def _preview(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(f"`{k}`" for k in keys[:limit])
+    more = len(keys) - limit
+    return shown + (f" and {more} more" if more > 0 else "")

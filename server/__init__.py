@@ -1,0 +1,1 @@
+"""The coordinator: a Flower ServerApp that aggregates adapter updates, never raw data."""

@@ -1,0 +1,138 @@
+"""The fedtune ServerApp: one federated LoRA fine-tuning run on Flower's strategy loop.
+
+``app`` reads the Flower run config (deployment); ``make_server_app`` bakes one in for the
+Simulation Engine. Both run :func:`run_coordinator`, so simulation and deployment share
+every line of coordinator logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from protocols import keys
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import Fp32Codec
+from protocols.run_config import RunConfig
+from server.export import save_peft_adapter, write_json_atomic
+from server.metrics_log import append_metrics
+from server.strategy import AdapterFedAvg
+
+log = logging.getLogger(__name__)
+
+#: FedAvg samples ``max(int(N * fraction), min_train_nodes)`` nodes; a vanishing fraction
+#: makes that exactly ``min_train_nodes`` whatever N is (0.0 would disable training).
+_SAMPLE_EXACTLY_MIN = 1e-12
+
+
+def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Run all rounds, log metrics each round, export the final adapter; return a summary."""
+    from kernels.base_model import resolve_model_dir
+    from server.central_eval import CentralModel
+
+    config = RunConfig.from_flat(flat)
+    run_dir = Path(str(flat["paths.run_dir"]))
+    cache_dir = Path(str(flat["paths.cache_dir"]))
+    random.seed(config.train.seed)  # Flower samples nodes with the global `random`
+
+    model_dir = resolve_model_dir(config.model.source, cache_dir)
+    central = CentralModel(model_dir, config, threads=os.cpu_count() or 1)
+    if config.eval.central:
+        n_blocks = central.load_eval_texts(
+            Path(str(flat["paths.eval_file"])),
+            seq_len=config.train.seq_len,
+            max_blocks=config.eval.max_blocks,
+        )
+        log.info("central evaluation on %d held-out blocks of %d tokens", n_blocks,
+                 config.train.seq_len)
+    spec = AdapterSpec.from_arrays(central.initial_adapter, central.peft_config)
+    (run_dir / "adapter_spec.json").write_text(spec.to_json())
+
+    k = config.train.clients_per_round
+    strategy = AdapterFedAvg(
+        spec,
+        codec=config.federation.codec,
+        fraction_train=_SAMPLE_EXACTLY_MIN,
+        min_train_nodes=k,
+        min_available_nodes=k,
+        fraction_evaluate=config.eval.fraction_clients,
+        min_evaluate_nodes=1 if config.eval.fraction_clients > 0 else 0,
+    )
+    t0 = time.perf_counter()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        row: dict[str, Any] = {"round": server_round, "wall_s": time.perf_counter() - t0}
+        eval_start = time.perf_counter()
+        if config.eval.central:
+            row.update(central.evaluate(Fp32Codec().decode(arrays)))
+        row["eval_s"] = time.perf_counter() - eval_start
+        stats = strategy.stats.get(server_round)
+        if stats is not None:
+            row.update(
+                clients=stats.accepted,
+                sampled=stats.sampled,
+                rejected=stats.rejected,
+                failed=stats.failed,
+                bytes_up=stats.bytes_up,
+                bytes_down=stats.bytes_down,
+                train_loss=stats.train_loss,
+                round_s=stats.aggregated_at - stats.started,
+                clients_s=stats.replies_at - stats.started,
+                aggregate_s=stats.aggregated_at - stats.replies_at,
+                client_train_s=stats.client_train_seconds,
+                rejections=stats.rejections,
+            )
+        append_metrics(run_dir, row)
+        metrics = {k: v for k, v in row.items() if k in ("eval-loss", "perplexity")}
+        return MetricRecord(metrics) if metrics else None
+
+    train_config = ConfigRecord(
+        {
+            keys.LOCAL_STEPS: config.train.local_steps,
+            keys.BATCH_SIZE: config.train.batch_size,
+            keys.LEARNING_RATE: config.train.learning_rate,
+            keys.SEQ_LEN: config.train.seq_len,
+            keys.SEED: config.train.seed,
+        }
+    )
+    eval_config = ConfigRecord(
+        {keys.SEQ_LEN: config.train.seq_len, keys.BATCH_SIZE: config.eval.batch_size}
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=Fp32Codec().encode(central.initial_adapter),
+        num_rounds=config.train.rounds,
+        timeout=config.federation.round_timeout_s,
+        train_config=train_config,
+        evaluate_config=eval_config,
+        evaluate_fn=evaluate,
+    )
+    final = Fp32Codec().decode(result.arrays) if result.arrays else central.initial_adapter
+    save_peft_adapter(run_dir / "adapter", final, central.peft_config)
+    summary = {"rounds": config.train.rounds, "seconds": time.perf_counter() - t0}
+    write_json_atomic(run_dir / "coordinator_summary.json", summary)
+    return summary
+
+
+def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose settings are ``run_config`` over Flower's own run config."""
+    baked = dict(run_config or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        flat = {**dict(context.run_config), **baked}
+        run_coordinator(grid, flat)
+
+    return app
+
+
+app = make_server_app()

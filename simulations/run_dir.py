@@ -1,0 +1,73 @@
+"""Run folders: created only after every check passed, and named so a failed run never
+looks like a finished one (``<name>.partial`` while running, ``<name>`` when done,
+``<name>.failed`` if it broke)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from protocols.run_config import RunConfig
+from simulations.config import to_toml
+
+RUN_INFO = "run_info.json"
+
+
+def comparable_fingerprint(config: RunConfig) -> str:
+    """What must match for two runs to be compared side by side: model, data, adapter and
+    the training budget. Federation settings (codec, threads) may differ."""
+    import hashlib
+
+    nested = config.to_nested()
+    keep = {k: nested[k] for k in ("model", "data", "lora", "train")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def new_run_dir(
+    runs_dir: Path, kind: str, config: RunConfig, name: str | None = None
+) -> Iterator[Path]:
+    name = name or time.strftime(f"%Y%m%d-%H%M%S-{kind}")
+    final = runs_dir / name
+    if final.exists():
+        raise FileExistsError(f"run folder {final} already exists; pick another --name")
+    work = runs_dir / f"{name}.partial"
+    work.mkdir(parents=True, exist_ok=False)
+    (work / "config.toml").write_text(to_toml(config))
+    info: dict[str, Any] = {
+        "kind": kind,
+        "name": name,
+        "fingerprint": comparable_fingerprint(config),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (work / RUN_INFO).write_text(json.dumps(info, indent=2))
+    try:
+        yield work
+    except BaseException:
+        os.replace(work, runs_dir / f"{name}.failed")
+        raise
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    (work / RUN_INFO).write_text(json.dumps(info, indent=2))
+    os.replace(work, final)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / RUN_INFO).read_text())  # type: ignore[no-any-return]
+
+
+def latest_comparable(runs_dir: Path, kind: str, fingerprint: str) -> Path | None:
+    """The newest finished run of ``kind`` with the same fingerprint, if any."""
+    found = []
+    for info_file in runs_dir.glob(f"*/{RUN_INFO}"):
+        run = info_file.parent
+        if run.suffix in (".partial", ".failed"):
+            continue
+        info = read_run_info(run)
+        if info.get("kind") == kind and info.get("fingerprint") == fingerprint:
+            found.append((info.get("finished", ""), run))
+    return max(found)[1] if found else None

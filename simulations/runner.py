@@ -1,0 +1,187 @@
+"""``fedtune simulate``: the federated run on Flower's Simulation Engine, and the
+centralized baseline trained on the union of the same training speeches.
+
+The simulation uses the very ServerApp and ClientApp of ``server.app`` / ``client.app``;
+this module only checks inputs, prepares the split, and starts Flower's engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocols.run_config import ConfigError, RunConfig
+from simulations.paths import partitions_dir, shakespeare_texts_dir
+from simulations.run_dir import new_run_dir
+from simulations.shakespeare_split import PreparedSplit, prepare_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a run needs, checked before any run folder exists."""
+
+    config: RunConfig
+    cache_dir: Path
+    model_dir: Path
+    split: PreparedSplit
+
+
+def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
+    """Fail early with one clear error: model, data and client count are all checked."""
+    from kernels.base_model import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model.source, cache_dir)
+    split = prepare_split(shakespeare_texts_dir(cache_dir), config.data, partitions_dir(cache_dir))
+    if split.num_clients < config.train.clients_per_round:
+        raise ConfigError(
+            f"train.clients_per_round = {config.train.clients_per_round} but only "
+            f"{split.num_clients} roles have >= {config.data.min_speeches} speeches; lower "
+            "train.clients_per_round or data.min_speeches"
+        )
+    return Inputs(config, cache_dir, model_dir, split)
+
+
+def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
+    flat: dict[str, Any] = inputs.config.to_flat()
+    flat.update(
+        {
+            "paths.cache_dir": str(inputs.cache_dir),
+            "paths.partitions_file": str(inputs.split.partitions_file),
+            "paths.eval_file": str(inputs.split.eval_file),
+            "paths.run_dir": str(run_dir),
+        }
+    )
+    return flat
+
+
+def run_federated(
+    inputs: Inputs,
+    runs_dir: Path,
+    *,
+    name: str | None = None,
+    on_start: Callable[[Path], None] | None = None,
+    client_mods: list[Any] | None = None,
+) -> Path:
+    """Run the federated simulation; return the finished run folder.
+
+    ``client_mods`` are Flower client mods wrapped around every ClientApp handler.
+    """
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    config = inputs.config
+    with new_run_dir(runs_dir, "federated", config, name) as run_dir:
+        if on_start:
+            on_start(run_dir)
+        flat = flower_run_config(inputs, run_dir)
+        run_simulation(
+            server_app=make_server_app(flat),
+            client_app=make_client_app(flat, mods=client_mods),
+            num_supernodes=inputs.split.num_clients,
+            backend_config={
+                "client_resources": {
+                    "num_cpus": config.federation.client_cpus,
+                    "num_gpus": 0.0,
+                },
+                "init_args": {
+                    "num_cpus": os.cpu_count() or 1,
+                    "include_dashboard": False,
+                    "log_to_driver": True,
+                },
+            },
+        )
+        if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+            raise RuntimeError(
+                f"the simulation ended without a final adapter in {run_dir}; "
+                "see the Flower log above for the failing round"
+            )
+        _finish(run_dir)
+    return runs_dir / run_dir.name.removesuffix(".partial")
+
+
+def run_centralized(
+    inputs: Inputs,
+    runs_dir: Path,
+    *,
+    name: str | None = None,
+    on_start: Callable[[Path], None] | None = None,
+) -> Path:
+    """Train the same adapter on the union of all clients' training speeches.
+
+    Same model, LoRA init, optimiser, learning rate, batch size and number of examples
+    seen as the federated run (rounds x clients_per_round x local_steps batches), evaluated
+    on the same held-out blocks after every round-equivalent of steps.
+    """
+    import json
+
+    from client.local_data import LocalTextData
+    from client.torch_trainer import TorchLoraTrainer
+    from client.trainer import TrainInstruction
+    from server.central_eval import CentralModel
+    from server.export import save_peft_adapter
+    from server.metrics_log import append_metrics
+
+    config = inputs.config
+    threads = os.cpu_count() or 1
+    with new_run_dir(runs_dir, "centralized", config, name) as run_dir:
+        if on_start:
+            on_start(run_dir)
+        clients = json.loads(inputs.split.partitions_file.read_text())["clients"]
+        union = LocalTextData("centralized", tuple(t for c in clients for t in c["train"]), ())
+        central = CentralModel(inputs.model_dir, config, threads=threads)
+        central.load_eval_texts(inputs.split.eval_file, seq_len=config.train.seq_len,
+                                max_blocks=config.eval.max_blocks)
+        trainer = TorchLoraTrainer(inputs.model_dir, config.lora, threads=threads)
+        adapter = central.initial_adapter
+        t0 = time.perf_counter()
+        append_metrics(run_dir, {"round": 0, "wall_s": 0.0, **central.evaluate(adapter)})
+        steps = config.train.clients_per_round * config.train.local_steps
+        for rnd in range(1, config.train.rounds + 1):
+            outcome = trainer.train(
+                adapter,
+                union,
+                TrainInstruction(rnd, steps, config.train.batch_size,
+                                 config.train.learning_rate, config.train.seq_len,
+                                 config.train.seed),
+            )
+            adapter = outcome.tensors
+            row = {"round": rnd, "wall_s": time.perf_counter() - t0,
+                   "train_loss": outcome.metrics["train-loss"], **central.evaluate(adapter)}
+            append_metrics(run_dir, row)
+            log.info("centralized round-equivalent %d: perplexity %.2f", rnd, row["perplexity"])
+        save_peft_adapter(run_dir / "adapter", adapter, central.peft_config)
+        _finish(run_dir)
+    return runs_dir / run_dir.name.removesuffix(".partial")
+
+
+def _finish(run_dir: Path) -> None:
+    from simulations.report import write_report
+
+    write_report(run_dir, runs_dir=run_dir.parent)
+
+
+def follow_metrics(run_dir_box: list[Path], total: int, stop: threading.Event,
+                   update: Callable[[dict[str, Any]], None]) -> None:
+    """Poll ``metrics.jsonl`` of the run in progress and report each new row."""
+    from server.metrics_log import read_metrics
+
+    seen = 0
+    while not stop.is_set():
+        if run_dir_box:
+            rows = read_metrics(run_dir_box[0])
+            for row in rows[seen:]:
+                update(row)
+            seen = len(rows)
+            if seen >= total:
+                return
+        stop.wait(1.0)

@@ -1,0 +1,118 @@
+"""AdapterFedAvg: example-weighted averaging, and bad replies rejected without harm."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, MetricRecord, RecordDict
+
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import Fp32Codec
+from server.strategy import AdapterFedAvg, weighted_average
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> None:
+    """Messages are stamped with the sending task's identity, which a ServerApp has at run
+    time; outside a run it is set by hand, as Flower's own simulation entry point does."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+A = "m.q_proj.lora_A.weight"
+B = "m.q_proj.lora_B.weight"
+
+
+def _global() -> dict[str, np.ndarray]:
+    return {A: np.full((2, 3), 0.5, np.float32), B: np.zeros((3, 2), np.float32)}
+
+
+def _strategy(frozen: frozenset[str] = frozenset()) -> AdapterFedAvg:
+    strategy = AdapterFedAvg(AdapterSpec.from_arrays(_global(), {}, frozen=frozen))
+    strategy._global = _global()  # what configure_train stores for the round
+    return strategy
+
+
+def _reply(node: int, tensors: dict[str, np.ndarray], examples: int, **extra: float) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {
+            "arrays": Fp32Codec().encode(tensors),
+            "metrics": MetricRecord({"num-examples": examples, **extra}),
+        }
+    )
+    return Message(content, reply_to=request)
+
+
+def test_weighted_average_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    ups = [({A: rng.normal(size=(2, 3)).astype(np.float32)}, n) for n in (1, 3, 6)]
+    expected = np.average(np.stack([u[A] for u, _ in ups]), axis=0, weights=[1, 3, 6])
+    np.testing.assert_allclose(weighted_average(ups)[A], expected, rtol=1e-6)
+
+
+def test_aggregate_train_weights_by_examples() -> None:
+    strategy = _strategy()
+    one = {A: np.ones((2, 3), np.float32), B: np.ones((3, 2), np.float32)}
+    four = {A: np.full((2, 3), 4, np.float32), B: np.full((3, 2), 4, np.float32)}
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(1, one, 1, **{"train-loss": 2.0}), _reply(2, four, 3, **{"train-loss": 1.0})]
+    )
+    assert arrays is not None and metrics is not None
+    out = Fp32Codec().decode(arrays)
+    np.testing.assert_allclose(out[A], np.full((2, 3), (1 * 1 + 4 * 3) / 4))
+    assert metrics["num-examples"] == 4
+    assert metrics["train-loss"] == pytest.approx((2.0 * 1 + 1.0 * 3) / 4)
+    assert strategy.stats[1].accepted == 2
+    assert strategy.stats[1].bytes_up > 2 * (6 + 6) * 4
+
+
+def test_frozen_tensors_are_kept_from_the_global_adapter() -> None:
+    strategy = _strategy(frozen=frozenset({A}))
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, {B: np.ones((3, 2), np.float32)}, 2)])
+    assert arrays is not None
+    out = Fp32Codec().decode(arrays)
+    np.testing.assert_array_equal(out[A], _global()[A])
+    np.testing.assert_array_equal(out[B], np.ones((3, 2)))
+
+
+def test_bad_replies_are_rejected_logged_and_do_not_touch_the_aggregate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = _strategy()
+    good = {A: np.ones((2, 3), np.float32), B: np.ones((3, 2), np.float32)}
+    nan = {**good, B: np.full((3, 2), np.nan, np.float32)}
+    wrong_shape = {**good, A: np.ones((3, 3), np.float32)}
+    failed = Message(Error(code=0, reason="client crashed"),
+                     reply_to=Message(RecordDict(), dst_node_id=9, message_type="train"))
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        arrays, _ = strategy.aggregate_train(
+            3, [_reply(1, good, 5), _reply(7, nan, 5), _reply(8, wrong_shape, 500), failed]
+        )
+    assert arrays is not None
+    np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], good[A])  # only node 1
+    stats = strategy.stats[3]
+    assert (stats.accepted, stats.rejected, stats.failed) == (1, 2, 1)
+    text = caplog.text
+    assert f"rejected update from node 7: `{B}`: contains NaN or Inf" in text
+    assert f"rejected update from node 8: `{A}`: expected shape (2, 3), got (3, 3)" in text
+    assert "node 9 failed: client crashed" in text
+
+
+def test_all_bad_leaves_global_unchanged() -> None:
+    strategy = _strategy()
+    bad = {A: np.ones((2, 3), np.float32)}  # B missing
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, bad, 3)])
+    assert arrays is None and metrics is None  # Flower's loop keeps the previous arrays
+
+
+def test_extra_records_are_refused() -> None:
+    strategy = _strategy()
+    reply = _reply(1, _global(), 3)
+    reply.content["notes"] = MetricRecord({"x": 1.0})
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    assert arrays is None
+    assert "unexpected records ['notes']" in strategy.stats[1].rejections[0]
