@@ -1,0 +1,67 @@
+"""The role split and the TOML config loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.local_data import LocalDataError, load_partition
+from client.shakespeare import Speech
+from protocols.run_config import ConfigError, DataSection
+from simulations.config import DEFAULT_CONFIG, load_config, to_toml
+from simulations.shakespeare_split import prepare_split, split_roles
+
+
+def _speeches() -> list[Speech]:
+    out = [Speech("p", "A", f"a{i}") for i in range(10)]
+    out += [Speech("p", "B", f"b{i}") for i in range(4)]  # too few speeches
+    out += [Speech("q", "A", f"qa{i}") for i in range(5)]  # same role name, other play
+    return out
+
+
+def test_split_keeps_roles_with_enough_speeches_and_holds_out_a_share() -> None:
+    clients = split_roles(_speeches(), DataSection(min_speeches=5, heldout_fraction=0.2))
+    assert [c["client_id"] for c in clients] == ["p/A", "q/A"]
+    first = clients[0]
+    assert len(first["heldout"]) == 2 and len(first["train"]) == 8  # type: ignore[arg-type]
+    assert set(first["train"]).isdisjoint(first["heldout"])  # type: ignore[arg-type]
+    assert sorted(first["train"] + first["heldout"]) == sorted(f"a{i}" for i in range(10))  # type: ignore[operator]
+    again = split_roles(_speeches(), DataSection(min_speeches=5, heldout_fraction=0.2))
+    assert again == clients, "the split must be deterministic"
+
+
+def test_max_clients_keeps_the_largest_roles() -> None:
+    clients = split_roles(_speeches(), DataSection(min_speeches=2, max_clients=2))
+    assert [c["client_id"] for c in clients] == ["p/A", "q/A"]
+
+
+def test_prepared_split_files(mini_cache: Path, tmp_path: Path) -> None:
+    texts = mini_cache / "data" / "shakespeare" / "texts"
+    split = prepare_split(texts, DataSection(min_speeches=5), tmp_path / "parts")
+    assert split.num_clients == 4
+    heldout = json.loads(split.eval_file.read_text())["texts"]
+    assert len(heldout) == split.heldout_speeches
+    data = load_partition(split.partitions_file, 1)
+    assert data.client_id == "miniature/MIRANDA"
+    assert set(data.heldout) <= set(heldout) and not set(data.train) & set(heldout)
+    with pytest.raises(LocalDataError, match="partition-id 4 is out of range"):
+        load_partition(split.partitions_file, 4)
+
+
+def test_default_config_loads_and_round_trips(tmp_path: Path) -> None:
+    config = load_config()
+    assert DEFAULT_CONFIG.is_file()
+    saved = tmp_path / "saved.toml"
+    saved.write_text(to_toml(config))
+    assert load_config(saved) == config
+
+
+def test_overrides_are_parsed_as_toml_values() -> None:
+    config = load_config(None, ["train.rounds=3", "model.source=/models/x", "eval.central=false"])
+    assert config.train.rounds == 3
+    assert config.model.source == "/models/x"
+    assert config.eval.central is False
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
+        load_config(None, ["rounds=3"])
