@@ -23,7 +23,6 @@ def _plot(path: Path, draw: Any) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
@@ -77,7 +76,9 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
                    width=0.4, label="up (clients → coordinator)")
             ax.set_xlabel("round")
             ax.set_ylabel("MB per round")
-            ax.legend()
+            top = max(max(r["bytes_down"], r["bytes_up"]) for r in train_rows) / 1e6
+            ax.set_ylim(0, top * 1.4 or 1)  # room for the legend above the bars
+            ax.legend(loc="upper right")
 
         def draw_clients(ax: Any) -> None:
             rounds = [r["round"] for r in train_rows]
@@ -87,7 +88,9 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
                    label="rejected or failed", color="tab:red")
             ax.set_xlabel("round")
             ax.set_ylabel("clients")
-            ax.legend()
+            top = max(r["sampled"] for r in train_rows)
+            ax.set_ylim(0, top * 1.4 or 1)
+            ax.legend(loc="upper right")
 
         _plot(run_dir / "bytes.png", draw_bytes)
         _plot(run_dir / "clients.png", draw_clients)

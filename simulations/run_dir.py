@@ -56,6 +56,24 @@ def new_run_dir(
     os.replace(work, final)
 
 
+@contextmanager
+def log_to_file(path: Path) -> Iterator[None]:
+    """Copy fedtune's and Flower's log records into the run folder while the run lasts."""
+    import logging
+
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(), logging.getLogger("flwr")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / RUN_INFO).read_text())  # type: ignore[no-any-return]
 

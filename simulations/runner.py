@@ -18,7 +18,7 @@ from typing import Any
 
 from protocols.run_config import ConfigError, RunConfig
 from simulations.paths import partitions_dir, shakespeare_texts_dir
-from simulations.run_dir import new_run_dir
+from simulations.run_dir import log_to_file, new_run_dir
 from simulations.shakespeare_split import PreparedSplit, prepare_split
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,9 @@ def run_federated(
     from server.app import make_server_app
 
     config = inputs.config
-    with new_run_dir(runs_dir, "federated", config, name) as run_dir:
+    with new_run_dir(runs_dir, "federated", config, name) as run_dir, log_to_file(
+        run_dir / "run.log"
+    ):
         if on_start:
             on_start(run_dir)
         flat = flower_run_config(inputs, run_dir)
@@ -133,7 +135,9 @@ def run_centralized(
 
     config = inputs.config
     threads = os.cpu_count() or 1
-    with new_run_dir(runs_dir, "centralized", config, name) as run_dir:
+    with new_run_dir(runs_dir, "centralized", config, name) as run_dir, log_to_file(
+        run_dir / "run.log"
+    ):
         if on_start:
             on_start(run_dir)
         clients = json.loads(inputs.split.partitions_file.read_text())["clients"]
