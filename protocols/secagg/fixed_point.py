@@ -1,0 +1,131 @@
+"""Fixed-point encoding: float tensors into integers mod ``2**k``, where masks live.
+
+Secure aggregation (Bonawitz et al., CCS 2017, §3) adds one-time pad masks in the group
+``Z_R`` with ``R = 2**k``; floats must first become integers. A coordinate ``x`` is clipped to
+``[-clip, clip]``, scaled and rounded to the nearest integer ``q = rint(x · scale)``, then stored
+as ``q mod 2**k`` (two's complement in ``uint32`` for ``k = 32`` or ``uint64`` for ``k = 64``, so
+numpy's wrapping integer arithmetic *is* arithmetic mod ``2**k``). The sum of ``n`` encodings,
+read back as a signed ``k``-bit integer, is the sum of the ``q``'s exactly as long as it cannot
+wrap: :func:`check_headroom` demands ``n · ceil(clip · scale) < 2**(k-1)``.
+
+Rounding is round-to-nearest, ties to even (``numpy.rint``): deterministic, so a client's
+encoding is reproducible and testable. Stochastic rounding would be unbiased but needs a
+random source per coordinate and makes uploads non-reproducible; its advantage matters only
+when ``scale`` is so small that the deterministic bias is comparable to the signal.
+
+Error bound: each coordinate of each client is off by at most ``0.5 / scale``, so a decoded sum
+of ``n`` clients differs from the float64 sum of the *clipped* inputs by at most
+``n · 0.5 / scale`` per coordinate (:func:`error_bound`), plus the float32 rounding of the result
+(relative ``2**-24``). Clipping is not counted as error: it is the caller's bound on the input
+(and the sensitivity a DP mechanism relies on).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+#: The moduli we support: native unsigned widths, so no explicit reduction is ever needed.
+MODULUS_BITS = (32, 64)
+
+UIntArray = npt.NDArray[np.unsignedinteger[Any]]
+
+
+def uint_dtype(modulus_bits: int) -> np.dtype[np.unsignedinteger[Any]]:
+    """The unsigned dtype holding integers mod ``2**modulus_bits`` (``uint32`` or ``uint64``)."""
+    if isinstance(modulus_bits, bool) or modulus_bits not in MODULUS_BITS:
+        raise ValueError(f"modulus_bits must be 32 or 64, got {modulus_bits!r}")
+    return np.dtype(np.uint32) if modulus_bits == 32 else np.dtype(np.uint64)
+
+
+def check_headroom(*, num_clients: int, clip: float, scale: float, modulus_bits: int) -> None:
+    """Refuse parameters under which a sum of ``num_clients`` encodings could wrap around.
+
+    Each encoded coordinate has magnitude at most ``ceil(clip · scale)``; the signed reading of
+    a ``k``-bit sum is exact while ``num_clients · ceil(clip · scale) < 2**(k-1)``.
+    """
+    uint_dtype(modulus_bits)
+    _check_positive("clip", clip)
+    _check_positive("scale", scale)
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+    per_client = math.ceil(clip * scale)  # exact integer: no float rounding in the comparison
+    limit = 1 << (modulus_bits - 1)
+    if num_clients * per_client >= limit:
+        raise ValueError(
+            f"fixed-point sum can overflow: num_clients * clip * scale = {num_clients} * "
+            f"{clip!r} * {scale!r} = {num_clients * per_client} (rounded up) is not below "
+            f"2**{modulus_bits - 1} = {limit}; lower scale or clip, or use modulus_bits=64"
+        )
+
+
+def error_bound(*, num_clients: int, scale: float) -> float:
+    """Worst-case quantisation error per coordinate of a decoded sum: ``n · 0.5 / scale``."""
+    _check_positive("scale", scale)
+    return num_clients * 0.5 / scale
+
+
+def encode(
+    x: npt.ArrayLike, *, scale: float, clip: float, modulus_bits: int, num_clients: int
+) -> UIntArray:
+    """Clip, scale, round to nearest and wrap ``x`` into integers mod ``2**modulus_bits``.
+
+    ``num_clients`` is the most clients whose encodings will be summed (the round's sampled
+    clients); it is needed only to refuse parameters that could overflow that sum. Raises
+    ``ValueError`` for NaN or infinite coordinates: a client must not upload them, and no
+    integer represents them.
+    """
+    check_headroom(num_clients=num_clients, clip=clip, scale=scale, modulus_bits=modulus_bits)
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"x: expected a floating-point array, got dtype {arr.dtype}")
+    wide = arr.astype(np.float64)
+    if not np.isfinite(wide).all():
+        bad = int(np.size(wide) - np.count_nonzero(np.isfinite(wide)))
+        raise ValueError(f"x: {bad} coordinates are NaN or infinite; refusing to encode")
+    q = np.rint(np.clip(wide, -clip, clip) * scale).astype(np.int64)
+    # int64 -> uint64 reinterprets two's complement; masking to k bits is exact mod 2**k.
+    wrapped = q.view(np.uint64)
+    if modulus_bits == 32:
+        return (wrapped & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return wrapped
+
+
+def decode_sum(
+    s: npt.NDArray[Any], *, scale: float, clip: float, modulus_bits: int, num_clients: int
+) -> npt.NDArray[np.float32]:
+    """Read a sum of ``num_clients`` encodings as signed integers and scale back to float32.
+
+    Every coordinate of an honest sum lies within ``±num_clients · ceil(clip · scale)``; a value
+    outside means the masks were not removed correctly (or a client encoded with other
+    parameters), so this raises ``ValueError`` instead of returning noise as an aggregate.
+    """
+    check_headroom(num_clients=num_clients, clip=clip, scale=scale, modulus_bits=modulus_bits)
+    dtype = uint_dtype(modulus_bits)
+    arr = np.asarray(s)
+    if arr.dtype != dtype:
+        raise TypeError(
+            f"s: expected dtype {dtype} for modulus_bits={modulus_bits}, got {arr.dtype}"
+        )
+    signed: npt.NDArray[np.signedinteger[Any]] = arr.view(
+        np.int32 if modulus_bits == 32 else np.int64
+    )
+    bound = num_clients * math.ceil(clip * scale)  # < 2**(k-1): fits the signed dtype
+    outside = int(np.count_nonzero((signed > bound) | (signed < -bound)))
+    if outside:
+        raise ValueError(
+            f"decoded sum has {outside} of {signed.size} coordinates outside "
+            f"±num_clients * ceil(clip * scale) = ±{bound}: the masks were not removed "
+            f"correctly or a client encoded with different parameters"
+        )
+    return (signed.astype(np.float64) / scale).astype(np.float32)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
