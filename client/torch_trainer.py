@@ -37,6 +37,7 @@ class TorchLoraTrainer:
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
         self.model = attach_lora(loaded.model, lora)
+        self.lora = lora
         self.load_seconds = loaded.seconds
         self._blocks_cache: dict[tuple[str, str, int], npt.NDArray[np.int64]] = {}
 
@@ -76,7 +77,9 @@ class TorchLoraTrainer:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         self.model.eval()
-        tensors = get_adapter(self.model)
+        # Only trained tensors leave the device: frozen ones (FFA-LoRA's A) are the
+        # coordinator's own and sending them back would only cost bytes.
+        tensors = {k: v for k, v in get_adapter(self.model).items() if not self.lora.is_frozen(k)}
         return TrainOutcome(
             tensors=tensors,
             num_examples=len(blocks),

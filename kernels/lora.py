@@ -42,6 +42,10 @@ def attach_lora(model: PreTrainedModel, settings: LoraSection) -> PeftModel:
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.manual_seed(settings.seed)
         peft_model = get_peft_model(model, config)
+    if settings.freeze_a:
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     missing = [t for t in settings.targets if not _has_module(peft_model, t)]
     if missing:
         raise ValueError(

@@ -62,6 +62,10 @@ class LoraSection:
         metadata={"help": "comma-separated module names that get an adapter"},
     )
     seed: int = field(default=0, metadata={"help": "fixes A's initialisation on every party"})
+    freeze_a: bool = field(
+        default=False,
+        metadata={"help": "FFA-LoRA: A stays at its seeded init; only B is trained and sent"},
+    )
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be >= 1", self.r)
@@ -72,6 +76,14 @@ class LoraSection:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+
+    def is_frozen(self, adapter_key: str) -> bool:
+        """Whether an adapter tensor is frozen (never trained, never uploaded).
+
+        FFA-LoRA (Sun et al., ICLR 2024) freezes A: the average of the B's is then the
+        exact average of the products B·A, and only half the adapter travels up.
+        """
+        return self.freeze_a and ".lora_A." in adapter_key
 
 
 @dataclass(frozen=True)

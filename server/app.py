@@ -53,7 +53,8 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
         )
         log.info("central evaluation on %d held-out blocks of %d tokens", n_blocks,
                  config.train.seq_len)
-    spec = AdapterSpec.from_arrays(central.initial_adapter, central.peft_config)
+    frozen = frozenset(k for k in central.initial_adapter if config.lora.is_frozen(k))
+    spec = AdapterSpec.from_arrays(central.initial_adapter, central.peft_config, frozen=frozen)
     (run_dir / "adapter_spec.json").write_text(spec.to_json())
 
     k = config.train.clients_per_round

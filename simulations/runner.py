@@ -158,7 +158,7 @@ def run_centralized(
                                  config.train.learning_rate, config.train.seq_len,
                                  config.train.seed),
             )
-            adapter = outcome.tensors
+            adapter = {**adapter, **outcome.tensors}  # frozen tensors are not returned
             row = {"round": rnd, "wall_s": time.perf_counter() - t0,
                    "train_loss": outcome.metrics["train-loss"], **central.evaluate(adapter)}
             append_metrics(run_dir, row)
