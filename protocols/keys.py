@@ -28,6 +28,8 @@ EVAL_TOKENS: Final = "eval-tokens"
 TRAIN_SECONDS: Final = "train-seconds"
 LOAD_SECONDS: Final = "load-seconds"
 UPLOAD_BYTES: Final = "upload-bytes"
+DPSGD_EPSILON: Final = "dpsgd-epsilon"
+DPSGD_DELTA: Final = "dpsgd-delta"
 
 #: The only metric keys a client may send. Anything else is refused: metrics are free-form
 #: in Flower, which makes them a side channel for raw data unless they are closed.
@@ -40,5 +42,7 @@ CLIENT_METRIC_KEYS: Final = frozenset(
         TRAIN_SECONDS,
         LOAD_SECONDS,
         UPLOAD_BYTES,
+        DPSGD_EPSILON,
+        DPSGD_DELTA,
     }
 )

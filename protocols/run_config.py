@@ -143,6 +143,48 @@ class FederationSection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    """Differential privacy: client-level (coordinator side) and sample-level (DP-SGD)."""
+
+    client_dp: bool = field(
+        default=False,
+        metadata={"help": "clip each client's update to clip_norm, add Gaussian noise"},
+    )
+    clip_norm: float = field(default=1.0, metadata={"help": "C: L2 bound of one update"})
+    noise_multiplier: float = field(
+        default=1.0, metadata={"help": "sigma: noise std on the sum of updates is sigma*C"}
+    )
+    delta: float = field(default=1e-5, metadata={"help": "delta of the (epsilon, delta) ledger"})
+    epsilon_budget: float = field(
+        default=0.0, metadata={"help": "stop training before epsilon would exceed it; 0 = none"}
+    )
+    accountant: str = field(default="rdp", metadata={"help": "'rdp' or 'pld'"})
+    dpsgd: bool = field(default=False, metadata={"help": "sample-level DP-SGD on torch clients"})
+    dpsgd_noise_multiplier: float = 1.0
+    dpsgd_max_grad_norm: float = 1.0
+    dpsgd_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0",
+               self.noise_multiplier)
+        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)", self.delta)
+        _check(self.epsilon_budget >= 0, "privacy.epsilon_budget", "must be >= 0",
+               self.epsilon_budget)
+        _check(self.accountant in ("rdp", "pld"), "privacy.accountant", "must be 'rdp' or 'pld'",
+               self.accountant)
+        _check(self.dpsgd_noise_multiplier > 0, "privacy.dpsgd_noise_multiplier", "must be > 0",
+               self.dpsgd_noise_multiplier)
+        _check(self.dpsgd_max_grad_norm > 0, "privacy.dpsgd_max_grad_norm", "must be > 0",
+               self.dpsgd_max_grad_norm)
+        _check(0 < self.dpsgd_delta < 1, "privacy.dpsgd_delta", "must be in (0, 1)",
+               self.dpsgd_delta)
+        if self.epsilon_budget and not self.client_dp:
+            raise ConfigError("privacy.epsilon_budget is set but privacy.client_dp is false; "
+                              "enable client_dp or remove the budget")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -150,6 +192,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     @classmethod
     def from_nested(cls, raw: Mapping[str, Any]) -> RunConfig:
