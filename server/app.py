@@ -21,7 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import Fp32Codec
+from protocols.privacy.ledger import PrivacyLedger
 from protocols.run_config import RunConfig
+from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter, write_json_atomic
 from server.metrics_log import append_metrics
 from server.strategy import AdapterFedAvg
@@ -58,15 +60,28 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     (run_dir / "adapter_spec.json").write_text(spec.to_json())
 
     k = config.train.clients_per_round
+    privacy = config.privacy
     strategy = AdapterFedAvg(
         spec,
         codec=config.federation.codec,
+        weighting="uniform" if privacy.client_dp else "examples",
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
         fraction_evaluate=config.eval.fraction_clients,
         min_evaluate_nodes=1 if config.eval.fraction_clients > 0 else 0,
     )
+    dp: ClientLevelDP | None = None
+    if privacy.client_dp:
+        dp = ClientLevelDP(
+            strategy,
+            clip_norm=privacy.clip_norm,
+            noise_multiplier=privacy.noise_multiplier,
+            clients_per_round=k,
+            ledger=PrivacyLedger(accountant=privacy.accountant, delta=privacy.delta),
+            epsilon_budget=privacy.epsilon_budget,
+            ledger_path=run_dir / "privacy_ledger.json",
+        )
     t0 = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -91,6 +106,10 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
                 client_train_s=stats.client_train_seconds,
                 rejections=stats.rejections,
             )
+        if dp is not None:
+            row.update(epsilon=dp.ledger.epsilon(), delta=dp.ledger.delta,
+                       dp_clipped_fraction=dp.clip_fractions.get(server_round),
+                       dp_stopped_at=dp.stopped_at)
         append_metrics(run_dir, row)
         metrics = {k: v for k, v in row.items() if k in ("eval-loss", "perplexity")}
         return MetricRecord(metrics) if metrics else None
@@ -107,7 +126,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     eval_config = ConfigRecord(
         {keys.SEQ_LEN: config.train.seq_len, keys.BATCH_SIZE: config.eval.batch_size}
     )
-    result = strategy.start(
+    result = (dp or strategy).start(
         grid=grid,
         initial_arrays=Fp32Codec().encode(central.initial_adapter),
         num_rounds=config.train.rounds,
@@ -118,7 +137,11 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     )
     final = Fp32Codec().decode(result.arrays) if result.arrays else central.initial_adapter
     save_peft_adapter(run_dir / "adapter", final, central.peft_config)
-    summary = {"rounds": config.train.rounds, "seconds": time.perf_counter() - t0}
+    summary: dict[str, Any] = {"rounds": config.train.rounds,
+                               "seconds": time.perf_counter() - t0}
+    if dp is not None:
+        summary.update(epsilon=dp.ledger.epsilon(), delta=dp.ledger.delta,
+                       stopped_at=dp.stopped_at)
     write_json_atomic(run_dir / "coordinator_summary.json", summary)
     return summary
 

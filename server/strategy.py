@@ -52,10 +52,22 @@ class RoundStats:
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapter tensors with fail-closed validation of each reply."""
 
-    def __init__(self, spec: AdapterSpec, *, codec: str = "fp32", **fedavg_kwargs: object):
+    def __init__(
+        self,
+        spec: AdapterSpec,
+        *,
+        codec: str = "fp32",
+        weighting: str = "examples",
+        **fedavg_kwargs: object,
+    ):
+        """``weighting="uniform"`` averages updates with equal weights: what client-level DP
+        needs, since a client's weight would otherwise scale its sensitivity."""
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         self.spec = spec
         self.codec_name = codec
+        self.weighting = weighting
         get_codec(codec)  # fail at start-up, not in round 1
         self.stats: dict[int, RoundStats] = {}
         self._global: Tensors = {}
@@ -108,7 +120,10 @@ class AdapterFedAvg(FedAvg):
             stats.aggregated_at = time.perf_counter()
             return None, None
         merged = dict(self._global)
-        merged.update(weighted_average(accepted))
+        if self.weighting == "uniform":
+            merged.update(weighted_average([(tensors, 1) for tensors, _ in accepted]))
+        else:
+            merged.update(weighted_average(accepted))
         stats.aggregated_at = time.perf_counter()
         metrics_out = MetricRecord({keys.NUM_EXAMPLES: sum(c for _, c in accepted)})
         if losses:

@@ -95,6 +95,17 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         _plot(run_dir / "bytes.png", draw_bytes)
         _plot(run_dir / "clients.png", draw_clients)
         plots += [("Bytes per round", "bytes.png"), ("Clients per round", "clients.png")]
+    dp_rows = [r for r in rows if r.get("epsilon") is not None]
+    if dp_rows:
+        def draw_eps(ax: Any) -> None:
+            ax.plot([r["round"] for r in dp_rows], [r["epsilon"] for r in dp_rows], "o-",
+                    color="tab:purple", label=f"ε spent (δ = {dp_rows[-1]['delta']:g})")
+            ax.set_xlabel("round")
+            ax.set_ylabel("ε (client-level)")
+            ax.legend()
+
+        _plot(run_dir / "epsilon.png", draw_eps)
+        plots.append(("Privacy spent per round", "epsilon.png"))
 
     def cell(v: float | None) -> str:
         return "—" if v is None or math.isnan(v) else f"{v:.2f}"
@@ -114,6 +125,16 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         *[f"<tr><td>{n}</td><td>{cell(v)}</td></tr>" for n, v in table],
         "</table>",
     ]
+    if dp_rows:
+        last = dp_rows[-1]
+        stopped = last.get("dp_stopped_at")
+        page.append(
+            f"<p>Client-level DP: ε = {last['epsilon']:.3f} at δ = {last['delta']:g} after "
+            f"round {last['round']}"
+            + (f"; training stopped before round {stopped} to stay within the budget"
+               if stopped else "")
+            + ".</p>"
+        )
     if other_dir is None:
         page.append(
             f"<p>No finished {other_kind} run with the same model, data, adapter and budget "

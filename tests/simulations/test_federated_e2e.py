@@ -122,3 +122,37 @@ def test_federated_simulation_end_to_end(
         for block in blocks:
             for dtype in (np.int64, np.int32):
                 assert block.astype(dtype).tobytes() not in wire, "token ids on the wire"
+
+
+def test_client_dp_simulation_spends_and_stops_at_the_budget(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    """DP-FedAvg on the real engine: ε per round in the metrics, a persisted ledger, and a
+    budget that ends training before the round that would exceed it."""
+    from protocols.privacy.accounting import rdp_epsilon
+    from protocols.privacy.ledger import load_ledger
+    from simulations.runner import check_inputs, run_federated
+
+    q = 3 / 4  # three of the four roles per round
+    two = rdp_epsilon(noise_multiplier=2.0, sample_rate=q, steps=2, delta=1e-5)
+    three = rdp_epsilon(noise_multiplier=2.0, sample_rate=q, steps=3, delta=1e-5)
+    nested = _config(tiny_model_dir).to_nested()
+    nested["train"]["rounds"] = 3
+    nested["eval"]["fraction_clients"] = 0.0
+    nested["lora"]["freeze_a"] = True
+    nested["privacy"] = {"client_dp": True, "clip_norm": 0.05, "noise_multiplier": 2.0,
+                         "epsilon_budget": (two + three) / 2}
+    inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
+
+    run_dir = run_federated(inputs, tmp_path / "runs", name="dp")
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["epsilon"] == pytest.approx(two, rel=1e-9)
+    assert rows[1]["epsilon"] < rows[2]["epsilon"] == rows[3]["epsilon"]
+    assert rows[3]["dp_stopped_at"] == 3 and "clients" not in rows[3]
+    assert all(r["bytes_up"] < r["bytes_down"] for r in rows[1:3]), "FFA-LoRA uploads B only"
+    ledger = load_ledger(run_dir / "privacy_ledger.json")
+    assert [e.round for e in ledger.history] == [1, 2]
+    assert "training stopped before round 3" in (run_dir / "report.html").read_text()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

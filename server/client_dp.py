@@ -1,0 +1,162 @@
+"""Client-level differential privacy on the coordinator, with an ε ledger and a budget.
+
+Each round, every client's update (its uploaded tensors minus the global adapter) is clipped
+to L2 norm ``C``; the clipped updates are averaged with equal weights; Gaussian noise of std
+``σ·C/m`` is added to the mean of ``m`` updates (``σ·C`` on their sum), and the round is
+recorded in a :class:`~protocols.privacy.ledger.PrivacyLedger` as one step of the
+subsampled Gaussian mechanism with ``q = clients_per_round / available clients``
+(McMahan et al. 2018, DP-FedAvg). A configured ε budget is checked *before* a round is
+started: a round that would exceed it is not run.
+
+Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: in Flower 1.41 it pairs
+reply arrays with the global ones by position, so it breaks when clients upload a subset
+of the adapter (FFA-LoRA uploads B only), clips before our validation (a NaN update would be
+"clipped" rather than rejected), and keeps its own accountant that knows nothing of our
+persisted ledger. This wrapper keeps Flower's shape — it wraps any :class:`AdapterFedAvg`
+and changes only the train path — and fails closed: it refuses an example-weighted inner
+strategy, whose weights would break the sensitivity bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from protocols.codecs import Fp32Codec, Tensors, get_codec
+from protocols.privacy.ledger import PrivacyLedger, save_ledger
+from server.strategy import AdapterFedAvg
+
+log = logging.getLogger(__name__)
+
+
+def clip_update(update: Tensors, clip_norm: float) -> tuple[Tensors, float]:
+    """Scale ``update`` to L2 norm at most ``clip_norm`` (norm over all tensors together)."""
+    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.values())))
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: (v * factor).astype(np.float32) for k, v in update.items()}, norm
+
+
+class ClientLevelDP(Strategy):
+    """DP-FedAvg around an :class:`AdapterFedAvg` with uniform weighting."""
+
+    def __init__(
+        self,
+        strategy: AdapterFedAvg,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        clients_per_round: int,
+        ledger: PrivacyLedger,
+        epsilon_budget: float = 0.0,
+        ledger_path: Path | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if strategy.weighting != "uniform":
+            raise ValueError("client-level DP needs the inner strategy to average with "
+                             "weighting='uniform'; example weights change the sensitivity")
+        self.strategy = strategy
+        self.clip_norm = clip_norm
+        self.noise_multiplier = noise_multiplier
+        self.clients_per_round = clients_per_round
+        self.ledger = ledger
+        self.epsilon_budget = epsilon_budget
+        self.ledger_path = ledger_path
+        self.stopped_at: int | None = None
+        self.clip_fractions: dict[int, float] = {}
+        self._rng = np.random.default_rng(seed)  # noise; seed only in tests
+        self._rates: dict[int, float] = {}
+        self._global: Tensors = {}
+
+    # -- train path ---------------------------------------------------------------------
+    def begin_round(self, server_round: int, arrays: ArrayRecord, num_nodes: int) -> bool:
+        """Decide whether the round may run under the budget; remember its sampling rate."""
+        rate = min(1.0, self.clients_per_round / max(num_nodes, 1))
+        if self.epsilon_budget and self.ledger.would_exceed(
+            self.epsilon_budget, noise_multiplier=self.noise_multiplier, sample_rate=rate
+        ):
+            if self.stopped_at is None:
+                self.stopped_at = server_round
+                log.warning(
+                    "round %d not run: it would take epsilon from %.3f past the budget %.3f; "
+                    "training stops here and the current adapter is final",
+                    server_round, self.ledger.epsilon(), self.epsilon_budget,
+                )
+            return False
+        self._rates[server_round] = rate
+        self._global = Fp32Codec().decode(arrays)
+        return True
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.stopped_at is not None or not self.begin_round(
+            server_round, arrays, len(list(grid.get_node_ids()))
+        ):
+            return []
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if server_round not in self._rates:
+            return None, None  # the round was not run
+        replies = list(replies)
+        clipped = [self._clip_reply(msg) for msg in replies]
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        accepted = self.strategy.stats[server_round].accepted
+        if arrays is None or accepted == 0:
+            return None, None  # nothing released, nothing spent
+        mean = Fp32Codec().decode(arrays)
+        std = self.noise_multiplier * self.clip_norm / accepted
+        for key in self.strategy.spec.trainable_keys:
+            noise = self._rng.normal(0.0, std, size=mean[key].shape)
+            mean[key] = (mean[key].astype(np.float64) + noise).astype(np.float32)
+        self.ledger.record(server_round, noise_multiplier=self.noise_multiplier,
+                           sample_rate=self._rates[server_round])
+        if self.ledger_path is not None:
+            save_ledger(self.ledger_path, self.ledger)
+        hits = [c for c in clipped if c is not None]
+        self.clip_fractions[server_round] = float(np.mean(hits)) if hits else 0.0
+        log.info("round %d: DP noise std %.3g on the mean of %d clipped updates; "
+                 "epsilon %.3f (delta %g)", server_round, std, accepted,
+                 self.ledger.epsilon(), self.ledger.delta)
+        return Fp32Codec().encode(mean), metrics
+
+    def _clip_reply(self, msg: Message) -> bool | None:
+        """Clip the reply's update in place; ``None`` if it cannot be read (the inner
+        strategy then rejects it with the reason), else whether clipping bound."""
+        if msg.has_error() or "arrays" not in msg.content.array_records:
+            return None
+        try:
+            codec = get_codec(self.strategy.codec_name)
+            tensors = codec.decode(msg.content.array_records["arrays"])
+            update = {k: v - self._global[k] for k, v in tensors.items()}
+        except (ValueError, KeyError):
+            return None
+        if not all(np.isfinite(v).all() for v in update.values()):
+            return None
+        clipped, norm = clip_update(update, self.clip_norm)
+        msg.content["arrays"] = codec.encode({k: self._global[k] + v for k, v in clipped.items()})
+        return norm > self.clip_norm
+
+    # -- everything else passes through ------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+        log.info("\t└──> client-level DP: clip %.3g, noise multiplier %.3g, budget %s",
+                 self.clip_norm, self.noise_multiplier, self.epsilon_budget or "none")

@@ -1,0 +1,134 @@
+"""Client-level DP: clipping bound, calibrated noise, ledger per round, budget stop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Message, MetricRecord, RecordDict
+
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import Fp32Codec
+from protocols.privacy.accounting import rdp_epsilon
+from protocols.privacy.ledger import PrivacyLedger, load_ledger
+from server.client_dp import ClientLevelDP, clip_update
+from server.strategy import AdapterFedAvg
+
+A = "m.q_proj.lora_A.weight"
+B = "m.q_proj.lora_B.weight"
+SHAPE_B = (400, 250)  # 100k coordinates: the noise std is estimated to ~0.3 %
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _global() -> dict[str, np.ndarray]:
+    return {A: np.full((2, 3), 0.5, np.float32), B: np.zeros(SHAPE_B, np.float32)}
+
+
+def _dp(sigma: float, clip: float, **kw: object) -> ClientLevelDP:
+    spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
+    inner = AdapterFedAvg(spec, weighting="uniform")
+    return ClientLevelDP(inner, clip_norm=clip, noise_multiplier=sigma, clients_per_round=4,
+                         ledger=PrivacyLedger(accountant="rdp", delta=1e-5), seed=0, **kw)
+
+
+def _start(dp: ClientLevelDP, rnd: int, num_nodes: int = 100) -> bool:
+    arrays = Fp32Codec().encode(_global())
+    dp.strategy._global = _global()  # what the inner configure_train stores
+    return dp.begin_round(rnd, arrays, num_nodes)
+
+
+def _reply(node: int, b: np.ndarray, examples: int = 10) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict({"arrays": Fp32Codec().encode({B: b}),
+                          "metrics": MetricRecord({"num-examples": examples})})
+    return Message(content, reply_to=request)
+
+
+def test_clip_update_bounds_the_joint_norm() -> None:
+    update = {"x": np.full(4, 3.0, np.float32), "y": np.full(4, 4.0, np.float32)}  # norm 10
+    clipped, norm = clip_update(update, 2.0)
+    assert norm == pytest.approx(10.0)
+    joint = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in clipped.values()))
+    assert joint == pytest.approx(2.0, rel=1e-6)
+    small, _ = clip_update({"x": np.full(4, 0.1, np.float32)}, 2.0)
+    np.testing.assert_array_equal(small["x"], np.full(4, 0.1, np.float32))
+
+
+def test_a_huge_update_moves_the_adapter_by_at_most_c() -> None:
+    dp = _dp(sigma=0.0, clip=0.5)
+    assert _start(dp, 1)
+    arrays, _ = dp.aggregate_train(1, [_reply(1, np.full(SHAPE_B, 100.0, np.float32))])
+    assert arrays is not None
+    moved = Fp32Codec().decode(arrays)[B] - _global()[B]
+    assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.5, rel=1e-5)
+    assert dp.clip_fractions[1] == 1.0
+
+
+def test_noise_std_matches_calibration() -> None:
+    sigma, clip, m = 1.3, 0.8, 4
+    dp = _dp(sigma=sigma, clip=clip)
+    assert _start(dp, 1)
+    same = [_reply(i, np.zeros(SHAPE_B, np.float32), examples=i * 100) for i in range(1, m + 1)]
+    arrays, _ = dp.aggregate_train(1, same)
+    assert arrays is not None
+    noise = Fp32Codec().decode(arrays)[B].astype(np.float64)  # all updates are zero
+    expected = sigma * clip / m
+    # 100k samples: the std estimate's relative standard error is 1/sqrt(2N) = 0.22 %;
+    # 2 % is ~9 standard errors, so this fails only if the calibration is wrong.
+    assert noise.std() == pytest.approx(expected, rel=0.02)
+    assert abs(noise.mean()) < 5 * expected / np.sqrt(noise.size)
+    np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], _global()[A])  # frozen A
+
+
+def test_weights_are_uniform_under_dp() -> None:
+    dp = _dp(sigma=0.0, clip=1e9)
+    assert _start(dp, 1)
+    arrays, _ = dp.aggregate_train(1, [_reply(1, np.full(SHAPE_B, 1.0, np.float32), 1),
+                                       _reply(2, np.full(SHAPE_B, 3.0, np.float32), 1000)])
+    assert arrays is not None
+    np.testing.assert_allclose(Fp32Codec().decode(arrays)[B], 2.0)
+
+
+def test_ledger_records_each_round_and_persists(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "ledger.json"
+    dp = _dp(sigma=1.1, clip=1.0, ledger_path=path)
+    for rnd in (1, 2, 3):
+        assert _start(dp, rnd, num_nodes=400)
+        dp.aggregate_train(rnd, [_reply(1, np.zeros(SHAPE_B, np.float32))])
+    expected = rdp_epsilon(noise_multiplier=1.1, sample_rate=4 / 400, steps=3, delta=1e-5)
+    assert dp.ledger.epsilon() == pytest.approx(expected, rel=1e-9)
+    assert load_ledger(path).epsilon() == pytest.approx(expected, rel=1e-9)
+
+
+def test_rejected_round_spends_nothing() -> None:
+    dp = _dp(sigma=1.0, clip=1.0)
+    assert _start(dp, 1)
+    bad = np.full(SHAPE_B, np.nan, np.float32)
+    assert dp.aggregate_train(1, [_reply(1, bad)]) == (None, None)
+    assert dp.ledger.history == []
+
+
+def test_budget_stops_before_it_is_exceeded() -> None:
+    one_round = rdp_epsilon(noise_multiplier=1.0, sample_rate=4 / 100, steps=1, delta=1e-5)
+    two_rounds = rdp_epsilon(noise_multiplier=1.0, sample_rate=4 / 100, steps=2, delta=1e-5)
+    dp = _dp(sigma=1.0, clip=1.0, epsilon_budget=(one_round + two_rounds) / 2)
+    assert _start(dp, 1)
+    dp.aggregate_train(1, [_reply(1, np.zeros(SHAPE_B, np.float32))])
+    assert not _start(dp, 2)
+    assert dp.stopped_at == 2
+    assert dp.ledger.epsilon() <= dp.epsilon_budget
+    assert dp.aggregate_train(2, [_reply(1, np.zeros(SHAPE_B, np.float32))]) == (None, None)
+
+
+def test_example_weighted_inner_strategy_is_refused() -> None:
+    spec = AdapterSpec.from_arrays(_global(), {})
+    with pytest.raises(ValueError, match="weighting='uniform'"):
+        ClientLevelDP(AdapterFedAvg(spec), clip_norm=1.0, noise_multiplier=1.0,
+                      clients_per_round=2, ledger=PrivacyLedger(accountant="rdp", delta=1e-5))
