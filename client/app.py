@@ -40,16 +40,18 @@ def _settings(context: Context, baked: Mapping[str, Any]) -> dict[str, Any]:
 
 def _trainer(flat: Mapping[str, Any]) -> Trainer:
     """One trainer (one loaded base model) per process, reused across rounds."""
+    from client.dp_sgd import DpSgdSettings
     from client.torch_trainer import TorchLoraTrainer  # torch only when training on torch
     from kernels.base_model import resolve_model_dir
 
     config = RunConfig.from_flat(flat)
     model_dir = resolve_model_dir(config.model.source, Path(str(flat["paths.cache_dir"])))
-    key = (str(model_dir), config.lora, config.federation.client_threads)
+    dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
+    key = (str(model_dir), config.lora, config.federation.client_threads, dpsgd)
     if key not in _TRAINERS:
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
-            model_dir, config.lora, threads=config.federation.client_threads
+            model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd
         )
     return _TRAINERS[key]
 

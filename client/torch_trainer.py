@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from client.dp_sgd import DpSgdLedger, DpSgdSettings, dp_train
 from client.local_data import LocalTextData
 from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
 from kernels.base_model import load_causal_lm
 from kernels.causal_lm_data import token_blocks
 from kernels.lm_eval import mean_token_loss
 from kernels.lora import attach_lora, get_adapter, set_adapter
+from protocols import keys
 from protocols.run_config import LoraSection
 
 log = logging.getLogger(__name__)
@@ -28,16 +30,31 @@ class TorchLoraTrainer:
     The base model is loaded once per process and reused for every round: the adapter is
     overwritten from the coordinator's copy at the start of each call, so no state leaks
     from one round (or one simulated client) to the next.
+
+    With ``dpsgd`` set, every ``train`` call runs sample-level DP-SGD (:mod:`client.dp_sgd`)
+    and reports this client's local (epsilon, delta) so far. The only state kept across calls
+    is the per-client accounting history: Opacus's hooks live for one call only.
     """
 
-    def __init__(self, model_dir: Path, lora: LoraSection, *, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        lora: LoraSection,
+        *,
+        threads: int = 1,
+        dpsgd: DpSgdSettings | None = None,
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
+        # opacus#820: the base is materialised on CPU here and LoRA is attached afterwards,
+        # on the same device; nothing moves the model later (dp_train checks it).
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
         self.model = attach_lora(loaded.model, lora)
         self.lora = lora
+        self.dpsgd = dpsgd
+        self.dpsgd_ledger = DpSgdLedger()
         self.load_seconds = loaded.seconds
         self._blocks_cache: dict[tuple[str, str, int], npt.NDArray[np.int64]] = {}
 
@@ -65,6 +82,8 @@ class TorchLoraTrainer:
             )
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=instruction.learning_rate, weight_decay=0.0)
+        if self.dpsgd is not None:
+            return self._train_private(self.dpsgd, data, blocks, optimizer, instruction, start)
         order = _batch_order(len(blocks), instruction)
         self.model.train()
         losses = []
@@ -86,6 +105,42 @@ class TorchLoraTrainer:
             metrics={
                 "train-loss": float(np.mean(losses)),
                 "train-seconds": time.perf_counter() - start,
+            },
+        )
+
+    def _train_private(
+        self,
+        settings: DpSgdSettings,
+        data: LocalTextData,
+        blocks: npt.NDArray[np.int64],
+        optimizer: Any,
+        instruction: TrainInstruction,
+        start: float,
+    ) -> TrainOutcome:
+        # A test seed is mixed with the round's seed; without one the draws and the noise
+        # come from OS entropy, never from the coordinator's seed (it could replay them).
+        seed = None if settings.seed is None else int(np.random.SeedSequence(
+            [settings.seed, instruction.seed, instruction.server_round]).generate_state(1)[0])
+        run = dp_train(self.model, blocks, optimizer, settings=settings,
+                       batch_size=instruction.batch_size, steps=instruction.local_steps,
+                       seed=seed)
+        self.dpsgd_ledger.record(data.client_id, noise_multiplier=settings.noise_multiplier,
+                                 sample_rate=run.sample_rate, steps=run.steps)
+        eps = self.dpsgd_ledger.epsilon(data.client_id, delta=settings.delta,
+                                        accountant=settings.accountant)
+        log.debug("client %s: DP-SGD q=%.4f, %d steps, mean train loss %.4f, epsilon %.3f",
+                  data.client_id, run.sample_rate, run.steps,
+                  float(np.mean(run.losses)) if run.losses else float("nan"), eps)
+        tensors = {k: v for k, v in get_adapter(self.model).items() if not self.lora.is_frozen(k)}
+        # No train-loss here: it is computed from the raw batches and is not covered by the
+        # (epsilon, delta) below, so it stays on the device.
+        return TrainOutcome(
+            tensors=tensors,
+            num_examples=len(blocks),
+            metrics={
+                "train-seconds": time.perf_counter() - start,
+                keys.DPSGD_EPSILON: eps,
+                keys.DPSGD_DELTA: settings.delta,
             },
         )
 
