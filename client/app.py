@@ -49,11 +49,26 @@ def _trainer(flat: Mapping[str, Any]) -> Trainer:
     dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
     key = (str(model_dir), config.lora, config.federation.client_threads, dpsgd)
     if key not in _TRAINERS:
+        if config.security.verify_manifest:
+            verify_base_model(model_dir, str(flat.get("paths.manifest_public_key", "")))
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
             model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd
         )
     return _TRAINERS[key]
+
+
+def verify_base_model(model_dir: Path, public_key_hex: str) -> None:
+    """Refuse to train on a base the coordinator did not sign (ReCIT: a tampered base can
+    make honest PEFT gradients leak training text). Runs before the model is loaded."""
+    from protocols.manifest import ManifestError, load_public_key, verify_directory
+
+    if not public_key_hex:
+        raise ManifestError(
+            "security.verify_manifest is on but no coordinator public key was provided "
+            "(paths.manifest_public_key); pin the coordinator's key or turn verification off"
+        )
+    verify_directory(model_dir, load_public_key(bytes.fromhex(public_key_hex)))
 
 
 def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:

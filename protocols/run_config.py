@@ -185,6 +185,15 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    verify_manifest: bool = field(
+        default=True,
+        metadata={"help": "clients refuse a base model that fails the coordinator's signed "
+                          "manifest (ReCIT-style tampering)"},
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -193,6 +202,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     federation: FederationSection = field(default_factory=FederationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    security: SecuritySection = field(default_factory=SecuritySection)
 
     @classmethod
     def from_nested(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -266,4 +276,5 @@ def _coerce(key: str, kind: Any, value: Any) -> Scalar:
 
 
 #: Keys the simulation runtime adds for paths that are never part of a saved config.
-PATH_KEYS = ("paths.cache_dir", "paths.partitions_file", "paths.eval_file", "paths.run_dir")
+PATH_KEYS = ("paths.cache_dir", "paths.partitions_file", "paths.eval_file", "paths.run_dir",
+             "paths.manifest_public_key")

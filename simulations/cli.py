@@ -27,11 +27,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """
     from client.local_data import LocalDataError
     from kernels.base_model import ModelNotAvailable
+    from protocols.manifest import ManifestError, ManifestMismatch
     from protocols.run_config import ConfigError
     from simulations.shakespeare_split import DataNotAvailable
 
-    return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError,
-            FileNotFoundError, FileExistsError)
+    return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, ManifestError,
+            ManifestMismatch, FileNotFoundError, FileExistsError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ class Inputs:
     cache_dir: Path
     model_dir: Path
     split: PreparedSplit
+    manifest_public_key: str = ""  # hex of the raw Ed25519 key clients verify the base with
 
 
 def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
@@ -46,7 +47,12 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
             f"{split.num_clients} roles have >= {config.data.min_speeches} speeches; lower "
             "train.clients_per_round or data.min_speeches"
         )
-    return Inputs(config, cache_dir, model_dir, split)
+    public_key = ""
+    if config.security.verify_manifest:
+        from simulations.signing import ensure_signed
+
+        public_key = ensure_signed(model_dir, cache_dir)
+    return Inputs(config, cache_dir, model_dir, split, public_key)
 
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
@@ -57,6 +63,7 @@ def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
             "paths.partitions_file": str(inputs.split.partitions_file),
             "paths.eval_file": str(inputs.split.eval_file),
             "paths.run_dir": str(run_dir),
+            "paths.manifest_public_key": inputs.manifest_public_key,
         }
     )
     return flat
