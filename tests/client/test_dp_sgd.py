@@ -283,10 +283,15 @@ def test_settings_are_checked_and_built_from_the_privacy_section() -> None:
 
 def test_client_app_builds_a_dp_trainer_from_the_run_config(tiny_model_dir: Path,
                                                             tmp_path: Path) -> None:
+    from simulations.signing import ensure_signed
+
+    public_key = ensure_signed(tiny_model_dir, tmp_path)  # clients verify the base first
+
     def flat(dpsgd: bool) -> dict[str, Any]:
         config = RunConfig(model=ModelSection(source=str(tiny_model_dir)),
                            lora=LoraSection(r=4), privacy=PrivacySection(dpsgd=dpsgd))
-        return {**config.to_flat(), "paths.cache_dir": str(tmp_path)}
+        return {**config.to_flat(), "paths.cache_dir": str(tmp_path),
+                "paths.manifest_public_key": public_key}
 
     try:
         private = client_app._trainer(flat(True))
