@@ -71,10 +71,9 @@ class ClientLevelDP(Strategy):
         self.clip_fractions: dict[int, float] = {}
         self._rng = np.random.default_rng(seed)  # noise; seed only in tests
         self._rates: dict[int, float] = {}
-        self._global: Tensors = {}
 
     # -- train path ---------------------------------------------------------------------
-    def begin_round(self, server_round: int, arrays: ArrayRecord, num_nodes: int) -> bool:
+    def begin_round(self, server_round: int, num_nodes: int) -> bool:
         """Decide whether the round may run under the budget; remember its sampling rate."""
         rate = min(1.0, self.clients_per_round / max(num_nodes, 1))
         if self.epsilon_budget and self.ledger.would_exceed(
@@ -89,14 +88,13 @@ class ClientLevelDP(Strategy):
                 )
             return False
         self._rates[server_round] = rate
-        self._global = Fp32Codec().decode(arrays)
         return True
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.stopped_at is not None or not self.begin_round(
-            server_round, arrays, len(list(grid.get_node_ids()))
+            server_round, len(list(grid.get_node_ids()))
         ):
             return []
         return self.strategy.configure_train(server_round, arrays, config, grid)
@@ -133,16 +131,18 @@ class ClientLevelDP(Strategy):
         strategy then rejects it with the reason), else whether clipping bound."""
         if msg.has_error() or "arrays" not in msg.content.array_records:
             return None
+        # The inner strategy decoded the round's global adapter in configure_train.
+        current = self.strategy.current_global
         try:
             codec = get_codec(self.strategy.codec_name)
             tensors = codec.decode(msg.content.array_records["arrays"])
-            update = {k: v - self._global[k] for k, v in tensors.items()}
+            update = {k: v - current[k] for k, v in tensors.items()}
         except (ValueError, KeyError):
             return None
         if not all(np.isfinite(v).all() for v in update.values()):
             return None
         clipped, norm = clip_update(update, self.clip_norm)
-        msg.content["arrays"] = codec.encode({k: self._global[k] + v for k, v in clipped.items()})
+        msg.content["arrays"] = codec.encode({k: current[k] + v for k, v in clipped.items()})
         return norm > self.clip_norm
 
     # -- everything else passes through ------------------------------------------------

@@ -72,6 +72,11 @@ class AdapterFedAvg(FedAvg):
         self.stats: dict[int, RoundStats] = {}
         self._global: Tensors = {}
 
+    @property
+    def current_global(self) -> Tensors:
+        """The global adapter sent out for the round in progress (decoded once, here)."""
+        return self._global
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

@@ -37,9 +37,8 @@ def _dp(sigma: float, clip: float, **kw: object) -> ClientLevelDP:
 
 
 def _start(dp: ClientLevelDP, rnd: int, num_nodes: int = 100) -> bool:
-    arrays = Fp32Codec().encode(_global())
     dp.strategy._global = _global()  # what the inner configure_train stores
-    return dp.begin_round(rnd, arrays, num_nodes)
+    return dp.begin_round(rnd, num_nodes)
 
 
 def _reply(node: int, b: np.ndarray, examples: int = 10) -> Message:
