@@ -16,16 +16,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.local_data import LocalTextData, load_partition
+from client.secagg_client import handle_setup, handle_share_keys, handle_unmask, mask_update
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
 from protocols.codecs import Fp32Codec, get_codec, record_nbytes
 from protocols.records import get_float, get_int, get_str
 from protocols.run_config import RunConfig
+from protocols.secagg import wire as secagg_wire
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +100,15 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
     # Distinct batches per client within a round, reproducible across reruns.
     seeded = dataclasses.replace(instruction, seed=instruction.seed * 1_000_003 + context.node_id)
     outcome = trainer.train(adapter, data, seeded)
-    upload: ArrayRecord = codec.encode(outcome.tensors)
+    upload_key = keys.ARRAYS
+    if secagg_wire.RECORD in msg.content.config_records:
+        # Secure aggregation: the flat trainable delta, clipped/noised/masked on the device.
+        delta = np.concatenate([(outcome.tensors[k] - adapter[k]).ravel()
+                                for k in sorted(outcome.tensors)])
+        upload_key = secagg_wire.MASKED
+        upload = secagg_wire.masked_record(mask_update(delta, msg.content, context))
+    else:
+        upload = codec.encode(outcome.tensors)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
@@ -105,7 +116,7 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
             **{k: float(v) for k, v in outcome.metrics.items()},
         }
     )
-    return Message(RecordDict({keys.ARRAYS: upload, keys.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({upload_key: upload, keys.METRICS: metrics}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
@@ -142,6 +153,19 @@ def make_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, _settings(context, baked))
+
+    # Secure-aggregation stages (the masked upload itself rides on `train`).
+    @app.query(secagg_wire.SETUP.split(".")[1])
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        return Message(handle_setup(msg.content, context), reply_to=msg)
+
+    @app.query(secagg_wire.SHARE_KEYS.split(".")[1])
+    def secagg_share_keys(msg: Message, context: Context) -> Message:
+        return Message(handle_share_keys(msg.content, context), reply_to=msg)
+
+    @app.query(secagg_wire.UNMASK.split(".")[1])
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return Message(handle_unmask(msg.content, context), reply_to=msg)
 
     return app
 

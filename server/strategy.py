@@ -39,11 +39,13 @@ class RoundStats:
     accepted: int = 0
     rejected: int = 0
     failed: int = 0
+    dropped: int = 0  # SecAgg: shared keys, then sent no (valid) masked input
     bytes_down: int = 0
     bytes_up: int = 0
     started: float = 0.0
     replies_at: float = 0.0
     aggregated_at: float = 0.0
+    protocol_seconds: float = 0.0  # coordinator time in SecAgg stages
     client_train_seconds: list[float] = field(default_factory=list)
     train_loss: float | None = None
     rejections: list[str] = field(default_factory=list)

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     loaded = load_causal_lm(args.model)
-    lora = LoraSection()
+    lora = LoraSection(freeze_a=False)  # measured with plain LoRA (BENCHMARKS.md)
     model = attach_lora(loaded.model, lora)
     start = get_adapter(model)
     vocab = int(model.get_input_embeddings().weight.shape[0])

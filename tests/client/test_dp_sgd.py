@@ -74,7 +74,7 @@ def _opacus_leftovers(model: torch.nn.Module) -> list[str]:
 
 def test_each_block_gradient_is_its_own_and_clipped_before_the_sum(tiny_model_dir: Path
                                                                    ) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4))
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
     model, params = trainer.model, _trainable(trainer.model)
     blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
     start = _random_b(model)
@@ -124,7 +124,7 @@ def test_each_block_gradient_is_its_own_and_clipped_before_the_sum(tiny_model_di
 
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
 def test_other_opacus_modes_give_the_hooks_update(tiny_model_dir: Path, mode: str) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4))
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
     blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
     start = _random_b(trainer.model)
     updates = []
@@ -140,7 +140,7 @@ def test_other_opacus_modes_give_the_hooks_update(tiny_model_dir: Path, mode: st
 def test_noise_std_is_sigma_c_over_expected_batch(tiny_model_dir: Path) -> None:
     # Zero-gradient trick: with A = B = 0 every LoRA gradient is exactly 0 (dA ~ B^T...,
     # dB ~ ...(Ax)^T), so one SGD(lr=1) step moves the adapter by -noise/E alone.
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=8))
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=8, freeze_a=False))
     blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
     set_adapter(trainer.model, {k: np.zeros_like(v) for k, v in get_adapter(trainer.model).items()})
     grads_seen: list[float] = []
@@ -162,7 +162,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(tiny_model_dir: Path) -> None:
 def test_reported_epsilon_is_the_accountants_for_this_clients_steps(tiny_model_dir: Path
                                                                     ) -> None:
     settings = _settings(1.0, 1.0, seed=3)
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4), dpsgd=settings)
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False), dpsgd=settings)
     start = get_adapter(trainer.model)
     steps, batch = 3, 4
     q = batch / len(token_blocks(trainer.tokenizer, DATA.train, SEQ))
@@ -222,7 +222,7 @@ def test_adapter_keys_frozen_a_and_hooks_survive_dp_rounds(tiny_model_dir: Path)
 
 
 def test_hooks_are_removed_when_a_step_fails(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4))
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
     hooks = _hook_count(trainer.model)
     blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
 
@@ -237,7 +237,7 @@ def test_hooks_are_removed_when_a_step_fails(tiny_model_dir: Path) -> None:
 
 
 def test_empty_poisson_batches_still_take_a_noise_step(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4))
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
     blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)[:40]
     start = get_adapter(trainer.model)
     run = dp_train(trainer.model, blocks, torch.optim.SGD(_trainable(trainer.model), lr=1.0),
@@ -248,7 +248,7 @@ def test_empty_poisson_batches_still_take_a_noise_step(tiny_model_dir: Path) -> 
 
 
 def test_noise_is_not_derived_from_the_coordinators_seed(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4), dpsgd=_settings())
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False), dpsgd=_settings())
     start = get_adapter(trainer.model)
     one = trainer.train(start, DATA, _instruction(2)).tensors
     two = trainer.train(start, DATA, _instruction(2)).tensors
@@ -256,7 +256,7 @@ def test_noise_is_not_derived_from_the_coordinators_seed(tiny_model_dir: Path) -
 
 
 def test_dp_training_still_lowers_the_loss(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4),
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False),
                                dpsgd=_settings(0.3, 0.1, seed=1))
     held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
     start = get_adapter(trainer.model)
@@ -289,7 +289,7 @@ def test_client_app_builds_a_dp_trainer_from_the_run_config(tiny_model_dir: Path
 
     def flat(dpsgd: bool) -> dict[str, Any]:
         config = RunConfig(model=ModelSection(source=str(tiny_model_dir)),
-                           lora=LoraSection(r=4), privacy=PrivacySection(dpsgd=dpsgd))
+                           lora=LoraSection(r=4, freeze_a=False), privacy=PrivacySection(dpsgd=dpsgd))
         return {**config.to_flat(), "paths.cache_dir": str(tmp_path),
                 "paths.manifest_public_key": public_key}
 

@@ -26,7 +26,7 @@ def _instruction(steps: int, round_: int = 1) -> TrainInstruction:
 
 
 def test_training_lowers_the_loss_on_its_own_data(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4))
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))  # plain LoRA
     start = get_adapter(trainer.model)
     held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
     before = trainer.evaluate(start, held, seq_len=16, batch_size=8).loss

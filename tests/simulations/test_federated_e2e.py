@@ -42,8 +42,9 @@ class CaptureReplies:
             for name, record in reply.content.items()
         }
         part = int(context.node_config["partition-id"])
-        out = self.folder / f"{msg.metadata.message_type}-r{msg.content['config']['server-round']}"\
-            f"-p{part}.pkl"
+        rnd = (msg.content["config"]["server-round"] if "config" in msg.content
+               else msg.metadata.group_id)  # SecAgg stages carry no config record
+        out = self.folder / f"{msg.metadata.message_type}-r{rnd}-p{part}.pkl"
         out.write_bytes(pickle.dumps({"partition": part, "wire": wire, "content": content}))
         return reply
 
@@ -81,7 +82,8 @@ def test_federated_simulation_end_to_end(
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["clients"] == 3 and row["rejected"] == 0 and row["failed"] == 0
-        assert row["bytes_up"] > 0 and row["bytes_down"] == 3 * row["bytes_up"] // 3
+        assert row["dropped"] == 0 and row["secagg_s"] > 0  # secure aggregation is the default
+        assert 0 < row["bytes_up"] < row["bytes_down"]  # FFA-LoRA (default) uploads B only
     assert all(np.isfinite(r["perplexity"]) for r in rows)
     assert rows[-1]["perplexity"] < rows[0]["perplexity"], "training must lower perplexity"
     for name in ("report.html", "perplexity.png", "bytes.png", "clients.png", "config.toml"):
@@ -95,20 +97,23 @@ def test_federated_simulation_end_to_end(
     # Raw data never leaves a client.
     files = sorted(captured.glob("*.pkl"))
     train_files = [f for f in files if f.name.startswith("train")]
-    assert len(train_files) == 6 and len(files) == 6 + 2 * 4
+    secagg_files = [f for f in files if f.name.startswith("query.secagg_")]
+    # 3 clients x 2 rounds train, answer 3 SecAgg stages each; 4 clients evaluate twice
+    assert len(train_files) == 6 and len(secagg_files) == 18 and len(files) == 6 + 18 + 8
     clients = json.loads(inputs.split.partitions_file.read_text())["clients"]
     tokenizer = load_causal_lm(tiny_model_dir).tokenizer
-    spec_keys = set(json.loads((run_dir / "adapter_spec.json").read_text())["tensors"])
     for file in files:
         got: dict[str, Any] = pickle.loads(file.read_bytes())
         content = got["content"]
-        assert set(content) <= {"arrays", "metrics"}, content.keys()
-        if "arrays" in content:
-            assert content["arrays"]["type"] == "ArrayRecord"
-            assert set(content["arrays"]["items"]) == spec_keys
-        assert content["metrics"]["type"] == "MetricRecord"
-        assert set(content["metrics"]["items"]) <= CLIENT_METRIC_KEYS
-        assert all(isinstance(v, int | float) for v in content["metrics"]["items"].values())
+        if file in secagg_files:  # public keys, sealed shares, shares: bytes only
+            assert set(content) == {"secagg"} and content["secagg"]["type"] == "ConfigRecord"
+        else:
+            assert set(content) <= {"masked", "metrics"}, content.keys()
+            assert content["metrics"]["type"] == "MetricRecord"
+            assert set(content["metrics"]["items"]) <= CLIENT_METRIC_KEYS
+            assert all(isinstance(v, int | float) for v in content["metrics"]["items"].values())
+        if file in train_files:  # the update leaves only masked
+            assert content["masked"] == {"type": "ArrayRecord", "items": ["vector"]}
 
         wire: bytes = got["wire"]
         client = clients[got["partition"]]
@@ -124,11 +129,13 @@ def test_federated_simulation_end_to_end(
                 assert block.astype(dtype).tobytes() not in wire, "token ids on the wire"
 
 
+@pytest.mark.parametrize("secagg", [True, False], ids=["distributed-noise", "server-noise"])
 def test_client_dp_simulation_spends_and_stops_at_the_budget(
-    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path, secagg: bool
 ) -> None:
     """DP-FedAvg on the real engine: ε per round in the metrics, a persisted ledger, and a
-    budget that ends training before the round that would exceed it."""
+    budget that ends training before the round that would exceed it. With secure
+    aggregation the clients clip and add the noise; without, the coordinator does."""
     from protocols.privacy.accounting import rdp_epsilon
     from protocols.privacy.ledger import load_ledger
     from simulations.runner import check_inputs, run_federated
@@ -142,6 +149,7 @@ def test_client_dp_simulation_spends_and_stops_at_the_budget(
     nested["lora"]["freeze_a"] = True
     nested["privacy"] = {"client_dp": True, "clip_norm": 0.05, "noise_multiplier": 2.0,
                          "epsilon_budget": (two + three) / 2}
+    nested["security"] = {"secagg": secagg}
     inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
 
     run_dir = run_federated(inputs, tmp_path / "runs", name="dp")

@@ -1,0 +1,355 @@
+"""What crosses the wire in a SecAgg round, as Flower records: one dataclass per message.
+
+A fedtune round with secure aggregation is four exchanges on Flower's Message API (the
+coordinator drives them from its strategy; see ``server/secagg.py`` and
+``client/secagg_client.py``):
+
+====================  ===============================  =====================================
+message type          coordinator → client             client → coordinator
+====================  ===============================  =====================================
+``query.secagg_setup``       :class:`SetupRequest`           :class:`KeyAdvert`
+``query.secagg_share_keys``  :class:`ShareKeysRequest`       :class:`SealedShares`
+``train``                    adapter + :class:`MaskingInstruction`  masked update (``masked``)
+``query.secagg_unmask``      :class:`UnmaskRequest`          :class:`UnmaskShares`
+====================  ===============================  =====================================
+
+Every payload is a ``ConfigRecord`` under :data:`RECORD` (the masked update is an
+``ArrayRecord`` under :data:`MASKED`). Node ids are packed as 8-byte big-endian integers:
+Flower's node ids are unsigned 64-bit, which a ``ConfigRecord`` int (signed 64-bit) cannot
+always hold. Parsing checks every field and raises :class:`SecAggProtocolError` naming it,
+so a malformed or hostile message fails with a reason instead of a ``KeyError`` deep in the
+crypto.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from protocols.secagg.fixed_point import uint_dtype
+
+RECORD = "secagg"
+MASKED = "masked"
+MASKED_VECTOR = "vector"
+
+SETUP = "query.secagg_setup"
+SHARE_KEYS = "query.secagg_share_keys"
+UNMASK = "query.secagg_unmask"
+
+SALT_BYTES = 16
+KEY_BYTES = 32
+
+
+class SecAggProtocolError(ValueError):
+    """A SecAgg message is malformed or inconsistent; ``reason`` says which field and why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- packing helpers ------------------------------------------------------------------------
+def pack_ids(ids: Sequence[int]) -> bytes:
+    """Node ids as concatenated 8-byte big-endian unsigned integers."""
+    try:
+        return b"".join(struct.pack(">Q", int(i)) for i in ids)
+    except struct.error:
+        raise SecAggProtocolError(
+            f"node ids must be unsigned 64-bit integers: {list(ids)}"
+        ) from None
+
+
+def unpack_ids(data: bytes, field: str) -> list[int]:
+    if len(data) % 8:
+        raise SecAggProtocolError(f"{field}: {len(data)} bytes is not a list of 8-byte node ids")
+    ids = [struct.unpack(">Q", data[i : i + 8])[0] for i in range(0, len(data), 8)]
+    if len(set(ids)) != len(ids):
+        raise SecAggProtocolError(f"{field}: node ids repeat")
+    return ids
+
+
+def _record(content: RecordDict) -> ConfigRecord:
+    if RECORD not in content.config_records:
+        raise SecAggProtocolError(f"no ConfigRecord under `{RECORD}`")
+    return content.config_records[RECORD]
+
+
+def _get(record: ConfigRecord, key: str, kind: type) -> Any:
+    if key not in record:
+        raise SecAggProtocolError(f"`{RECORD}` record has no `{key}`")
+    value = record[key]
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise SecAggProtocolError(
+            f"`{key}`: expected {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _get_bytes_list(record: ConfigRecord, key: str, count: int, size: int | None) -> list[bytes]:
+    value = record.get(key, None)
+    if count == 0 and value in (None, []):
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise SecAggProtocolError(f"`{key}`: expected a list of bytes")
+    items: list[bytes] = [v for v in value if isinstance(v, bytes)]
+    if len(items) != count:
+        raise SecAggProtocolError(f"`{key}`: expected {count} entries, got {len(items)}")
+    if size is not None and any(len(v) != size for v in items):
+        raise SecAggProtocolError(f"`{key}`: every entry must be {size} bytes")
+    return items
+
+
+def _put_list(record: ConfigRecord, key: str, values: Sequence[bytes]) -> None:
+    # An empty list has no element type for Flower to serialise; absent reads back as [].
+    if values:
+        record[key] = list(values)
+
+
+# -- stage 0: set up -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SetupRequest:
+    """Start a round: every sampled client makes two fresh X25519 key pairs for it."""
+
+    round_id: int
+    salt: bytes
+    threshold: int
+    num_nodes: int
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({RECORD: ConfigRecord({
+            "round-id": self.round_id, "salt": self.salt, "threshold": self.threshold,
+            "num-nodes": self.num_nodes,
+        })})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> SetupRequest:
+        rec = _record(content)
+        req = cls(_get(rec, "round-id", int), _get(rec, "salt", bytes),
+                  _get(rec, "threshold", int), _get(rec, "num-nodes", int))
+        if len(req.salt) != SALT_BYTES:
+            raise SecAggProtocolError(f"`salt`: expected {SALT_BYTES} bytes")
+        if not 2 <= req.threshold <= req.num_nodes:
+            raise SecAggProtocolError(
+                f"threshold {req.threshold} must be in [2, num-nodes={req.num_nodes}]: "
+                f"a threshold below 2 lets the coordinator unmask one client alone"
+            )
+        return req
+
+
+@dataclass(frozen=True)
+class KeyAdvert:
+    """A client's two public keys: one to seal shares to peers, one to agree mask seeds."""
+
+    seal_pk: bytes
+    mask_pk: bytes
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({RECORD: ConfigRecord({"seal-pk": self.seal_pk,
+                                                 "mask-pk": self.mask_pk})})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> KeyAdvert:
+        rec = _record(content)
+        advert = cls(_get(rec, "seal-pk", bytes), _get(rec, "mask-pk", bytes))
+        if len(advert.seal_pk) != KEY_BYTES or len(advert.mask_pk) != KEY_BYTES:
+            raise SecAggProtocolError(f"public keys must be {KEY_BYTES} bytes")
+        if advert.seal_pk == advert.mask_pk:
+            raise SecAggProtocolError("seal and mask public keys must differ")
+        return advert
+
+
+# -- stage 1: share keys ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShareKeysRequest:
+    """Everyone's public keys (the set U1 that advertised): seal a share pair to each."""
+
+    round_id: int
+    adverts: Mapping[int, KeyAdvert]
+
+    def to_record(self) -> RecordDict:
+        nodes = list(self.adverts)
+        rec = ConfigRecord({"round-id": self.round_id, "nodes": pack_ids(nodes)})
+        _put_list(rec, "seal-pks", [self.adverts[n].seal_pk for n in nodes])
+        _put_list(rec, "mask-pks", [self.adverts[n].mask_pk for n in nodes])
+        return RecordDict({RECORD: rec})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> ShareKeysRequest:
+        rec = _record(content)
+        nodes = unpack_ids(_get(rec, "nodes", bytes), "nodes")
+        seal = _get_bytes_list(rec, "seal-pks", len(nodes), KEY_BYTES)
+        mask = _get_bytes_list(rec, "mask-pks", len(nodes), KEY_BYTES)
+        keys = seal + mask
+        if len(set(keys)) != len(keys):
+            raise SecAggProtocolError("advertised public keys repeat across nodes")
+        return cls(_get(rec, "round-id", int),
+                   {n: KeyAdvert(s, m) for n, s, m in zip(nodes, seal, mask, strict=True)})
+
+
+@dataclass(frozen=True)
+class SealedShares:
+    """One sealed (b-share, s-share) pair per receiver; only the receiver can open each."""
+
+    ciphertexts: Mapping[int, bytes]
+
+    def to_record(self) -> RecordDict:
+        nodes = list(self.ciphertexts)
+        rec = ConfigRecord({"receivers": pack_ids(nodes)})
+        _put_list(rec, "ciphertexts", [self.ciphertexts[n] for n in nodes])
+        return RecordDict({RECORD: rec})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> SealedShares:
+        rec = _record(content)
+        nodes = unpack_ids(_get(rec, "receivers", bytes), "receivers")
+        texts = _get_bytes_list(rec, "ciphertexts", len(nodes), None)
+        return cls(dict(zip(nodes, texts, strict=True)))
+
+
+# -- stage 2: masked input (rides on the train message) --------------------------------------
+@dataclass(frozen=True)
+class MaskingInstruction:
+    """How to encode and mask the update, and the shares peers sealed to this client.
+
+    ``senders`` is U2, the clients whose shares reached the coordinator: a client masks with
+    exactly these peers. ``dp_noise_std`` > 0 asks each client to add its share of the
+    distributed Gaussian noise after clipping its update to L2 norm ``dp_clip_norm``.
+    """
+
+    round_id: int
+    ciphertexts: Mapping[int, bytes]
+    modulus_bits: int
+    scale: float
+    clip_range: float
+    dp_clip_norm: float = 0.0
+    dp_noise_std: float = 0.0
+
+    def to_record(self) -> ConfigRecord:
+        nodes = list(self.ciphertexts)
+        rec = ConfigRecord({
+            "round-id": self.round_id, "senders": pack_ids(nodes),
+            "modulus-bits": self.modulus_bits, "scale": float(self.scale),
+            "clip-range": float(self.clip_range), "dp-clip-norm": float(self.dp_clip_norm),
+            "dp-noise-std": float(self.dp_noise_std),
+        })
+        _put_list(rec, "ciphertexts", [self.ciphertexts[n] for n in nodes])
+        return rec
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> MaskingInstruction:
+        rec = _record(content)
+        nodes = unpack_ids(_get(rec, "senders", bytes), "senders")
+        texts = _get_bytes_list(rec, "ciphertexts", len(nodes), None)
+        inst = cls(
+            round_id=_get(rec, "round-id", int),
+            ciphertexts=dict(zip(nodes, texts, strict=True)),
+            modulus_bits=_get(rec, "modulus-bits", int),
+            scale=_get(rec, "scale", float),
+            clip_range=_get(rec, "clip-range", float),
+            dp_clip_norm=_get(rec, "dp-clip-norm", float),
+            dp_noise_std=_get(rec, "dp-noise-std", float),
+        )
+        for name in ("scale", "clip_range"):
+            value = getattr(inst, name)
+            if not (math.isfinite(value) and value > 0):
+                raise SecAggProtocolError(f"`{name}` must be finite and > 0, got {value}")
+        for name in ("dp_clip_norm", "dp_noise_std"):
+            value = getattr(inst, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SecAggProtocolError(f"`{name}` must be finite and >= 0, got {value}")
+        if (inst.dp_noise_std > 0) != (inst.dp_clip_norm > 0):
+            raise SecAggProtocolError("distributed DP needs both dp-clip-norm and dp-noise-std")
+        return inst
+
+
+def masked_record(vector: npt.NDArray[Any]) -> ArrayRecord:
+    return ArrayRecord({MASKED_VECTOR: Array(np.ascontiguousarray(vector))})
+
+
+def read_masked(content: RecordDict, *, length: int, modulus_bits: int) -> npt.NDArray[Any]:
+    """The masked vector of a train reply, checked for presence, dtype and length."""
+    if MASKED not in content.array_records:
+        raise SecAggProtocolError(f"no ArrayRecord under `{MASKED}`")
+    record = content.array_records[MASKED]
+    if list(record.keys()) != [MASKED_VECTOR]:
+        raise SecAggProtocolError(f"`{MASKED}` must hold exactly one array `{MASKED_VECTOR}`")
+    try:
+        vec = record[MASKED_VECTOR].numpy()
+    except Exception as exc:
+        raise SecAggProtocolError(f"`{MASKED_VECTOR}` does not decode: {exc}") from None
+    dtype = uint_dtype(modulus_bits)
+    if vec.dtype != dtype or vec.shape != (length,):
+        raise SecAggProtocolError(
+            f"masked vector must be {dtype}[{length}], got {vec.dtype}{list(vec.shape)}"
+        )
+    return vec
+
+
+# -- stage 3: unmask -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Which clients' inputs arrived (reveal their b-shares) and which did not (s-shares)."""
+
+    round_id: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({RECORD: ConfigRecord({
+            "round-id": self.round_id, "survivors": pack_ids(self.survivors),
+            "dropped": pack_ids(self.dropped),
+        })})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> UnmaskRequest:
+        rec = _record(content)
+        return cls(_get(rec, "round-id", int),
+                   tuple(unpack_ids(_get(rec, "survivors", bytes), "survivors")),
+                   tuple(unpack_ids(_get(rec, "dropped", bytes), "dropped")))
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    """This client's shares: of ``b_u`` for each survivor, of ``s_u`` for each dropped node."""
+
+    b_shares: Mapping[int, bytes]
+    s_shares: Mapping[int, bytes]
+
+    def to_record(self) -> RecordDict:
+        rec = ConfigRecord({"b-owners": pack_ids(list(self.b_shares)),
+                            "s-owners": pack_ids(list(self.s_shares))})
+        _put_list(rec, "b-shares", list(self.b_shares.values()))
+        _put_list(rec, "s-shares", list(self.s_shares.values()))
+        return RecordDict({RECORD: rec})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> UnmaskShares:
+        rec = _record(content)
+        b_owners = unpack_ids(_get(rec, "b-owners", bytes), "b-owners")
+        s_owners = unpack_ids(_get(rec, "s-owners", bytes), "s-owners")
+        b = _get_bytes_list(rec, "b-shares", len(b_owners), None)
+        s = _get_bytes_list(rec, "s-shares", len(s_owners), None)
+        return cls(dict(zip(b_owners, b, strict=True)), dict(zip(s_owners, s, strict=True)))
+
+
+def fixed_point_scale(*, num_clients: int, clip_range: float, modulus_bits: int) -> float:
+    """The largest power-of-two scale whose sum of ``num_clients`` encodings cannot wrap.
+
+    Headroom rule of :func:`protocols.secagg.fixed_point.check_headroom`:
+    ``n · ceil(range · scale) < 2**(k-1)``; one bit is kept spare for the rounding up.
+    """
+    limit = 2 ** (modulus_bits - 1)
+    exponent = math.floor(math.log2((limit - 1) / (num_clients * clip_range))) - 1
+    if exponent < 1:
+        raise ValueError(
+            f"secagg range {clip_range} with {num_clients} clients leaves no fixed-point "
+            f"precision in {modulus_bits} bits; lower security.secagg_range or use 64 bits"
+        )
+    return float(2**exponent)

@@ -1,0 +1,367 @@
+"""Secure aggregation on Flower's Message API: the coordinator only ever sees the sum.
+
+:class:`SecAggFedAvg` is :class:`~server.strategy.AdapterFedAvg` with the train round
+replaced by SecAgg (Bonawitz et al., CCS 2017) run as four message exchanges driven from
+the strategy (wire formats in :mod:`protocols.secagg.wire`, client side in
+:mod:`client.secagg_client`):
+
+1. ``configure_train`` samples nodes as FedAvg does, then runs *setup* (each node makes two
+   key pairs) and *share keys* (each node Shamir-shares its self-mask seed and mask key,
+   sealed to each peer) through the grid, and returns the train messages, each carrying the
+   global adapter and the shares sealed to that node;
+2. the clients train and reply with their masked, fixed-point update (the Strategy loop's
+   ordinary train exchange);
+3. ``aggregate_train`` asks the survivors to *unmask*, reconstructs the self masks of the
+   survivors and the pairwise masks of the dropped, and decodes the sum.
+
+The aggregate is the uniform mean of the survivors' updates within the fixed-point error
+(``n · 0.5 / scale`` per coordinate): exact aggregation of FFA-LoRA's B (or of any uploaded
+tensors). The coordinator cannot weight updates it cannot see, so averaging is uniform
+(every client trains the same number of examples per round here).
+
+Why not Flower's ``SecAggPlusWorkflow``: it runs only on the legacy ``Driver``/workflow API,
+not with the Message-API strategies, and derives masks from a 32-bit fold of the seed into
+numpy's Mersenne Twister (DESIGN D3).
+
+With client-level DP (``dp_clip_norm``/``dp_noise_multiplier``), clipping and noise move to
+the clients: each clips to ``C`` and adds ``N(0, (σC)²/t)`` so the sum over the ≥ ``t``
+survivors carries at least std ``σC`` — what :class:`~server.client_dp.ClientLevelDP`
+accounts in its ledger, and what no party sees without. Each client's contribution is
+bounded by the fixed-point range per coordinate; individual updates cannot be validated
+beyond that (that is the point), so a malformed masked input is treated as a dropout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from protocols import keys
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import Fp32Codec, Tensors
+from protocols.errors import InvalidUpdate
+from protocols.records import get_float, get_int
+from protocols.secagg import (
+    decode_sum,
+    dropped_pair_seeds,
+    reconstruct_secrets,
+    remove_masks,
+    sum_masked,
+    wire,
+)
+from protocols.validation import validate_metrics
+from server.strategy import AdapterFedAvg, RoundStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Round:
+    """The coordinator's view of one SecAgg round in progress."""
+
+    round_id: int
+    salt: bytes
+    threshold: int
+    adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
+    senders: set[int] = field(default_factory=set)  # U2: shared keys
+    instruction: dict[int, wire.MaskingInstruction] = field(default_factory=dict)
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a record dict: arrays, byte strings, 8 per number (no framing)."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(a.data) for a in record.values())
+    for cfg in content.config_records.values():
+        for value in cfg.values():
+            if isinstance(value, bytes | str):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in value)
+            else:
+                total += 8
+    for metrics in content.metric_records.values():
+        total += 8 * len(metrics)
+    return total
+
+
+class SecAggFedAvg(AdapterFedAvg):
+    """Uniform FedAvg of adapter updates under secure aggregation."""
+
+    def __init__(
+        self,
+        spec: AdapterSpec,
+        *,
+        threshold_fraction: float = 0.66,
+        clip_range: float = 0.5,
+        modulus_bits: int = 32,
+        stage_timeout_s: float = 600.0,
+        dp_clip_norm: float = 0.0,
+        dp_noise_multiplier: float = 0.0,
+        **fedavg_kwargs: object,
+    ) -> None:
+        super().__init__(spec, weighting="uniform", **fedavg_kwargs)  # type: ignore[arg-type]
+        if not 0.0 < threshold_fraction <= 1.0:
+            raise ValueError(f"threshold_fraction must be in (0, 1], got {threshold_fraction}")
+        if (dp_clip_norm > 0) != (dp_noise_multiplier > 0):
+            raise ValueError("distributed DP needs both dp_clip_norm and dp_noise_multiplier")
+        self.threshold_fraction = threshold_fraction
+        self.clip_range = clip_range
+        self.modulus_bits = modulus_bits
+        self.stage_timeout_s = stage_timeout_s
+        self.dp_clip_norm = dp_clip_norm
+        self.dp_noise_multiplier = dp_noise_multiplier
+        self._grid: Grid | None = None
+        self._round: _Round | None = None
+        self._layout = [(k, spec.tensors[k].shape) for k in sorted(spec.trainable_keys)]
+        self.vector_length = sum(int(np.prod(shape)) for _, shape in self._layout)
+
+    def threshold(self, num_nodes: int) -> int:
+        return max(2, math.ceil(self.threshold_fraction * num_nodes))
+
+    # -- stages 0-1, then the train messages --------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round = None
+        plain = list(super().configure_train(server_round, arrays, config, grid))
+        stats = self.stats[server_round]
+        if not plain:
+            return []
+        started = time.perf_counter()
+        self._grid = grid
+        nodes = [m.metadata.dst_node_id for m in plain]
+        if len(nodes) < 2:
+            log.warning("round %d: secure aggregation needs >= 2 clients, %d sampled; "
+                        "round skipped", server_round, len(nodes))
+            return []
+        rnd = _Round(round_id=server_round, salt=os.urandom(wire.SALT_BYTES),
+                     threshold=self.threshold(len(nodes)))
+        setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, len(nodes))
+        for node, content in self._exchange(
+            stats, {n: setup.to_record() for n in nodes}, wire.SETUP, server_round
+        ).items():
+            try:
+                rnd.adverts[node] = wire.KeyAdvert.from_record(content)
+            except wire.SecAggProtocolError as bad:
+                self._reject(stats, server_round, node, bad.reason)
+        if not self._enough(rnd, len(rnd.adverts), server_round, "advertised keys"):
+            return []
+
+        request = wire.ShareKeysRequest(rnd.round_id, rnd.adverts).to_record()
+        inbox: dict[int, dict[int, bytes]] = {n: {} for n in rnd.adverts}
+        for node, content in self._exchange(
+            stats, {n: request for n in rnd.adverts}, wire.SHARE_KEYS, server_round
+        ).items():
+            try:
+                sealed = wire.SealedShares.from_record(content)
+                if set(sealed.ciphertexts) != set(rnd.adverts) - {node}:
+                    raise wire.SecAggProtocolError("shares must be sealed to every other node")
+            except wire.SecAggProtocolError as bad:
+                self._reject(stats, server_round, node, bad.reason)
+                continue
+            rnd.senders.add(node)
+            for receiver, text in sealed.ciphertexts.items():
+                inbox[receiver][node] = text
+        if not self._enough(rnd, len(rnd.senders), server_round, "shared keys"):
+            return []
+
+        noise_std = 0.0
+        clip_range = self.clip_range
+        if self.dp_noise_multiplier > 0:
+            noise_std = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(rnd.threshold)
+            clip_range = max(clip_range, self.dp_clip_norm + 6.0 * noise_std)
+        scale = wire.fixed_point_scale(num_clients=len(rnd.senders), clip_range=clip_range,
+                                       modulus_bits=self.modulus_bits)
+        template = plain[0].content
+        messages = []
+        for node in sorted(rnd.senders):
+            inst = wire.MaskingInstruction(
+                round_id=rnd.round_id,
+                ciphertexts={s: inbox[node][s] for s in rnd.senders if s != node},
+                modulus_bits=self.modulus_bits, scale=scale, clip_range=clip_range,
+                dp_clip_norm=self.dp_clip_norm if noise_std else 0.0, dp_noise_std=noise_std,
+            )
+            rnd.instruction[node] = inst
+            content = RecordDict({keys.ARRAYS: template.array_records[keys.ARRAYS],
+                                  keys.CONFIG: template.config_records[keys.CONFIG],
+                                  wire.RECORD: inst.to_record()})
+            messages.append(Message(content=content, dst_node_id=node,
+                                    message_type="train", group_id=str(server_round)))
+        # The train payload already counted by FedAvg's stats covers the adapter; add ours.
+        stats.bytes_down += sum(content_nbytes(RecordDict({wire.RECORD: i.to_record()}))
+                                for i in rnd.instruction.values())
+        stats.sampled = len(nodes)
+        stats.protocol_seconds += time.perf_counter() - started
+        self._round = rnd
+        return messages
+
+    # -- stage 3 and the sum --------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        stats.replies_at = time.perf_counter()
+        rnd = self._round
+        if rnd is None or rnd.round_id != server_round:
+            log.warning("round %d: no secure-aggregation round in progress; replies ignored",
+                        server_round)
+            stats.aggregated_at = time.perf_counter()
+            return None, None
+        self._round = None  # a late second call must not unmask again
+        masked: dict[int, np.ndarray] = {}
+        metrics: dict[int, MetricRecord] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                stats.failed += 1
+                log.warning("round %d: node %d failed: %s", server_round, node,
+                            msg.error.reason)
+                continue
+            if node not in rnd.senders or node in masked:
+                self._reject(stats, server_round, node, "reply from a node not in this round")
+                continue
+            try:
+                masked[node] = wire.read_masked(msg.content, length=self.vector_length,
+                                                modulus_bits=self.modulus_bits)
+                metrics[node] = self._metrics(msg)
+            except (wire.SecAggProtocolError, InvalidUpdate) as bad:
+                masked.pop(node, None)
+                self._reject(stats, server_round, node, bad.reason)
+                stats.bytes_up += content_nbytes(msg.content)
+                continue
+            stats.bytes_up += content_nbytes(msg.content)
+        started = time.perf_counter()
+        total = self._unmask(rnd, masked, stats, server_round)
+        stats.protocol_seconds += time.perf_counter() - started
+        stats.accepted = len(masked) if total is not None else 0
+        if total is None:
+            stats.aggregated_at = time.perf_counter()
+            return None, None
+        merged = dict(self._global)
+        merged.update(self._split(total / len(masked)))
+        losses = [(get_float(m, keys.TRAIN_LOSS), get_int(m, keys.NUM_EXAMPLES))
+                  for m in metrics.values() if keys.TRAIN_LOSS in m]
+        for m in metrics.values():
+            if keys.TRAIN_SECONDS in m:
+                stats.client_train_seconds.append(get_float(m, keys.TRAIN_SECONDS))
+        out = MetricRecord({keys.NUM_EXAMPLES: sum(get_int(m, keys.NUM_EXAMPLES)
+                                                   for m in metrics.values())})
+        if losses:
+            stats.train_loss = float(np.average([x for x, _ in losses],
+                                                weights=[c for _, c in losses]))
+            out[keys.TRAIN_LOSS] = stats.train_loss
+        stats.aggregated_at = time.perf_counter()
+        return Fp32Codec().encode(merged), out
+
+    def _unmask(
+        self, rnd: _Round, masked: Mapping[int, np.ndarray], stats: RoundStats, server_round: int
+    ) -> np.ndarray | None:
+        """The float64 sum of the survivors' updates, or ``None`` if the round is lost."""
+        if not self._enough(rnd, len(masked), server_round, "sent masked inputs"):
+            return None
+        survivors = sorted(masked)
+        dropped = sorted(rnd.senders - set(masked))
+        stats.dropped = len(dropped)
+        request = wire.UnmaskRequest(rnd.round_id, tuple(survivors), tuple(dropped)).to_record()
+        b_by_owner: dict[int, dict[int, bytes]] = {v: {} for v in survivors}
+        s_by_owner: dict[int, dict[int, bytes]] = {d: {} for d in dropped}
+        for holder, content in self._exchange(
+            stats, {n: request for n in survivors}, wire.UNMASK, server_round
+        ).items():
+            try:
+                shares = wire.UnmaskShares.from_record(content)
+                if set(shares.b_shares) != set(survivors) or set(shares.s_shares) != set(dropped):
+                    raise wire.SecAggProtocolError("shares do not match the request")
+            except wire.SecAggProtocolError as bad:
+                self._reject(stats, server_round, holder, bad.reason)
+                continue
+            for owner, share in shares.b_shares.items():
+                b_by_owner[owner][holder] = share
+            for owner, share in shares.s_shares.items():
+                s_by_owner[owner][holder] = share
+        try:
+            b_seeds = reconstruct_secrets(b_by_owner, threshold=rnd.threshold)
+            mask_keys = reconstruct_secrets(s_by_owner, threshold=rnd.threshold)
+            pair_seeds = dropped_pair_seeds(
+                dropped_mask_keys=mask_keys,
+                mask_public_keys={n: a.mask_pk for n, a in rnd.adverts.items()},
+                neighbours={d: rnd.senders - {d} for d in dropped}, survivors=survivors,
+                round_id=rnd.round_id, salt=rnd.salt,
+            )
+            inst = rnd.instruction[survivors[0]]
+            unmasked = remove_masks(sum_masked(masked, modulus_bits=self.modulus_bits),
+                                    self_seeds=b_seeds, dropped_pair_seeds=pair_seeds,
+                                    modulus_bits=self.modulus_bits)
+            total = decode_sum(unmasked, scale=inst.scale, clip=inst.clip_range,
+                               modulus_bits=self.modulus_bits, num_clients=len(survivors))
+        except (ValueError, TypeError) as exc:
+            log.warning("round %d: secure aggregation could not recover the sum (%s); "
+                        "the global adapter is unchanged", server_round, exc)
+            return None
+        log.info("round %d: secure sum of %d updates (%d dropped after sharing keys)",
+                 server_round, len(survivors), len(dropped))
+        return total.astype(np.float64)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _exchange(
+        self, stats: RoundStats, requests: Mapping[int, RecordDict], message_type: str,
+        server_round: int,
+    ) -> dict[int, RecordDict]:
+        assert self._grid is not None, "configure_train stores the grid first"
+        messages = [Message(content=c, dst_node_id=n, message_type=message_type,
+                            group_id=str(server_round)) for n, c in requests.items()]
+        stats.bytes_down += sum(content_nbytes(c) for c in requests.values())
+        out: dict[int, RecordDict] = {}
+        for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("round %d: node %d failed in %s: %s", server_round, node,
+                            message_type, reply.error.reason)
+                continue
+            if node in requests:
+                stats.bytes_up += content_nbytes(reply.content)
+                out[node] = reply.content
+        return out
+
+    def _metrics(self, msg: Message) -> MetricRecord:
+        unexpected = sorted(set(msg.content.keys()) - {wire.MASKED, keys.METRICS})
+        if unexpected:
+            raise InvalidUpdate(f"unexpected records {unexpected}")
+        if keys.METRICS not in msg.content.metric_records:
+            raise InvalidUpdate(f"no MetricRecord under `{keys.METRICS}`")
+        metrics = msg.content.metric_records[keys.METRICS]
+        validate_metrics(metrics)
+        return metrics
+
+    def _split(self, flat: np.ndarray) -> Tensors:
+        out: Tensors = {}
+        offset = 0
+        for key, shape in self._layout:
+            size = int(np.prod(shape))
+            update = flat[offset:offset + size].reshape(shape)
+            out[key] = (self._global[key].astype(np.float64) + update).astype(np.float32)
+            offset += size
+        return out
+
+    def _enough(self, rnd: _Round, count: int, server_round: int, what: str) -> bool:
+        if count >= rnd.threshold:
+            return True
+        log.warning("round %d: only %d nodes %s, below the SecAgg threshold %d; the round is "
+                    "abandoned and the global adapter is unchanged", server_round, count, what,
+                    rnd.threshold)
+        return False
+
+    @staticmethod
+    def _reject(stats: RoundStats, server_round: int, node: int, reason: str) -> None:
+        stats.rejected += 1
+        stats.rejections.append(f"node {node}: {reason}")
+        log.warning("round %d: rejected node %d: %s", server_round, node, reason)

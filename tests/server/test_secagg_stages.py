@@ -1,0 +1,257 @@
+"""Secure aggregation through the real ClientApp and strategy, delivered in-process.
+
+The ClientApp is fedtune's own (``make_client_app``, tiny Llama, real training); the
+coordinator is :class:`SecAggFedAvg`; a :class:`LoopbackGrid` delivers each message through
+Flower's protobuf serialisation. Training is deterministic per (round, node), so the same
+nodes under a plain uniform FedAvg give the reference mean the secure sum must match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import Fp32Codec
+from protocols.run_config import RunConfig
+from protocols.secagg import error_bound, wire
+from server.secagg import SecAggFedAvg
+from server.strategy import AdapterFedAvg
+from simulations.loopback_grid import LoopbackGrid
+
+NODES = [11, 22, 33, 44, 2**64 - 5]  # the last needs all 64 bits: packing must not truncate
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from client.app import _trainer
+    from kernels.lora import get_adapter
+    from simulations.runner import check_inputs
+    from tests.conftest import mini_play
+
+    cache = tmp_path_factory.mktemp("cache")
+    texts = cache / "data" / "shakespeare" / "texts"
+    texts.mkdir(parents=True)
+    (texts / "miniature_gut.txt").write_text(mini_play())
+    config = RunConfig.from_nested({
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "lora": {"r": 4},
+        "train": {"local_steps": 2, "batch_size": 2, "seq_len": 16, "learning_rate": 0.01},
+        "security": {"verify_manifest": False},
+    })
+    inputs = check_inputs(config, cache)
+    flat = {**config.to_flat(), "paths.cache_dir": str(cache),
+            "paths.partitions_file": str(inputs.split.partitions_file)}
+    trainer = _trainer(flat)
+    adapter = get_adapter(trainer.model)  # type: ignore[attr-defined]
+    frozen = frozenset(k for k in adapter if config.lora.is_frozen(k))
+    spec = AdapterSpec.from_arrays(adapter, {}, frozen=frozen)
+    return {"flat": flat, "adapter": adapter, "spec": spec}
+
+
+def _grid(flat: dict[str, Any]) -> LoopbackGrid:
+    from client.app import make_client_app
+
+    return LoopbackGrid(make_client_app(flat), NODES,
+                        node_config={n: {"partition-id": i % 4} for i, n in enumerate(NODES)})
+
+
+def _round(strategy: AdapterFedAvg, grid: LoopbackGrid, adapter: dict[str, np.ndarray],
+           server_round: int = 1) -> dict[str, np.ndarray] | None:
+    config = ConfigRecord({"local-steps": 2, "batch-size": 2, "learning-rate": 0.01,
+                           "seq-len": 16, "seed": 0})
+    messages = strategy.configure_train(server_round, Fp32Codec().encode(adapter), config,
+                                        grid)  # type: ignore[arg-type]
+    replies = grid.send_and_receive(messages)
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return None if arrays is None else Fp32Codec().decode(arrays)
+
+
+def _strategies(spec: AdapterSpec, **secagg: Any) -> tuple[SecAggFedAvg, AdapterFedAvg]:
+    sampling = {"fraction_train": 1.0, "min_train_nodes": 2, "min_available_nodes": 2}
+    return (SecAggFedAvg(spec, **secagg, **sampling),
+            AdapterFedAvg(spec, weighting="uniform", **sampling))
+
+
+def _assert_same_mean(secure: dict[str, np.ndarray], plain: dict[str, np.ndarray],
+                      spec: AdapterSpec, scale: float, n: int) -> None:
+    # the decoded sum is within n*0.5/scale of the plain sum, so the mean within 0.5/scale
+    tol = error_bound(num_clients=n, scale=scale) / n + 1e-6
+    for key in spec.tensors:
+        np.testing.assert_allclose(secure[key], plain[key], atol=tol, rtol=0, err_msg=key)
+
+
+def test_secure_mean_equals_plain_mean(setup: dict[str, Any]) -> None:
+    secure, plain = _strategies(setup["spec"])
+    grid = _grid(setup["flat"])
+    got = _round(secure, grid, setup["adapter"])
+    want = _round(plain, _grid(setup["flat"]), setup["adapter"])
+    assert got is not None and want is not None
+    scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
+    _assert_same_mean(got, want, setup["spec"], scale, 5)
+    assert any(not np.array_equal(got[k], setup["adapter"][k]) for k in got), "it trained"
+    # FFA-LoRA is the default: A comes back exactly as sent
+    for key in setup["spec"].tensors:
+        if not setup["spec"].tensors[key].trainable:
+            np.testing.assert_array_equal(got[key], setup["adapter"][key])
+
+    # the coordinator never received an update in clear: train replies are uint32 masks
+    train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert len(train_replies) == 5
+    for reply in train_replies:
+        assert set(reply.content.array_records) == {wire.MASKED}
+        vec = reply.content.array_records[wire.MASKED][wire.MASKED_VECTOR].numpy()
+        assert vec.dtype == np.uint32 and vec.size == secure.vector_length
+    stats = secure.stats[1]
+    assert (stats.accepted, stats.dropped, stats.rejected) == (5, 0, 0)
+    assert stats.bytes_up > 0 and stats.protocol_seconds > 0
+
+
+@pytest.mark.parametrize("stage", ["train", wire.UNMASK])
+def test_dropouts_after_sharing_keys_still_give_the_survivors_mean(
+    setup: dict[str, Any], stage: str
+) -> None:
+    """Two clients gone after sharing keys (train) or after masking (unmask): n − t = 1…"""
+    secure, plain = _strategies(setup["spec"], threshold_fraction=0.6)  # t = 3 of 5
+    grid = _grid(setup["flat"])
+    reference = _grid(setup["flat"])
+    gone = set(NODES[:2])
+    grid.drop[stage] |= gone
+    if stage == "train":
+        reference.drop["train"] |= gone
+    got = _round(secure, grid, setup["adapter"])
+    want = _round(plain, reference, setup["adapter"])
+    assert got is not None and want is not None
+    n = 3 if stage == "train" else 5
+    scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
+    _assert_same_mean(got, want, setup["spec"], scale, n)
+    assert secure.stats[1].dropped == (2 if stage == "train" else 0)
+
+
+def test_too_many_dropouts_abandon_the_round_and_keep_the_adapter(
+    setup: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    secure, _ = _strategies(setup["spec"], threshold_fraction=0.8)  # t = 4 of 5
+    grid = _grid(setup["flat"])
+    grid.drop["train"] |= set(NODES[:2])
+    assert _round(secure, grid, setup["adapter"]) is None
+    assert "below the SecAgg threshold 4" in caplog.text
+
+
+def test_distributed_dp_noise_reaches_the_sum(setup: dict[str, Any]) -> None:
+    """Each client adds N(0, (σC)²/t): the mean's deviation from the plain mean of the
+    clipped updates has std ≈ σC·sqrt(n/t)/n (here n = t = 5)."""
+    sigma, clip = 0.5, 1e-3
+    secure, _ = _strategies(setup["spec"], threshold_fraction=1.0, dp_clip_norm=clip,
+                            dp_noise_multiplier=sigma)
+    got = _round(secure, _grid(setup["flat"]), setup["adapter"])
+    assert got is not None
+    deltas = np.concatenate([(got[k] - setup["adapter"][k]).ravel()
+                             for k in setup["spec"].trainable_keys])
+    # clipped updates contribute at most clip/5 in norm; the noise dominates by far
+    expected_std = sigma * clip / 5
+    assert deltas.std() == pytest.approx(expected_std, rel=0.1)
+
+
+def _context(node: int) -> Context:
+    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_clients_refuse_out_of_order_and_inconsistent_instructions(
+    setup: dict[str, Any]
+) -> None:
+    from client.secagg_client import handle_setup, handle_share_keys, handle_unmask
+
+    ctx = {n: _context(n) for n in (1, 2, 3)}
+    setup_req = wire.SetupRequest(5, b"s" * 16, 2, 3).to_record()
+    adverts = {n: wire.KeyAdvert.from_record(handle_setup(setup_req, ctx[n])) for n in ctx}
+
+    with pytest.raises(wire.SecAggProtocolError, match="stage out of order"):
+        handle_unmask(wire.UnmaskRequest(5, (1, 2), ()).to_record(), ctx[1])
+    with pytest.raises(wire.SecAggProtocolError, match="in round 5"):
+        handle_share_keys(wire.ShareKeysRequest(6, adverts).to_record(), ctx[1])
+    swapped = dict(adverts)
+    swapped[1] = wire.KeyAdvert.from_record(handle_setup(setup_req, _context(9)))
+    with pytest.raises(wire.SecAggProtocolError, match="own public keys"):
+        handle_share_keys(wire.ShareKeysRequest(5, swapped).to_record(), ctx[1])
+    with pytest.raises(wire.SecAggProtocolError, match="threshold"):
+        wire.SetupRequest.from_record(wire.SetupRequest(5, b"s" * 16, 1, 3).to_record())
+
+
+def test_a_node_named_survivor_and_dropped_is_refused(setup: dict[str, Any]) -> None:
+    """Run a real round up to masking, then send one client a crooked unmask request."""
+    from client.secagg_client import handle_unmask
+
+    secure, _ = _strategies(setup["spec"])
+    grid = _grid(setup["flat"])
+    config = ConfigRecord({"local-steps": 1, "batch-size": 2, "learning-rate": 0.01,
+                           "seq-len": 16, "seed": 0})
+    messages = secure.configure_train(1, Fp32Codec().encode(setup["adapter"]), config,
+                                      grid)  # type: ignore[arg-type]
+    grid.send_and_receive(messages)
+    ctx = grid.contexts[NODES[0]]
+    crooked = {
+        "named both survivor and dropped": (tuple(NODES), (NODES[1],)),
+        "not among my peers": ((*tuple(NODES[:4]), 99), ()),
+        "not named a survivor": (tuple(NODES[1:]), (NODES[0],)),
+        "fewer than the threshold": ((NODES[0],), tuple(NODES[1:])),
+    }
+    for reason, (survivors, dropped) in crooked.items():
+        with pytest.raises(wire.SecAggProtocolError, match=reason):
+            handle_unmask(wire.UnmaskRequest(1, survivors, dropped).to_record(), ctx)
+    # a refused request reveals nothing and leaves the node able to answer a sound one
+    reply = handle_unmask(wire.UnmaskRequest(1, tuple(NODES), ()).to_record(), ctx)
+    assert len(wire.UnmaskShares.from_record(reply).b_shares) == 5
+
+
+def test_malformed_masked_input_is_rejected_as_a_dropout(setup: dict[str, Any]) -> None:
+    secure, plain = _strategies(setup["spec"])
+    grid = _grid(setup["flat"])
+    config = ConfigRecord({"local-steps": 2, "batch-size": 2, "learning-rate": 0.01,
+                           "seq-len": 16, "seed": 0})
+    messages = secure.configure_train(1, Fp32Codec().encode(setup["adapter"]), config,
+                                      grid)  # type: ignore[arg-type]
+    replies = grid.send_and_receive(messages)
+    bad = replies[0]
+    vec = bad.content.array_records[wire.MASKED][wire.MASKED_VECTOR].numpy()
+    bad.content[wire.MASKED] = ArrayRecord({wire.MASKED_VECTOR: _array(vec[:-1])})
+    arrays, _ = secure.aggregate_train(1, replies)
+    assert arrays is not None
+    assert secure.stats[1].rejected == 1 and secure.stats[1].dropped == 1
+    assert "masked vector must be" in secure.stats[1].rejections[0]
+    reference = _grid(setup["flat"])
+    reference.drop["train"].add(bad.metadata.src_node_id)
+    want = _round(plain, reference, setup["adapter"])
+    assert want is not None
+    scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
+    _assert_same_mean(Fp32Codec().decode(arrays), want, setup["spec"], scale, 4)
+
+
+def _array(values: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(values))
+
+
+def test_wire_records_round_trip() -> None:
+    inst = wire.MaskingInstruction(round_id=3, ciphertexts={2**63 + 1: b"x" * 60},
+                                   modulus_bits=32, scale=2.0**20, clip_range=0.5)
+    back = wire.MaskingInstruction.from_record(RecordDict({wire.RECORD: inst.to_record()}))
+    assert back == inst
+    with pytest.raises(wire.SecAggProtocolError, match="8-byte"):
+        wire.unpack_ids(b"123", "nodes")
+    assert json.dumps(wire.unpack_ids(wire.pack_ids([1, 2**64 - 1]), "x")) == \
+        f"[1, {2**64 - 1}]"
