@@ -154,7 +154,13 @@ def make_client_app(
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, _settings(context, baked))
 
-    # Secure-aggregation stages (the masked upload itself rides on `train`).
+    register_secagg_stages(app)
+    return app
+
+
+def register_secagg_stages(app: ClientApp) -> None:
+    """The secure-aggregation query handlers (the masked upload itself rides on `train`)."""
+
     @app.query(secagg_wire.SETUP.split(".")[1])
     def secagg_setup(msg: Message, context: Context) -> Message:
         return Message(handle_setup(msg.content, context), reply_to=msg)
@@ -166,8 +172,6 @@ def make_client_app(
     @app.query(secagg_wire.UNMASK.split(".")[1])
     def secagg_unmask(msg: Message, context: Context) -> Message:
         return Message(handle_unmask(msg.content, context), reply_to=msg)
-
-    return app
 
 
 app = make_client_app()

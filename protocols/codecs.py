@@ -65,7 +65,13 @@ class Fp32Codec:
         return out
 
 
-_CODECS: dict[str, Callable[[], UpdateCodec]] = {"fp32": Fp32Codec}
+def _seed_scalar() -> UpdateCodec:
+    from protocols.seed_updates import SeedScalarCodec  # imports this module: load lazily
+
+    return SeedScalarCodec()
+
+
+_CODECS: dict[str, Callable[[], UpdateCodec]] = {"fp32": Fp32Codec, "seed-scalar": _seed_scalar}
 
 
 def get_codec(name: str) -> UpdateCodec:

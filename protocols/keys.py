@@ -19,6 +19,16 @@ LEARNING_RATE: Final = "learning-rate"
 SEQ_LEN: Final = "seq-len"
 SEED: Final = "seed"
 CODEC: Final = "codec"
+# ... and for edge (forward-only) clients, when the federation has some
+EDGE_LEARNING_RATE: Final = "edge-learning-rate"
+EDGE_LOCAL_STEPS: Final = "edge-local-steps"
+EDGE_EPSILON: Final = "edge-epsilon"
+EDGE_CODEC: Final = "edge-codec"
+
+# ArrayRecord keys of a seed/scalar (MeZO) update, protocols/seed_updates.py
+SEEDS: Final = "mezo-seeds"
+SCALARS: Final = "mezo-scalars"
+SEED_HEADER: Final = "mezo-header"
 
 # MetricRecord keys sent back by a client
 NUM_EXAMPLES: Final = "num-examples"
@@ -30,6 +40,9 @@ LOAD_SECONDS: Final = "load-seconds"
 UPLOAD_BYTES: Final = "upload-bytes"
 DPSGD_EPSILON: Final = "dpsgd-epsilon"
 DPSGD_DELTA: Final = "dpsgd-delta"
+STEP_SECONDS: Final = "step-seconds"  # mean wall seconds of one local training step
+BASE_WEIGHT_BYTES: Final = "base-weight-bytes"  # frozen base in memory (quantized or not)
+PEAK_MEMORY_BYTES: Final = "peak-memory-bytes"  # peak CUDA allocation, or the process's RSS
 
 #: The only metric keys a client may send. Anything else is refused: metrics are free-form
 #: in Flower, which makes them a side channel for raw data unless they are closed.
@@ -44,5 +57,8 @@ CLIENT_METRIC_KEYS: Final = frozenset(
         UPLOAD_BYTES,
         DPSGD_EPSILON,
         DPSGD_DELTA,
+        STEP_SECONDS,
+        BASE_WEIGHT_BYTES,
+        PEAK_MEMORY_BYTES,
     }
 )

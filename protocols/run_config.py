@@ -9,6 +9,7 @@ named), and both apps rebuild them from the flat form, so the check happens on e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, get_type_hints
@@ -154,6 +155,49 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class EdgeSection:
+    """Edge clients: ONNX Runtime on a quantized base, forward-only (MeZO) training."""
+
+    fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of the clients (roles) that are edge devices; 0 = none"},
+    )
+    quantization: str = field(
+        default="default", metadata={"help": "edge base model: see `fedtune export-edge --help`"}
+    )
+    learning_rate: float = field(default=0.05, metadata={"help": "MeZO step size"})
+    local_steps: int = field(default=12, metadata={"help": "MeZO steps (two forwards each)"})
+    epsilon: float = field(default=1e-3, metadata={"help": "MeZO perturbation scale"})
+    upload: str = field(
+        default="seed-scalar",
+        metadata={"help": "'seed-scalar' (a few hundred bytes) or 'dense' (fp32 tensors); "
+                          "under secure aggregation edge updates are always dense and masked"},
+    )
+    max_abs_scalar: float = field(
+        default=1e3, metadata={"help": "coordinator's bound on one projected gradient"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.fraction <= 1.0, "edge.fraction", "must be in [0, 1]", self.fraction)
+        _check(0 < self.learning_rate < 100, "edge.learning_rate", "must be in (0, 100)",
+               self.learning_rate)
+        _check(self.local_steps >= 1, "edge.local_steps", "must be >= 1", self.local_steps)
+        _check(self.epsilon > 0, "edge.epsilon", "must be > 0", self.epsilon)
+        _check(self.upload in ("seed-scalar", "dense"), "edge.upload",
+               "must be 'seed-scalar' or 'dense'", self.upload)
+        _check(self.max_abs_scalar > 0, "edge.max_abs_scalar", "must be > 0",
+               self.max_abs_scalar)
+
+    def is_edge(self, partition_id: int, seed: int = 0) -> bool:
+        """Whether a client is an edge device: a fixed pseudo-random ``fraction`` of the
+        partitions, the same on every party and in every run with the same seed."""
+        if self.fraction <= 0.0:
+            return False
+        digest = hashlib.sha256(f"fedtune-edge|{seed}|{partition_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.fraction
+
+
+@dataclass(frozen=True)
 class FederationSection:
     codec: str = field(default="fp32", metadata={"help": "update codec on the uplink"})
     client_threads: int = field(default=1, metadata={"help": "torch threads per client"})
@@ -252,6 +296,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     federation: FederationSection = field(default_factory=FederationSection)
+    edge: EdgeSection = field(default_factory=EdgeSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     security: SecuritySection = field(default_factory=SecuritySection)
 

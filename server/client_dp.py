@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocols.codecs import Fp32Codec, Tensors, get_codec
+from protocols.codecs import Fp32Codec, Tensors
 from protocols.privacy.ledger import PrivacyLedger, save_ledger
 from server.strategy import AdapterFedAvg
 
@@ -146,11 +146,12 @@ class ClientLevelDP(Strategy):
         # The inner strategy decoded the round's global adapter in configure_train.
         current = self.strategy.current_global
         try:
-            codec = get_codec(self.strategy.codec_name)
-            tensors = codec.decode(msg.content.array_records["arrays"])
+            # dense whatever the upload's codec (edge seed/scalar updates are replayed)
+            tensors = self.strategy.decode_upload(msg.content.array_records["arrays"])
             update = {k: v - current[k] for k, v in tensors.items()}
         except (ValueError, KeyError):
             return None
+        codec = Fp32Codec()
         if not all(np.isfinite(v).all() for v in update.values()):
             return None
         clipped, norm = clip_update(update, self.clip_norm)

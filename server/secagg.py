@@ -120,7 +120,7 @@ class SecAggFedAvg(AdapterFedAvg):
         self.dp_clip_norm = dp_clip_norm
         self.dp_noise_multiplier = dp_noise_multiplier
         self._grid: Grid | None = None
-        self._round: _Round | None = None
+        self._secagg: _Round | None = None
         self._layout = [(k, spec.tensors[k].shape) for k in sorted(spec.trainable_keys)]
         self.vector_length = sum(int(np.prod(shape)) for _, shape in self._layout)
 
@@ -131,7 +131,7 @@ class SecAggFedAvg(AdapterFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._round = None
+        self._secagg = None
         plain = list(super().configure_train(server_round, arrays, config, grid))
         stats = self.stats[server_round]
         if not plain:
@@ -201,7 +201,7 @@ class SecAggFedAvg(AdapterFedAvg):
                                 for i in rnd.instruction.values())
         stats.sampled = len(nodes)
         stats.protocol_seconds += time.perf_counter() - started
-        self._round = rnd
+        self._secagg = rnd
         return messages
 
     # -- stage 3 and the sum --------------------------------------------------------------
@@ -210,13 +210,13 @@ class SecAggFedAvg(AdapterFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.replies_at = time.perf_counter()
-        rnd = self._round
+        rnd = self._secagg
         if rnd is None or rnd.round_id != server_round:
             log.warning("round %d: no secure-aggregation round in progress; replies ignored",
                         server_round)
             stats.aggregated_at = time.perf_counter()
             return None, None
-        self._round = None  # a late second call must not unmask again
+        self._secagg = None  # a late second call must not unmask again
         masked: dict[int, np.ndarray] = {}
         metrics: dict[int, MetricRecord] = {}
         for msg in replies:

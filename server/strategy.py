@@ -26,6 +26,7 @@ from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import Fp32Codec, Tensors, get_codec, record_nbytes
 from protocols.errors import InvalidUpdate
 from protocols.records import get_float, get_int
+from protocols.seed_updates import WIRE_KEYS, SeedScalarCodec
 from protocols.validation import validate_metrics, validate_update
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class AdapterFedAvg(FedAvg):
         *,
         codec: str = "fp32",
         weighting: str = "examples",
+        max_abs_scalar: float = 1e3,
         **fedavg_kwargs: object,
     ):
         """``weighting="uniform"`` averages updates with equal weights: what client-level DP
@@ -70,9 +72,12 @@ class AdapterFedAvg(FedAvg):
         self.spec = spec
         self.codec_name = codec
         self.weighting = weighting
+        self.max_abs_scalar = max_abs_scalar
         get_codec(codec)  # fail at start-up, not in round 1
         self.stats: dict[int, RoundStats] = {}
         self._global: Tensors = {}
+        self._round = 0
+        self._config: ConfigRecord = ConfigRecord()
 
     @property
     def current_global(self) -> Tensors:
@@ -85,6 +90,7 @@ class AdapterFedAvg(FedAvg):
         self._global = Fp32Codec().decode(arrays)
         config = ConfigRecord(dict(config))  # Flower's FedAvg writes into it; keep ours clean
         config[keys.CODEC] = self.codec_name
+        self._round, self._config = server_round, config
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.stats[server_round] = RoundStats(
             sampled=len(messages),
@@ -152,9 +158,29 @@ class AdapterFedAvg(FedAvg):
         metrics = content.metric_records[keys.METRICS]
         validate_metrics(metrics)
         record = content.array_records[keys.ARRAYS]
-        tensors = get_codec(self.codec_name).decode(record)
+        tensors = self.decode_upload(record)
         validate_update(tensors, self.spec)
         return tensors, metrics, record_nbytes(record)
+
+    def decode_upload(self, record: ArrayRecord) -> Tensors:
+        """A reply's uploaded tensors, dense, whichever of the round's codecs it used.
+
+        Edge clients may upload seed/scalar pairs (:mod:`protocols.seed_updates`): those are
+        validated against this round and replayed from the round's global adapter with the
+        step size and step count *this coordinator* sent, so a client cannot choose either.
+        """
+        if set(record.keys()) == WIRE_KEYS:
+            cfg = self._config
+            if keys.EDGE_LEARNING_RATE not in cfg:
+                raise InvalidUpdate("a seed/scalar update, but this round has no edge clients")
+            codec = SeedScalarCodec().bind(
+                global_adapter=self._global, spec=self.spec, server_round=self._round,
+                learning_rate=get_float(cfg, keys.EDGE_LEARNING_RATE),
+                max_steps=get_int(cfg, keys.EDGE_LOCAL_STEPS),
+                max_abs_scalar=self.max_abs_scalar,
+            )
+            return codec.decode(record)
+        return get_codec(self.codec_name).decode(record)
 
 
 def weighted_average(updates: list[tuple[Tensors, int]]) -> Tensors:
