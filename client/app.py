@@ -29,6 +29,7 @@ from protocols.codecs import Fp32Codec, get_codec, record_nbytes
 from protocols.records import get_float, get_int, get_str
 from protocols.run_config import RunConfig
 from protocols.secagg import wire as secagg_wire
+from protocols.seed_updates import SEED_CODEC_NAME, SeedScalarCodec
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,16 @@ def _settings(context: Context, baked: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _trainer(flat: Mapping[str, Any]) -> Trainer:
+def is_edge_client(flat: Mapping[str, Any], context: Context) -> bool:
+    """Whether this node is an edge device (ONNX Runtime, forward-only) in this run."""
+    config = RunConfig.from_flat(flat)
+    return config.edge.is_edge(int(context.node_config["partition-id"]), config.data.seed)
+
+
+def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     """One trainer (one loaded base model) per process, reused across rounds."""
+    if edge:
+        return _edge_trainer(flat)
     from client.dp_sgd import DpSgdSettings
     from client.torch_trainer import TorchLoraTrainer  # torch only when training on torch
     from kernels.base_model import resolve_model_dir
@@ -50,13 +59,42 @@ def _trainer(flat: Mapping[str, Any]) -> Trainer:
     config = RunConfig.from_flat(flat)
     model_dir = resolve_model_dir(config.model.source, Path(str(flat["paths.cache_dir"])))
     dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
-    key = (str(model_dir), config.lora, config.federation.client_threads, dpsgd)
+    key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd)
     if key not in _TRAINERS:
         if config.security.verify_manifest:
             verify_base_model(model_dir, str(flat.get("paths.manifest_public_key", "")))
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
-            model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd
+            model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd,
+            model_section=config.model,
+        )
+    return _TRAINERS[key]
+
+
+def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
+    """The forward-only trainer on the coordinator's signed ONNX export: no torch here."""
+    from client.edge_trainer import EdgeMeZOTrainer, MeZOSettings
+    from protocols.manifest import ManifestError, load_public_key
+
+    config = RunConfig.from_flat(flat)
+    export_dir = Path(str(flat.get("paths.edge_export", "")))
+    settings = MeZOSettings(epsilon=config.edge.epsilon,
+                            max_abs_scalar=config.edge.max_abs_scalar)
+    key = ("edge", str(export_dir), config.lora, config.federation.client_threads, settings)
+    if key not in _TRAINERS:
+        public_key = None
+        if config.security.verify_manifest:
+            public_hex = str(flat.get("paths.manifest_public_key", ""))
+            if not public_hex:
+                raise ManifestError(
+                    "security.verify_manifest is on but no coordinator public key was provided "
+                    "(paths.manifest_public_key); pin the coordinator's key"
+                )
+            public_key = load_public_key(bytes.fromhex(public_hex))
+        _TRAINERS.clear()
+        _TRAINERS[key] = EdgeMeZOTrainer.from_export(
+            export_dir, config.lora, threads=config.federation.client_threads,
+            public_key=public_key, settings=settings,
         )
     return _TRAINERS[key]
 
@@ -79,13 +117,13 @@ def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:
     return load_partition(Path(str(flat["paths.partitions_file"])), partition_id)
 
 
-def _instruction(msg: Message) -> TrainInstruction:
+def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
     cfg = msg.content.config_records[keys.CONFIG]
     return TrainInstruction(
         server_round=get_int(cfg, keys.SERVER_ROUND),
-        local_steps=get_int(cfg, keys.LOCAL_STEPS),
+        local_steps=get_int(cfg, keys.EDGE_LOCAL_STEPS if edge else keys.LOCAL_STEPS),
         batch_size=get_int(cfg, keys.BATCH_SIZE),
-        learning_rate=get_float(cfg, keys.LEARNING_RATE),
+        learning_rate=get_float(cfg, keys.EDGE_LEARNING_RATE if edge else keys.LEARNING_RATE),
         seq_len=get_int(cfg, keys.SEQ_LEN),
         seed=get_int(cfg, keys.SEED),
     )
@@ -93,22 +131,29 @@ def _instruction(msg: Message) -> TrainInstruction:
 
 def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
     adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
-    instruction = _instruction(msg)
-    codec = get_codec(get_str(msg.content.config_records[keys.CONFIG], keys.CODEC))
-    trainer = _trainer(flat)
+    edge = is_edge_client(flat, context)
+    instruction = _instruction(msg, edge=edge)
+    cfg = msg.content.config_records[keys.CONFIG]
+    codec_name = get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC)
+    trainer = _trainer(flat, edge=edge)
     data = _local_data(flat, context)
     # Distinct batches per client within a round, reproducible across reruns.
     seeded = dataclasses.replace(instruction, seed=instruction.seed * 1_000_003 + context.node_id)
     outcome = trainer.train(adapter, data, seeded)
     upload_key = keys.ARRAYS
+    seed_update = getattr(outcome, "seed_update", None)
     if secagg_wire.RECORD in msg.content.config_records:
         # Secure aggregation: the flat trainable delta, clipped/noised/masked on the device.
+        # (An edge client's seed/scalar pairs cannot be summed under masks: it sends the
+        # dense delta they produce.)
         delta = np.concatenate([(outcome.tensors[k] - adapter[k]).ravel()
                                 for k in sorted(outcome.tensors)])
         upload_key = secagg_wire.MASKED
         upload = secagg_wire.masked_record(mask_update(delta, msg.content, context))
+    elif codec_name == SEED_CODEC_NAME and seed_update is not None:
+        upload = SeedScalarCodec().encode_update(seed_update)
     else:
-        upload = codec.encode(outcome.tensors)
+        upload = get_codec(codec_name).encode(outcome.tensors)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
@@ -116,6 +161,8 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
             **{k: float(v) for k, v in outcome.metrics.items()},
         }
     )
+    if edge:
+        metrics[keys.EDGE_CLIENT] = 1.0
     return Message(RecordDict({upload_key: upload, keys.METRICS: metrics}), reply_to=msg)
 
 
@@ -123,7 +170,7 @@ def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> 
     adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
     cfg = msg.content.config_records[keys.CONFIG]
     data = _local_data(flat, context)
-    outcome = _trainer(flat).evaluate(
+    outcome = _trainer(flat, edge=is_edge_client(flat, context)).evaluate(
         adapter, data, seq_len=get_int(cfg, keys.SEQ_LEN), batch_size=get_int(cfg, keys.BATCH_SIZE)
     )
     metrics = MetricRecord(

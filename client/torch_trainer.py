@@ -19,7 +19,7 @@ from kernels.causal_lm_data import token_blocks
 from kernels.lm_eval import mean_token_loss
 from kernels.lora import attach_lora, get_adapter, set_adapter
 from protocols import keys
-from protocols.run_config import LoraSection
+from protocols.run_config import LoraSection, ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class TorchLoraTrainer:
         *,
         threads: int = 1,
         dpsgd: DpSgdSettings | None = None,
+        model_section: ModelSection | None = None,
     ) -> None:
         import torch
 
@@ -52,6 +53,16 @@ class TorchLoraTrainer:
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
         self.model = attach_lora(loaded.model, lora)
+        self.quant_report = None
+        if model_section is not None and model_section.quantize != "none":
+            from kernels.quantize_model import quantize_base
+
+            # After attach_lora: PEFT wraps float layers, then their base_layer is swapped.
+            # No fused base+LoRA node under DP-SGD: Opacus hooks PEFT's lora_A/lora_B.
+            self.quant_report = quantize_base(
+                self.model, model_section.quantize, model_section.quant_group_size,
+                symmetric=model_section.quant_symmetric, fused=dpsgd is None,
+            )
         self.lora = lora
         self.dpsgd = dpsgd
         self.dpsgd_ledger = DpSgdLedger()
@@ -87,6 +98,7 @@ class TorchLoraTrainer:
         order = _batch_order(len(blocks), instruction)
         self.model.train()
         losses = []
+        loop_start = time.perf_counter()
         for step in range(instruction.local_steps):
             idx = order[step * instruction.batch_size : (step + 1) * instruction.batch_size]
             batch = torch.from_numpy(blocks[idx])  # (B, T)
@@ -105,6 +117,8 @@ class TorchLoraTrainer:
             metrics={
                 "train-loss": float(np.mean(losses)),
                 "train-seconds": time.perf_counter() - start,
+                keys.STEP_SECONDS: (time.perf_counter() - loop_start) / instruction.local_steps,
+                **_memory_metrics(self.model),
             },
         )
 
@@ -156,6 +170,27 @@ class TorchLoraTrainer:
         blocks = self._blocks(data, "heldout", seq_len)
         loss, tokens = mean_token_loss(self.model, blocks, batch_size)
         return EvalOutcome(loss=loss, tokens=tokens)
+
+
+def _memory_metrics(model: Any) -> dict[str, float]:
+    """Bytes held by the frozen base (quantized or not) and the process's peak memory.
+
+    Peak memory is CUDA's peak allocation when the model is on a GPU, else the process's
+    peak resident set; both are high-water marks since the process started.
+    """
+    import resource
+
+    import torch
+
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad and ".lora_" not in n]
+    frozen += list(model.buffers())  # a quantized base lives in buffers
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in frozen}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(device))
+    else:
+        peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB
+    return {keys.BASE_WEIGHT_BYTES: float(sum(storages.values())), keys.PEAK_MEMORY_BYTES: peak}
 
 
 def _batch_order(n_blocks: int, instruction: TrainInstruction) -> npt.NDArray[np.int64]:

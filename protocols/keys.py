@@ -40,6 +40,7 @@ LOAD_SECONDS: Final = "load-seconds"
 UPLOAD_BYTES: Final = "upload-bytes"
 DPSGD_EPSILON: Final = "dpsgd-epsilon"
 DPSGD_DELTA: Final = "dpsgd-delta"
+EDGE_CLIENT: Final = "edge-client"  # 1.0 from an edge (forward-only) client, for the report
 STEP_SECONDS: Final = "step-seconds"  # mean wall seconds of one local training step
 BASE_WEIGHT_BYTES: Final = "base-weight-bytes"  # frozen base in memory (quantized or not)
 PEAK_MEMORY_BYTES: Final = "peak-memory-bytes"  # peak CUDA allocation, or the process's RSS
@@ -57,6 +58,7 @@ CLIENT_METRIC_KEYS: Final = frozenset(
         UPLOAD_BYTES,
         DPSGD_EPSILON,
         DPSGD_DELTA,
+        EDGE_CLIENT,
         STEP_SECONDS,
         BASE_WEIGHT_BYTES,
         PEAK_MEMORY_BYTES,

@@ -373,4 +373,4 @@ def _coerce(key: str, kind: Any, value: Any) -> Scalar:
 
 #: Keys the simulation runtime adds for paths that are never part of a saved config.
 PATH_KEYS = ("paths.cache_dir", "paths.partitions_file", "paths.eval_file", "paths.run_dir",
-             "paths.manifest_public_key")
+             "paths.manifest_public_key", "paths.edge_export")

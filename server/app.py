@@ -63,6 +63,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     k = config.train.clients_per_round
     privacy = config.privacy
     sampling: dict[str, Any] = dict(
+        max_abs_scalar=config.edge.max_abs_scalar,
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
@@ -127,6 +128,8 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
                 rejections=stats.rejections,
                 dropped=stats.dropped,
                 secagg_s=stats.protocol_seconds,
+                bytes_up_by_kind=stats.bytes_up_by_kind,
+                clients_by_kind=stats.clients_by_kind,
             )
         if dp is not None:
             row.update(epsilon=dp.ledger.epsilon(), delta=dp.ledger.delta,
@@ -145,6 +148,10 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
             keys.SEED: config.train.seed,
         }
     )
+    if config.edge.fraction > 0:  # what edge (forward-only) clients use instead
+        train_config[keys.EDGE_LOCAL_STEPS] = config.edge.local_steps
+        train_config[keys.EDGE_LEARNING_RATE] = config.edge.learning_rate
+        train_config[keys.EDGE_CODEC] = "fp32" if config.edge.upload == "dense" else "seed-scalar"
     eval_config = ConfigRecord(
         {keys.SEQ_LEN: config.train.seq_len, keys.BATCH_SIZE: config.eval.batch_size}
     )

@@ -233,6 +233,7 @@ class SecAggFedAvg(AdapterFedAvg):
                 masked[node] = wire.read_masked(msg.content, length=self.vector_length,
                                                 modulus_bits=self.modulus_bits)
                 metrics[node] = self._metrics(msg)
+                stats.count_upload(metrics[node], content_nbytes(msg.content))
             except (wire.SecAggProtocolError, InvalidUpdate) as bad:
                 masked.pop(node, None)
                 self._reject(stats, server_round, node, bad.reason)

@@ -49,6 +49,15 @@ class RoundStats:
     protocol_seconds: float = 0.0  # coordinator time in SecAgg stages
     client_train_seconds: list[float] = field(default_factory=list)
     train_loss: float | None = None
+    bytes_up_by_kind: dict[str, int] = field(default_factory=dict)  # "edge" / "torch"
+    clients_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def count_upload(self, metrics: MetricRecord, nbytes: int) -> None:
+        """Attribute an accepted upload to its client kind (a metric the client reports)."""
+        flag = metrics.get(keys.EDGE_CLIENT, 0.0)
+        kind = "edge" if isinstance(flag, int | float) and flag > 0 else "torch"
+        self.bytes_up_by_kind[kind] = self.bytes_up_by_kind.get(kind, 0) + nbytes
+        self.clients_by_kind[kind] = self.clients_by_kind.get(kind, 0) + 1
     rejections: list[str] = field(default_factory=list)
 
 
@@ -123,6 +132,7 @@ class AdapterFedAvg(FedAvg):
             count = get_int(metrics, keys.NUM_EXAMPLES)
             accepted.append((tensors, count))
             stats.bytes_up += nbytes
+            stats.count_upload(metrics, nbytes)
             if keys.TRAIN_LOSS in metrics:
                 losses.append((get_float(metrics, keys.TRAIN_LOSS), count))
             if keys.TRAIN_SECONDS in metrics:

@@ -46,6 +46,10 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
     runs_dir = runs_dir or run_dir.parent
     other_kind = "centralized" if info["kind"] == "federated" else "federated"
     other_dir = latest_comparable(runs_dir, other_kind, info["fingerprint"])
+    mixed = info["kind"] == "federated" and info.get("edge_fraction", 0.0) > 0
+    torch_only_dir = (latest_comparable(runs_dir, "federated", info["fingerprint"],
+                                        edge_fraction=0.0) if mixed else None)
+    torch_only = read_metrics(torch_only_dir) if torch_only_dir else []
     other_rows = read_metrics(other_dir) if other_dir else []
     series = {info["kind"]: rows, other_kind: other_rows}
     fed, cen = series["federated"], series["centralized"]
@@ -54,7 +58,11 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
     plots = []
     if any("perplexity" in r for r in rows):
         def draw_ppl(ax: Any) -> None:
-            for label, data, style in (("federated", fed, "o-"), ("centralized", cen, "s--")):
+            curves = [("federated", fed, "o-"), ("centralized", cen, "s--")]
+            if mixed:
+                curves[0] = ("federated, with edge clients", fed, "o-")
+                curves.append(("federated, torch clients only", torch_only, "^-."))
+            for label, data, style in curves:
                 pts = [(r["round"], r["perplexity"]) for r in data if "perplexity" in r]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), style, label=label)
@@ -95,6 +103,22 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         _plot(run_dir / "bytes.png", draw_bytes)
         _plot(run_dir / "clients.png", draw_clients)
         plots += [("Bytes per round", "bytes.png"), ("Clients per round", "clients.png")]
+    kind_rows = [r for r in train_rows if r.get("bytes_up_by_kind")]
+    if mixed and kind_rows:
+        def draw_kinds(ax: Any) -> None:
+            rounds = [r["round"] for r in kind_rows]
+            for shift, kind in ((-0.2, "torch"), (0.2, "edge")):
+                per_client = [r["bytes_up_by_kind"].get(kind, 0)
+                              / max(r["clients_by_kind"].get(kind, 0), 1) for r in kind_rows]
+                ax.bar([x + shift for x in rounds], per_client, width=0.4,
+                       label=f"{kind} client")
+            ax.set_yscale("log")
+            ax.set_xlabel("round")
+            ax.set_ylabel("bytes up per client (log)")
+            ax.legend(loc="upper right")
+
+        _plot(run_dir / "bytes_by_kind.png", draw_kinds)
+        plots.append(("Bytes up per client by kind", "bytes_by_kind.png"))
     dp_rows = [r for r in rows if r.get("epsilon") is not None]
     if dp_rows:
         def draw_eps(ax: Any) -> None:
@@ -111,6 +135,10 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         return "—" if v is None or math.isnan(v) else f"{v:.2f}"
 
     table = [("base model", base), ("centralized", _final(cen)), ("federated", _final(fed))]
+    if mixed:
+        table[2] = (f"federated, with edge clients ({info['edge_fraction']:.0%} of devices)",
+                    _final(fed))
+        table.append(("federated, torch clients only", _final(torch_only)))
     config_file = run_dir / "config.toml"
     config_text = config_file.read_text() if config_file.exists() else ""
     page = [
@@ -142,6 +170,19 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
             f"{' --centralized' if other_kind == 'centralized' else ''}</code> with the same "
             "config, then <code>fedtune report</code> on this run.</p>"
         )
+    if mixed and torch_only_dir is None:
+        page.append(
+            "<p>No finished federated run with the same model, data, adapter and budget and "
+            "no edge clients was found: run the same config with <code>--set "
+            "edge.fraction=0</code>, then <code>fedtune report</code> on this run.</p>")
+    if kind_rows:
+        last = kind_rows[-1]
+        page.append("<h2>Bytes up per client by kind (last round)</h2><table>"
+                    "<tr><th>kind</th><th>clients</th><th>bytes up per client</th></tr>")
+        for kind, count in sorted(last["clients_by_kind"].items()):
+            page.append(f"<tr><td>{kind}</td><td>{count}</td><td>"
+                        f"{last['bytes_up_by_kind'][kind] / max(count, 1):,.0f}</td></tr>")
+        page.append("</table>")
     for title, file in plots:
         page.append(f"<h2>{title}</h2><img src='{file}' alt='{title}'>")
     page.append(f"<h2>Per-round metrics</h2><pre>{html.escape(_rows_text(rows))}</pre>")

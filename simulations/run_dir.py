@@ -43,6 +43,7 @@ def new_run_dir(
         "kind": kind,
         "name": name,
         "fingerprint": comparable_fingerprint(config),
+        "edge_fraction": config.edge.fraction,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (work / RUN_INFO).write_text(json.dumps(info, indent=2))
@@ -78,14 +79,20 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / RUN_INFO).read_text())  # type: ignore[no-any-return]
 
 
-def latest_comparable(runs_dir: Path, kind: str, fingerprint: str) -> Path | None:
-    """The newest finished run of ``kind`` with the same fingerprint, if any."""
+def latest_comparable(
+    runs_dir: Path, kind: str, fingerprint: str, *, edge_fraction: float | None = None
+) -> Path | None:
+    """The newest finished run of ``kind`` with the same fingerprint (and, if given, the
+    same share of edge clients), if any."""
     found = []
     for info_file in runs_dir.glob(f"*/{RUN_INFO}"):
         run = info_file.parent
         if run.suffix in (".partial", ".failed"):
             continue
         info = read_run_info(run)
-        if info.get("kind") == kind and info.get("fingerprint") == fingerprint:
-            found.append((info.get("finished", ""), run))
+        if info.get("kind") != kind or info.get("fingerprint") != fingerprint:
+            continue
+        if edge_fraction is not None and info.get("edge_fraction", 0.0) != edge_fraction:
+            continue
+        found.append((info.get("finished", ""), run))
     return max(found)[1] if found else None

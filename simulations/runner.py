@@ -33,6 +33,7 @@ class Inputs:
     model_dir: Path
     split: PreparedSplit
     manifest_public_key: str = ""  # hex of the raw Ed25519 key clients verify the base with
+    edge_export: Path | None = None  # the signed ONNX export edge clients run, if any
 
 
 def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
@@ -52,7 +53,12 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
         from simulations.signing import ensure_signed
 
         public_key = ensure_signed(model_dir, cache_dir)
-    return Inputs(config, cache_dir, model_dir, split, public_key)
+    edge_export = None
+    if config.edge.fraction > 0:
+        from simulations.edge_artifacts import ensure_edge_export
+
+        edge_export = ensure_edge_export(model_dir, cache_dir, config)
+    return Inputs(config, cache_dir, model_dir, split, public_key, edge_export)
 
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
@@ -64,6 +70,7 @@ def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
             "paths.eval_file": str(inputs.split.eval_file),
             "paths.run_dir": str(run_dir),
             "paths.manifest_public_key": inputs.manifest_public_key,
+            "paths.edge_export": str(inputs.edge_export or ""),
         }
     )
     return flat
@@ -152,7 +159,8 @@ def run_centralized(
         central = CentralModel(inputs.model_dir, config, threads=threads)
         central.load_eval_texts(inputs.split.eval_file, seq_len=config.train.seq_len,
                                 max_blocks=config.eval.max_blocks)
-        trainer = TorchLoraTrainer(inputs.model_dir, config.lora, threads=threads)
+        trainer = TorchLoraTrainer(inputs.model_dir, config.lora, threads=threads,
+                                   model_section=config.model)
         adapter = central.initial_adapter
         t0 = time.perf_counter()
         append_metrics(run_dir, {"round": 0, "wall_s": 0.0, **central.evaluate(adapter)})

@@ -30,14 +30,19 @@ def coordinator_key_path(cache_dir: Path) -> Path:
     return cache_dir / "keys" / "coordinator-ed25519.pem"
 
 
-def ensure_signed(model_dir: Path, cache_dir: Path) -> str:
-    """Sign ``model_dir`` if it carries no manifest yet, verify it otherwise; return the
-    public key as hex for the clients."""
+def ensure_signing_key(cache_dir: Path) -> Path:
+    """The coordinator key's path, generating the key on first use."""
     key_path = coordinator_key_path(cache_dir)
     if not key_path.exists():
         key_path.parent.mkdir(parents=True, exist_ok=True)
         save_private_key(generate_signing_key(), key_path)
-    key = load_private_key(key_path)
+    return key_path
+
+
+def ensure_signed(model_dir: Path, cache_dir: Path) -> str:
+    """Sign ``model_dir`` if it carries no manifest yet, verify it otherwise; return the
+    public key as hex for the clients."""
+    key = load_private_key(ensure_signing_key(cache_dir))
     public = key.public_key()
     if not (model_dir / MANIFEST_NAME).exists():
         log.info("signing base model %s (key %s)", model_dir, key_fingerprint(public))
