@@ -46,14 +46,7 @@ class Fp32Codec:
     def decode(self, record: ArrayRecord) -> Tensors:
         out: Tensors = {}
         for key, array in record.items():
-            if array.stype != "numpy.ndarray":
-                raise InvalidUpdate(
-                    f"`{key}`: expected serialisation 'numpy.ndarray', got {array.stype!r}"
-                )
-            try:
-                value = array.numpy()
-            except Exception as exc:  # np.load raises many types on corrupt bytes
-                raise InvalidUpdate(f"`{key}`: payload is not a valid .npy array ({exc})") from exc
+            value = load_npy_exact(key, array)
             if value.dtype != np.dtype("<f4"):
                 raise InvalidUpdate(f"`{key}`: expected dtype float32, got {value.dtype}")
             if tuple(value.shape) != tuple(array.shape):
@@ -69,6 +62,44 @@ def _seed_scalar() -> UpdateCodec:
     from protocols.seed_updates import SeedScalarCodec  # imports this module: load lazily
 
     return SeedScalarCodec()
+
+
+def load_npy_exact(key: str, array: Array) -> npt.NDArray[Any]:
+    """Parse one untrusted array payload: ``.npy`` only, no pickles, no trailing bytes.
+
+    ``np.load`` ignores bytes after the array, so a payload could carry extra data (or be
+    padded to any size) unnoticed; the exact length is required instead.
+    """
+    import io
+
+    if array.stype != "numpy.ndarray":
+        raise InvalidUpdate(f"`{key}`: expected serialisation 'numpy.ndarray', got {array.stype!r}")
+    buffer = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            read_header = np.lib.format.read_array_header_1_0
+        elif version == (2, 0):
+            read_header = np.lib.format.read_array_header_2_0
+        else:
+            raise ValueError(f".npy format version {version} is not accepted")
+        shape, fortran, dtype = read_header(buffer, max_header_size=10_000)
+        header = buffer.tell()
+        value = np.load(io.BytesIO(array.data), allow_pickle=False)
+    except Exception as exc:  # np.load raises many types on corrupt bytes
+        raise InvalidUpdate(f"`{key}`: payload is not a valid .npy array ({exc})") from None
+    expected = header + value.nbytes
+    if len(array.data) != expected or fortran or tuple(shape) != value.shape:
+        raise InvalidUpdate(
+            f"`{key}`: payload is {len(array.data)} bytes, a {dtype}{list(shape)} array "
+            f"needs exactly {expected}"
+        )
+    if tuple(array.shape) != value.shape or array.dtype != str(value.dtype):
+        raise InvalidUpdate(
+            f"`{key}`: header says shape {tuple(array.shape)} dtype {array.dtype}, payload has "
+            f"shape {value.shape} dtype {value.dtype}"
+        )
+    return np.asarray(value)
 
 
 _CODECS: dict[str, Callable[[], UpdateCodec]] = {"fp32": Fp32Codec, "seed-scalar": _seed_scalar}

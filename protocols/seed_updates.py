@@ -68,7 +68,7 @@ from flwr.app import Array, ArrayRecord
 
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Tensors, register_codec
+from protocols.codecs import Tensors, load_npy_exact, register_codec
 from protocols.errors import InvalidUpdate
 
 #: Version of the direction and wire format above; a change to either bumps it.
@@ -337,14 +337,7 @@ class SeedScalarCodec:
         """Strictly parse an untrusted record; :class:`InvalidUpdate` on any defect."""
         arrays: dict[str, npt.NDArray[Any]] = {}
         for key, array in record.items():
-            if array.stype != "numpy.ndarray":
-                raise InvalidUpdate(
-                    f"`{key}`: expected serialisation 'numpy.ndarray', got {array.stype!r}"
-                )
-            try:
-                arrays[key] = array.numpy()
-            except Exception as exc:  # np.load raises many types on corrupt bytes
-                raise InvalidUpdate(f"`{key}`: payload is not a valid .npy array ({exc})") from exc
+            arrays[key] = load_npy_exact(key, array)
         return SeedUpdate.from_arrays(arrays)
 
     def decode(self, record: ArrayRecord) -> Tensors:
