@@ -70,6 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="plain log output only")
     _common(sim)
 
+    edge = sub.add_parser(
+        "export-edge", help="export the base model to ONNX for edge clients",
+        description="Export a causal LM with LoRA tensors as ONNX graph inputs (one session "
+        "serves every adapter), optionally quantized, with tokenizer files and a sha256 "
+        "manifest signed by the coordinator key. The model and LoRA settings come from the "
+        "run config, as for `simulate`.")
+    edge.add_argument("--config", type=Path, default=None,
+                      help="TOML config (default: simulations/configs/default.toml)")
+    edge.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
+    edge.add_argument("--quantization", default=None,
+                      help="fp32, int8, int4 or a mixed option (default: edge.quantization, "
+                           "see kernels/edge_quantize.py for the measured table)")
+    edge.add_argument("--out", type=Path, default=None,
+                      help="output folder (default: <cache>/edge/<model>-<quantization>)")
+    edge.add_argument("--force", action="store_true", help="re-export even if cached")
+    _common(edge)
+
+    aud = sub.add_parser(
+        "audit", help="run gradient-inversion attacks against fedtune's own updates",
+        description="Leakage audit: optimisation (TAG/DLG-style) and analytic bag-of-tokens "
+        "attacks on updates produced by fedtune's client code, at several batch sizes and "
+        "local steps, with safeguards off and on. Arguments after `audit` are passed to "
+        "`python -m simulations.audit` (see `fedtune audit --help`).", add_help=False)
+    aud.add_argument("audit_args", nargs=argparse.REMAINDER)
+
     rep = sub.add_parser("report", help="(re)write a run's HTML report",
                          description="Regenerate report.html and plots for a finished run, "
                          "picking up comparable runs made since.")
@@ -145,7 +171,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "simulate": cmd_simulate, "report": cmd_report}
+def cmd_export_edge(args: argparse.Namespace) -> int:
+    from kernels.base_model import resolve_model_dir
+    from kernels.edge_export import export_edge
+    from kernels.edge_quantize import DEFAULT_QUANTIZATION
+    from protocols.manifest import load_private_key
+    from simulations.config import load_config
+    from simulations.edge_artifacts import edge_export_dir
+    from simulations.paths import default_cache_dir
+    from simulations.signing import ensure_signing_key
+
+    config = load_config(args.config, args.overrides)
+    cache_dir = args.cache_dir or default_cache_dir()
+    model_dir = resolve_model_dir(config.model.source, cache_dir)
+    quantization = args.quantization or config.edge.quantization
+    if quantization == "default":
+        quantization = DEFAULT_QUANTIZATION
+    out = args.out or edge_export_dir(cache_dir, model_dir, quantization)
+    key = load_private_key(ensure_signing_key(cache_dir))
+    done = export_edge(model_dir, out, config.lora, quantization=quantization, signing_key=key,
+                       force=args.force)
+    print(f"edge export: {done}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from simulations.audit.run import main as audit_main
+
+    return audit_main(args.audit_args)
+
+
+COMMANDS = {"prepare": cmd_prepare, "simulate": cmd_simulate, "report": cmd_report,
+            "export-edge": cmd_export_edge, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:
