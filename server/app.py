@@ -21,11 +21,12 @@ from flwr.serverapp import Grid, ServerApp
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import Fp32Codec
-from protocols.privacy.ledger import PrivacyLedger
+from protocols.privacy.ledger import PrivacyLedger, load_ledger
 from protocols.run_config import RunConfig
+from server.checkpoint import OffsetRounds, resume_point, save_checkpoint
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter, write_json_atomic
-from server.metrics_log import append_metrics
+from server.metrics_log import append_metrics, truncate_metrics
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
 
@@ -92,18 +93,27 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
             **sampling,
         )
     dp: ClientLevelDP | None = None
+    ledger_path = run_dir / "privacy_ledger.json"
+    ledger = (load_ledger(ledger_path) if ledger_path.exists()  # a restarted coordinator
+              else PrivacyLedger(accountant=privacy.accountant, delta=privacy.delta))
+    point = resume_point(run_dir, max((e.round for e in ledger.history), default=0))
+    if point.done:
+        log.info("resuming after round %d (%d of %d rounds done); next round is %d",
+                 point.last_round, point.done, config.train.rounds, point.first_round)
+        truncate_metrics(run_dir, point.last_round)
     if privacy.client_dp:
         dp = ClientLevelDP(
             strategy,
             clip_norm=privacy.clip_norm,
             noise_multiplier=privacy.noise_multiplier,
             clients_per_round=k,
-            ledger=PrivacyLedger(accountant=privacy.accountant, delta=privacy.delta),
+            ledger=ledger,
             epsilon_budget=privacy.epsilon_budget,
-            ledger_path=run_dir / "privacy_ledger.json",
+            ledger_path=ledger_path,
             distributed=security.secagg,
         )
     t0 = time.perf_counter()
+    outer = OffsetRounds(dp or strategy, point.first_round - 1)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         row: dict[str, Any] = {"round": server_round, "wall_s": time.perf_counter() - t0}
@@ -136,6 +146,9 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
                        dp_clipped_fraction=dp.clip_fractions.get(server_round),
                        dp_stopped_at=dp.stopped_at)
         append_metrics(run_dir, row)
+        if server_round > 0 and server_round in strategy.stats:  # a round ran: checkpoint it
+            completed = point.done + server_round - outer.offset
+            save_checkpoint(run_dir, server_round, completed, Fp32Codec().decode(arrays))
         metrics = {k: v for k, v in row.items() if k in ("eval-loss", "perplexity")}
         return MetricRecord(metrics) if metrics else None
 
@@ -155,16 +168,20 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     eval_config = ConfigRecord(
         {keys.SEQ_LEN: config.train.seq_len, keys.BATCH_SIZE: config.eval.batch_size}
     )
-    result = (dp or strategy).start(
-        grid=grid,
-        initial_arrays=Fp32Codec().encode(central.initial_adapter),
-        num_rounds=config.train.rounds,
-        timeout=config.federation.round_timeout_s,
-        train_config=train_config,
-        evaluate_config=eval_config,
-        evaluate_fn=evaluate,
-    )
-    final = Fp32Codec().decode(result.arrays) if result.arrays else central.initial_adapter
+    start = point.adapter if point.adapter is not None else central.initial_adapter
+    remaining = config.train.rounds - point.done
+    final = start
+    if remaining > 0:
+        result = outer.start(
+            grid=grid,
+            initial_arrays=Fp32Codec().encode(start),
+            num_rounds=remaining,
+            timeout=config.federation.round_timeout_s,
+            train_config=train_config,
+            evaluate_config=eval_config,
+            evaluate_fn=outer.shift(evaluate),
+        )
+        final = Fp32Codec().decode(result.arrays) if result.arrays else start
     save_peft_adapter(run_dir / "adapter", final, central.peft_config)
     summary: dict[str, Any] = {"rounds": config.train.rounds,
                                "seconds": time.perf_counter() - t0}

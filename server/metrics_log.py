@@ -4,6 +4,7 @@ at most the round in flight and a progress display can follow the file."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if line.strip():
             rows.append(json.loads(line))
     return rows
+
+
+def truncate_metrics(run_dir: Path, last_round: int) -> None:
+    """Drop rows of rounds after ``last_round`` (a resumed run re-runs them), atomically."""
+    rows = [r for r in read_metrics(run_dir) if r.get("round", 0) <= last_round]
+    path = run_dir / METRICS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
