@@ -289,7 +289,8 @@ def test_client_app_builds_a_dp_trainer_from_the_run_config(tiny_model_dir: Path
 
     def flat(dpsgd: bool) -> dict[str, Any]:
         config = RunConfig(model=ModelSection(source=str(tiny_model_dir)),
-                           lora=LoraSection(r=4, freeze_a=False), privacy=PrivacySection(dpsgd=dpsgd))
+                           lora=LoraSection(r=4, freeze_a=False),
+                           privacy=PrivacySection(dpsgd=dpsgd))
         return {**config.to_flat(), "paths.cache_dir": str(tmp_path),
                 "paths.manifest_public_key": public_key}
 
