@@ -7,6 +7,7 @@ Heavy modules (torch, transformers, Flower's engine) are imported inside the com
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import threading
@@ -16,6 +17,18 @@ from typing import Any
 from simulations.environment import configure_environment
 
 log = logging.getLogger("fedtune")
+
+#: Subcommands that own their argument parsing: name -> (module with main(argv), help).
+DELEGATED = {
+    "audit": ("simulations.audit.run",
+              "gradient-inversion attacks against fedtune's own updates (leakage audit)"),
+    "certs": ("simulations.deploy.certs",
+              "make a development CA, TLS certificates and SuperNode keys"),
+    "coordinator": ("simulations.deploy.coordinator",
+                    "run fedtune on a Flower SuperLink (TLS, SuperNode authentication)"),
+    "client": ("simulations.deploy.client_daemon",
+               "run this device as a SuperNode daemon from a TOML config"),
+}
 
 
 
@@ -29,10 +42,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from kernels.base_model import ModelNotAvailable
     from protocols.manifest import ManifestError, ManifestMismatch
     from protocols.run_config import ConfigError
+    from simulations.deploy.client_daemon import DaemonConfigError
+    from simulations.deploy.flwr_cli import FlwrCliError
     from simulations.shakespeare_split import DataNotAvailable
 
     return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, ManifestError,
-            ManifestMismatch, FileNotFoundError, FileExistsError)
+            ManifestMismatch, FileNotFoundError, FileExistsError, DaemonConfigError,
+            FlwrCliError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -88,13 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--force", action="store_true", help="re-export even if cached")
     _common(edge)
 
-    aud = sub.add_parser(
-        "audit", help="run gradient-inversion attacks against fedtune's own updates",
-        description="Leakage audit: optimisation (TAG/DLG-style) and analytic bag-of-tokens "
-        "attacks on updates produced by fedtune's client code, at several batch sizes and "
-        "local steps, with safeguards off and on. Arguments after `audit` are passed to "
-        "`python -m simulations.audit` (see `fedtune audit --help`).", add_help=False)
-    aud.add_argument("audit_args", nargs=argparse.REMAINDER)
+    # Commands with their own argument parsers (run through `main` before this parser):
+    # listed here for `fedtune --help`.
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
 
     rep = sub.add_parser("report", help="(re)write a run's HTML report",
                          description="Regenerate report.html and plots for a finished run, "
@@ -195,25 +208,33 @@ def cmd_export_edge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from simulations.audit.run import main as audit_main
-
-    return audit_main(args.audit_args)
-
-
 COMMANDS = {"prepare": cmd_prepare, "simulate": cmd_simulate, "report": cmd_report,
-            "export-edge": cmd_export_edge, "audit": cmd_audit}
+            "export-edge": cmd_export_edge}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_environment()
+def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Flower logs through its own console handler; propagating would print every line twice.
     logging.getLogger("flwr").propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        configure_environment()
+        _setup_logging()
+        try:
+            module = importlib.import_module(DELEGATED[argv[0]][0])
+            return int(module.main(argv[1:]))
+        except user_errors() as err:
+            print(f"fedtune {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    configure_environment()
+    _setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except user_errors() as err:

@@ -15,7 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH_FREE_MODULES = [
     "protocols.keys", "protocols.adapter_spec", "protocols.codecs", "protocols.validation",
     "protocols.run_config", "protocols.records", "client.local_data", "client.trainer",
-    "client.shakespeare", "server.strategy", "server.export",
+    "client.shakespeare", "server.strategy", "server.export", "server.secagg",
+    "server.checkpoint", "protocols.seed_updates", "protocols.secagg.wire",
+    "client.secagg_client", "client.app", "client.edge_trainer", "kernels.edge_runtime",
+    "simulations.deploy.client_daemon", "simulations.deploy.node_app",
+    "simulations.deploy.certs",
 ]
 
 BLOCK_TORCH = """

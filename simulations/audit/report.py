@@ -1,0 +1,150 @@
+"""The audit's outputs: ``audit.json`` (every measurement), ``audit.md`` (the table) and
+``audit.png`` (recovery and recall against chance, per batch size)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "fedtune-audit/1"
+ATTACKS = {"bag": "bag-of-tokens (analytic)", "opt": "optimization (TAG/DLG)"}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One attack on one target in one grid cell."""
+
+    attack: str  # a key of ATTACKS
+    batch_size: int
+    local_steps: int
+    safeguards: bool
+    seed: int
+    client: str
+    recovery: float | None  # share of positions recovered exactly (optimisation attack only)
+    recovery_chance: float | None
+    recall: float  # share of the batch's distinct tokens recovered
+    recall_chance: float
+    distinct_tokens: int
+    target_norm: float
+    seconds: float
+
+
+def summarize(rows: Sequence[Measurement]) -> list[dict[str, Any]]:
+    """Mean over seeds per (attack, batch, steps, safeguards), in grid order."""
+    groups: dict[tuple[str, int, int, bool], list[Measurement]] = {}
+    for row in rows:
+        groups.setdefault((row.attack, row.batch_size, row.local_steps, row.safeguards),
+                          []).append(row)
+    out = []
+    for (attack, batch, steps, guarded), group in sorted(groups.items()):
+        def mean(name: str, group: list[Measurement] = group) -> float | None:
+            values = [getattr(r, name) for r in group if getattr(r, name) is not None]
+            return sum(values) / len(values) if values else None
+
+        out.append({"attack": attack, "batch_size": batch, "local_steps": steps,
+                    "safeguards": guarded, "seeds": len(group),
+                    **{k: mean(k) for k in ("recovery", "recovery_chance", "recall",
+                                            "recall_chance")}})
+    return out
+
+
+def write_json(path: Path, *, settings: dict[str, Any], vocab_size: int,
+               rows: Sequence[Measurement], wall_seconds: float) -> None:
+    doc = {"format": FORMAT, "settings": settings, "vocab_size": vocab_size,
+           "wall_seconds": wall_seconds, "summary": summarize(rows),
+           "measurements": [asdict(r) for r in rows]}
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def _pct(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value == 0:
+        return "0 %"
+    return f"{100 * value:.3g} %" if value >= 1e-3 else f"{100 * value:.1e} %"
+
+
+def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
+    lines = ["| attack | batch | local steps | safeguards | token recovery | chance "
+             "| token-set recall | chance |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for row in summary:
+        lines.append(
+            f"| {ATTACKS[row['attack']]} | {row['batch_size']} | {row['local_steps']} | "
+            f"{'on' if row['safeguards'] else 'off'} | {_pct(row['recovery'])} | "
+            f"{_pct(row['recovery_chance'])} | {_pct(row['recall'])} | "
+            f"{_pct(row['recall_chance'])} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, *, summary: Sequence[dict[str, Any]], settings: dict[str, Any],
+                   wall_seconds: float) -> None:
+    guards = settings["safeguards"]
+    text = [
+        "# fedtune leakage audit",
+        "",
+        f"Model `{settings['model']}` ({settings['layers_note']}), vocabulary "
+        f"{settings['vocab_size']}, {settings['seq_len']} tokens per sequence, LoRA r="
+        f"{settings['lora']['r']} on `{settings['lora']['target_modules']}`, AdamW lr "
+        f"{settings['learning_rate']}, {settings['seeds']} target client(s) per cell, "
+        f"{wall_seconds:.0f} s.",
+        "",
+        f"Safeguards off: the coordinator sees one client's raw update ({settings['off_adapter']})."
+        f" Safeguards on: FFA-LoRA, clip to C={guards['clip_norm']}, Gaussian noise "
+        f"sigma={guards['noise_multiplier']} (std sigma*C on the aggregate, added by the "
+        f"{guards['noise_at']}), secure aggregation over m={guards['cohort']} clients.",
+        "",
+        "Token recovery: share of positions recovered exactly (chance 1/V). Token-set recall: "
+        "share of the batch's distinct tokens recovered; for the bag-of-tokens attack with "
+        "top-K, K = number of distinct tokens (chance K/V), for the optimization attack the "
+        "distinct tokens of its reconstruction (chance: as many uniform guesses).",
+        "",
+        markdown_table(summary),
+        "",
+    ]
+    path.write_text("\n".join(text), encoding="utf-8")
+
+
+def write_plot(path: Path, summary: Sequence[dict[str, Any]]) -> None:
+    """Two panels (bag recall, optimisation recovery) against batch size, on a log scale so
+    chance (grey dotted) stays visible; a zero is drawn at the panel's floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    panels = (("bag", "recall", "bag-of-tokens recall"),
+              ("opt", "recovery", "optimization attack: token recovery"))
+    for ax, (attack, metric, title) in zip(axes, panels, strict=True):
+        rows = [r for r in summary if r["attack"] == attack]
+        if not rows:
+            continue
+        floor = min(r[f"{metric}_chance"] for r in rows) / 10
+        series = sorted({(r["local_steps"], r["safeguards"]) for r in rows})
+        for steps, guarded in series:
+            sel = sorted((r for r in rows if (r["local_steps"], r["safeguards"]) ==
+                          (steps, guarded)), key=lambda r: r["batch_size"])
+            xs = [r["batch_size"] for r in sel]
+            label = (f"{steps} step{'s' if steps > 1 else ''}, "
+                     f"safeguards {'on' if guarded else 'off'}")
+            ax.plot(xs, [max(r[metric], floor) for r in sel], marker="o",
+                    linestyle="--" if guarded else "-", label=label)
+            ax.plot(xs, [r[f"{metric}_chance"] for r in sel], color="grey", linestyle=":",
+                    linewidth=1.5)
+        batches = sorted({r["batch_size"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_yscale("log")
+        ax.set_ylim(floor / 1.5, 1.5)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"{metric} (0 drawn at {floor:.1g})")
+        ax.set_title(title + " (grey dotted: chance)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

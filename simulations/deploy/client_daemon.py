@@ -1,0 +1,252 @@
+"""``fedtune client``: the device daemon. Runs a SuperNode with fedtune's ClientApp from a
+TOML config, logs to a file, restarts the SuperNode if it dies, exits cleanly on SIGTERM.
+
+The SuperNode itself reconnects forever when the SuperLink goes away (coordinator restart,
+network loss); this daemon covers the cases where the SuperNode process exits instead (for
+example, refused because its key is not registered yet), with a capped exponential backoff.
+
+Example config (relative paths are relative to the config file)::
+
+    [superlink]
+    address = "coordinator.example.org:9093"
+    root_ca = "certs/ca.pem"
+
+    [node]
+    name = "node-0"
+    private_key = "certs/nodes/node-0.key"
+    kind = "gpu"                # or "edge": refuse runs that assign the other trainer
+    runtime_port = 9094         # local port for this SuperNode's ClientApp processes
+    state_dir = "state/node-0"  # FLWR_HOME and the log file
+
+    [data]
+    partitions_file = "data/partitions.json"
+    partition_id = 0
+    cache_dir = "cache"         # the base model (and the ONNX export for edge devices)
+
+    [privacy]
+    manifest_public_key = "<hex from the coordinator, checked out of band>"
+    require_manifest = true
+    require_secagg = true
+
+    [resources]
+    threads = 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from simulations.deploy.processes import ManagedProcess
+from simulations.deploy.supernode import NodeValue, SuperNodeSpec, start_supernode
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 60.0
+_STABLE_S = 60.0  # a SuperNode that ran this long resets the backoff
+_STOP_TIMEOUT_S = 30.0  # a busy SuperNode on a loaded host took > 10 s to exit gracefully
+
+
+class DaemonConfigError(ValueError):
+    """The daemon's TOML config is missing a key or has a bad value; the message names it."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """``fedtune client``'s settings (see the module docstring for the TOML layout)."""
+
+    address: str
+    state_dir: Path
+    runtime_port: int = 9094
+    name: str = "node"
+    root_ca: Path | None = None
+    insecure: bool = False
+    private_key: Path | None = None
+    kind: str = "gpu"
+    log_file: Path | None = None
+    partitions_file: Path | None = None
+    partition_id: int = 0
+    cache_dir: Path | None = None
+    edge_export: Path | None = None
+    manifest_public_key: str = ""
+    require_manifest: bool = True
+    require_secagg: bool = False
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if ":" not in self.address:
+            raise DaemonConfigError(f"superlink.address = {self.address!r}: expected host:port")
+        if self.insecure == (self.root_ca is not None):
+            raise DaemonConfigError("set exactly one of superlink.root_ca (TLS) and "
+                                    "superlink.insecure = true")
+        if self.insecure and self.private_key is not None:
+            raise DaemonConfigError("node.private_key needs TLS: set superlink.root_ca")
+        if self.kind not in ("gpu", "edge"):
+            raise DaemonConfigError(f"node.kind = {self.kind!r}: expected 'gpu' or 'edge'")
+        if not 0 < self.runtime_port < 65536:
+            raise DaemonConfigError(f"node.runtime_port = {self.runtime_port}: 1..65535")
+        if self.partition_id < 0:
+            raise DaemonConfigError(f"data.partition_id = {self.partition_id}: must be >= 0")
+        if self.threads < 1:
+            raise DaemonConfigError(f"resources.threads = {self.threads}: must be >= 1")
+        if self.manifest_public_key:
+            try:
+                if len(bytes.fromhex(self.manifest_public_key)) != 32:
+                    raise ValueError
+            except ValueError:
+                raise DaemonConfigError("privacy.manifest_public_key: expected 64 hex digits "
+                                        "(a raw Ed25519 public key)") from None
+        for path in (self.root_ca, self.private_key, self.partitions_file):
+            if path is not None and not path.is_file():
+                raise DaemonConfigError(f"{path} does not exist")
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_file or self.state_dir / "client.log"
+
+    def node_config(self) -> dict[str, NodeValue]:
+        """What the SuperNode hands the ClientApp (read by ``node_app``)."""
+        values: dict[str, NodeValue] = {
+            "partition-id": self.partition_id,
+            "fedtune-client-kind": self.kind,
+            "fedtune-client-threads": self.threads,
+            "fedtune-require-manifest": self.require_manifest,
+            "fedtune-require-secagg": self.require_secagg,
+        }
+        optional = {"fedtune-partitions-file": self.partitions_file,
+                    "fedtune-cache-dir": self.cache_dir,
+                    "fedtune-edge-export": self.edge_export,
+                    "fedtune-manifest-public-key": self.manifest_public_key or None}
+        values.update({k: str(v) for k, v in optional.items() if v is not None})
+        return values
+
+    def supernode_spec(self) -> SuperNodeSpec:
+        return SuperNodeSpec(
+            superlink=self.address, root_ca=self.root_ca, private_key=self.private_key,
+            runtime_port=self.runtime_port, flwr_home=self.state_dir / "flwr",
+            log_path=self.log_path, node_config=self.node_config(),
+        )
+
+
+#: TOML table -> {key in the table: DaemonConfig field}
+_LAYOUT = {
+    "superlink": {"address": "address", "root_ca": "root_ca", "insecure": "insecure"},
+    "node": {"name": "name", "private_key": "private_key", "kind": "kind",
+             "runtime_port": "runtime_port", "state_dir": "state_dir", "log_file": "log_file"},
+    "data": {"partitions_file": "partitions_file", "partition_id": "partition_id",
+             "cache_dir": "cache_dir", "edge_export": "edge_export"},
+    "privacy": {"manifest_public_key": "manifest_public_key",
+                "require_manifest": "require_manifest", "require_secagg": "require_secagg"},
+    "resources": {"threads": "threads"},
+}
+_PATHS = {"root_ca", "private_key", "state_dir", "log_file", "partitions_file", "cache_dir",
+          "edge_export"}
+
+
+def parse_config(raw: Mapping[str, Any], base_dir: Path) -> DaemonConfig:
+    """Build the config from parsed TOML; unknown tables or keys are refused by name."""
+    kwargs: dict[str, Any] = {}
+    for table, values in raw.items():
+        if table not in _LAYOUT:
+            raise DaemonConfigError(f"unknown table [{table}]; valid: {sorted(_LAYOUT)}")
+        if not isinstance(values, Mapping):
+            raise DaemonConfigError(f"[{table}] must be a table")
+        for key, value in values.items():
+            if key not in _LAYOUT[table]:
+                raise DaemonConfigError(f"unknown key {table}.{key}; valid keys in [{table}]: "
+                                        f"{sorted(_LAYOUT[table])}")
+            name = _LAYOUT[table][key]
+            if name in _PATHS:
+                value = (base_dir / str(value)).resolve() if value != "" else None
+            kwargs[name] = value
+    for required in ("address", "state_dir"):
+        if kwargs.get(required) is None:
+            table = next(t for t, keys in _LAYOUT.items() if required in keys.values())
+            raise DaemonConfigError(f"{table}.{required} is required")
+    types = {f.name: f.type for f in fields(DaemonConfig)}
+    for name, value in kwargs.items():
+        expected = types[name]
+        if expected in ("int", "bool", "str") and type(value).__name__ != expected:
+            raise DaemonConfigError(f"{name} = {value!r}: expected {expected}")
+    return DaemonConfig(**kwargs)
+
+
+def load_config(path: Path) -> DaemonConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"daemon config {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise DaemonConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config(raw, path.parent.resolve())
+
+
+def run_daemon(config: DaemonConfig, stop: threading.Event) -> int:
+    """Keep one SuperNode running until ``stop`` is set; return the exit status (0)."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    backoff = 1.0
+    while not stop.is_set():
+        started = time.monotonic()
+        proc: ManagedProcess = start_supernode(config.supernode_spec(), config.name)
+        try:
+            while proc.alive() and not stop.wait(1.0):
+                pass
+        finally:
+            code = proc.popen.poll()
+            proc.stop(timeout=_STOP_TIMEOUT_S)
+        if stop.is_set():
+            log.info("stopped SuperNode %s", config.name)
+            return 0
+        if time.monotonic() - started > _STABLE_S:
+            backoff = 1.0
+        log.warning("SuperNode %s exited with status %s (see %s); restarting in %.0f s",
+                    config.name, code, config.log_path, backoff)
+        stop.wait(backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF_S)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune client",
+        description="Run this device as a fedtune SuperNode (daemon): connects to the "
+        "coordinator's SuperLink over TLS with its registered key, trains with fedtune's "
+        "ClientApp, reconnects after outages, exits cleanly on SIGTERM.")
+    parser.add_argument("config", type=Path, help="the daemon's TOML config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO,  # no-op under `fedtune`, which configured it
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.config)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(config.state_dir / "daemon.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("fedtune client %s: SuperLink %s, SuperNode log %s", config.name, config.address,
+             config.log_path)
+    try:
+        return run_daemon(config, stop)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The ClientApp a deployed SuperNode runs: ``client.app``'s handlers behind one mod that
+applies the device's own settings (its ``--node-config``) over the coordinator's run config.
+
+In a simulation the coordinator's run config names the clients' files; on a real device
+only the device knows where its data and base model are, and the device, not the
+coordinator, must decide which coordinator key it trusts (a coordinator that could swap the
+pinned manifest key could serve a tampered base, ReCIT). The mod also refuses, before any
+training, a run that asks for less protection than the device requires.
+
+Node config keys (set by ``fedtune client`` from its TOML; all optional):
+
+=================================  ==========================================================
+``partition-id``                   which partition of the partitions file is this device's
+``fedtune-cache-dir``              the device's model cache → ``paths.cache_dir``
+``fedtune-partitions-file``        the device's data → ``paths.partitions_file``
+``fedtune-edge-export``            the device's ONNX export → ``paths.edge_export``
+``fedtune-manifest-public-key``    pinned coordinator key (hex) → ``paths.manifest_public_key``
+``fedtune-client-threads``         torch/ORT threads → ``federation.client_threads``
+``fedtune-client-kind``            ``gpu`` or ``edge``: refuse a run that assigns the other
+``fedtune-require-manifest``       refuse runs with ``security.verify_manifest = false``
+``fedtune-require-secagg``         refuse runs with ``security.secagg = false``
+=================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.app import is_edge_client, make_client_app
+
+log = logging.getLogger(__name__)
+
+#: node config key -> the run config key it replaces on this device.
+NODE_OVERRIDES = {
+    "fedtune-cache-dir": "paths.cache_dir",
+    "fedtune-partitions-file": "paths.partitions_file",
+    "fedtune-edge-export": "paths.edge_export",
+    "fedtune-manifest-public-key": "paths.manifest_public_key",
+    "fedtune-client-threads": "federation.client_threads",
+}
+CLIENT_KINDS = ("gpu", "edge")
+
+
+class NodePolicyError(RuntimeError):
+    """The run asks this device for something its owner did not allow; the reason says what.
+
+    Raised inside the ClientApp, it becomes Flower's error reply, which the coordinator
+    counts as a failed client for that round.
+    """
+
+
+def apply_node_settings(run_config: Mapping[str, Any], node_config: Mapping[str, Any]
+                        ) -> dict[str, Any]:
+    """The run config this device trains with: the device's settings win."""
+    merged = dict(run_config)
+    for node_key, run_key in NODE_OVERRIDES.items():
+        if node_key in node_config and node_config[node_key] != "":
+            merged[run_key] = node_config[node_key]
+    return merged
+
+
+def check_node_policy(flat: Mapping[str, Any], node_config: Mapping[str, Any],
+                      context: Context) -> None:
+    """Fail closed when the run lowers a protection the device requires."""
+    if node_config.get("fedtune-require-manifest", False) and not flat.get(
+            "security.verify_manifest", True):
+        raise NodePolicyError("this device requires a signed base model but the run sets "
+                              "security.verify_manifest = false")
+    if node_config.get("fedtune-require-secagg", False) and not flat.get(
+            "security.secagg", True):
+        raise NodePolicyError("this device requires secure aggregation but the run sets "
+                              "security.secagg = false")
+    kind = node_config.get("fedtune-client-kind", "")
+    if kind:
+        if kind not in CLIENT_KINDS:
+            raise NodePolicyError(f"fedtune-client-kind = {kind!r}: expected one of "
+                                  f"{list(CLIENT_KINDS)}")
+        assigned = "edge" if is_edge_client(flat, context) else "gpu"
+        if assigned != kind:
+            raise NodePolicyError(
+                f"the run assigns this device ({context.node_config.get('partition-id')}) "
+                f"the {assigned} trainer but the device is a {kind} client; adjust "
+                "edge.fraction or the device's kind"
+            )
+
+
+def node_settings_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: the device's settings over the run config, then its policy.
+
+    Also logs where the time goes: Flower starts one ClientApp process per message, so
+    process start-up (Python, Flower, imports) is paid on every message, before any of
+    fedtune's work (``handler``: torch import, base-model load and check, training).
+    """
+    started = time.perf_counter()
+    startup = _process_age_s()
+    node_config = dict(context.node_config)
+    context.run_config = apply_node_settings(context.run_config, node_config)
+    check_node_policy(context.run_config, node_config, context)
+    reply = call_next(msg, context)
+    log.info("%s message: process start-up %s s, handler %.1f s", msg.metadata.message_type,
+             "?" if startup is None else f"{startup:.1f}", time.perf_counter() - started)
+    return reply
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None elsewhere."""
+    try:
+        fields_after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields_after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _log_to_stderr() -> None:
+    """A ClientApp process has no logging set up; Flower shows its stderr in the SuperNode's
+    log, so fedtune's client-side records go there."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("client", "kernels", __name__):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
+_log_to_stderr()
+
+
+app = make_client_app(mods=[node_settings_mod])

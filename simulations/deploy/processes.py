@@ -1,0 +1,192 @@
+"""Start Flower's daemons with a known environment and stop them, with their children.
+
+Flower's processes spawn more processes: a SuperLink starts ``flower-superexec`` in a new
+session (so it leaves our process group), which starts one ``flwr-serverapp`` per run; a
+SuperNode starts ``flower-superexec``, which starts one ``flwr-clientapp`` per message.
+They watch their parent's PID, but only loosely. :meth:`ManagedProcess.stop` therefore
+collects the whole tree from ``/proc`` first and then ends every process in it by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: DESIGN.md §4: no telemetry or update checks (no network), no runtime ``uv sync`` (it
+#: would pull CUDA torch), no hub access.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def bin_dir() -> Path:
+    """The folder holding ``flower-superlink`` & co.: the running interpreter's."""
+    return Path(sys.executable).parent
+
+
+def flower_tool(name: str) -> str:
+    """Absolute path of a Flower console script installed beside this interpreter."""
+    path = bin_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: install flwr==1.41.0 into this environment "
+            "(pip install fedtune)"
+        )
+    return str(path)
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Flower process: ours over the caller's, FLWR_HOME set, and
+    this interpreter's bin folder first on PATH (Flower starts ``flower-superexec``,
+    ``flwr-serverapp`` and ``flwr-clientapp`` by bare name)."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = os.pathsep.join([str(bin_dir()), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+class ManagedProcess:
+    """One started daemon, its output appended to ``log_path``; stop it with :meth:`stop`."""
+
+    def __init__(self, name: str, command: Sequence[str], *, env: Mapping[str, str],
+                 log_path: Path, cwd: Path | None = None) -> None:
+        self.name = name
+        self.command = list(command)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        log.info("starting %s: %s", name, " ".join(self.command))
+        self.popen = subprocess.Popen(
+            self.command, env=dict(env), cwd=cwd, stdout=self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the process's log, for error messages."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the process and every descendant (by PID); SIGKILL what outlives
+        ``timeout``. Safe to call twice."""
+        tree = [self.pid, *descendants(self.pid)]
+        if self.alive():
+            _signal(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it",
+                            self.name, self.pid, timeout)
+                _signal(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        # Children started after our snapshot (a ClientApp mid-message) are found again.
+        leftovers = [p for p in dict.fromkeys(tree[1:] + descendants(self.pid)) if _exists(p)]
+        for pid in leftovers:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + min(timeout, 5.0)
+        while time.monotonic() < deadline and any(_exists(p) for p in leftovers):
+            time.sleep(0.1)
+        for pid in leftovers:
+            if _exists(pid):
+                _signal(pid, signal.SIGKILL)
+        self._log.close()
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid``, plus members of the session-less process group ``pid``
+    leads (a child orphaned when its parent died early keeps our group id), from Linux
+    ``/proc``; empty elsewhere."""
+    children: dict[int, list[int]] = {}
+    in_group: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name (which may contain spaces): state, ppid, pgrp.
+        _state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        children.setdefault(int(ppid), []).append(int(entry.name))
+        if int(pgrp) == pid:
+            in_group.append(int(entry.name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return list(dict.fromkeys(found + in_group))
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is gone for our purposes (its parent reaps it).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it already exited
+        os.kill(pid, sig)
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.5,
+             process: ManagedProcess | None = None) -> None:
+    """Poll ``predicate()`` until true; fail with ``what`` and the process log otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process is not None and not process.alive():
+            raise RuntimeError(
+                f"{process.name} exited with status {process.popen.returncode} before "
+                f"{what}; its log ({process.log_path}) ends with:\n{process.log_tail()}"
+            )
+        time.sleep(interval)
+    tail = f"; {process.name}'s log ends with:\n{process.log_tail()}" if process else ""
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{tail}")

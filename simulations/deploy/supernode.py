@@ -1,0 +1,114 @@
+"""The SuperNode command line: one device, authenticated, talking TLS to the SuperLink.
+
+Each SuperNode also serves a Runtime API on its own ``--port`` (its ClientApp processes
+fetch messages there), so two SuperNodes on one machine need two ports. The SuperNode
+retries the SuperLink forever by default (``--max-retries`` unset), which is what lets the
+daemon ride out a coordinator restart or a network cut.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simulations.deploy.processes import ManagedProcess, flower_env, flower_tool, wait_for
+
+#: What the SuperNode logs once the SuperLink accepted it (flwr 1.41 start_client_internal).
+_CONNECTED = re.compile(r"SuperNode ID: (\d+)")
+
+NodeValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class SuperNodeSpec:
+    """How to start one SuperNode. ``root_ca=None`` means plain HTTP (``--insecure``)."""
+
+    superlink: str  # host:port of the SuperLink
+    root_ca: Path | None
+    private_key: Path | None  # OpenSSH EC key registered with the SuperLink
+    runtime_port: int
+    flwr_home: Path
+    log_path: Path
+    node_config: Mapping[str, NodeValue] = field(default_factory=dict)
+    runtime_host: str = "127.0.0.1"
+    max_retries: int | None = None  # None: reconnect forever
+    max_wait_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.runtime_port < 65536:
+            raise ValueError(f"runtime_port = {self.runtime_port}: must be in 1..65535")
+        if self.private_key is not None and self.root_ca is None:
+            raise ValueError("SuperNode authentication needs TLS: give the CA certificate")
+
+    def command(self) -> list[str]:
+        cmd = [flower_tool("flower-supernode"), "--superlink", self.superlink,
+               "--host", self.runtime_host, "--port", str(self.runtime_port)]
+        if self.root_ca is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(self.root_ca)]
+        if self.private_key is not None:
+            cmd += ["--auth-supernode-private-key", str(self.private_key)]
+        if self.node_config:
+            cmd += ["--node-config", node_config_arg(self.node_config)]
+        if self.max_retries is not None:
+            cmd += ["--max-retries", str(self.max_retries)]
+        if self.max_wait_time is not None:
+            cmd += ["--max-wait-time", str(self.max_wait_time)]
+        return cmd
+
+
+def node_config_arg(values: Mapping[str, NodeValue]) -> str:
+    """Flower's ``--node-config`` string: space-separated ``key=value`` with TOML values.
+
+    Flower splits on whitespace outside quotes and cannot escape a quote inside a value,
+    so such values are refused here rather than silently mangled.
+    """
+    parts = []
+    for key, value in values.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ValueError(f"node config key {key!r}: use letters, digits, '-' or '_'")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            if '"' in value or "\\" in value or "\n" in value:
+                raise ValueError(f"node config {key} = {value!r}: Flower's --node-config "
+                                 "cannot carry quotes, backslashes or newlines")
+            text = json.dumps(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def start_supernode(spec: SuperNodeSpec, name: str, *, wait_connected: float = 0.0
+                    ) -> ManagedProcess:
+    """Start a SuperNode; with ``wait_connected`` > 0, wait until the SuperLink accepted it."""
+    spec.flwr_home.mkdir(parents=True, exist_ok=True)
+    offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
+    proc = ManagedProcess(name, spec.command(), env=flower_env(spec.flwr_home),
+                          log_path=spec.log_path)
+    if wait_connected > 0:
+        try:
+            wait_for(lambda: connected_node_id(spec.log_path, offset) is not None,
+                     timeout=wait_connected, what=f"{name} to be accepted by the SuperLink",
+                     process=proc)
+        except BaseException:
+            proc.stop()
+            raise
+    return proc
+
+
+def connected_node_id(log_path: Path, offset: int = 0) -> int | None:
+    """The node ID the SuperLink gave this SuperNode, read from its log after ``offset``."""
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = _CONNECTED.findall(text)
+    return int(found[-1]) if found else None

@@ -1,0 +1,515 @@
+"""Deployment on Flower's Deployment Engine (issue #5): credentials, command lines, the
+config-only FAB, the device policy, and real processes on loopback.
+
+The slow tests start real ``flower-superlink`` / ``flower-supernode`` processes with TLS
+and SuperNode authentication on, and stop every process they start (by PID, with its
+children) however they end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocols.run_config import RunConfig
+from simulations.deploy.certs import make_node_keys, make_tls
+from simulations.deploy.client_daemon import DaemonConfig, DaemonConfigError, parse_config
+from simulations.deploy.fab import write_app
+from simulations.deploy.node_app import NodePolicyError, apply_node_settings, check_node_policy
+from simulations.deploy.processes import ManagedProcess, descendants, flower_env
+from simulations.deploy.superlink import SuperLinkSpec
+from simulations.deploy.supernode import SuperNodeSpec, node_config_arg
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- credentials ---------------------------------------------------------------------------
+
+
+def _handshake(ca: Path, cert: Path, key: Path, hostname: str) -> None:
+    """A TLS handshake in memory: our server certificate against a client pinning our CA."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(ca))
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=hostname)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, end, out, peer_in in (("client", client, c_out, s_in),
+                                        ("server", server, s_out, c_in)):
+            if not done[name]:
+                try:
+                    end.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done.values()):
+            return
+    raise AssertionError("handshake did not complete")
+
+
+def test_dev_certificates_pass_python_tls_verification(tmp_path: Path) -> None:
+    files = make_tls(tmp_path / "certs")
+
+    for host in ("127.0.0.1", "localhost"):
+        _handshake(files.ca_cert, files.server_cert, files.server_key, host)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(files.ca_cert, files.server_cert, files.server_key, "10.9.8.7")
+    assert files.server_key.stat().st_mode & 0o777 == 0o600
+    assert files.ca_key.stat().st_mode & 0o777 == 0o600
+
+
+def test_certificates_are_reused_unless_forced(tmp_path: Path) -> None:
+    first = make_tls(tmp_path).ca_cert.read_bytes()
+    assert make_tls(tmp_path).ca_cert.read_bytes() == first  # SuperNodes pin the CA
+    assert make_tls(tmp_path, force=True).ca_cert.read_bytes() != first
+
+
+def test_node_keys_are_what_flower_loads(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    keys = make_node_keys(tmp_path, "node-0")
+
+    assert try_load_public_key(keys.public_key)  # what `flwr supernode register` accepts
+    private = load_ssh_private_key(keys.private_key.read_bytes(), None)  # flower-supernode
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert private.curve.name == "secp384r1"
+    assert keys.private_key.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match=r"node name '\.\./x'"):
+        make_node_keys(tmp_path, "../x")
+
+
+def test_certs_command_makes_ca_server_and_node_keys(tmp_path: Path) -> None:
+    from simulations.deploy import certs
+
+    assert certs.main(["--out", str(tmp_path), "--nodes", "2", "--node", "edge-a"]) == 0
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.*"))
+    assert names == ["ca.key", "ca.pem", "nodes/edge-a.key", "nodes/edge-a.pub",
+                     "nodes/node-0.key", "nodes/node-0.pub", "nodes/node-1.key",
+                     "nodes/node-1.pub", "superlink.key", "superlink.pem"]
+
+
+@pytest.mark.parametrize("module", ["certs", "coordinator", "client_daemon"])
+def test_entry_points_have_help(module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    main = importlib.import_module(f"simulations.deploy.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: fedtune" in capsys.readouterr().out
+
+
+# --- command lines ---------------------------------------------------------------------------
+
+
+def test_superlink_command_has_tls_auth_and_sqlite_state(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+    spec = SuperLinkSpec("127.0.0.1", 9093, tls, tmp_path / "state.db", tmp_path / "home",
+                         tmp_path / "l.log")
+    cmd = spec.command()
+
+    assert cmd[0].endswith("flower-superlink") and "--insecure" not in cmd
+    for flag, value in (("--ssl-ca-certfile", tls.ca_cert), ("--ssl-certfile", tls.server_cert),
+                        ("--ssl-keyfile", tls.server_key), ("--database", tmp_path / "state.db"),
+                        ("--port", 9093)):
+        assert cmd[cmd.index(flag) + 1] == str(value)
+    assert "--enable-supernode-auth" in cmd
+    assert "--disable-runtime-dependency-installation" in cmd
+    with pytest.raises(ValueError, match="needs TLS"):
+        SuperLinkSpec("127.0.0.1", 9093, None, tmp_path / "s.db", tmp_path, tmp_path / "l.log")
+
+
+def test_node_config_survives_flowers_parser(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    values: dict[str, bool | int | float | str] = {
+        "partition-id": 2, "fedtune-cache-dir": "/srv/fed tune/cache",
+        "fedtune-require-secagg": True, "fedtune-client-threads": 3}
+    assert parse_config_args([node_config_arg(values)]) == values
+    with pytest.raises(ValueError, match="cannot carry quotes"):
+        node_config_arg({"k": 'a"b'})
+    spec = SuperNodeSpec("127.0.0.1:9093", tmp_path / "ca.pem", tmp_path / "n.key", 9094,
+                         tmp_path, tmp_path / "n.log", {"partition-id": 0})
+    cmd = spec.command()
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "n.key")
+    assert "--max-retries" not in cmd, "the SuperNode must keep reconnecting"
+
+
+def test_flower_processes_get_our_environment(tmp_path: Path) -> None:
+    env = flower_env(tmp_path / "home")
+
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_stop_ends_the_whole_process_tree(tmp_path: Path) -> None:
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print('up', flush=True); time.sleep(60)")
+    proc = ManagedProcess("tree", [sys.executable, "-c", script], env=dict(os.environ),
+                          log_path=tmp_path / "tree.log")
+    try:
+        deadline = time.monotonic() + 20
+        while not descendants(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tree = [proc.pid, *descendants(proc.pid)]
+        assert len(tree) == 2
+    finally:
+        proc.stop(timeout=5)
+    for pid in tree:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+# --- the Flower App bundle ---------------------------------------------------------------------
+
+
+def test_fab_is_config_only_small_and_carries_the_run_config(tmp_path: Path) -> None:
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import get_fused_config_from_fab
+    from flwr.supercore.run import Run
+
+    config = RunConfig.from_nested({"train": {"rounds": 3, "learning_rate": 2e-4},
+                                    "security": {"secagg": False}})
+    flat: dict[str, Any] = {**config.to_flat(), "paths.run_dir": "/runs/x \"y\"",
+                            "paths.manifest_public_key": "ab" * 32}
+    write_app(tmp_path / "app", flat, version="0.1.0")
+
+    fab = build_fab_from_disk(tmp_path / "app")  # exactly what `flwr run` submits
+
+    assert len(fab) < 16_000, "weights and data must stay out of the FAB (limit 10 MB)"
+    names = set(zipfile.ZipFile(__import__("io").BytesIO(fab)).namelist())
+    assert names == {"pyproject.toml", ".info/CONTENT"}
+    fused = get_fused_config_from_fab(fab, Run.create_empty(0))
+    assert fused == flat
+    assert RunConfig.from_flat(fused) == config
+    (tmp_path / "app" / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"weights\.bin"):
+        write_app(tmp_path / "app", flat, version="0.1.0")
+
+
+# --- the device's settings and policy ----------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, node_config: dict[str, Any]) -> None:
+        self.node_config = node_config
+
+
+def test_device_settings_win_over_the_run_config() -> None:
+    run = {"paths.cache_dir": "/coordinator/cache", "paths.manifest_public_key": "aa" * 32,
+           "federation.client_threads": 4, "train.rounds": 2}
+    node = {"partition-id": 1, "fedtune-cache-dir": "/device/cache",
+            "fedtune-manifest-public-key": "bb" * 32, "fedtune-client-threads": 1}
+
+    merged = apply_node_settings(run, node)
+
+    assert merged == {"paths.cache_dir": "/device/cache",
+                      "paths.manifest_public_key": "bb" * 32,  # the device pins the key
+                      "federation.client_threads": 1, "train.rounds": 2}
+    assert run["paths.cache_dir"] == "/coordinator/cache", "the input is not mutated"
+
+
+@pytest.mark.parametrize(
+    ("node", "run", "reason"),
+    [
+        ({"fedtune-require-manifest": True}, {"security.verify_manifest": False},
+         "requires a signed base model"),
+        ({"fedtune-require-secagg": True}, {"security.secagg": False},
+         "requires secure aggregation"),
+        ({"fedtune-client-kind": "gpu", "partition-id": 0}, {"edge.fraction": 1.0},
+         "assigns this device .* the edge trainer"),
+        ({"fedtune-client-kind": "phone", "partition-id": 0}, {}, "expected one of"),
+    ],
+    ids=["manifest", "secagg", "kind", "bad-kind"],
+)
+def test_device_refuses_a_run_that_lowers_its_protections(
+    node: dict[str, Any], run: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(NodePolicyError, match=reason):
+        check_node_policy(run, node, _Ctx(node))  # type: ignore[arg-type]
+
+
+def test_device_accepts_a_run_that_meets_its_policy() -> None:
+    node = {"fedtune-require-manifest": True, "fedtune-require-secagg": True,
+            "fedtune-client-kind": "gpu", "partition-id": 0}
+    check_node_policy(RunConfig().to_flat(), node, _Ctx(node))  # type: ignore[arg-type]
+
+
+# --- the daemon's config -------------------------------------------------------------------------
+
+
+def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "certs")
+    keys = make_node_keys(tmp_path / "certs", "n0")
+    raw = {
+        "superlink": {"address": "127.0.0.1:9093", "root_ca": "certs/ca.pem"},
+        "node": {"name": "n0", "private_key": "certs/nodes/n0.key", "state_dir": "state",
+                 "runtime_port": 9100},
+        "data": {"partition_id": 3, "cache_dir": "cache"},
+        "privacy": {"manifest_public_key": "cd" * 32, "require_secagg": True},
+        "resources": {"threads": 2},
+    }
+
+    config = parse_config(raw, tmp_path)
+
+    assert config.root_ca == tls.ca_cert and config.private_key == keys.private_key
+    assert config.state_dir == tmp_path / "state"
+    assert config.node_config() == {
+        "partition-id": 3, "fedtune-client-kind": "gpu", "fedtune-client-threads": 2,
+        "fedtune-require-manifest": True, "fedtune-require-secagg": True,
+        "fedtune-cache-dir": str(tmp_path / "cache"),
+        "fedtune-manifest-public-key": "cd" * 32,
+    }
+    cmd = config.supernode_spec().command()
+    assert cmd[cmd.index("--port") + 1] == "9100"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"node": {"state_dir": "s", "colour": "red"}}, "unknown key node.colour"),
+        ({"gpu": {}}, r"unknown table \[gpu\]"),
+        ({"superlink": {"address": "127.0.0.1:1", "root_ca": "ca.pem", "insecure": True}},
+         "exactly one of"),
+        ({"node": {"state_dir": "s", "kind": "tpu"}}, "node.kind = 'tpu'"),
+        ({"node": {"state_dir": "s", "runtime_port": "9094"}}, "expected int"),
+        ({"privacy": {"manifest_public_key": "xyz"}}, "64 hex digits"),
+        ({"node": {}}, "node.state_dir is required"),
+    ],
+    ids=["unknown-key", "unknown-table", "tls-and-insecure", "kind", "type", "key", "missing"],
+)
+def test_bad_daemon_config_is_refused_by_name(
+    tmp_path: Path, patch: dict[str, Any], message: str
+) -> None:
+    make_tls(tmp_path)
+    raw: dict[str, Any] = {"superlink": {"address": "127.0.0.1:9093", "root_ca": "ca.pem"},
+                           "node": {"state_dir": "s"}}
+    raw.update(patch)
+    with pytest.raises(DaemonConfigError, match=message):
+        parse_config(raw, tmp_path)
+
+
+# --- real processes on loopback ------------------------------------------------------------------
+
+
+def _no_flower_left(pids: list[int]) -> None:
+    alive = [p for p in pids if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+    assert not alive, f"processes left running: {alive}"
+
+
+@pytest.fixture()
+def stopper() -> Iterator[list[ManagedProcess]]:
+    """Processes a test started; all are stopped however the test ends."""
+    started: list[ManagedProcess] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
+    tmp_path: Path, stopper: list[ManagedProcess]
+) -> None:
+    from simulations.deploy.flwr_cli import FlwrCli, FlwrCliError
+    from simulations.deploy.superlink import start_superlink
+    from simulations.deploy.supernode import start_supernode
+
+    certs = tmp_path / "certs"
+    tls = make_tls(certs)
+    member, intruder = make_node_keys(certs, "member"), make_node_keys(certs, "intruder")
+    spec = SuperLinkSpec("127.0.0.1", _free_port(), tls, tmp_path / "link" / "state.db",
+                         tmp_path / "link" / "flwr", tmp_path / "link" / "superlink.log")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stopper.append(start_superlink(spec))
+    timings["superlink_start"] = time.perf_counter() - t0
+    cli = FlwrCli(spec.flwr_home)
+    cli.write_connection(spec.address, tls.ca_cert)
+    node_id = cli.register_node(member.public_key, name="member")
+    with pytest.raises(FlwrCliError, match="already in use"):  # what register_keys tolerates
+        cli.register_node(member.public_key, name="member")
+
+    daemon_cfg = tmp_path / "member.toml"
+    daemon_cfg.write_text(
+        f'[superlink]\naddress = "{spec.address}"\nroot_ca = "{tls.ca_cert}"\n'
+        f'[node]\nname = "member"\nprivate_key = "{member.private_key}"\n'
+        f'state_dir = "{tmp_path / "member"}"\nruntime_port = {_free_port()}\n')
+    t0 = time.perf_counter()
+    daemon = ManagedProcess(
+        "daemon", [sys.executable, "-m", "simulations.deploy.client_daemon", str(daemon_cfg)],
+        env=dict(os.environ), log_path=tmp_path / "daemon.out")
+    stopper.append(daemon)
+
+    def member_online() -> bool:
+        return any(n["node-id"] == str(node_id) and n["status"] == "online"
+                   for n in cli.nodes())
+
+    _wait(member_online, 90, "the registered SuperNode to come online", daemon)
+    timings["node_online"] = time.perf_counter() - t0
+
+    bad = start_supernode(SuperNodeSpec(spec.address, tls.ca_cert, intruder.private_key,
+                                        _free_port(), tmp_path / "intruder",
+                                        tmp_path / "intruder.log"), "intruder")
+    stopper.append(bad)
+    assert bad.popen.wait(timeout=90) != 0, "an unregistered key must be refused"
+    assert "Failed to activate SuperNode" in bad.log_tail()
+    assert [n["node-id"] for n in cli.nodes()] == [str(node_id)]
+
+    # Coordinator restart: same port, same SQLite state; the SuperNode reconnects by itself.
+    stopper[0].stop()
+    t0 = time.perf_counter()
+    stopper[0] = start_superlink(spec)
+    _wait(member_online, 120, "the SuperNode to reconnect after the restart", daemon)
+    timings["reconnect_after_restart"] = time.perf_counter() - t0
+    assert "restarting in" not in (tmp_path / "member" / "daemon.log").read_text(), \
+        "the SuperNode itself reconnected; the daemon did not have to restart it"
+
+    tree = [daemon.pid, *descendants(daemon.pid)]
+    assert len(tree) >= 3  # daemon -> flower-supernode -> flower-superexec
+    os.kill(daemon.pid, signal.SIGTERM)
+    assert daemon.popen.wait(timeout=30) == 0, "SIGTERM is a clean exit"
+    time.sleep(1.0)
+    _no_flower_left(tree)
+    for proc in stopper:
+        proc.stop()
+    assert not _processes_using(tmp_path), "Flower processes outlived the test"
+    print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+
+
+def _wait(predicate: Any, timeout: float, what: str, proc: ManagedProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert proc.alive(), f"{proc.name} died: {proc.log_tail()}"
+        time.sleep(2.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_deployment_end_to_end_with_tls_and_node_auth(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    """1 SuperLink + 3 SuperNodes on loopback, TLS and node authentication on, 2 rounds of
+    fedtune's ServerApp/ClientApp; the coordinator writes metrics and the final adapter."""
+    from simulations.deploy.client_daemon import run_daemon
+    from simulations.deploy.coordinator import LinkOptions, run_deployed, serve
+    from simulations.runner import check_inputs
+
+    config = RunConfig.from_nested({
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "lora": {"r": 4},
+        "train": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 2,
+                  "seq_len": 16, "learning_rate": 0.01},
+        "eval": {"max_blocks": 4, "batch_size": 4, "fraction_clients": 0.0},
+        # Each message is a fresh ClientApp process; SecAgg's three extra stages per round
+        # would add minutes on a 2-core runner (see docs/deploy.md for the measured cost).
+        "security": {"secagg": False},
+    })
+    inputs = check_inputs(config, mini_cache)  # signs the base; devices pin the key below
+    certs = tmp_path / "certs"
+    tls = make_tls(certs)
+    keys = [make_node_keys(certs, f"node-{i}") for i in range(3)]
+    port = _free_port()
+    coordinator = LinkOptions(state_dir=tmp_path / "coordinator", port=port, certs_dir=certs)
+    stop_link, stop_nodes, ready = threading.Event(), threading.Event(), threading.Event()
+    link = threading.Thread(target=serve, args=(coordinator, stop_link),
+                            kwargs={"on_ready": lambda _: ready.set()})
+    daemons: list[threading.Thread] = []
+    t0 = time.perf_counter()
+    link.start()
+    try:
+        assert ready.wait(120), "SuperLink did not come up"
+        t_link = time.perf_counter() - t0
+        for i, key in enumerate(keys):
+            device = DaemonConfig(
+                address=f"127.0.0.1:{port}", state_dir=tmp_path / f"node-{i}",
+                runtime_port=_free_port(), name=f"node-{i}", root_ca=tls.ca_cert,
+                private_key=key.private_key, partitions_file=inputs.split.partitions_file,
+                partition_id=i, cache_dir=mini_cache,
+                manifest_public_key=inputs.manifest_public_key, require_secagg=False)
+            daemons.append(threading.Thread(target=run_daemon, args=(device, stop_nodes)))
+            daemons[-1].start()
+        t1 = time.perf_counter()
+        run_dir = run_deployed(
+            inputs, tmp_path / "runs",
+            LinkOptions(state_dir=tmp_path / "coordinator", attach=f"127.0.0.1:{port}",
+                        root_ca=tls.ca_cert),
+            name="deployed", min_nodes=3, nodes_timeout=120, run_timeout=240)
+        t_run = time.perf_counter() - t1
+    finally:
+        stop_nodes.set()
+        for thread in daemons:
+            thread.join(timeout=60)
+        stop_link.set()
+        link.join(timeout=60)
+    assert not link.is_alive() and not any(d.is_alive() for d in daemons)
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"] == 2 and row["failed"] == 0 and row["rejected"] == 0
+        assert 0 < row["bytes_up"] < row["bytes_down"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    deployment = json.loads((run_dir / "deployment.json").read_text())
+    assert deployment["status"] == "finished:completed"
+    assert (run_dir / "serverapp.log").stat().st_size > 0
+    for i in range(3):  # every device connected over TLS with its registered key
+        assert "SuperNode ID:" in (tmp_path / f"node-{i}" / "client.log").read_text()
+
+    from peft import PeftModel
+
+    from kernels.base_model import load_causal_lm
+
+    PeftModel.from_pretrained(load_causal_lm(tiny_model_dir).model, run_dir / "adapter")
+    print("phases (s):", json.dumps({"superlink_and_registration": round(t_link, 1),
+                                     "coordinator_total": round(t_run, 1),
+                                     **deployment["phases_s"]}))
+    print("round_s:", [round(r["round_s"], 1) for r in rows[1:]],
+          "client_train_s:", [r["client_train_s"] for r in rows[1:]])
+    time.sleep(1.0)
+    assert not _processes_using(tmp_path), "Flower processes outlived the test"
+
+
+def _processes_using(folder: Path) -> list[int]:
+    """Live processes whose FLWR_HOME lies under ``folder``: everything Flower started for
+    this test (SuperLink, SuperNodes, SuperExecs, ServerApp, ClientApps) inherits it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(v.startswith(b"FLWR_HOME=" + str(folder).encode())
+                                for v in environ):
+            found.append(int(entry.name))
+    return found
