@@ -1,0 +1,238 @@
+"""Forward-only LoRA training on ONNX Runtime (the "edge client"): MeZO steps, no backprop.
+
+ONNX Runtime has no training packages after 1.19 (DESIGN D5), so an edge device estimates
+the gradient from two forward passes per step (MeZO, Malladi et al., NeurIPS 2023, Alg. 1)::
+
+    z = perturbation(seed)                      # ±1 over the trainable tensors
+    g = (L(θ + εz) − L(θ − εz)) / (2ε)          # same batch for both passes
+    θ ← θ − lr·g·z
+
+Each step is fully described by ``(seed, g)``, so the device can upload 12 bytes a step
+(codec ``seed-scalar``) and the coordinator replays them bit for bit
+(:mod:`protocols.seed_updates`); or it can upload its final θ through the ordinary ``fp32``
+codec. :meth:`EdgeMeZOTrainer.train` returns both; the round's codec decides which leaves.
+
+Buffers (DESIGN §4): θ is kept clean and θ ± εz is written into a *separate* buffer. Adding
+and then subtracting εz in θ's own buffer does not return the same float32 bits, and the
+coordinator's replay, which never perturbs, would then diverge from the client.
+
+This module must import without torch, transformers or peft (``pip install fedtune[edge]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from client.local_data import LocalTextData
+from client.trainer import EvalOutcome, Tensors, TrainInstruction, TrainOutcome
+from kernels.edge_runtime import EdgeModel
+from protocols import keys
+from protocols.adapter_spec import AdapterSpec, TensorSpec
+from protocols.run_config import LoraSection
+from protocols.seed_updates import (
+    SeedUpdate,
+    layout_id,
+    perturbation,
+    sgd_step,
+    step_coefficient,
+    trainable_shapes,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MeZOSettings:
+    """Knobs of the forward-only trainer that the coordinator's instruction does not carry."""
+
+    epsilon: float = field(
+        default=1e-3,
+        metadata={"help": "perturbation scale ε of the two-point estimate (MeZO uses 1e-3)"},
+    )
+    max_abs_scalar: float = field(
+        default=1e3,
+        metadata={"help": "clip |g| to this; must not exceed the coordinator's bound, which "
+                          "rejects larger scalars"},
+    )
+
+    def __post_init__(self) -> None:
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be finite and > 0, got {self.epsilon}")
+        if not (self.max_abs_scalar > 0 and math.isfinite(self.max_abs_scalar)):
+            raise ValueError(f"max_abs_scalar must be finite and > 0, got {self.max_abs_scalar}")
+
+
+@dataclass
+class EdgeTrainOutcome(TrainOutcome):
+    """A :class:`TrainOutcome` (``tensors`` = the final trainable θ, the dense upload) plus
+    the same steps as ``(seed, g)`` pairs for the ``seed-scalar`` codec."""
+
+    seed_update: SeedUpdate | None = None
+
+
+class EdgeMeZOTrainer:
+    """Trains the LoRA adapter of a frozen ONNX base with MeZO; implements ``Trainer``.
+
+    Parameters
+    ----------
+    model
+        The loaded export (:class:`kernels.edge_runtime.EdgeModel`), reused across rounds.
+    lora
+        The run's ``[lora]`` section: only its frozen/trainable split is used here
+        (FFA-LoRA's A is never perturbed nor uploaded). It must match the coordinator's,
+        or the seed update is refused (layout fingerprint).
+    settings
+        ε and the |g| clip.
+    """
+
+    def __init__(
+        self, model: EdgeModel, lora: LoraSection, *, settings: MeZOSettings | None = None
+    ) -> None:
+        self.model = model
+        self.lora = lora
+        self.settings = settings or MeZOSettings()
+        self.spec = AdapterSpec(tensors={
+            k: TensorSpec(shape=s, trainable=not lora.is_frozen(k))
+            for k, s in model.adapter_shapes.items()
+        })
+        if not self.spec.trainable_keys:
+            raise ValueError("the export has no trainable adapter tensor for these [lora] "
+                             "settings; nothing to train")
+        self.shapes = trainable_shapes(self.spec)
+        self.layout = layout_id(self.shapes)
+        self._blocks_cache: dict[tuple[str, str, int], npt.NDArray[np.int64]] = {}
+
+    @classmethod
+    def from_export(
+        cls,
+        export_dir: Path,
+        lora: LoraSection,
+        *,
+        threads: int = 1,
+        public_key: Any = None,
+        settings: MeZOSettings | None = None,
+    ) -> EdgeMeZOTrainer:
+        """Load (and verify, see :class:`EdgeModel`) an export folder, then wrap it."""
+        return cls(EdgeModel(export_dir, threads=threads, public_key=public_key), lora,
+                   settings=settings)
+
+    def _blocks(self, data: LocalTextData, split: str, seq_len: int) -> npt.NDArray[np.int64]:
+        key = (data.client_id, split, seq_len)
+        if key not in self._blocks_cache:
+            texts = data.train if split == "train" else data.heldout
+            self._blocks_cache[key] = self.model.token_blocks(texts, seq_len)
+        return self._blocks_cache[key]
+
+    def _start(self, adapter: Mapping[str, npt.NDArray[Any]]) -> Tensors:
+        """A private float32 copy of the global adapter: the clean θ."""
+        expected = set(self.spec.tensors)
+        if set(adapter) != expected:
+            missing, unexpected = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
+            raise ValueError(f"adapter keys do not match the export: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return {k: np.array(adapter[k], dtype=np.float32, copy=True) for k in self.spec.tensors}
+
+    def train(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        data: LocalTextData,
+        instruction: TrainInstruction,
+    ) -> EdgeTrainOutcome:
+        start = time.perf_counter()
+        blocks = self._blocks(data, "train", instruction.seq_len)
+        if len(blocks) == 0:
+            raise ValueError(
+                f"client {data.client_id}: no training block of {instruction.seq_len} tokens"
+            )
+        theta = self._start(adapter)
+        probe = {k: v.copy() for k, v in theta.items()}  # θ ± εz lives here, never in θ
+        order, seeds = _draws(len(blocks), instruction)
+        eps = np.float32(self.settings.epsilon)
+        bound = self.settings.max_abs_scalar
+        scalars = np.empty(instruction.local_steps, dtype=np.float32)
+        losses = []
+        for step in range(instruction.local_steps):
+            batch = blocks[order[step * instruction.batch_size:(step + 1) * instruction.batch_size]]
+            z = perturbation(int(seeds[step]), self.shapes)
+            for key, direction in z.items():
+                np.add(theta[key], eps * direction, out=probe[key])
+            loss_plus = self.model.mean_loss(batch, probe)
+            for key, direction in z.items():
+                np.subtract(theta[key], eps * direction, out=probe[key])
+            loss_minus = self.model.mean_loss(batch, probe)
+            g = (loss_plus - loss_minus) / (2.0 * float(eps))
+            if not math.isfinite(g):
+                raise ValueError(
+                    f"client {data.client_id}: non-finite loss at MeZO step {step} "
+                    f"(L+={loss_plus}, L-={loss_minus}); lower the learning rate"
+                )
+            scalars[step] = np.float32(min(max(g, -bound), bound))
+            sgd_step(theta, z, step_coefficient(instruction.learning_rate, scalars[step]))
+            losses.append(0.5 * (loss_plus + loss_minus))
+        update = SeedUpdate(base_round=instruction.server_round, seeds=seeds, scalars=scalars,
+                            layout=self.layout)
+        log.debug("client %s: %d MeZO steps, mean loss %.4f, |g| max %.3g", data.client_id,
+                  instruction.local_steps, float(np.mean(losses)), float(np.abs(scalars).max()))
+        return EdgeTrainOutcome(
+            tensors={k: theta[k] for k in self.spec.trainable_keys},
+            num_examples=len(blocks),
+            metrics={
+                keys.TRAIN_LOSS: float(np.mean(losses)),
+                keys.TRAIN_SECONDS: time.perf_counter() - start,
+            },
+            seed_update=update,
+        )
+
+    def evaluate(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        data: LocalTextData,
+        *,
+        seq_len: int,
+        batch_size: int,
+    ) -> EvalOutcome:
+        """Token-weighted mean held-out next-token loss, as the torch trainer reports it."""
+        theta = self._start(adapter)
+        blocks = self._blocks(data, "heldout", seq_len)
+        if len(blocks) == 0:
+            raise ValueError("no evaluation blocks: the held-out text is shorter than one block")
+        total, tokens = 0.0, 0
+        for i in range(0, len(blocks), batch_size):
+            nll = self.model.token_nll(blocks[i : i + batch_size], theta)  # (B, S-1)
+            total += float(nll.sum(dtype=np.float64))
+            tokens += nll.size
+        return EvalOutcome(loss=total / tokens, tokens=tokens)
+
+
+def _draws(
+    n_blocks: int, instruction: TrainInstruction
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Batch order (shuffled epochs) and distinct step seeds, from (seed, round).
+
+    Seeded like the torch trainer's batch order, so a rerun of a round reproduces the same
+    update. The seeds are public anyway (they are the upload); distinct because the
+    coordinator refuses a repeated seed.
+    """
+    batches, directions = np.random.SeedSequence(
+        [instruction.seed % (1 << 64), instruction.server_round]
+    ).spawn(2)
+    rng = np.random.default_rng(batches)
+    needed = instruction.local_steps * instruction.batch_size
+    epochs = -(-needed // n_blocks)
+    order = np.concatenate([rng.permutation(n_blocks) for _ in range(epochs)])[:needed]
+    seed_rng = np.random.default_rng(directions)
+    seeds: list[int] = []
+    while len(seeds) < instruction.local_steps:
+        candidate = int(seed_rng.integers(0, 1 << 64, dtype=np.uint64))
+        if candidate not in seeds:
+            seeds.append(candidate)
+    return order, np.array(seeds, dtype=np.uint64)

@@ -1,0 +1,303 @@
+"""Export the base causal LM + LoRA to ONNX for edge clients, adapter tensors as graph inputs.
+
+Runs on the coordinator or a dev box (torch, transformers, peft); the device side is
+:mod:`kernels.edge_runtime`. The graph computes, for ``input_ids`` int64 ``(B, S)`` and one
+float32 input per LoRA tensor, ``token_nll`` float32 ``(B, S-1)``: the next-token negative
+log-likelihood. Log-softmax and gather run inside the graph, so the ``(B, S, 49152)`` logits
+never leave ONNX Runtime. Because every adapter tensor is an input, one ORT session serves
+every adapter version and every MeZO perturbation θ ± εz (DESIGN D5).
+
+The LoRA layers are attached with :func:`kernels.lora.attach_lora` and the same
+:class:`~protocols.run_config.LoraSection` as the torch client, so input names map 1:1 to
+the wire keys of :func:`kernels.lora.get_adapter` (recorded in ``edge_config.json``).
+
+Exporter choice: the legacy TorchScript exporter (``dynamo=False``). It exports SmolLM2-135M
+in ~60 s here against ~150 s for the dynamo exporter, and tracing lets a LoRA layer read its
+weights from a Python-side slot filled from the wrapper's ``*adapter`` arguments; the dynamo
+exporter rejects variadic inputs' dynamic shapes and ``torch.func.functional_call`` cannot be
+traced by the legacy one. Tracing bakes Python branches in: transformers' branches taken for
+``S > 1`` without padding (we pass an all-ones attention mask, which also avoids ``aten::diff``
+in its packed-sequence check), hence the runtime's ``S >= 2`` requirement. If a torch release
+drops the legacy exporter, this module is the one place to port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kernels.edge_quantize import (
+    DEFAULT_QUANTIZATION,
+    calibration_blocks,
+    quantization_option,
+    quantize_model,
+)
+from kernels.edge_runtime import (
+    CONFIG_NAME,
+    EDGE_FORMAT,
+    INPUT_IDS,
+    MODEL_NAME,
+    OUTPUT_NLL,
+    TOKENIZER_NAME,
+)
+from protocols.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    build_manifest,
+    write_signed_manifest,
+)
+from protocols.run_config import LoraSection
+
+if TYPE_CHECKING:
+    import torch
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+#: Bump when the graph's contract changes: it is part of the cache key.
+EXPORT_REVISION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_edge(
+    model_dir: Path,
+    out_dir: Path,
+    lora: LoraSection,
+    *,
+    quantization: str = DEFAULT_QUANTIZATION,
+    signing_key: Ed25519PrivateKey | None = None,
+    calibration_texts: Sequence[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Export ``model_dir`` + LoRA to ``out_dir`` (cached) and return ``out_dir``.
+
+    ``out_dir`` ends up holding ``model.onnx``, the tokenizer files, ``edge_config.json`` and
+    a manifest (sha256 of every file; signed when ``signing_key`` is given). The folder is
+    built in a temporary sibling and renamed into place, so a crash never leaves half an
+    export. An existing export with the same cache key (source model files, LoRA settings,
+    quantization, exporter revision) is reused unless ``force``; batch and sequence length
+    are dynamic, so one export serves every batch shape.
+
+    ``calibration_texts`` feed the activation statistics of calibrated options (default:
+    :data:`kernels.edge_quantize.CALIBRATION_TEXT`). They must be public text: never client
+    data, which would leak into the model shipped to every device. A different text does
+    not invalidate the cache; pass ``force=True``.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    option = quantization_option(quantization)  # fail fast on an unknown name
+    if not (model_dir / TOKENIZER_NAME).is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: no {TOKENIZER_NAME}; edge clients need a fast (tokenizers) "
+            "tokenizer: save one there with `tokenizer.save_pretrained`"
+        )
+    key = _cache_key(model_dir, lora, option.name)
+    if not force and _cached(out_dir, key):
+        log.info("reusing edge export %s (%s)", out_dir, option.name)
+        if signing_key is not None:
+            write_signed_manifest(out_dir, signing_key, label=f"edge export {option.name}")
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        start = time.perf_counter()
+        build = tmp / "build"
+        build.mkdir()
+        fp32 = build / "fp32.onnx"
+        info = export_onnx_fp32(model_dir, fp32, lora)
+        final = tmp / "export"
+        final.mkdir()
+        calibration = None
+        if option.needs_calibration:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_NAME))
+            calibration = calibration_blocks(
+                tokenizer, eos_token_id=info["eos_token_id"], texts=calibration_texts
+            )
+        quantize_model(fp32, final / MODEL_NAME, option, calibration=calibration)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, final / name)
+        config = {
+            "format": EDGE_FORMAT,
+            "model_file": MODEL_NAME,
+            "opset": OPSET,
+            "quantization": option.name,
+            "quantization_help": option.help,
+            "inputs": {INPUT_IDS: {"dtype": "int64", "shape": ["batch", "seq"]}},
+            "output": {OUTPUT_NLL: {"dtype": "float32", "shape": ["batch", "seq-1"]}},
+            "adapter": info["adapter"],
+            "lora": asdict(lora),
+            "vocab_size": info["vocab_size"],
+            "eos_token_id": info["eos_token_id"],
+            "source_model": model_dir.name,
+            "cache_key": key,
+            "export_seconds": round(time.perf_counter() - start, 1),
+        }
+        (final / CONFIG_NAME).write_text(json.dumps(config, indent=1), encoding="utf-8")
+        if signing_key is not None:
+            write_signed_manifest(final, signing_key, label=f"edge export {option.name}")
+        else:
+            manifest = build_manifest(final, label=f"edge export {option.name}")
+            (final / MANIFEST_NAME).write_bytes(manifest.canonical_bytes())
+        _replace_dir(final, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s to %s (%s)", model_dir, out_dir, option.name)
+    return out_dir
+
+
+def export_onnx_fp32(model_dir: Path, onnx_path: Path, lora: LoraSection) -> dict[str, Any]:
+    """Write the float32 graph to ``onnx_path``; return adapter entries, vocab size, EOS id.
+
+    ``adapter`` is a list of ``{"input", "key", "shape"}`` in graph-input order.
+    """
+    import torch
+
+    from kernels.base_model import load_causal_lm
+    from kernels.lora import attach_lora, get_adapter
+
+    loaded = load_causal_lm(Path(model_dir))
+    model = attach_lora(loaded.model, lora)
+    model.eval()
+    adapter = get_adapter(model)
+    keys = list(adapter)
+    names = adapter_input_names(keys)
+    wrapper = _nll_graph(model, keys)
+    ids = torch.randint(0, int(model.config.vocab_size), (2, 8), generator=torch.Generator())
+    example = tuple(torch.from_numpy(adapter[k]) for k in keys)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings about branches baked in are expected (see the module docstring).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (ids, *example),
+            str(onnx_path),
+            input_names=[INPUT_IDS, *names],
+            output_names=[OUTPUT_NLL],
+            dynamic_axes={INPUT_IDS: {0: "batch", 1: "seq"}, OUTPUT_NLL: {0: "batch", 1: "seq_1"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    eos = loaded.tokenizer.eos_token_id
+    return {
+        "adapter": [
+            {"input": n, "key": k, "shape": list(adapter[k].shape)}
+            for n, k in zip(names, keys, strict=True)
+        ],
+        "vocab_size": int(model.config.vocab_size),
+        "eos_token_id": None if eos is None else int(eos),
+    }
+
+
+def adapter_input_names(keys: list[str]) -> list[str]:
+    """Graph input name per adapter key: the key with non-identifier characters as ``_``.
+
+    ONNX names need not be identifiers, but tools (quantizers, netron, C APIs) handle plain
+    names best. Refuses the (unlikely) case of two keys that collide.
+    """
+    names = [re.sub(r"[^0-9A-Za-z_]", "_", k) for k in keys]
+    if len(set(names)) != len(names) or INPUT_IDS in names:
+        raise ValueError("adapter keys collide once sanitised for ONNX input names")
+    return names
+
+
+class _AdapterSlot:
+    """Holds the adapter tensors of the forward being traced (shared by all LoRA layers)."""
+
+    def __init__(self) -> None:
+        self.tensors: tuple[Any, ...] = ()
+
+
+def _nll_graph(model: Any, keys: list[str]) -> torch.nn.Module:
+    """The traced module: base + LoRA, LoRA weights from the positional ``*adapter``.
+
+    Classes are defined inside so that importing this module does not import torch.
+    """
+    import torch
+    from torch.nn import functional
+
+    class LoraFromSlot(torch.nn.Module):
+        """Stands in for a PEFT ``lora_A``/``lora_B`` ``nn.Linear``: same math, weight from
+        the slot. ``weight`` stays as an attribute because PEFT reads its dtype."""
+
+        def __init__(self, slot: _AdapterSlot, index: int, weight: torch.Tensor) -> None:
+            super().__init__()
+            self.slot, self.index = slot, index
+            self.weight = weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return functional.linear(x, self.slot.tensors[self.index])  # (B, S, out)
+
+    class NllGraph(torch.nn.Module):
+        def __init__(self, model: Any, keys: list[str]) -> None:
+            super().__init__()
+            self.model, self.slot = model, _AdapterSlot()
+            base = model.get_base_model()  # the LoRA layers are injected in place
+            self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
+            modules = dict(model.named_modules())
+            for index, key in enumerate(keys):
+                # "<module>.lora_A.weight" -> the layer's ModuleDict "lora_A", adapter "default"
+                module_name, kind, _ = key.rsplit(".", 2)
+                holder = getattr(modules[module_name], kind)
+                holder["default"] = LoraFromSlot(self.slot, index, holder["default"].weight)
+
+        def forward(self, input_ids: torch.Tensor, *adapter: torch.Tensor) -> torch.Tensor:
+            self.slot.tensors = adapter
+            mask = torch.ones_like(input_ids)
+            hidden = self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            # Drop the last position before the vocabulary projection: it has no target, and
+            # slicing (B, S, H) instead of (B, S, V) logits saves a 49k-wide copy.
+            logits = self.head(hidden.last_hidden_state[:, :-1, :])  # (B, S-1, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (B, S-1, V)
+            target = input_ids[:, 1:].unsqueeze(-1)  # (B, S-1, 1)
+            return -torch.gather(logp, -1, target).squeeze(-1)  # (B, S-1)
+
+    return NllGraph(model, keys)
+
+
+def _cache_key(model_dir: Path, lora: LoraSection, quantization: str) -> str:
+    """Source files by (name, size, mtime), LoRA settings, quantization, exporter revision.
+
+    Stat data instead of content hashes: re-hashing a 540 MB model to decide whether to
+    skip a one-minute export is not worth it; a converted model is replaced, not edited.
+    """
+    files = sorted(  # the manifest is left out: re-signing the model changes no weight
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.iterdir()
+        if p.is_file() and p.name not in (MANIFEST_NAME, SIGNATURE_NAME)
+    )
+    doc = {"files": files, "lora": asdict(lora), "quantization": quantization,
+           "revision": EXPORT_REVISION, "opset": OPSET, "format": EDGE_FORMAT}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(out_dir: Path, key: str) -> bool:
+    try:
+        config = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("cache_key") == key
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an old ``dst`` is moved aside first and removed afterwards."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

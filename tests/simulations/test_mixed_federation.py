@@ -1,0 +1,127 @@
+"""Mixed federation: torch (backprop) and edge (ONNX Runtime, forward-only) clients improve
+one global adapter on the real Simulation Engine; the edge ClientApp runs without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocols.run_config import RunConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tiny_model_dir: Path, **security: object) -> RunConfig:
+    return RunConfig.from_nested({
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "lora": {"r": 4},
+        "train": {"rounds": 2, "clients_per_round": 4, "local_steps": 3, "batch_size": 2,
+                  "seq_len": 16, "learning_rate": 0.01},
+        "eval": {"max_blocks": 6, "batch_size": 4},
+        # partitions 0 and 3 are edge devices with data.seed 0 (EdgeSection.is_edge)
+        "edge": {"fraction": 0.5, "learning_rate": 0.3, "local_steps": 8},
+        "security": dict(security),
+    })
+
+
+def test_mixed_torch_and_edge_clients_train_one_adapter(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    from simulations.runner import check_inputs, run_federated
+
+    inputs = check_inputs(_config(tiny_model_dir, secagg=False), mini_cache)
+    assert inputs.edge_export is not None and (inputs.edge_export / "model.onnx").is_file()
+    run_dir = run_federated(inputs, tmp_path / "runs", name="mixed")
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["rejected"] == 0 and row["failed"] == 0
+        assert row["clients_by_kind"] == {"edge": 2, "torch": 2}
+        edge_bytes = row["bytes_up_by_kind"]["edge"] / 2
+        torch_bytes = row["bytes_up_by_kind"]["torch"] / 2
+        assert edge_bytes <= 1024, "an edge update is seeds and scalars: under 1 KB"
+        assert torch_bytes > 10 * edge_bytes  # tiny model: B only is 6.9 KB
+    assert all(np.isfinite(r["perplexity"]) for r in rows)
+    assert rows[-1]["perplexity"] < rows[0]["perplexity"]
+    assert "Bytes up per client by kind" in (run_dir / "report.html").read_text()
+
+
+def test_edge_clients_under_secure_aggregation_send_masked_dense_updates(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    from simulations.runner import check_inputs, run_federated
+
+    nested = _config(tiny_model_dir).to_nested()
+    nested["train"]["rounds"] = 1
+    inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
+    run_dir = run_federated(inputs, tmp_path / "runs", name="mixed-secagg")
+    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["clients"] == 4 and row["clients_by_kind"] == {"edge": 2, "torch": 2}
+    edge, torch = row["bytes_up_by_kind"]["edge"], row["bytes_up_by_kind"]["torch"]
+    assert edge / 2 > 1024, "under SecAgg an edge client sends the dense masked delta"
+    assert abs(edge - torch) <= 64  # same masked vector; metrics differ by one entry
+
+
+BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "transformers", "peft", "opacus"}:
+            raise ImportError(f"{name} is not installed on this edge device")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_the_edge_client_app_trains_with_torch_unavailable(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    """The ClientApp's train handler for an edge node, in a process where torch cannot be
+    imported: it trains on the ONNX export and uploads seeds and scalars."""
+    from simulations.runner import check_inputs, flower_run_config
+
+    inputs = check_inputs(_config(tiny_model_dir, secagg=False), mini_cache)
+    flat = flower_run_config(inputs, tmp_path)
+    adapter_file = tmp_path / "adapter.npz"
+    from client.edge_trainer import EdgeMeZOTrainer
+
+    trainer = EdgeMeZOTrainer.from_export(inputs.edge_export, inputs.config.lora)  # type: ignore[arg-type]
+    np.savez(adapter_file, **{k: np.zeros(s, np.float32) if "lora_B" in k else
+                              np.full(s, 0.01, np.float32)
+                              for k, s in trainer.model.adapter_shapes.items()})
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        import json, numpy as np
+        from flwr.app import ConfigRecord, Context, Message, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        from client.app import make_client_app
+        from protocols.codecs import Fp32Codec
+        flat = json.loads({json.dumps(json.dumps(flat))})
+        adapter = dict(np.load({str(adapter_file)!r}))
+        config = ConfigRecord({{"server-round": 1, "local-steps": 3, "batch-size": 2,
+            "learning-rate": 0.01, "seq-len": 16, "seed": 0, "codec": "fp32",
+            "edge-local-steps": 4, "edge-learning-rate": 0.3, "edge-codec": "seed-scalar"}})
+        msg = Message(RecordDict({{"arrays": Fp32Codec().encode(adapter), "config": config}}),
+                      dst_node_id=5, message_type="train")
+        ctx = Context(run_id=1, node_id=5, node_config={{"partition-id": 0}},
+                      state=RecordDict(), run_config={{}})
+        reply = make_client_app(flat)(msg, ctx)
+        assert not reply.has_error(), reply.error
+        print(json.dumps({{"arrays": sorted(reply.content["arrays"].keys()),
+                           "metrics": dict(reply.content["metrics"]),
+                           "torch": "torch" in sys.modules}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    assert out["arrays"] == ["mezo-header", "mezo-scalars", "mezo-seeds"]
+    assert out["metrics"]["edge-client"] == 1.0 and out["metrics"]["upload-bytes"] <= 1024
