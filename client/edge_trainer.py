@@ -97,6 +97,14 @@ class EdgeMeZOTrainer:
     def __init__(
         self, model: EdgeModel, lora: LoraSection, *, settings: MeZOSettings | None = None
     ) -> None:
+        if not model.float_activations:
+            # Measured on SmolLM2 (kernels.edge_quantize): int8 activations make the loss
+            # piecewise constant at ε, so every projected gradient would be noise.
+            raise ValueError(
+                f"edge export {model.export_dir} uses quantization {model.quantization!r}, which "
+                "quantizes activations: MeZO cannot train on it (its ±εz finite differences "
+                "come out as noise). Re-export with a float-activation option, e.g. "
+                "`fedtune export-edge --quantization int4-gguf` (the default)")
         self.model = model
         self.lora = lora
         self.settings = settings or MeZOSettings()

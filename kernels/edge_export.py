@@ -37,12 +37,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kernels.edge_quantize import (
-    DEFAULT_QUANTIZATION,
-    calibration_blocks,
-    quantization_option,
-    quantize_model,
-)
+import numpy as np
+import numpy.typing as npt
+
+from kernels.edge_quantize import DEFAULT_QUANTIZATION, quantization_option, quantize_model
 from kernels.edge_runtime import (
     CONFIG_NAME,
     EDGE_FORMAT,
@@ -50,6 +48,7 @@ from kernels.edge_runtime import (
     MODEL_NAME,
     OUTPUT_NLL,
     TOKENIZER_NAME,
+    token_blocks,
 )
 from protocols.manifest import (
     MANIFEST_NAME,
@@ -67,7 +66,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 #: Bump when the graph's contract changes: it is part of the cache key.
-EXPORT_REVISION = 1
+EXPORT_REVISION = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -91,7 +90,7 @@ def export_edge(
     are dynamic, so one export serves every batch shape.
 
     ``calibration_texts`` feed the activation statistics of calibrated options (default:
-    :data:`kernels.edge_quantize.CALIBRATION_TEXT`). They must be public text: never client
+    :data:`CALIBRATION_TEXT`). They must be public text: never client
     data, which would leak into the model shipped to every device. A different text does
     not invalidate the cache; pass ``force=True``.
     """
@@ -136,6 +135,7 @@ def export_edge(
             "opset": OPSET,
             "quantization": option.name,
             "quantization_help": option.help,
+            "float_activations": option.float_activations,
             "inputs": {INPUT_IDS: {"dtype": "int64", "shape": ["batch", "seq"]}},
             "output": {OUTPUT_NLL: {"dtype": "float32", "shape": ["batch", "seq-1"]}},
             "adapter": info["adapter"],
@@ -301,3 +301,57 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: Public, generic text for activation calibration (written for fedtune; no client data).
+#: Varied registers — narrative, dialogue, verse, technical prose, lists — because the
+#: outlier channels that matter appear on delimiters and sequence starts in any text.
+CALIBRATION_TEXT = (
+    "The morning train left the station a few minutes late, and the passengers settled "
+    "into their seats with coffee, newspapers and the quiet resignation of a long commute. "
+    "Outside, the fields were still grey with frost; a farmer walked along the fence with "
+    "two dogs running ahead of him.",
+    "\"Have you seen my keys?\" she asked, searching the pockets of her coat. \"I put them "
+    "on the table last night, I am sure of it.\" He laughed and pointed at the door, where "
+    "the keys were still hanging in the lock.",
+    "O gentle night, that hides the weary town,\nLet every lamp and every care lie down;\n"
+    "The river keeps its counsel, cold and deep,\nAnd all the bells are silent in their sleep.",
+    "To install the package, create a virtual environment, activate it, and run the "
+    "installer with the version you need. If the build fails, check that the compiler is "
+    "on your PATH and that the headers match the interpreter; then try again with verbose "
+    "output enabled.",
+    "Ingredients: two cups of flour, one teaspoon of salt, three eggs, a cup of milk and a "
+    "spoon of butter. Mix the dry ingredients first, whisk in the eggs, add the milk slowly, "
+    "and let the batter rest for thirty minutes before cooking.",
+    "In 1854 the physician John Snow mapped the cases of cholera around a water pump in "
+    "London and argued that the disease spread through contaminated water rather than bad "
+    "air. The handle of the pump was removed, and the number of new cases fell.",
+    "KING. Where is the messenger? Let him come in.\nMESSENGER. My lord, the army waits "
+    "upon the hill, and the enemy has crossed the river at dawn.\nKING. Then we shall meet "
+    "them there. Sound the trumpets, and let no man be idle!",
+    "Questions for review: 1. What is the difference between weather and climate? 2. Why do "
+    "coastal cities have milder winters? 3. Explain, in your own words, how a rain shadow "
+    "forms behind a mountain range.",
+)
+
+
+def calibration_blocks(
+    tokenizer: Any,
+    *,
+    eos_token_id: int | None,
+    texts: Sequence[str] | None = None,
+    seq_len: int = 64,
+    max_blocks: int = 16,
+) -> npt.NDArray[np.int64]:
+    """Token blocks for activation calibration: ``texts`` or :data:`CALIBRATION_TEXT`.
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer``; blocks are cut like every other block in
+    fedtune (:func:`kernels.edge_runtime.token_blocks`) and spread evenly over the text.
+    """
+    source = list(CALIBRATION_TEXT) if texts is None else list(texts)
+    blocks = token_blocks(tokenizer, source, seq_len, eos_token_id=eos_token_id)
+    if len(blocks) == 0:
+        raise ValueError(f"calibration text is shorter than one {seq_len}-token block")
+    pick = np.unique(np.linspace(0, len(blocks) - 1, num=min(max_blocks, len(blocks))).astype(int))
+    chosen: npt.NDArray[np.int64] = blocks[pick]
+    return chosen

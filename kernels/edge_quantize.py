@@ -4,29 +4,49 @@ Only MatMuls whose B is a constant (the frozen base weights) are quantized. MatM
 is computed — LoRA (B is a graph input), attention (activations) — are always excluded by
 name, so the adapter stays exact float32 and MeZO's ±εz perturbations are not rounded away.
 
-Measured on SmolLM2-135M (this 2-core AVX2 box without VNNI, shared; ORT 1.31, 1 thread;
-held-out Shakespeare, 16 blocks x 64 tokens, zero adapter; forward B=4 S=64, min CPU
-seconds of interleaved runs; ``simulations.bench.edge_forward --table`` regenerates it):
+Measured on SmolLM2-135M with ``python -m simulations.bench.edge_forward --table`` (2-core
+AVX2 box without VNNI, ORT 1.31, 1 thread; held-out Shakespeare, 16 blocks x 64 tokens,
+zero adapter; forward B=4 S=64, median CPU s of 8 forwards alternated over all options in
+one process; RSS = peak of a process holding one option; "MeZO err" = largest error of
+(L(θ+εz) - L(θ-εz))/2ε, ε=1e-3, 3 directions, relative to fp32's largest)::
 
-TABLE_PLACEHOLDER
+    option         float act  ppl    vs fp32  MB   CPU s  vs fp32  RSS MB  MeZO err
+    fp32           yes        185.1   +0.0%   653  1.192  1.00x     945       0%
+    int8-ort       no         336.6  +81.9%   251  0.727  1.64x     486    5874%
+    int8           no         328.2  +77.3%   250  0.733  1.63x     626    4514%
+    int8-smooth    no         194.8   +5.3%   293  0.732  1.63x     679    1192%
+    int8-keepdown  no         186.8   +0.9%   330  0.835  1.43x     693     868%
+    int4           yes        226.7  +22.5%   201  1.198  1.00x     546      74%
+    int4-b128      yes        275.9  +49.1%   193  1.253  0.95x     527      93%
+    int4-gguf      yes        185.1   -0.0%   308  1.587  0.75x     652       0%
+    int8-nbits     yes        185.1   +0.0%   270  2.043  0.58x     708       2%
+
+(Torch fp32 eager on the same batch: 1.16-2.15 s across runs, ppl 185.07; with fewer models
+in the process ``int8-smooth`` ran 1.98-2.01x faster than torch, ``int4-gguf`` 0.98-1.09x.)
 
 What the numbers say:
 
-- Per-tensor dynamic int8 loses badly (ppl +75%) because a few MatMul inputs carry massive
-  activations (max/median channel range up to 3000x in ``down_proj`` of layers 11 and 28):
-  one scale per tensor leaves the other channels a handful of levels. Full-range int8
-  weights are worse still here (ppl in the millions): without VNNI, MLAS's u8s8 kernel
-  sums pairs of products in int16 and saturates, so weights use ±63.
-- ``int8-smooth``: SmoothQuant (Xiao et al., ICML 2023) moves activation range into the
-  weights per input channel, and the few MatMuls whose calibrated input is still spiky
-  stay float32 (mixed precision chosen from data, not by layer index).
-- MatMulNBits (weight-only 4/8 bit) keeps quality — the base weights were GGUF Q4_1
-  (blocks of 32 along K) and Q8_0, so ``int4-gguf`` (block 32, float zero points,
-  8-bit head) reproduces them exactly — but ORT's CPU kernels for it are slower than
-  float32 MatMul on this AVX2 CPU at B*S = 256 rows. They are the smaller download and the
-  better choice on CPUs with int8 dot-product instructions (ARM sdot/i8mm, AVX-VNNI).
+- Dynamic int8 with one activation scale per tensor loses badly (ppl +77%): a few MatMul
+  inputs carry massive activations (max/median channel range up to 3000x in ``down_proj``
+  of layers 11 and 28). Full-range int8 weights are worse (ppl in the millions): without
+  VNNI, MLAS's u8s8 kernel sums pairs of products in int16 and saturates, so weights use
+  ±63. ``int8-smooth`` applies SmoothQuant (Xiao et al., ICML 2023) and keeps the MatMuls
+  whose calibrated input is still spiky in float32: +5.3%, the fastest option within 10%.
+- Any int8 *activation* breaks MeZO: rounding makes the loss piecewise constant at the
+  scale of ε, so projected gradients come out 10-50x too large with random sign (also at
+  ε=1e-2, also with calibrated static scales, also with MatMulNBits ``accuracy_level=4``).
+  Those options are for forward-only evaluation; :attr:`QuantOption.float_activations`
+  and ``edge_config.json`` say which is which.
+- Weight-only MatMulNBits with float compute is smooth. SmolLM2's weights come from GGUF
+  Q4_1 (blocks of 32 along K, ``min + d*q``), so ``int4-gguf`` (block 32, float zero points)
+  reproduces them exactly — same perplexity and MeZO gradients as fp32 at half the RAM —
+  while ORT's uint8-zero-point grid (``int4``) moves every weight by up to half a step
+  (+22.5%). On this CPU its dequantizing kernel is slower than fp32 MatMul; with
+  ``accuracy_level=4`` it was slower still.
 
-The default is the fastest option within 10% of float32 ONNX perplexity.
+Default: ``int4-gguf`` — the edge client trains with MeZO, so the fastest option within 10%
+*among those with float activations* (fp32 is faster but 2.1x larger; ``int4`` is outside
+10%). ``int8-smooth`` is :data:`FAST_FORWARD_QUANTIZATION`, for evaluation-only exports.
 """
 
 from __future__ import annotations
@@ -58,8 +78,8 @@ class QuantOption:
     bits: int = field(default=4, metadata={"help": "nbits: 4 or 8 bits per weight"})
     block_size: int = field(default=32, metadata={"help": "nbits: weights per scale along K"})
     accuracy_level: int = field(
-        default=4, metadata={"help": "nbits: 4 = int8 activations (per block) in the dot "
-                                     "products, 0 = float32 compute on dequantized weights"}
+        default=0, metadata={"help": "nbits: 0 = float32 compute on dequantized weights; 4 = "
+                                     "int8 activations (per block) in the dot products"}
     )
     float_zero_point: bool = field(
         default=False, metadata={"help": "nbits: float zero points, grid exactly [min, max] "
@@ -101,6 +121,20 @@ class QuantOption:
             raise ValueError(f"weight_max {self.weight_max}: expected 1..127")
 
     @property
+    def float_activations(self) -> bool:
+        """Whether activations stay float32, making the forward smooth in the adapter.
+
+        MeZO's ``(L(θ+εz) - L(θ-εz)) / 2ε`` needs a loss that is smooth at the scale of ε.
+        Quantizing activations (int8 schemes, MatMulNBits ``accuracy_level`` 4) rounds them
+        to a grid; a θ change of ε ~ 1e-3 flips roundings and, with dynamic scales, moves
+        the grid itself. On SmolLM2 the projected gradient then came out 10-50x too large
+        with random sign (ε = 1e-3), and still with wrong signs at ε = 1e-2; calibrated
+        static scales were no better. Weight-only options with float compute matched fp32
+        to 2% (``int8-nbits``) and 0.0% (``int4-gguf``).
+        """
+        return self.scheme == "fp32" or (self.scheme == "nbits" and self.accuracy_level == 0)
+
+    @property
     def needs_calibration(self) -> bool:
         return self.scheme == "int8" and bool(self.smooth_alpha or self.outlier_ratio)
 
@@ -126,17 +160,23 @@ register(QuantOption("int8-smooth", "int8 + SmoothQuant (alpha 0.5) + MatMuls wi
                      outlier_ratio=20.0))
 register(QuantOption("int8-keepdown", "int8 + SmoothQuant (alpha 0.5), every down_proj kept "
                      "float32", "int8", smooth_alpha=0.5, keep_float=(r"/down_proj/",)))
-register(QuantOption("int4", "MatMulNBits 4-bit, blocks of 32, uint8 zero points, int8 "
-                     "compute", "nbits", bits=4, block_size=32))
-register(QuantOption("int4-b128", "MatMulNBits 4-bit, blocks of 128 (ORT's default)", "nbits",
-                     bits=4, block_size=128))
-register(QuantOption("int4-gguf", "MatMulNBits 4-bit, blocks of 32, float zero points, lm_head "
-                     "8-bit: exact for GGUF Q4_1/Q8_0 sources", "nbits", bits=4,
-                     block_size=32, float_zero_point=True, head_bits=8))
-register(QuantOption("int8-nbits", "MatMulNBits 8-bit (weight-only), blocks of 32", "nbits",
-                     bits=8, block_size=32))
+register(QuantOption("int4", "MatMulNBits 4-bit, blocks of 32, uint8 zero points (ORT's RTN "
+                     "grid), float compute", "nbits", bits=4, block_size=32))
+register(QuantOption("int4-b128", "MatMulNBits 4-bit, blocks of 128 (ORT's default), float "
+                     "compute", "nbits", bits=4, block_size=128))
+register(QuantOption("int4-gguf", "MatMulNBits 4-bit, blocks of 32, float zero points, float "
+                     "compute, lm_head float32: exact for GGUF Q4_1 sources", "nbits", bits=4,
+                     block_size=32, float_zero_point=True, head_bits=0))
+register(QuantOption("int8-nbits", "MatMulNBits 8-bit weight-only, blocks of 32, float "
+                     "compute", "nbits", bits=8, block_size=32))
 
-DEFAULT_QUANTIZATION = "int8-smooth"
+#: Export default: the edge client trains with MeZO, which needs float activations
+#: (:attr:`QuantOption.float_activations`). ``int4-gguf`` reproduces SmolLM2's GGUF weights
+#: exactly (edge and torch clients train the same function), 2.1x smaller, ~half the RAM.
+DEFAULT_QUANTIZATION = "int4-gguf"
+#: Fastest option within 10% of fp32 perplexity here: for forward-only evaluation, never for
+#: MeZO steps (its activations are int8).
+FAST_FORWARD_QUANTIZATION = "int8-smooth"
 
 
 def quantization_option(name: str | QuantOption) -> QuantOption:
@@ -214,7 +254,7 @@ def _int8(src: Path, dst: Path, opt: QuantOption,
 
     if opt.needs_calibration and (calibration is None or len(calibration) == 0):
         raise ValueError(f"quantization {opt.name!r} calibrates activations; pass "
-                         "calibration= token blocks (see calibration_blocks)")
+                         "calibration= token blocks (see kernels.edge_export.calibration_blocks)")
     model = onnx.load(str(src))
     const_b, _ = weight_matmuls(model)
     chosen = set(const_b) - set(_kept(const_b, opt.keep_float))
@@ -232,20 +272,20 @@ def _int8(src: Path, dst: Path, opt: QuantOption,
         log.info("int8: %d MatMul inputs with outlier channels stay float32", len(spiky))
         groups = {x: nodes for x, nodes in groups.items() if x not in spiky}
     inits = {t.name: t for t in model.graph.initializer}
-    before: dict[str, Any] = {}  # node name -> smoothing Mul to insert in front of it
+    before: dict[str, list[Any]] = {}  # node name -> nodes to insert in front of it
     replaced: dict[str, Any] = {}
     for x_name, nodes in groups.items():
         weights = {n.name: onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
                    for n in nodes}  # (K, N) each
-        a_name = x_name
+        a_name, pre = x_name, before.setdefault(nodes[0].name, [])
         if opt.smooth_alpha:
             w_max = np.max([np.abs(w).max(axis=1) for w in weights.values()], axis=0)  # (K,)
             scale = smooth_scale(act_max[x_name], w_max, opt.smooth_alpha)
             inv = onnx.numpy_helper.from_array(1.0 / scale, f"{x_name}_smooth_inv")
             model.graph.initializer.append(inv)
             a_name = f"{x_name}_smoothed"
-            before[nodes[0].name] = onnx.helper.make_node(
-                "Mul", [x_name, inv.name], [a_name], name=f"{x_name}_smooth")
+            pre.append(onnx.helper.make_node(
+                "Mul", [x_name, inv.name], [a_name], name=f"{x_name}_smooth"))
             weights = {k: w * scale[:, None] for k, w in weights.items()}
         for node in nodes:
             q, col_scale = quantize_per_column(weights[node.name], opt.weight_max)
@@ -257,10 +297,9 @@ def _int8(src: Path, dst: Path, opt: QuantOption,
             replaced[node.name] = onnx.helper.make_node(
                 "DynamicQuantizeMatMul", [a_name, *(t.name for t in tensors)],
                 list(node.output), name=f"{node.name}_i8", domain="com.microsoft")
-    nodes_out = []
+    nodes_out: list[Any] = []
     for node in model.graph.node:
-        if node.name in before:
-            nodes_out.append(before[node.name])
+        nodes_out.extend(before.get(node.name, ()))
         nodes_out.append(replaced.get(node.name, node))
     _finish(model, nodes_out, dst)
 
@@ -315,7 +354,7 @@ def _nbits(src: Path, dst: Path, opt: QuantOption) -> None:
     const_b, _ = weight_matmuls(model)
     chosen = set(const_b) - set(_kept(const_b, opt.keep_float))
     inits = {t.name: t for t in model.graph.initializer}
-    nodes_out = []
+    nodes_out: list[Any] = []
     for node in model.graph.node:
         bits = opt.head_bits if LM_HEAD in node.name and opt.head_bits != -1 else opt.bits
         if node.name not in chosen or bits == 0:
@@ -407,59 +446,3 @@ def _finish(model: Any, nodes: list[Any], dst: Path) -> None:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
-
-
-#: Public, generic text for activation calibration (written for fedtune; no client data).
-#: Varied registers — narrative, dialogue, verse, technical prose, lists — because the
-#: outlier channels that matter appear on delimiters and sequence starts in any text.
-CALIBRATION_TEXT = (
-    "The morning train left the station a few minutes late, and the passengers settled "
-    "into their seats with coffee, newspapers and the quiet resignation of a long commute. "
-    "Outside, the fields were still grey with frost; a farmer walked along the fence with "
-    "two dogs running ahead of him.",
-    "\"Have you seen my keys?\" she asked, searching the pockets of her coat. \"I put them "
-    "on the table last night, I am sure of it.\" He laughed and pointed at the door, where "
-    "the keys were still hanging in the lock.",
-    "O gentle night, that hides the weary town,\nLet every lamp and every care lie down;\n"
-    "The river keeps its counsel, cold and deep,\nAnd all the bells are silent in their sleep.",
-    "To install the package, create a virtual environment, activate it, and run the "
-    "installer with the version you need. If the build fails, check that the compiler is "
-    "on your PATH and that the headers match the interpreter; then try again with verbose "
-    "output enabled.",
-    "Ingredients: two cups of flour, one teaspoon of salt, three eggs, a cup of milk and a "
-    "spoon of butter. Mix the dry ingredients first, whisk in the eggs, add the milk slowly, "
-    "and let the batter rest for thirty minutes before cooking.",
-    "In 1854 the physician John Snow mapped the cases of cholera around a water pump in "
-    "London and argued that the disease spread through contaminated water rather than bad "
-    "air. The handle of the pump was removed, and the number of new cases fell.",
-    "KING. Where is the messenger? Let him come in.\nMESSENGER. My lord, the army waits "
-    "upon the hill, and the enemy has crossed the river at dawn.\nKING. Then we shall meet "
-    "them there. Sound the trumpets, and let no man be idle!",
-    "Questions for review: 1. What is the difference between weather and climate? 2. Why do "
-    "coastal cities have milder winters? 3. Explain, in your own words, how a rain shadow "
-    "forms behind a mountain range.",
-)
-
-
-def calibration_blocks(
-    tokenizer: Any,
-    *,
-    eos_token_id: int | None,
-    texts: Any = None,
-    seq_len: int = 64,
-    max_blocks: int = 16,
-) -> npt.NDArray[np.int64]:
-    """Token blocks for activation calibration: ``texts`` or :data:`CALIBRATION_TEXT`.
-
-    ``tokenizer`` is a ``tokenizers.Tokenizer``; blocks are cut like every other block in
-    fedtune (:func:`kernels.edge_runtime.token_blocks`) and spread evenly over the text.
-    """
-    from kernels.edge_runtime import token_blocks
-
-    source = list(CALIBRATION_TEXT) if texts is None else list(texts)
-    blocks = token_blocks(tokenizer, source, seq_len, eos_token_id=eos_token_id)
-    if len(blocks) == 0:
-        raise ValueError(f"calibration text is shorter than one {seq_len}-token block")
-    pick = np.unique(np.linspace(0, len(blocks) - 1, num=min(max_blocks, len(blocks))).astype(int))
-    chosen: npt.NDArray[np.int64] = blocks[pick]
-    return chosen

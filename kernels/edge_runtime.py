@@ -17,10 +17,11 @@ returns, and a perturbation written into the caller's θ buffer can never leak i
 run. The returned NLL array is a fresh copy too. A model is not thread-safe: calls are
 serialised by a lock; use one :class:`EdgeModel` per thread for parallelism.
 
-Batch coupling: int8 exports (the default, see :mod:`kernels.edge_quantize`) quantize
-activations with one scale per MatMul input over the whole batch, so a row's NLL moves
-slightly (~1e-3) with the other rows of its batch. Compare losses computed on the same batch
-— as MeZO's ``L(θ+εz) - L(θ-εz)`` does — not single rows across batches.
+Exports with int8 activations (``int8*`` options; :attr:`EdgeModel.float_activations` is
+False) are for forward-only evaluation: their loss is not smooth in the adapter at MeZO's ε,
+and one activation scale per MatMul input spans the whole batch, so a row's NLL also depends
+on the other rows of its batch (by up to ~2 nats per token on SmolLM2; ~0.006 in the mean).
+The default export keeps float activations and has neither problem.
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ class EdgeModel:
     @property
     def quantization(self) -> str:
         return str(self.config["quantization"])
+
+    @property
+    def float_activations(self) -> bool:
+        """False for int8-activation exports: fast, but not smooth enough for MeZO's ±εz
+        finite differences (see :attr:`kernels.edge_quantize.QuantOption.float_activations`);
+        use them for forward-only evaluation."""
+        # Revision-1 exports did not record it; all of their quantized options were int8.
+        return bool(self.config.get("float_activations", self.quantization == "fp32"))
 
     def zero_adapter(self) -> dict[str, npt.NDArray[np.float32]]:
         """All-zero adapter tensors: the base model's own function (B = 0)."""
@@ -303,7 +312,7 @@ def _read_config(root: Path) -> dict[str, Any]:
         raise EdgeModelError(
             f"{path}: format {got!r} is not {EDGE_FORMAT!r}; re-export with this fedtune version"
         )
-    for field in ("model_file", "adapter", "vocab_size", "quantization"):
+    for field in ("model_file", "adapter", "vocab_size", "quantization", "float_activations"):
         if field not in config:
             raise EdgeModelError(f"{path}: missing field {field!r}; re-export the model")
     return config

@@ -1,22 +1,28 @@
-"""Benchmark: the edge client's quantized ONNX forward against the torch fp32 eager forward.
+"""Benchmark: the edge client's ONNX forward against the torch fp32 eager forward.
 
-    python -m simulations.bench.edge_forward                 # SmolLM2, default quantization
-    python -m simulations.bench.edge_forward --reps 10 --threads 2
-    python -m simulations.bench.edge_forward --table         # every quantization option (~15 min)
+    python -m simulations.bench.edge_forward                     # SmolLM2, both defaults
+    python -m simulations.bench.edge_forward --quantization int8-smooth --reps 12
+    python -m simulations.bench.edge_forward --table             # every option (~15 min)
 
-Both sides score the same batch (``--batch`` blocks of ``--seq`` tokens cut from the held-out
+All sides score the same batch (``--batch`` blocks of ``--seq`` tokens cut from the held-out
 Shakespeare speeches, zero adapter): torch is the PEFT LoRA model the torch client trains
-(``model(input_ids, labels).loss``), ORT is :class:`kernels.edge_runtime.EdgeModel` on the
-cached export (``token_nll``, log-softmax inside the graph). Perplexity is measured on
-``--eval-blocks`` blocks spread over the held-out file. Goal: ORT >= 2x faster at a
-perplexity within 10% of torch fp32.
+(``model(input_ids, labels).loss``), ORT is :class:`kernels.edge_runtime.EdgeModel` on a
+cached export (``token_nll``, log-softmax inside the graph). By default two exports are
+compared: the export default (``int4-gguf``, float activations, what MeZO training needs)
+and the fastest option within 10% perplexity (``int8-smooth``, forward-only evaluation).
+Goal: ORT >= 2x faster at a perplexity within 10% of torch fp32.
 
-Three fresh processes: one per side for perplexity and peak RSS (``VmHWM``: each side's own
-footprint, model + one scored batch), then one that loads both sides and alternates their
-forwards ``--reps`` times, so that load drift on a shared machine hits both alike. With one
-thread per side the process CPU time is the steadier measure on a busy box; wall time is
-reported too. Every ratio printed comes from numbers measured in the same run. The first
-run exports the model (~3 min); later runs reuse the export (``CACHE/edge``).
+Perplexity uses ``--eval-blocks`` blocks spread over the held-out file. "MeZO err" is the
+largest error of MeZO's projected gradients ``(L(θ+εz) - L(θ-εz)) / 2ε`` (ε = 1e-3, three
+seeded directions z, a small random θ) relative to torch fp32's largest one: a forward whose
+loss is not smooth in the adapter shows it at once.
+
+Each side first runs alone in a fresh process (perplexity, MeZO gradients, peak RSS as
+``VmHWM``: model + one scored batch); then one process loads every side and alternates their
+forwards ``--reps`` times so that load drift on a shared machine hits all alike. With one
+thread the process CPU time is the steadier measure on a busy box; wall time is reported
+too. Every ratio comes from numbers measured in the same run. The first run exports the
+model (~3 min per export); later runs reuse the exports in ``CACHE/edge``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,17 @@ import numpy as np
 import numpy.typing as npt
 
 RESULT = "RESULT "
-Side = tuple[Callable[[npt.NDArray[np.int64]], float], Callable[[], None]]
+MEZO_EPS = 1e-3
+MEZO_DIRECTIONS = 3
+Adapter = dict[str, npt.NDArray[np.float32]]
+
+
+class _Side:
+    """One forward implementation: ``loss(blocks, adapter)`` and a timed ``forward()``."""
+
+    def __init__(self, loss: Callable[[npt.NDArray[np.int64], Adapter], float],
+                 forward: Callable[[], None]) -> None:
+        self.loss, self.forward = loss, forward
 
 
 def _peak_rss_mb() -> float:
@@ -54,83 +70,112 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _load_side(spec: str, args: argparse.Namespace, batch: npt.NDArray[np.int64]) -> Side:
-    """``(score(blocks) -> mean loss, forward())`` for ``torch``, ``edge:DIR`` or ``onnx:FILE``."""
+def _load_side(spec: str, args: argparse.Namespace, batch: npt.NDArray[np.int64],
+               zero: Adapter, inputs: dict[str, str]) -> _Side:
+    """``torch``, ``edge:DIR`` or ``onnx:FILE``; every loss is a token-weighted mean."""
     kind, _, where = spec.partition(":")
     if kind == "torch":
         import torch
 
         from kernels.base_model import load_causal_lm
         from kernels.lm_eval import mean_token_loss
-        from kernels.lora import attach_lora
+        from kernels.lora import attach_lora, set_adapter
         from protocols.run_config import LoraSection
 
         torch.set_num_threads(args.threads)
         model = attach_lora(load_causal_lm(args.model).model, LoraSection())
         x = torch.from_numpy(batch)
 
-        def forward() -> None:
+        def torch_loss(blocks: npt.NDArray[np.int64], adapter: Adapter) -> float:
+            set_adapter(model, adapter)
+            return mean_token_loss(model, blocks, args.batch)[0]
+
+        def torch_forward() -> None:
             with torch.no_grad():
                 model(input_ids=x, labels=x).loss.item()
 
-        return (lambda blocks: mean_token_loss(model, blocks, args.batch)[0]), forward
+        set_adapter(model, zero)
+        return _Side(torch_loss, torch_forward)
     if kind == "edge":
         from kernels.edge_runtime import EdgeModel
 
         edge = EdgeModel(Path(where), threads=args.threads)
-        adapter = edge.zero_adapter()
+
+        def edge_loss(blocks: npt.NDArray[np.int64], adapter: Adapter) -> float:
+            return float(np.log(edge.perplexity(blocks, adapter, batch_size=args.batch)))
 
         def edge_forward() -> None:
-            edge.token_nll(batch, adapter)
+            edge.token_nll(batch, zero)
 
-        return (lambda blocks: float(np.log(edge.perplexity(blocks, adapter,
-                                                            batch_size=args.batch))),
-                edge_forward)
-    import onnxruntime as ort  # a bare graph (the --table), zero adapter
+        return _Side(edge_loss, edge_forward)
+    import onnxruntime as ort  # a bare graph (the --table)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(where, options, providers=["CPUExecutionProvider"])
-    zeros = {i.name: np.zeros(i.shape, np.float32) for i in session.get_inputs()
-             if i.name != "input_ids"}
 
-    def score(blocks: npt.NDArray[np.int64]) -> float:
-        nll = [session.run(None, {"input_ids": blocks[i : i + args.batch], **zeros})[0]
+    def feed(ids: npt.NDArray[np.int64], adapter: Adapter) -> dict[str, Any]:
+        return {"input_ids": ids, **{inputs[k]: v for k, v in adapter.items()}}
+
+    def onnx_loss(blocks: npt.NDArray[np.int64], adapter: Adapter) -> float:
+        nll = [session.run(None, feed(blocks[i : i + args.batch], adapter))[0].reshape(-1)
                for i in range(0, len(blocks), args.batch)]
-        return float(np.concatenate([n.reshape(-1) for n in nll]).mean(dtype=np.float64))
+        return float(np.concatenate(nll).mean(dtype=np.float64))
 
     def onnx_forward() -> None:
-        session.run(None, {"input_ids": batch, **zeros})
+        session.run(None, feed(batch, zero))
 
-    return score, onnx_forward
+    return _Side(onnx_loss, onnx_forward)
+
+
+def _mezo_gradients(side: _Side, batch: npt.NDArray[np.int64],
+                    shapes: dict[str, tuple[int, ...]]) -> list[float]:
+    """MeZO's projected gradients (L(θ+εz) - L(θ-εz)) / 2ε along seeded directions z."""
+    rng = np.random.default_rng(0)
+    theta = {k: (0.02 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    out = []
+    for i in range(MEZO_DIRECTIONS):
+        r = np.random.default_rng(100 + i)
+        z = {k: r.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        plus = side.loss(batch, {k: theta[k] + MEZO_EPS * z[k] for k in theta})
+        minus = side.loss(batch, {k: theta[k] - MEZO_EPS * z[k] for k in theta})
+        out.append((plus - minus) / (2 * MEZO_EPS))
+    return out
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     """In a child process: load the sides, score the eval blocks, alternate timed forwards."""
     blocks: npt.NDArray[np.int64] = np.load(args.blocks)
-    sides: dict[str, Side] = {}
+    batch = blocks[: args.batch]
+    entries = json.loads(args.config.read_text(encoding="utf-8"))["adapter"]
+    shapes = {e["key"]: tuple(e["shape"]) for e in entries}
+    inputs = {e["key"]: e["input"] for e in entries}
+    zero = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    sides: dict[str, _Side] = {}
     out: dict[str, dict[str, Any]] = {}
     for spec in args.sides.split(","):
         start = time.perf_counter()
-        sides[spec] = _load_side(spec, args, blocks[: args.batch])
+        sides[spec] = _load_side(spec, args, batch, zero, inputs)
         out[spec] = {"load_s": time.perf_counter() - start, "wall": [], "cpu": []}
         if args.eval:
-            out[spec]["ppl"] = float(np.exp(sides[spec][0](blocks)))
-        sides[spec][1]()  # warm-up: first-run allocations and kernel selection
+            out[spec]["ppl"] = float(np.exp(sides[spec].loss(blocks, zero)))
+            out[spec]["mezo"] = _mezo_gradients(sides[spec], batch, shapes)
+        sides[spec].forward()  # warm-up: first-run allocations and kernel selection
     for _ in range(args.reps):
-        for spec, (_, forward) in sides.items():
+        for spec, side in sides.items():
             w, c = time.perf_counter(), time.process_time()
-            forward()
+            side.forward()
             out[spec]["wall"].append(time.perf_counter() - w)
             out[spec]["cpu"].append(time.process_time() - c)
     return {"sides": out, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _spawn(args: argparse.Namespace, blocks: Path, sides: list[str], *, evaluate: bool,
-           reps: int) -> dict[str, Any]:
+def _spawn(args: argparse.Namespace, run: dict[str, Path], sides: list[str], *,
+           evaluate: bool, reps: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "simulations.bench.edge_forward", "--worker",
-           "--sides", ",".join(sides), "--blocks", str(blocks), "--model", str(args.model),
-           "--batch", str(args.batch), "--reps", str(reps), "--threads", str(args.threads)]
+           "--sides", ",".join(sides), "--blocks", str(run["blocks"]), "--config",
+           str(run["config"]), "--model", str(args.model), "--batch", str(args.batch),
+           "--reps", str(reps), "--threads", str(args.threads)]
     if evaluate:
         cmd.append("--eval")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
@@ -160,16 +205,16 @@ def _eval_blocks(args: argparse.Namespace, tokenizer: Any, eos: int | None) -> P
     return Path(name)
 
 
-def _measure(args: argparse.Namespace, blocks: Path, specs: list[str]) -> dict[str, dict[str, Any]]:
-    """Per side: ppl, load and peak RSS from its own process; times from one shared one."""
+def _measure(args: argparse.Namespace, run: dict[str, Path],
+             specs: list[str]) -> dict[str, dict[str, Any]]:
+    """Per side: ppl, MeZO gradients, load and peak RSS from its own process; forward times
+    from one process that alternates all sides."""
     rows: dict[str, dict[str, Any]] = {}
     for spec in specs:
-        alone = _spawn(args, blocks, [spec], evaluate=True, reps=1)
-        rows[spec] = {"ppl": alone["sides"][spec]["ppl"], "load_s": alone["sides"][spec]["load_s"],
-                      "peak_rss_mb": alone["peak_rss_mb"]}
-        print(f"  {spec.rpartition('/')[2]}: ppl {rows[spec]['ppl']:.2f}", file=sys.stderr,
-              flush=True)
-    timed = _spawn(args, blocks, specs, evaluate=False, reps=args.reps)["sides"]
+        alone = _spawn(args, run, [spec], evaluate=True, reps=1)
+        rows[spec] = {**alone["sides"][spec], "peak_rss_mb": alone["peak_rss_mb"]}
+        print(f"  {Path(spec).stem}: ppl {rows[spec]['ppl']:.2f}", file=sys.stderr, flush=True)
+    timed = _spawn(args, run, specs, evaluate=False, reps=args.reps)["sides"]
     for spec in specs:
         rows[spec] |= {"cpu": statistics.median(timed[spec]["cpu"]),
                        "cpu_min": min(timed[spec]["cpu"]),
@@ -177,49 +222,63 @@ def _measure(args: argparse.Namespace, blocks: Path, specs: list[str]) -> dict[s
     return rows
 
 
+def _mezo_error(row: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Largest error of the projected gradients, relative to the reference's largest one."""
+    got, want = np.array(row["mezo"]), np.array(ref["mezo"])
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
 def _compare(args: argparse.Namespace) -> None:
     from tokenizers import Tokenizer
 
     from kernels.edge_export import export_edge
-    from kernels.edge_runtime import read_config
+    from kernels.edge_runtime import CONFIG_NAME, read_config
     from protocols.run_config import LoraSection
 
-    export = export_edge(args.model, args.export_root / f"{args.model.name}-{args.quantization}",
-                         LoraSection(), quantization=args.quantization)
-    eos = read_config(export)["eos_token_id"]
-    blocks = _eval_blocks(args, Tokenizer.from_file(str(export / "tokenizer.json")), eos)
+    exports = {q: export_edge(args.model, args.export_root / f"{args.model.name}-{q}",
+                              LoraSection(), quantization=q) for q in args.quantization}
+    first = next(iter(exports.values()))
+    eos = read_config(first)["eos_token_id"]
+    run = {"blocks": _eval_blocks(args, Tokenizer.from_file(str(first / "tokenizer.json")), eos),
+           "config": first / CONFIG_NAME}
     try:
-        rows = _measure(args, blocks, ["torch", f"edge:{export}"])
+        rows = _measure(args, run, ["torch", *(f"edge:{e}" for e in exports.values())])
     finally:
-        blocks.unlink()
-    t, o = rows["torch"], rows[f"edge:{export}"]
+        run["blocks"].unlink()
+    t = rows["torch"]
     print(f"model {args.model.name}, batch {args.batch}x{args.seq}, {args.threads} thread(s), "
-          f"{args.reps} alternating reps, ORT export {export.name} "
-          f"({_size_mb(export / 'model.onnx'):.0f} MB)")
-    print(f"{'':<22}{'ppl':>8}{'cpu s':>8}{'wall s':>8}{'min cpu':>9}{'load s':>8}"
-          f"{'peak RSS MB':>13}")
-    for name, s in (("torch fp32 eager", t), (f"ORT {args.quantization}", o)):
-        print(f"{name:<22}{s['ppl']:>8.2f}{s['cpu']:>8.3f}{s['wall']:>8.3f}{s['cpu_min']:>9.3f}"
-              f"{s['load_s']:>8.1f}{s['peak_rss_mb']:>13.0f}")
-    print(f"speed-up ORT vs torch: {t['cpu'] / o['cpu']:.2f}x CPU time (median), "
-          f"{t['cpu_min'] / o['cpu_min']:.2f}x (min), {t['wall'] / o['wall']:.2f}x wall "
-          f"(goal >= 2x); perplexity {o['ppl'] / t['ppl'] - 1:+.1%} vs torch (goal within "
-          f"10%); peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
+          f"{args.reps} alternating reps; MeZO: {MEZO_DIRECTIONS} directions, eps {MEZO_EPS}")
+    print(f"{'':<20}{'ppl':>8}{'cpu s':>8}{'wall s':>8}{'min cpu':>9}{'load s':>8}"
+          f"{'RSS MB':>8}{'MB':>6}{'MeZO err':>10}")
+    names = [("torch fp32 eager", "torch", None)] + [
+        (f"ORT {q}", f"edge:{e}", e / "model.onnx") for q, e in exports.items()]
+    for label, spec, onnx_file in names:
+        s = rows[spec]
+        size = f"{_size_mb(onnx_file):>6.0f}" if onnx_file else f"{'':>6}"
+        print(f"{label:<20}{s['ppl']:>8.2f}{s['cpu']:>8.3f}{s['wall']:>8.3f}{s['cpu_min']:>9.3f}"
+              f"{s['load_s']:>8.1f}{s['peak_rss_mb']:>8.0f}{size}{_mezo_error(s, t):>10.1%}")
+    for label, spec, _ in names[1:]:
+        o = rows[spec]
+        print(f"{label} vs torch: {t['cpu'] / o['cpu']:.2f}x CPU time (median), "
+              f"{t['cpu_min'] / o['cpu_min']:.2f}x (min), {t['wall'] / o['wall']:.2f}x wall "
+              f"(goal >= 2x); perplexity {o['ppl'] / t['ppl'] - 1:+.1%} (goal within 10%); "
+              f"peak RSS {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x; MeZO projected-gradient "
+              f"error {_mezo_error(o, t):.1%}")
 
 
 def _table(args: argparse.Namespace) -> None:
     from tokenizers import Tokenizer
 
-    from kernels.edge_export import export_edge
-    from kernels.edge_quantize import QUANTIZATIONS, calibration_blocks, quantize_model
-    from kernels.edge_runtime import read_config
+    from kernels.edge_export import calibration_blocks, export_edge
+    from kernels.edge_quantize import QUANTIZATIONS, quantize_model
+    from kernels.edge_runtime import CONFIG_NAME, read_config
     from protocols.run_config import LoraSection
 
     export = export_edge(args.model, args.export_root / f"{args.model.name}-fp32", LoraSection(),
                          quantization="fp32")
     tokenizer = Tokenizer.from_file(str(export / "tokenizer.json"))
     eos = read_config(export)["eos_token_id"]
-    blocks = _eval_blocks(args, tokenizer, eos)
+    run = {"blocks": _eval_blocks(args, tokenizer, eos), "config": export / CONFIG_NAME}
     calibration = calibration_blocks(tokenizer, eos_token_id=eos)
     with tempfile.TemporaryDirectory(dir=args.export_root) as tmp:
         paths, quantize_s = {}, {}
@@ -228,18 +287,19 @@ def _table(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             quantize_model(export / "model.onnx", paths[name], name, calibration=calibration)
             quantize_s[name] = time.perf_counter() - start
-        rows = _measure(args, blocks, [f"onnx:{p}" for p in paths.values()])
+        rows = _measure(args, run, [f"onnx:{p}" for p in paths.values()])
         sizes = {name: _size_mb(p) for name, p in paths.items()}
-    blocks.unlink()
+    run["blocks"].unlink()
     base = rows[f"onnx:{paths['fp32']}"]
-    print(f"| option | held-out ppl | vs fp32 | size MB | fwd CPU s (B={args.batch} "
-          f"S={args.seq}, median) | speed vs fp32 | peak RSS MB | quantize s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| option | float act. | held-out ppl | vs fp32 | size MB | fwd CPU s (B={args.batch} "
+          f"S={args.seq}) | speed vs fp32 | peak RSS MB | MeZO err vs fp32 | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, path in paths.items():
         s = rows[f"onnx:{path}"]
-        print(f"| {name} | {s['ppl']:.1f} | {s['ppl'] / base['ppl'] - 1:+.1%} | "
-              f"{sizes[name]:.0f} | {s['cpu']:.3f} | {base['cpu'] / s['cpu']:.2f}x | "
-              f"{s['peak_rss_mb']:.0f} | {quantize_s[name]:.0f} |")
+        print(f"| {name} | {'yes' if QUANTIZATIONS[name].float_activations else 'no'} | "
+              f"{s['ppl']:.1f} | {s['ppl'] / base['ppl'] - 1:+.1%} | {sizes[name]:.0f} | "
+              f"{s['cpu']:.3f} | {base['cpu'] / s['cpu']:.2f}x | {s['peak_rss_mb']:.0f} | "
+              f"{_mezo_error(s, base):.0%} | {quantize_s[name]:.0f} |")
 
 
 def _size_mb(path: Path) -> float:
@@ -248,7 +308,11 @@ def _size_mb(path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.base_model import converted_dir
-    from kernels.edge_quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
+    from kernels.edge_quantize import (
+        DEFAULT_QUANTIZATION,
+        FAST_FORWARD_QUANTIZATION,
+        QUANTIZATIONS,
+    )
     from simulations.paths import default_cache_dir
 
     cache = default_cache_dir()
@@ -261,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=cache, help="fedtune cache folder")
     parser.add_argument("--export-root", type=Path, default=cache / "edge",
                         help="where exports are cached (default: CACHE/edge)")
-    parser.add_argument("--quantization", default=DEFAULT_QUANTIZATION,
-                        choices=sorted(QUANTIZATIONS), help="ORT side's option")
+    parser.add_argument("--quantization", nargs="+", choices=sorted(QUANTIZATIONS),
+                        default=[DEFAULT_QUANTIZATION, FAST_FORWARD_QUANTIZATION],
+                        help="ORT exports to compare with torch (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="blocks per forward")
     parser.add_argument("--seq", type=int, default=64, help="tokens per block")
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for ppl")
@@ -273,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sides", help=argparse.SUPPRESS)
     parser.add_argument("--blocks", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--eval", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

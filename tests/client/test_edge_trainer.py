@@ -33,6 +33,8 @@ B = "base_model.model.layers.0.q_proj.lora_B.weight"
 class QuadraticModel:
     """EdgeModel's interface with loss = mean((B·A − T)²) + a batch-dependent offset."""
 
+    float_activations = True
+
     def __init__(self) -> None:
         rng = np.random.default_rng(0)
         self.adapter_shapes = {A: (2, 6), B: (5, 2)}
@@ -228,3 +230,13 @@ def test_mezo_on_a_real_export_lowers_the_loss_and_replays_exactly(tiny_export: 
                                 learning_rate=instruction.learning_rate)
     for key, value in outcome.tensors.items():
         assert value.tobytes() == replay[key].tobytes(), key
+
+
+def test_an_int8_activation_export_is_refused_with_the_fix(tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    from kernels import edge_export
+
+    out = edge_export.export_edge(tiny_model_dir, tmp_path / "fast", LoraSection(r=4),
+                                  quantization="int8-smooth")
+    with pytest.raises(ValueError, match=r"MeZO cannot train on it.*int4-gguf"):
+        EdgeMeZOTrainer.from_export(out, LoraSection(r=4))

@@ -21,6 +21,8 @@ import torch
 
 from kernels.edge_export import export_edge
 from kernels.edge_quantize import (
+    DEFAULT_QUANTIZATION,
+    FAST_FORWARD_QUANTIZATION,
     QUANTIZATIONS,
     QuantOption,
     quantize_blockwise,
@@ -187,9 +189,10 @@ def test_export_is_cached_and_options_are_checked(tiny_model_dir: Path,
 @pytest.mark.parametrize("name", ["int8", "int8-smooth", "int4", "int4-gguf", "int8-nbits"])
 def test_quantized_graphs_run_and_stay_close(export_dir: Path, edge: EdgeModel,
                                              tmp_path: Path, name: str) -> None:
+    import onnx
     import onnxruntime as ort
 
-    from kernels.edge_quantize import calibration_blocks
+    from kernels.edge_export import calibration_blocks
 
     calibration = calibration_blocks(edge.tokenizer, eos_token_id=edge.eos_token_id,
                                      seq_len=16)
@@ -198,7 +201,7 @@ def test_quantized_graphs_run_and_stay_close(export_dir: Path, edge: EdgeModel,
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ops & {"DynamicQuantizeMatMul", "MatMulNBits"}
     adapter = _random_adapter(edge, seed=6, scale=0.2)
     ids = _ids(edge, (2, 16))
@@ -213,9 +216,22 @@ def test_quantized_graphs_run_and_stay_close(export_dir: Path, edge: EdgeModel,
 def test_default_quantized_export_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = export_edge(tiny_model_dir, tmp_path / "default", LORA)
     model = EdgeModel(out)
-    assert model.quantization == "int8-smooth"
+    assert model.quantization == "int4-gguf" and model.float_activations
     ids = _ids(model, (2, 12))
     assert np.isfinite(model.token_nll(ids, _random_adapter(model, seed=7))).all()
+    fast = EdgeModel(export_edge(tiny_model_dir, tmp_path / "fast", LORA,
+                                 quantization=FAST_FORWARD_QUANTIZATION))
+    assert not fast.float_activations
+    assert np.isfinite(fast.token_nll(ids, _random_adapter(model, seed=7))).all()
+
+
+def test_only_float_activation_options_are_marked_mezo_safe() -> None:
+    # MeZO's finite differences need float activations; the measurement on SmolLM2 is in
+    # simulations.bench.edge_forward (the tiny random model is too small to show the noise).
+    safe = {name for name, option in QUANTIZATIONS.items() if option.float_activations}
+    assert safe == {"fp32", "int4", "int4-b128", "int4-gguf", "int8-nbits"}
+    assert QUANTIZATIONS[DEFAULT_QUANTIZATION].float_activations
+    assert not QuantOption("x", "", "nbits", accuracy_level=4).float_activations
 
 
 def test_blockwise_packing_matches_ort_quantizer() -> None:
