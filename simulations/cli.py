@@ -44,11 +44,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from protocols.run_config import ConfigError
     from simulations.deploy.client_daemon import DaemonConfigError
     from simulations.deploy.flwr_cli import FlwrCliError
+    from simulations.run_dir import ResumeError
     from simulations.shakespeare_split import DataNotAvailable
 
     return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, ManifestError,
             ManifestMismatch, FileNotFoundError, FileExistsError, DaemonConfigError,
-            FlwrCliError)
+            FlwrCliError, ResumeError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -47,10 +47,49 @@ def new_run_dir(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     (work / RUN_INFO).write_text(json.dumps(info, indent=2))
-    try:
+    with _finish_or_fail(work, final, info):
         yield work
+
+
+class ResumeError(ValueError):
+    """The named run cannot be resumed; the message says why and what to do."""
+
+
+def unfinished_run_dir(runs_dir: Path, name: str) -> Path:
+    """The folder of an interrupted run: ``<name>.partial`` (killed) or ``<name>.failed``."""
+    if (runs_dir / name).exists():
+        raise ResumeError(f"run {name!r} already finished ({runs_dir / name}); nothing to "
+                          "resume")
+    for suffix in (".partial", ".failed"):
+        candidate = runs_dir / f"{name}{suffix}"
+        if (candidate / RUN_INFO).is_file() and (candidate / "config.toml").is_file():
+            return candidate
+    raise ResumeError(f"no interrupted run {name!r} in {runs_dir} (looked for {name}.partial "
+                      f"and {name}.failed with config.toml); check --runs-dir and the name")
+
+
+@contextmanager
+def reopened_run_dir(runs_dir: Path, name: str) -> Iterator[Path]:
+    """Continue an interrupted run in its own folder (renamed back to ``.partial``): the
+    coordinator finds its checkpoint and ledger there (``server/checkpoint.py``)."""
+    found = unfinished_run_dir(runs_dir, name)
+    work = runs_dir / f"{name}.partial"
+    if found != work:
+        os.replace(found, work)
+    info = read_run_info(work)
+    info.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    info.pop("finished", None)
+    (work / RUN_INFO).write_text(json.dumps(info, indent=2))
+    with _finish_or_fail(work, runs_dir / name, info):
+        yield work
+
+
+@contextmanager
+def _finish_or_fail(work: Path, final: Path, info: dict[str, Any]) -> Iterator[None]:
+    try:
+        yield
     except BaseException:
-        os.replace(work, runs_dir / f"{name}.failed")
+        os.replace(work, final.with_name(f"{final.name}.failed"))
         raise
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (work / RUN_INFO).write_text(json.dumps(info, indent=2))

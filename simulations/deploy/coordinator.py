@@ -158,24 +158,31 @@ def run_deployed(
     nodes_timeout: float = 300.0,
     run_timeout: float = 24 * 3600.0,
     on_start: Callable[[Path], None] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Run fedtune on the Deployment Engine; return the finished run folder.
 
     ``inputs`` is a checked :class:`simulations.runner.Inputs`; ``min_nodes`` (default: the
     run's clients per round) SuperNodes must be online before the run is submitted.
+    ``resume=True`` continues the interrupted run ``name`` in its own folder: a new Flower
+    run whose ServerApp starts from the folder's checkpoint and privacy ledger (see
+    :mod:`server.checkpoint`), after stopping the Flower run the killed coordinator left.
     """
     from importlib.metadata import version
 
-    from simulations.run_dir import log_to_file, new_run_dir
+    from simulations.run_dir import log_to_file, new_run_dir, reopened_run_dir
     from simulations.runner import flower_run_config
 
     config = inputs.config
     need = min_nodes if min_nodes is not None else config.train.clients_per_round
+    if resume and name is None:
+        raise ValueError("resume needs the name of the interrupted run")
     name = name or time.strftime("%Y%m%d-%H%M%S-deployed")
     timings = Timings()
-    with new_run_dir(runs_dir, "federated", config, name) as run_dir, log_to_file(
-        run_dir / "run.log"
-    ):
+    opened = (reopened_run_dir(runs_dir, name) if resume
+              else new_run_dir(runs_dir, "federated", config, name))
+    with opened as run_dir, log_to_file(run_dir / "run.log"):
+        earlier = _load_attempts(run_dir)
         if on_start:
             on_start(run_dir)
         if inputs.manifest_public_key:
@@ -192,16 +199,17 @@ def run_deployed(
             wait_for(lambda: online_nodes(cli) >= need, timeout=nodes_timeout, interval=5.0,
                      what=f"{need} SuperNodes to be online at {address}", process=link)
             timings.mark("nodes_online_s")
+            _stop_stale_runs(cli, earlier)
             app_dir = options.state_dir / "apps" / run_dir.name.removesuffix(".partial")
             write_app(app_dir, flower_run_config(inputs, run_dir), version=version("fedtune"))
             run_id = cli.start_run(app_dir)
             timings.mark("submit_s")
             log.info("submitted run %d to the SuperLink at %s", run_id, address)
-            _save(run_dir, run_id, address, timings, status="running")
+            _save(run_dir, run_id, address, timings, status="running", earlier=earlier)
             status = wait_for_run(cli, run_id, timeout=run_timeout,
                                   log_path=run_dir / "serverapp.log")
             timings.mark("run_s")
-            _save(run_dir, run_id, address, timings, status=status)
+            _save(run_dir, run_id, address, timings, status=status, earlier=earlier)
             if status != "finished:completed":
                 raise RuntimeError(f"run {run_id} ended as {status}; see {run_dir}/serverapp.log")
             if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
@@ -214,10 +222,37 @@ def run_deployed(
     return runs_dir / name
 
 
-def _save(run_dir: Path, run_id: int, address: str, timings: Timings, *, status: str) -> None:
-    (run_dir / "deployment.json").write_text(json.dumps(
+DEPLOYMENT_RECORD = "deployment.json"
+
+
+def _load_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    """Earlier coordinator attempts on this run folder (a resumed run has some)."""
+    path = run_dir / DEPLOYMENT_RECORD
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    attempts: list[dict[str, Any]] = record.pop("earlier_attempts", [])
+    return [*attempts, record]
+
+
+def _stop_stale_runs(cli: FlwrCli, earlier: list[dict[str, Any]]) -> None:
+    """A killed coordinator leaves its Flower run 'running' in the SuperLink's SQLite state;
+    stop it so SuperNodes stop serving it (its late replies are never read)."""
+    for attempt in earlier:
+        if str(attempt.get("status", "")).startswith("finished"):
+            continue
+        try:
+            cli.stop_run(int(attempt["run_id"]))
+            log.info("stopped run %s left by an earlier coordinator", attempt["run_id"])
+        except FlwrCliError as err:  # already finished, or unknown to a fresh SuperLink
+            log.info("earlier run %s not stopped: %s", attempt["run_id"], err)
+
+
+def _save(run_dir: Path, run_id: int, address: str, timings: Timings, *, status: str,
+          earlier: list[dict[str, Any]]) -> None:
+    (run_dir / DEPLOYMENT_RECORD).write_text(json.dumps(
         {"run_id": run_id, "superlink": address, "status": status,
-         "phases_s": timings.phases}, indent=2))
+         "phases_s": timings.phases, "earlier_attempts": earlier}, indent=2))
 
 
 def _report(run_dir: Path) -> None:
@@ -276,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "./.fedtune-cache)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--name", default=None, help="run folder name")
+    parser.add_argument("--resume", default=None, metavar="NAME",
+                        help="continue the interrupted run NAME (runs/NAME.partial or "
+                             ".failed) from its checkpoint, with the config saved in it; "
+                             "no --config/--set/--name")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help="SuperLink state, FLWR_HOME, logs, app folders")
     parser.add_argument("--certs-dir", type=Path, default=None,
@@ -314,7 +353,8 @@ def options_from_args(args: argparse.Namespace) -> LinkOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,  # no-op under `fedtune`, which configured it
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options_from_args(args)
@@ -322,13 +362,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(options)
     from simulations.config import load_config
     from simulations.paths import default_cache_dir
+    from simulations.run_dir import unfinished_run_dir
     from simulations.runner import check_inputs
 
-    config = load_config(args.config, args.overrides)
+    runs_dir = args.runs_dir.resolve()
+    if args.resume is not None:
+        if args.config or args.overrides or args.name:
+            parser.error("--resume continues a run with the config saved in its folder; "
+                         "drop --config/--set/--name")
+        config = load_config(unfinished_run_dir(runs_dir, args.resume) / "config.toml")
+    else:
+        config = load_config(args.config, args.overrides)
     inputs = check_inputs(config, (args.cache_dir or default_cache_dir()).resolve())
-    run_dir = run_deployed(inputs, args.runs_dir.resolve(), options, name=args.name,
+    run_dir = run_deployed(inputs, runs_dir, options, name=args.resume or args.name,
                            min_nodes=args.min_nodes, nodes_timeout=args.nodes_timeout,
-                           run_timeout=args.run_timeout)
+                           run_timeout=args.run_timeout, resume=args.resume is not None)
     print(f"run folder: {run_dir}")
     print(f"adapter:    {run_dir / 'adapter'}")
     return 0

@@ -119,6 +119,14 @@ class ManagedProcess:
                 _signal(pid, signal.SIGKILL)
         self._log.close()
 
+    def kill(self) -> None:
+        """SIGKILL the process and its whole tree at once — a power cut, not a shutdown:
+        nothing gets to clean up (fault-injection tests and load scripts use it)."""
+        for pid in [self.pid, *descendants(self.pid)]:
+            _signal(pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        self._log.close()
+
     def __enter__(self) -> ManagedProcess:
         return self
 

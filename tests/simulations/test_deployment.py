@@ -14,18 +14,18 @@ import signal
 import socket
 import ssl
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from protocols.run_config import RunConfig
 from simulations.deploy.certs import make_node_keys, make_tls
-from simulations.deploy.client_daemon import DaemonConfig, DaemonConfigError, parse_config
+from simulations.deploy.client_daemon import DaemonConfigError, parse_config
 from simulations.deploy.fab import write_app
 from simulations.deploy.node_app import NodePolicyError, apply_node_settings, check_node_policy
 from simulations.deploy.processes import ManagedProcess, descendants, flower_env
@@ -316,6 +316,41 @@ def test_bad_daemon_config_is_refused_by_name(
 # --- real processes on loopback ------------------------------------------------------------------
 
 
+def test_an_interrupted_run_folder_is_reopened_and_finished(tmp_path: Path) -> None:
+    from simulations.run_dir import (
+        ResumeError,
+        new_run_dir,
+        read_run_info,
+        reopened_run_dir,
+        unfinished_run_dir,
+    )
+
+    config = RunConfig.from_nested({})
+    with pytest.raises(ResumeError, match="no interrupted run 'r1'"):
+        unfinished_run_dir(tmp_path, "r1")
+    with pytest.raises(KeyboardInterrupt), new_run_dir(tmp_path, "federated", config, "r1") as d:
+        (d / "checkpoint.safetensors").write_bytes(b"kept")
+        raise KeyboardInterrupt  # the coordinator stopped mid-run
+    assert unfinished_run_dir(tmp_path, "r1") == tmp_path / "r1.failed"
+    with reopened_run_dir(tmp_path, "r1") as work:
+        assert work == tmp_path / "r1.partial" and not (tmp_path / "r1.failed").exists()
+        assert (work / "checkpoint.safetensors").read_bytes() == b"kept"
+    info = read_run_info(tmp_path / "r1")
+    assert len(info["resumed"]) == 1 and "finished" in info
+    with pytest.raises(ResumeError, match="already finished"):
+        unfinished_run_dir(tmp_path, "r1")
+
+
+def test_resume_takes_the_config_from_the_run_folder(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.deploy.coordinator import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", "r1", "--set", "train.rounds=3", "--runs-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "drop --config/--set/--name" in capsys.readouterr().err
+
+
 def _no_flower_left(pids: list[int]) -> None:
     alive = [p for p in pids if Path(f"/proc/{p}").exists()
              and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
@@ -411,88 +446,153 @@ def _wait(predicate: Any, timeout: float, what: str, proc: ManagedProcess) -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.slow
-def test_deployment_end_to_end_with_tls_and_node_auth(
+def test_deployment_end_to_end_survives_killed_coordinator_and_client(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
 ) -> None:
-    """1 SuperLink + 3 SuperNodes on loopback, TLS and node authentication on, 2 rounds of
-    fedtune's ServerApp/ClientApp; the coordinator writes metrics and the final adapter."""
-    from simulations.deploy.client_daemon import run_daemon
-    from simulations.deploy.coordinator import LinkOptions, run_deployed, serve
+    """1 SuperLink + 3 SuperNodes on loopback, TLS and node authentication on, fedtune's
+    ServerApp/ClientApp over 3 rounds, every party a real process. After round 1 the
+    coordinator (SuperLink, SuperExec, ServerApp) and one device are SIGKILLed together;
+    ``fedtune coordinator --resume`` continues from the checkpoint with the two survivors,
+    the killed device rejoins, and the run ends with every round counted exactly once in the
+    metrics, the checkpoint and the privacy ledger."""
+    from safetensors.numpy import load_file
+
+    from protocols.privacy.ledger import load_ledger
+    from server.checkpoint import load_checkpoint
+    from simulations.config import to_toml
     from simulations.runner import check_inputs
 
+    rounds = 3
     config = RunConfig.from_nested({
         "model": {"source": str(tiny_model_dir)},
         "data": {"min_speeches": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
-        "train": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 2,
+        "train": {"rounds": rounds, "clients_per_round": 2, "local_steps": 2, "batch_size": 2,
                   "seq_len": 16, "learning_rate": 0.01},
         "eval": {"max_blocks": 4, "batch_size": 4, "fraction_clients": 0.0},
         # Each message is a fresh ClientApp process; SecAgg's three extra stages per round
-        # would add minutes on a 2-core runner (see docs/deploy.md for the measured cost).
+        # would add minutes on a 2-core runner (docs/deploy.md has the measured cost). The
+        # coordinator adds the DP noise (trusted coordinator), so a privacy ledger is kept.
         "security": {"secagg": False},
+        "privacy": {"client_dp": True, "clip_norm": 1.0, "noise_multiplier": 0.1},
+        # A device killed after being sampled must not hold a round open for long.
+        "federation": {"round_timeout_s": 150.0},
     })
     inputs = check_inputs(config, mini_cache)  # signs the base; devices pin the key below
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(to_toml(config))
     certs = tmp_path / "certs"
     tls = make_tls(certs)
     keys = [make_node_keys(certs, f"node-{i}") for i in range(3)]
     port = _free_port()
-    coordinator = LinkOptions(state_dir=tmp_path / "coordinator", port=port, certs_dir=certs)
-    stop_link, stop_nodes, ready = threading.Event(), threading.Event(), threading.Event()
-    link = threading.Thread(target=serve, args=(coordinator, stop_link),
-                            kwargs={"on_ready": lambda _: ready.set()})
-    daemons: list[threading.Thread] = []
-    t0 = time.perf_counter()
-    link.start()
-    try:
-        assert ready.wait(120), "SuperLink did not come up"
-        t_link = time.perf_counter() - t0
-        for i, key in enumerate(keys):
-            device = DaemonConfig(
-                address=f"127.0.0.1:{port}", state_dir=tmp_path / f"node-{i}",
-                runtime_port=_free_port(), name=f"node-{i}", root_ca=tls.ca_cert,
-                private_key=key.private_key, partitions_file=inputs.split.partitions_file,
-                partition_id=i, cache_dir=mini_cache,
-                manifest_public_key=inputs.manifest_public_key, require_secagg=False)
-            daemons.append(threading.Thread(target=run_daemon, args=(device, stop_nodes)))
-            daemons[-1].start()
-        t1 = time.perf_counter()
-        run_dir = run_deployed(
-            inputs, tmp_path / "runs",
-            LinkOptions(state_dir=tmp_path / "coordinator", attach=f"127.0.0.1:{port}",
-                        root_ca=tls.ca_cert),
-            name="deployed", min_nodes=3, nodes_timeout=120, run_timeout=240)
-        t_run = time.perf_counter() - t1
-    finally:
-        stop_nodes.set()
-        for thread in daemons:
-            thread.join(timeout=60)
-        stop_link.set()
-        link.join(timeout=60)
-    assert not link.is_alive() and not any(d.is_alive() for d in daemons)
+    state, runs = tmp_path / "coordinator", tmp_path / "runs"
+    run_dir = runs / "deployed.partial"
+    procs: dict[str, ManagedProcess] = {}
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    def coordinator(*args: str) -> ManagedProcess:
+        return ManagedProcess(
+            "coordinator",
+            [sys.executable, "-m", "simulations.deploy.coordinator", "--state-dir", str(state),
+             "--certs-dir", str(certs), "--port", str(port), "--cache-dir", str(mini_cache),
+             "--runs-dir", str(runs), "--nodes-timeout", "180", "--run-timeout", "900", *args],
+            env=dict(os.environ), log_path=tmp_path / "coordinator.out")
+
+    def device(i: int) -> ManagedProcess:
+        toml = tmp_path / f"node-{i}.toml"
+        toml.write_text(
+            f'[superlink]\naddress = "127.0.0.1:{port}"\nroot_ca = "{tls.ca_cert}"\n'
+            f'[node]\nname = "node-{i}"\nprivate_key = "{keys[i].private_key}"\n'
+            f'state_dir = "{tmp_path / f"node-{i}"}"\nruntime_port = {_free_port()}\n'
+            f'[data]\npartitions_file = "{inputs.split.partitions_file}"\n'
+            f'partition_id = {i}\ncache_dir = "{mini_cache}"\n'
+            f'[privacy]\nmanifest_public_key = "{inputs.manifest_public_key}"\n'
+            'require_secagg = false\n')
+        return ManagedProcess(
+            f"node-{i}", [sys.executable, "-m", "simulations.deploy.client_daemon", str(toml)],
+            env=dict(os.environ), log_path=tmp_path / f"node-{i}.out")
+
+    t0 = time.perf_counter()
+    marks: dict[str, float] = {}
+    try:
+        procs["coordinator"] = coordinator("--config", str(config_file), "--name", "deployed",
+                                           "--min-nodes", "3")
+        for i in range(3):
+            procs[f"node-{i}"] = device(i)
+        _wait(lambda: any(r["round"] == 1 for r in _rows(run_dir))
+              and (run_dir / "checkpoint.safetensors").is_file(),
+              420, "round 1 to complete", procs["coordinator"])
+        marks["round_1"] = time.perf_counter() - t0
+
+        # Power cut: the coordinator host and one device, mid-run, nothing cleans up.
+        procs["coordinator"].kill()
+        procs["node-2"].kill()
+        killed_at = load_checkpoint(run_dir)
+        assert killed_at is not None and killed_at.round >= 1
+        assert not (runs / "deployed").exists()
+
+        procs["coordinator"] = coordinator("--resume", "deployed", "--min-nodes", "2")
+        procs["node-2"] = device(2)  # the killed device comes back and rejoins
+        _wait(lambda: any(r["round"] > killed_at.round for r in _rows(run_dir))
+              or (runs / "deployed").exists(),
+              420, "a round after the restart", procs["coordinator"])
+        marks["round_after_restart"] = time.perf_counter() - t0
+        assert procs["coordinator"].popen.wait(timeout=600) == 0, \
+            procs["coordinator"].log_tail()
+        marks["finished"] = time.perf_counter() - t0
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+    final = runs / "deployed"
+    rows = _rows(final)
+    numbers = [r["round"] for r in rows]
+    # Every round counted once: numbers strictly increase, and exactly `rounds` completed.
+    assert numbers[0] == 0 and numbers == sorted(set(numbers)) and len(numbers) == rounds + 1
     for row in rows[1:]:
-        assert row["clients"] == 2 and row["failed"] == 0 and row["rejected"] == 0
+        assert row["clients"] >= 1 and row["rejected"] == 0
         assert 0 < row["bytes_up"] < row["bytes_down"]
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    deployment = json.loads((run_dir / "deployment.json").read_text())
+    ledger = load_ledger(final / "privacy_ledger.json")
+    spent = [entry.round for entry in ledger.history]
+    # ε is spent once per aggregate: every logged round, plus at most the one round whose
+    # aggregate existed when the coordinator died (re-run under a new number, never reused).
+    assert spent == sorted(set(spent)) and set(numbers[1:]) <= set(spent)
+    assert len(spent) <= rounds + 1
+    checkpoint = load_checkpoint(final)
+    assert checkpoint is not None and checkpoint.round == numbers[-1]
+    assert checkpoint.completed == rounds
+    saved = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    assert set(saved) == set(checkpoint.adapter)
+    for key, value in checkpoint.adapter.items():
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
+    assert any(not np.array_equal(value, killed_at.adapter[key])
+               for key, value in checkpoint.adapter.items()), "no training after the restart"
+    deployment = json.loads((final / "deployment.json").read_text())
     assert deployment["status"] == "finished:completed"
-    assert (run_dir / "serverapp.log").stat().st_size > 0
+    assert [a["status"] for a in deployment["earlier_attempts"]] == ["running"]
+    assert deployment["earlier_attempts"][0]["run_id"] != deployment["run_id"]
     for i in range(3):  # every device connected over TLS with its registered key
         assert "SuperNode ID:" in (tmp_path / f"node-{i}" / "client.log").read_text()
+    # The killed device's second life connected again, under the same registered key.
+    assert (tmp_path / "node-2" / "client.log").read_text().count("SuperNode ID:") >= 2
 
     from peft import PeftModel
 
     from kernels.base_model import load_causal_lm
 
-    PeftModel.from_pretrained(load_causal_lm(tiny_model_dir).model, run_dir / "adapter")
-    print("phases (s):", json.dumps({"superlink_and_registration": round(t_link, 1),
-                                     "coordinator_total": round(t_run, 1),
-                                     **deployment["phases_s"]}))
+    PeftModel.from_pretrained(load_causal_lm(tiny_model_dir).model, final / "adapter")
+    print("marks (s):", json.dumps({k: round(v, 1) for k, v in marks.items()}),
+          "phases (s):", json.dumps(deployment["phases_s"]))
     print("round_s:", [round(r["round_s"], 1) for r in rows[1:]],
-          "client_train_s:", [r["client_train_s"] for r in rows[1:]])
+          "clients:", [r["clients"] for r in rows[1:]],
+          "failed:", [r["failed"] for r in rows[1:]])
     time.sleep(1.0)
     assert not _processes_using(tmp_path), "Flower processes outlived the test"
 
