@@ -48,7 +48,6 @@ from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import Fp32Codec, Tensors
 from protocols.errors import InvalidUpdate
-from protocols.records import get_float, get_int
 from protocols.secagg import (
     decode_sum,
     dropped_pair_seeds,
@@ -57,8 +56,7 @@ from protocols.secagg import (
     sum_masked,
     wire,
 )
-from protocols.validation import validate_metrics
-from server.strategy import AdapterFedAvg, RoundStats
+from server.strategy import AdapterFedAvg, RoundStats, reply_metrics
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +150,7 @@ class SecAggFedAvg(AdapterFedAvg):
             try:
                 rnd.adverts[node] = wire.KeyAdvert.from_record(content)
             except wire.SecAggProtocolError as bad:
-                self._reject(stats, server_round, node, bad.reason)
+                stats.reject(server_round, node, bad.reason)
         if not self._enough(rnd, len(rnd.adverts), server_round, "advertised keys"):
             return []
 
@@ -166,7 +164,7 @@ class SecAggFedAvg(AdapterFedAvg):
                 if set(sealed.ciphertexts) != set(rnd.adverts) - {node}:
                     raise wire.SecAggProtocolError("shares must be sealed to every other node")
             except wire.SecAggProtocolError as bad:
-                self._reject(stats, server_round, node, bad.reason)
+                stats.reject(server_round, node, bad.reason)
                 continue
             rnd.senders.add(node)
             for receiver, text in sealed.ciphertexts.items():
@@ -222,21 +220,19 @@ class SecAggFedAvg(AdapterFedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                stats.failed += 1
-                log.warning("round %d: node %d failed: %s", server_round, node,
-                            msg.error.reason)
+                stats.fail(server_round, node, msg.error.reason)
                 continue
             if node not in rnd.senders or node in masked:
-                self._reject(stats, server_round, node, "reply from a node not in this round")
+                stats.reject(server_round, node, "reply from a node not in this round")
                 continue
             try:
                 masked[node] = wire.read_masked(msg.content, length=self.vector_length,
                                                 modulus_bits=self.modulus_bits)
-                metrics[node] = self._metrics(msg)
+                metrics[node] = reply_metrics(msg.content, {wire.MASKED, keys.METRICS})
                 stats.count_upload(metrics[node], content_nbytes(msg.content))
             except (wire.SecAggProtocolError, InvalidUpdate) as bad:
                 masked.pop(node, None)
-                self._reject(stats, server_round, node, bad.reason)
+                stats.reject(server_round, node, bad.reason)
                 stats.bytes_up += content_nbytes(msg.content)
                 continue
             stats.bytes_up += content_nbytes(msg.content)
@@ -249,19 +245,8 @@ class SecAggFedAvg(AdapterFedAvg):
             return None, None
         merged = dict(self._global)
         merged.update(self._split(total / len(masked)))
-        losses = [(get_float(m, keys.TRAIN_LOSS), get_int(m, keys.NUM_EXAMPLES))
-                  for m in metrics.values() if keys.TRAIN_LOSS in m]
-        for m in metrics.values():
-            if keys.TRAIN_SECONDS in m:
-                stats.client_train_seconds.append(get_float(m, keys.TRAIN_SECONDS))
-        out = MetricRecord({keys.NUM_EXAMPLES: sum(get_int(m, keys.NUM_EXAMPLES)
-                                                   for m in metrics.values())})
-        if losses:
-            stats.train_loss = float(np.average([x for x, _ in losses],
-                                                weights=[c for _, c in losses]))
-            out[keys.TRAIN_LOSS] = stats.train_loss
         stats.aggregated_at = time.perf_counter()
-        return Fp32Codec().encode(merged), out
+        return Fp32Codec().encode(merged), stats.summarise(metrics[n] for n in masked)
 
     def _unmask(
         self, rnd: _Round, masked: Mapping[int, np.ndarray], stats: RoundStats, server_round: int
@@ -283,7 +268,7 @@ class SecAggFedAvg(AdapterFedAvg):
                 if set(shares.b_shares) != set(survivors) or set(shares.s_shares) != set(dropped):
                     raise wire.SecAggProtocolError("shares do not match the request")
             except wire.SecAggProtocolError as bad:
-                self._reject(stats, server_round, holder, bad.reason)
+                stats.reject(server_round, holder, bad.reason)
                 continue
             for owner, share in shares.b_shares.items():
                 b_by_owner[owner][holder] = share
@@ -333,16 +318,6 @@ class SecAggFedAvg(AdapterFedAvg):
                 out[node] = reply.content
         return out
 
-    def _metrics(self, msg: Message) -> MetricRecord:
-        unexpected = sorted(set(msg.content.keys()) - {wire.MASKED, keys.METRICS})
-        if unexpected:
-            raise InvalidUpdate(f"unexpected records {unexpected}")
-        if keys.METRICS not in msg.content.metric_records:
-            raise InvalidUpdate(f"no MetricRecord under `{keys.METRICS}`")
-        metrics = msg.content.metric_records[keys.METRICS]
-        validate_metrics(metrics)
-        return metrics
-
     def _split(self, flat: np.ndarray) -> Tensors:
         out: Tensors = {}
         offset = 0
@@ -361,8 +336,3 @@ class SecAggFedAvg(AdapterFedAvg):
                     rnd.threshold)
         return False
 
-    @staticmethod
-    def _reject(stats: RoundStats, server_round: int, node: int, reason: str) -> None:
-        stats.rejected += 1
-        stats.rejections.append(f"node {node}: {reason}")
-        log.warning("round %d: rejected node %d: %s", server_round, node, reason)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -58,7 +58,51 @@ class RoundStats:
         kind = "edge" if isinstance(flag, int | float) and flag > 0 else "torch"
         self.bytes_up_by_kind[kind] = self.bytes_up_by_kind.get(kind, 0) + nbytes
         self.clients_by_kind[kind] = self.clients_by_kind.get(kind, 0) + 1
+
     rejections: list[str] = field(default_factory=list)
+
+    def fail(self, server_round: int, node: int, reason: str | None) -> None:
+        """A client that answered with an error (or not at all, for Flower)."""
+        self.failed += 1
+        log.warning("round %d: node %d failed: %s", server_round, node, reason)
+
+    def reject(self, server_round: int, node: int, reason: str) -> None:
+        """A reply that broke the protocol or failed validation: one log line naming the
+        node and the reason; nothing of it reaches the aggregate."""
+        self.rejected += 1
+        self.rejections.append(f"node {node}: {reason}")
+        log.warning("round %d: rejected update from node %d: %s", server_round, node, reason)
+
+    def summarise(self, metrics: Iterable[MetricRecord]) -> MetricRecord:
+        """The round's training metrics from the accepted clients' own: examples summed,
+        loss example-weighted, client seconds kept for the log."""
+        metrics = list(metrics)
+        losses: list[tuple[float, int]] = []
+        for m in metrics:
+            count = get_int(m, keys.NUM_EXAMPLES)
+            if keys.TRAIN_LOSS in m:
+                losses.append((get_float(m, keys.TRAIN_LOSS), count))
+            if keys.TRAIN_SECONDS in m:
+                self.client_train_seconds.append(get_float(m, keys.TRAIN_SECONDS))
+        out = MetricRecord({keys.NUM_EXAMPLES: sum(get_int(m, keys.NUM_EXAMPLES)
+                                                   for m in metrics)})
+        if losses:
+            self.train_loss = float(np.average([x for x, _ in losses],
+                                               weights=[c for _, c in losses]))
+            out[keys.TRAIN_LOSS] = self.train_loss
+        return out
+
+
+def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
+    """A reply's validated metrics, once the reply holds nothing but ``allowed`` records."""
+    unexpected = sorted(set(content.keys()) - allowed)
+    if unexpected:
+        raise InvalidUpdate(f"unexpected records {unexpected}")
+    if keys.METRICS not in content.metric_records:
+        raise InvalidUpdate(f"no MetricRecord under `{keys.METRICS}`")
+    metrics = content.metric_records[keys.METRICS]
+    validate_metrics(metrics)
+    return metrics
 
 
 class AdapterFedAvg(FedAvg):
@@ -114,29 +158,21 @@ class AdapterFedAvg(FedAvg):
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.replies_at = time.perf_counter()
         accepted: list[tuple[Tensors, int]] = []
-        losses: list[tuple[float, int]] = []
+        accepted_metrics: list[MetricRecord] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                stats.failed += 1
-                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                stats.fail(server_round, node, msg.error.reason)
                 continue
             try:
                 tensors, metrics, nbytes = self._check_reply(msg)
             except InvalidUpdate as bad:
-                stats.rejected += 1
-                stats.rejections.append(f"node {node}: {bad.reason}")
-                log.warning("round %d: rejected update from node %d: %s", server_round, node,
-                            bad.reason)
+                stats.reject(server_round, node, bad.reason)
                 continue
-            count = get_int(metrics, keys.NUM_EXAMPLES)
-            accepted.append((tensors, count))
+            accepted.append((tensors, get_int(metrics, keys.NUM_EXAMPLES)))
+            accepted_metrics.append(metrics)
             stats.bytes_up += nbytes
             stats.count_upload(metrics, nbytes)
-            if keys.TRAIN_LOSS in metrics:
-                losses.append((get_float(metrics, keys.TRAIN_LOSS), count))
-            if keys.TRAIN_SECONDS in metrics:
-                stats.client_train_seconds.append(get_float(metrics, keys.TRAIN_SECONDS))
         stats.accepted = len(accepted)
         if not accepted:
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
@@ -148,25 +184,13 @@ class AdapterFedAvg(FedAvg):
         else:
             merged.update(weighted_average(accepted))
         stats.aggregated_at = time.perf_counter()
-        metrics_out = MetricRecord({keys.NUM_EXAMPLES: sum(c for _, c in accepted)})
-        if losses:
-            stats.train_loss = float(
-                np.average([loss for loss, _ in losses], weights=[c for _, c in losses])
-            )
-            metrics_out[keys.TRAIN_LOSS] = stats.train_loss
-        return Fp32Codec().encode(merged), metrics_out
+        return Fp32Codec().encode(merged), stats.summarise(accepted_metrics)
 
     def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int]:
         content = msg.content
-        unexpected = sorted(set(content.keys()) - {keys.ARRAYS, keys.METRICS})
-        if unexpected:
-            raise InvalidUpdate(f"unexpected records {unexpected}")
+        metrics = reply_metrics(content, {keys.ARRAYS, keys.METRICS})
         if keys.ARRAYS not in content.array_records:
             raise InvalidUpdate(f"no ArrayRecord under `{keys.ARRAYS}`")
-        if keys.METRICS not in content.metric_records:
-            raise InvalidUpdate(f"no MetricRecord under `{keys.METRICS}`")
-        metrics = content.metric_records[keys.METRICS]
-        validate_metrics(metrics)
         record = content.array_records[keys.ARRAYS]
         tensors = self.decode_upload(record)
         validate_update(tensors, self.spec)
