@@ -74,7 +74,6 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
 def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
     """The forward-only trainer on the coordinator's signed ONNX export: no torch here."""
     from client.edge_trainer import EdgeMeZOTrainer, MeZOSettings
-    from protocols.manifest import ManifestError, load_public_key
 
     config = RunConfig.from_flat(flat)
     export_dir = Path(str(flat.get("paths.edge_export", "")))
@@ -82,15 +81,8 @@ def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
                             max_abs_scalar=config.edge.max_abs_scalar)
     key = ("edge", str(export_dir), config.lora, config.federation.client_threads, settings)
     if key not in _TRAINERS:
-        public_key = None
-        if config.security.verify_manifest:
-            public_hex = str(flat.get("paths.manifest_public_key", ""))
-            if not public_hex:
-                raise ManifestError(
-                    "security.verify_manifest is on but no coordinator public key was provided "
-                    "(paths.manifest_public_key); pin the coordinator's key"
-                )
-            public_key = load_public_key(bytes.fromhex(public_hex))
+        public_key = (pinned_public_key(str(flat.get("paths.manifest_public_key", "")))
+                      if config.security.verify_manifest else None)
         _TRAINERS.clear()
         _TRAINERS[key] = EdgeMeZOTrainer.from_export(
             export_dir, config.lora, threads=config.federation.client_threads,
@@ -99,17 +91,24 @@ def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
     return _TRAINERS[key]
 
 
-def verify_base_model(model_dir: Path, public_key_hex: str) -> None:
-    """Refuse to train on a base the coordinator did not sign (ReCIT: a tampered base can
-    make honest PEFT gradients leak training text). Runs before the model is loaded."""
-    from protocols.manifest import ManifestError, load_public_key, verify_directory
+def pinned_public_key(public_key_hex: str) -> Any:
+    """The coordinator key this device trusts for signed base models (torch or ONNX)."""
+    from protocols.manifest import ManifestError, load_public_key
 
     if not public_key_hex:
         raise ManifestError(
             "security.verify_manifest is on but no coordinator public key was provided "
             "(paths.manifest_public_key); pin the coordinator's key or turn verification off"
         )
-    verify_directory(model_dir, load_public_key(bytes.fromhex(public_key_hex)))
+    return load_public_key(bytes.fromhex(public_key_hex))
+
+
+def verify_base_model(model_dir: Path, public_key_hex: str) -> None:
+    """Refuse to train on a base the coordinator did not sign (ReCIT: a tampered base can
+    make honest PEFT gradients leak training text). Runs before the model is loaded."""
+    from protocols.manifest import verify_directory
+
+    verify_directory(model_dir, pinned_public_key(public_key_hex))
 
 
 def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:
