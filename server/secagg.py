@@ -56,7 +56,7 @@ from protocols.secagg import (
     sum_masked,
     wire,
 )
-from server.strategy import AdapterFedAvg, RoundStats, reply_metrics
+from server.strategy import AdapterFedAvg, RoundStats, reply_metrics, stale_reply
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,9 @@ class SecAggFedAvg(AdapterFedAvg):
         metrics: dict[int, MetricRecord] = {}
         for msg in replies:
             node = msg.metadata.src_node_id
+            if (stale := stale_reply(msg, server_round)) is not None:
+                stats.reject(server_round, node, stale)
+                continue
             if msg.has_error():
                 stats.fail(server_round, node, msg.error.reason)
                 continue

@@ -93,6 +93,22 @@ class RoundStats:
         return out
 
 
+def stale_reply(msg: Message, server_round: int) -> str | None:
+    """Why a reply does not belong to this round, or None if it does.
+
+    Flower's grid pulls replies by the ids of the messages it just sent, so a reply that
+    arrives after its round closed is never handed to a later round; this check makes that
+    a property of fedtune too (a replayed or misrouted reply is refused, not averaged in).
+    :meth:`AdapterFedAvg.configure_train` stamps each instruction's ``group_id`` with the
+    round (Flower's FedAvg leaves it empty) and replies inherit it.
+    """
+    group = msg.metadata.group_id
+    if group == str(server_round):
+        return None
+    return (f"a reply to round {group or '(none)'} arrived in round {server_round} (late or "
+            "replayed); ignored")
+
+
 def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
     """A reply's validated metrics, once the reply holds nothing but ``allowed`` records."""
     unexpected = sorted(set(content.keys()) - allowed)
@@ -145,6 +161,8 @@ class AdapterFedAvg(FedAvg):
         config[keys.CODEC] = self.codec_name
         self._round, self._config = server_round, config
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
+            msg.metadata.group_id = str(server_round)
         self.stats[server_round] = RoundStats(
             sampled=len(messages),
             bytes_down=record_nbytes(arrays) * len(messages),
@@ -161,6 +179,9 @@ class AdapterFedAvg(FedAvg):
         accepted_metrics: list[MetricRecord] = []
         for msg in replies:
             node = msg.metadata.src_node_id
+            if (stale := stale_reply(msg, server_round)) is not None:
+                stats.reject(server_round, node, stale)
+                continue
             if msg.has_error():
                 stats.fail(server_round, node, msg.error.reason)
                 continue

@@ -41,8 +41,9 @@ def _start(dp: ClientLevelDP, rnd: int, num_nodes: int = 100) -> bool:
     return dp.begin_round(rnd, num_nodes)
 
 
-def _reply(node: int, b: np.ndarray, examples: int = 10) -> Message:
-    request = Message(RecordDict(), dst_node_id=node, message_type="train")
+def _reply(node: int, b: np.ndarray, examples: int = 10, server_round: int = 1) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type="train",
+                      group_id=str(server_round))
     content = RecordDict({"arrays": Fp32Codec().encode({B: b}),
                           "metrics": MetricRecord({"num-examples": examples})})
     return Message(content, reply_to=request)
@@ -100,7 +101,7 @@ def test_ledger_records_each_round_and_persists(tmp_path: object) -> None:
     dp = _dp(sigma=1.1, clip=1.0, ledger_path=path)
     for rnd in (1, 2, 3):
         assert _start(dp, rnd, num_nodes=400)
-        dp.aggregate_train(rnd, [_reply(1, np.zeros(SHAPE_B, np.float32))])
+        dp.aggregate_train(rnd, [_reply(1, np.zeros(SHAPE_B, np.float32), server_round=rnd)])
     expected = rdp_epsilon(noise_multiplier=1.1, sample_rate=4 / 400, steps=3, delta=1e-5)
     assert dp.ledger.epsilon() == pytest.approx(expected, rel=1e-9)
     assert load_ledger(path).epsilon() == pytest.approx(expected, rel=1e-9)
@@ -123,7 +124,8 @@ def test_budget_stops_before_it_is_exceeded() -> None:
     assert not _start(dp, 2)
     assert dp.stopped_at == 2
     assert dp.ledger.epsilon() <= dp.epsilon_budget
-    assert dp.aggregate_train(2, [_reply(1, np.zeros(SHAPE_B, np.float32))]) == (None, None)
+    assert dp.aggregate_train(
+        2, [_reply(1, np.zeros(SHAPE_B, np.float32), server_round=2)]) == (None, None)
 
 
 def test_example_weighted_inner_strategy_is_refused() -> None:

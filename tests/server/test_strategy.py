@@ -36,8 +36,10 @@ def _strategy(frozen: frozenset[str] = frozenset()) -> AdapterFedAvg:
     return strategy
 
 
-def _reply(node: int, tensors: dict[str, np.ndarray], examples: int, **extra: float) -> Message:
-    request = Message(RecordDict(), dst_node_id=node, message_type="train")
+def _reply(node: int, tensors: dict[str, np.ndarray], examples: int, *, server_round: int = 1,
+           **extra: float) -> Message:
+    request = Message(RecordDict(), dst_node_id=node, message_type="train",
+                      group_id=str(server_round))
     content = RecordDict(
         {
             "arrays": Fp32Codec().encode(tensors),
@@ -87,10 +89,12 @@ def test_bad_replies_are_rejected_logged_and_do_not_touch_the_aggregate(
     nan = {**good, B: np.full((3, 2), np.nan, np.float32)}
     wrong_shape = {**good, A: np.ones((3, 3), np.float32)}
     failed = Message(Error(code=0, reason="client crashed"),
-                     reply_to=Message(RecordDict(), dst_node_id=9, message_type="train"))
+                     reply_to=Message(RecordDict(), dst_node_id=9, message_type="train",
+                                      group_id="3"))
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
         arrays, _ = strategy.aggregate_train(
-            3, [_reply(1, good, 5), _reply(7, nan, 5), _reply(8, wrong_shape, 500), failed]
+            3, [_reply(1, good, 5, server_round=3), _reply(7, nan, 5, server_round=3),
+                _reply(8, wrong_shape, 500, server_round=3), failed]
         )
     assert arrays is not None
     np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], good[A])  # only node 1
@@ -116,3 +120,18 @@ def test_extra_records_are_refused() -> None:
     arrays, _ = strategy.aggregate_train(1, [reply])
     assert arrays is None
     assert "unexpected records ['notes']" in strategy.stats[1].rejections[0]
+
+
+def test_a_reply_from_another_round_is_refused_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = _strategy()
+    fresh = {A: np.ones((2, 3), np.float32), B: np.ones((3, 2), np.float32)}
+    late = {A: np.full((2, 3), 9, np.float32), B: np.full((3, 2), 9, np.float32)}
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        arrays, _ = strategy.aggregate_train(
+            4, [_reply(1, fresh, 5, server_round=4), _reply(2, late, 5, server_round=3)])
+    assert arrays is not None
+    np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], fresh[A])
+    assert (strategy.stats[4].accepted, strategy.stats[4].rejected) == (1, 1)
+    assert "node 2: a reply to round 3 arrived in round 4 (late or replayed)" in caplog.text
