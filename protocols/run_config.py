@@ -277,6 +277,13 @@ class SecuritySection:
     secagg_stage_timeout_s: float = field(
         default=600.0, metadata={"help": "time limit of each key-exchange/unmask stage"}
     )
+    max_update_norm: float = field(
+        default=0.0,
+        metadata={"help": "reject (not clip) a plaintext update whose L2 distance from the "
+                          "global adapter exceeds this; 0 = no bound. Under secure "
+                          "aggregation the coordinator sees no single update: secagg_range "
+                          "bounds each coordinate instead"},
+    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.secagg_threshold <= 1.0, "security.secagg_threshold",
@@ -286,6 +293,8 @@ class SecuritySection:
                "must be 32 or 64", self.secagg_modulus_bits)
         _check(self.secagg_stage_timeout_s > 0, "security.secagg_stage_timeout_s",
                "must be > 0", self.secagg_stage_timeout_s)
+        _check(self.max_update_norm >= 0, "security.max_update_norm", "must be >= 0",
+               self.max_update_norm)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,18 @@ def validate_update(
             raise InvalidUpdate(f"`{key}`: contains NaN or Inf")
 
 
+def update_norm(
+    tensors: Mapping[str, npt.NDArray[Any]], reference: Mapping[str, npt.NDArray[Any]]
+) -> float:
+    """L2 norm of ``tensors - reference`` over all of ``tensors`` together, in float64: the
+    size of an update as client-level DP clips it and as the coordinator bounds it."""
+    total = 0.0
+    for key, value in tensors.items():
+        diff = value.astype(np.float64) - reference[key].astype(np.float64)
+        total += float(np.sum(diff * diff))
+    return float(np.sqrt(total))
+
+
 def validate_metrics(metrics: Mapping[str, Any]) -> int:
     """Check a client's metrics and return its example count.
 

@@ -65,6 +65,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     privacy = config.privacy
     sampling: dict[str, Any] = dict(
         max_abs_scalar=config.edge.max_abs_scalar,
+        max_update_norm=config.security.max_update_norm,
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
@@ -73,6 +74,10 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     )
     security = config.security
     strategy: AdapterFedAvg
+    if security.secagg and security.max_update_norm:
+        log.warning("security.max_update_norm is not enforced under secure aggregation (the "
+                    "coordinator never sees one update); security.secagg_range bounds each "
+                    "coordinate instead")
     if security.secagg:
         strategy = SecAggFedAvg(
             spec,

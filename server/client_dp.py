@@ -29,7 +29,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocols.codecs import Fp32Codec, Tensors
+from protocols.errors import InvalidUpdate
 from protocols.privacy.ledger import PrivacyLedger, save_ledger
+from protocols.validation import update_norm
 from server.strategy import AdapterFedAvg
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def clip_update(update: Tensors, clip_norm: float) -> tuple[Tensors, float]:
     """Scale ``update`` to L2 norm at most ``clip_norm`` (norm over all tensors together)."""
-    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in update.values())))
+    norm = update_norm(update, {k: np.zeros((), np.float32) for k in update})
     factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: (v * factor).astype(np.float32) for k, v in update.items()}, norm
 
@@ -154,6 +156,10 @@ class ClientLevelDP(Strategy):
         codec = Fp32Codec()
         if not all(np.isfinite(v).all() for v in update.values()):
             return None
+        try:
+            self.strategy.check_norm(tensors)
+        except InvalidUpdate:
+            return None  # beyond the coordinator's bound: rejected, not clipped
         clipped, norm = clip_update(update, self.clip_norm)
         msg.content["arrays"] = codec.encode({k: current[k] + v for k, v in clipped.items()})
         return norm > self.clip_norm

@@ -27,7 +27,7 @@ from protocols.codecs import Fp32Codec, Tensors, get_codec, record_nbytes
 from protocols.errors import InvalidUpdate
 from protocols.records import get_float, get_int
 from protocols.seed_updates import WIRE_KEYS, SeedScalarCodec
-from protocols.validation import validate_metrics, validate_update
+from protocols.validation import update_norm, validate_metrics, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,13 @@ class AdapterFedAvg(FedAvg):
         codec: str = "fp32",
         weighting: str = "examples",
         max_abs_scalar: float = 1e3,
+        max_update_norm: float = 0.0,
         **fedavg_kwargs: object,
     ):
         """``weighting="uniform"`` averages updates with equal weights: what client-level DP
-        needs, since a client's weight would otherwise scale its sensitivity."""
+        needs, since a client's weight would otherwise scale its sensitivity.
+        ``max_update_norm > 0`` rejects an update further than that (L2) from the global
+        adapter: one oversized update would otherwise dominate a small cohort's mean."""
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
@@ -142,6 +145,9 @@ class AdapterFedAvg(FedAvg):
         self.codec_name = codec
         self.weighting = weighting
         self.max_abs_scalar = max_abs_scalar
+        if max_update_norm < 0:
+            raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
+        self.max_update_norm = max_update_norm
         get_codec(codec)  # fail at start-up, not in round 1
         self.stats: dict[int, RoundStats] = {}
         self._global: Tensors = {}
@@ -215,7 +221,17 @@ class AdapterFedAvg(FedAvg):
         record = content.array_records[keys.ARRAYS]
         tensors = self.decode_upload(record)
         validate_update(tensors, self.spec)
+        self.check_norm(tensors)
         return tensors, metrics, record_nbytes(record)
+
+    def check_norm(self, tensors: Tensors) -> float:
+        """The update's L2 distance from the round's global adapter; raises if it exceeds
+        :attr:`max_update_norm` (when set)."""
+        norm = update_norm(tensors, self._global)
+        if self.max_update_norm and norm > self.max_update_norm:
+            raise InvalidUpdate(f"update norm {norm:.4g} exceeds the coordinator's bound "
+                                f"{self.max_update_norm:.4g} (security.max_update_norm)")
+        return norm
 
     def decode_upload(self, record: ArrayRecord) -> Tensors:
         """A reply's uploaded tensors, dense, whichever of the round's codecs it used.

@@ -29,9 +29,9 @@ def _global() -> dict[str, np.ndarray]:
     return {A: np.full((2, 3), 0.5, np.float32), B: np.zeros(SHAPE_B, np.float32)}
 
 
-def _dp(sigma: float, clip: float, **kw: object) -> ClientLevelDP:
+def _dp(sigma: float, clip: float, max_update_norm: float = 0.0, **kw: object) -> ClientLevelDP:
     spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
-    inner = AdapterFedAvg(spec, weighting="uniform")
+    inner = AdapterFedAvg(spec, weighting="uniform", max_update_norm=max_update_norm)
     return ClientLevelDP(inner, clip_norm=clip, noise_multiplier=sigma, clients_per_round=4,
                          ledger=PrivacyLedger(accountant="rdp", delta=1e-5), seed=0, **kw)
 
@@ -133,3 +133,17 @@ def test_example_weighted_inner_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="weighting='uniform'"):
         ClientLevelDP(AdapterFedAvg(spec), clip_norm=1.0, noise_multiplier=1.0,
                       clients_per_round=2, ledger=PrivacyLedger(accountant="rdp", delta=1e-5))
+
+
+def test_an_update_beyond_the_coordinators_bound_is_rejected_not_clipped() -> None:
+    dp = _dp(sigma=0.0, clip=1.0, max_update_norm=5.0)
+    assert _start(dp, 1)
+    honest = np.full(SHAPE_B, 0.01, np.float32)  # norm 3.16: above C, below the bound
+    huge = np.full(SHAPE_B, 100.0, np.float32)
+    arrays, _ = dp.aggregate_train(1, [_reply(1, honest), _reply(2, huge)])
+    assert arrays is not None
+    stats = dp.strategy.stats[1]
+    assert (stats.accepted, stats.rejected) == (1, 1)
+    assert "exceeds the coordinator's bound 5" in stats.rejections[0]
+    out = Fp32Codec().decode(arrays)[B]  # only the honest update, clipped to C = 1
+    assert np.linalg.norm(out) == pytest.approx(1.0, rel=1e-5)

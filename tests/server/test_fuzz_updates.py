@@ -3,10 +3,11 @@
 Every case starts from a valid reply (dense fp32 B tensors, or an edge seed/scalar upload)
 and breaks it in one or several ways a broken or hostile client could: keys missing, unknown
 or renamed; shapes, dtypes and serialisations wrong; payload bytes truncated, padded or
-flipped; NaN/Inf; metrics with text, NaN, unknown names or a bad example count; seed/scalar
-uploads with a stale round, a wrong layout, mismatched lengths, duplicate seeds, NaN or huge
-scalars. Each must be refused with :class:`InvalidUpdate` — zero crashes, zero accepted —
-and the strategy's global adapter must be untouched.
+flipped; NaN/Inf; an update beyond the norm bound; metrics with text, NaN, unknown names or
+a bad example count; seed/scalar uploads with a stale round, a wrong layout, mismatched
+lengths, duplicate seeds, NaN or huge scalars. Each must be refused with
+:class:`InvalidUpdate` — zero crashes, zero accepted — and the strategy's global adapter
+must be untouched.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _global() -> dict[str, np.ndarray]:
 def _strategy() -> AdapterFedAvg:
     glob = _global()
     spec = AdapterSpec.from_arrays(glob, {}, frozen=frozenset({A1, A2}))
-    strategy = AdapterFedAvg(spec)
+    strategy = AdapterFedAvg(spec, max_update_norm=50.0)
     strategy._global = glob
     strategy._round = 3
     strategy._config = ConfigRecord({keys.EDGE_LEARNING_RATE: 0.1, keys.EDGE_LOCAL_STEPS: 8})
@@ -188,6 +189,11 @@ def _mutations(spec: AdapterSpec) -> list[Callable[[np.random.Generator], Messag
     def frozen_too(arrays: dict[str, Array], rng: np.random.Generator) -> None:
         arrays[A1] = Array(rng.normal(size=(4, 8)).astype(np.float32))  # FFA: A never sent
 
+    def far(arrays: dict[str, Array], rng: np.random.Generator) -> None:
+        key = pick(arrays, rng)  # finite, right shape and dtype, but beyond the norm bound
+        arrays[key] = Array((arrays[key].numpy() * 0 + float(rng.choice([-1, 1])) * 1e3
+                             ).astype(np.float32))
+
     def huge(arrays: dict[str, Array], rng: np.random.Generator) -> None:
         arrays[pick(arrays, rng)] = Array(np.zeros((512, 512), np.float32))  # oversized
 
@@ -230,7 +236,7 @@ def _mutations(spec: AdapterSpec) -> list[Callable[[np.random.Generator], Messag
         dense_with(nan), dense_with(truncate), dense_with(pad), dense_with(flip_header),
         dense_with(garbage), dense_with(reshape), dense_with(transpose), dense_with(retype),
         dense_with(header_lies), dense_with(stype), dense_with(drop), dense_with(unknown),
-        dense_with(frozen_too), dense_with(huge), dense_with(several),
+        dense_with(frozen_too), dense_with(huge), dense_with(far), dense_with(several),
         metrics_with(bad_count), metrics_with(no_count), metrics_with(text_metric),
         metrics_with(nan_metric), metrics_with(list_metric), extra_record, no_arrays,
         seed_with(base_round=lambda r: int(r.choice([0, 1, 2, 4, 99]))),      # stale / future

@@ -135,3 +135,15 @@ def test_a_reply_from_another_round_is_refused_and_logged(
     np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], fresh[A])
     assert (strategy.stats[4].accepted, strategy.stats[4].rejected) == (1, 1)
     assert "node 2: a reply to round 3 arrived in round 4 (late or replayed)" in caplog.text
+
+
+def test_an_update_beyond_the_norm_bound_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = AdapterFedAvg(AdapterSpec.from_arrays(_global(), {}), max_update_norm=2.0)
+    strategy._global = _global()
+    near = {A: _global()[A] + 0.1, B: np.full((3, 2), 0.1, np.float32)}
+    far = {A: _global()[A] + 1.0, B: np.ones((3, 2), np.float32)}  # norm sqrt(12) > 2
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        arrays, _ = strategy.aggregate_train(1, [_reply(1, near, 5), _reply(2, far, 5)])
+    assert arrays is not None
+    np.testing.assert_allclose(Fp32Codec().decode(arrays)[B], near[B])
+    assert "node 2: update norm 3.464 exceeds the coordinator's bound 2" in caplog.text
