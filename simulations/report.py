@@ -176,12 +176,12 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
             "no edge clients was found: run the same config with <code>--set "
             "edge.fraction=0</code>, then <code>fedtune report</code> on this run.</p>")
     if kind_rows:
-        last = kind_rows[-1]
-        page.append("<h2>Bytes up per client by kind (last round)</h2><table>"
-                    "<tr><th>kind</th><th>clients</th><th>bytes up per client</th></tr>")
-        for kind, count in sorted(last["clients_by_kind"].items()):
-            page.append(f"<tr><td>{kind}</td><td>{count}</td><td>"
-                        f"{last['bytes_up_by_kind'][kind] / max(count, 1):,.0f}</td></tr>")
+        page.append("<h2>Bytes up per client per round, by kind (all rounds)</h2><table>"
+                    "<tr><th>kind</th><th>client uploads</th><th>rounds with this kind</th>"
+                    "<th>mean bytes up per client per round</th></tr>")
+        for kind, uploads, rounds, mean in _bytes_by_kind(kind_rows):
+            page.append(f"<tr><td>{kind}</td><td>{uploads}</td><td>{rounds}</td>"
+                        f"<td>{mean:,.0f}</td></tr>")
         page.append("</table>")
     for title, file in plots:
         page.append(f"<h2>{title}</h2><img src='{file}' alt='{title}'>")
@@ -199,3 +199,19 @@ def _rows_text(rows: list[dict[str, Any]]) -> str:
         json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                     for k, v in r.items() if k in keep}) for r in rows
     )
+
+
+def _bytes_by_kind(rows: list[dict[str, Any]]) -> list[tuple[str, int, int, float]]:
+    """Per client kind: accepted uploads, rounds it took part in, mean bytes per upload.
+
+    Over all rounds, not the last: which kinds a round samples is random, so one round can
+    hold a single kind."""
+    totals: dict[str, list[int]] = {}
+    for row in rows:
+        for kind, count in row["clients_by_kind"].items():
+            entry = totals.setdefault(kind, [0, 0, 0])
+            entry[0] += int(count)
+            entry[1] += 1
+            entry[2] += int(row["bytes_up_by_kind"].get(kind, 0))
+    return [(kind, uploads, rounds, nbytes / max(uploads, 1))
+            for kind, (uploads, rounds, nbytes) in sorted(totals.items())]

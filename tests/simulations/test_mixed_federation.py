@@ -51,7 +51,7 @@ def test_mixed_torch_and_edge_clients_train_one_adapter(
         assert torch_bytes > 10 * edge_bytes  # tiny model: B only is 6.9 KB
     assert all(np.isfinite(r["perplexity"]) for r in rows)
     assert rows[-1]["perplexity"] < rows[0]["perplexity"]
-    assert "Bytes up per client by kind" in (run_dir / "report.html").read_text()
+    assert "Bytes up per client per round, by kind" in (run_dir / "report.html").read_text()
 
 
 def test_edge_clients_under_secure_aggregation_send_masked_dense_updates(
