@@ -8,4 +8,7 @@ registered public keys.
 - ``fab``: the Flower App folder ``flwr run`` bundles (config only; code comes from the
   installed ``fedtune`` package, weights and data never travel).
 - ``coordinator`` / ``client_daemon``: ``fedtune coordinator`` and ``fedtune client``.
+- ``warm_clientapp`` (with ``warm_forkserver``, ``warm_child``, ``warm_shim``): the warm
+  ClientApp launcher, a per-device fork server that spares each message's ClientApp
+  process the imports of Flower, numpy and torch.
 """

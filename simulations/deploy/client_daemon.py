@@ -5,6 +5,11 @@ The SuperNode itself reconnects forever when the SuperLink goes away (coordinato
 network loss); this daemon covers the cases where the SuperNode process exits instead (for
 example, refused because its key is not registered yet), with a capped exponential backoff.
 
+By default the daemon also runs the device's warm ClientApp launcher (a fork server with
+Flower and fedtune — and torch on ``gpu`` devices — already imported, see
+:mod:`warm_clientapp`) and restarts it if it dies; ``node.warm_clientapp = false`` starts
+every ClientApp process cold, as Flower does.
+
 Example config (relative paths are relative to the config file)::
 
     [superlink]
@@ -17,6 +22,8 @@ Example config (relative paths are relative to the config file)::
     kind = "gpu"                # or "edge": refuse runs that assign the other trainer
     runtime_port = 9094         # local port for this SuperNode's ClientApp processes
     state_dir = "state/node-0"  # FLWR_HOME and the log file
+    warm_clientapp = true       # fork ClientApp processes from a preloaded server
+    # warm_preload = ["numpy", "flwr.supernode.cli", ...]  # default: by kind
 
     [data]
     partitions_file = "data/partitions.json"
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 import time
 import tomllib
@@ -47,6 +55,7 @@ from typing import Any
 
 from simulations.deploy.processes import ManagedProcess
 from simulations.deploy.supernode import NodeValue, SuperNodeSpec, start_supernode
+from simulations.deploy.warm_clientapp import EXIT_CONFIG, WarmLauncher, default_preload
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,8 @@ class DaemonConfig:
     require_manifest: bool = True
     require_secagg: bool = False
     threads: int = 1
+    warm_clientapp: bool = True
+    warm_preload: tuple[str, ...] | None = None  # None: chosen by kind
 
     def __post_init__(self) -> None:
         if ":" not in self.address:
@@ -107,6 +118,24 @@ class DaemonConfig:
         for path in (self.root_ca, self.private_key, self.partitions_file):
             if path is not None and not path.is_file():
                 raise DaemonConfigError(f"{path} does not exist")
+        if self.warm_clientapp:
+            try:
+                self.warm_launcher()
+            except ValueError as err:
+                raise DaemonConfigError(f"node.warm_clientapp: {err} (or set "
+                                        "node.warm_clientapp = false)") from None
+
+    @property
+    def warm(self) -> bool:
+        """Whether the warm launcher runs: asked for, and on Linux (it needs ``/proc``,
+        ``SO_PEERCRED`` and ``PR_SET_PDEATHSIG``)."""
+        return self.warm_clientapp and sys.platform == "linux"
+
+    def warm_launcher(self) -> WarmLauncher:
+        """The device's fork server: preloads by ``kind`` unless ``warm_preload`` is set."""
+        preload = self.warm_preload if self.warm_preload is not None else \
+            default_preload(self.kind)
+        return WarmLauncher(self.state_dir / "warm", preload=preload)
 
     @property
     def log_path(self) -> Path:
@@ -133,6 +162,7 @@ class DaemonConfig:
             superlink=self.address, root_ca=self.root_ca, private_key=self.private_key,
             runtime_port=self.runtime_port, flwr_home=self.state_dir / "flwr",
             log_path=self.log_path, node_config=self.node_config(),
+            clientapp_bin=self.warm_launcher().bin_dir if self.warm else None,
         )
 
 
@@ -140,7 +170,8 @@ class DaemonConfig:
 _LAYOUT = {
     "superlink": {"address": "address", "root_ca": "root_ca", "insecure": "insecure"},
     "node": {"name": "name", "private_key": "private_key", "kind": "kind",
-             "runtime_port": "runtime_port", "state_dir": "state_dir", "log_file": "log_file"},
+             "runtime_port": "runtime_port", "state_dir": "state_dir", "log_file": "log_file",
+             "warm_clientapp": "warm_clientapp", "warm_preload": "warm_preload"},
     "data": {"partitions_file": "partitions_file", "partition_id": "partition_id",
              "cache_dir": "cache_dir", "edge_export": "edge_export"},
     "privacy": {"manifest_public_key": "manifest_public_key",
@@ -171,6 +202,12 @@ def parse_config(raw: Mapping[str, Any], base_dir: Path) -> DaemonConfig:
         if kwargs.get(required) is None:
             table = next(t for t, keys in _LAYOUT.items() if required in keys.values())
             raise DaemonConfigError(f"{table}.{required} is required")
+    if "warm_preload" in kwargs:
+        preload = kwargs["warm_preload"]
+        if not (isinstance(preload, list) and all(isinstance(m, str) for m in preload)):
+            raise DaemonConfigError(f"node.warm_preload = {preload!r}: expected a list of "
+                                    "module names")
+        kwargs["warm_preload"] = tuple(preload)
     types = {f.name: f.type for f in fields(DaemonConfig)}
     for name, value in kwargs.items():
         expected = types[name]
@@ -189,29 +226,81 @@ def load_config(path: Path) -> DaemonConfig:
     return parse_config(raw, path.parent.resolve())
 
 
+class _ForkServerKeeper:
+    """Keeps the warm launcher's fork server up beside the SuperNode: restarts it with a
+    capped backoff when it dies, gives up when its preload list cannot work. While it is
+    down the shim starts ClientApps cold, so nothing waits on it."""
+
+    def __init__(self, launcher: WarmLauncher, env: dict[str, str], name: str) -> None:
+        self.launcher, self.env, self.name = launcher, env, f"{name} fork server"
+        self.proc: ManagedProcess | None = None
+        self.started = 0.0
+        self.next_start = 0.0
+        self.backoff = 1.0
+        self.gave_up = False
+
+    def check(self) -> None:
+        """Start the server if it is due; call every second or so."""
+        now = time.monotonic()
+        if self.proc is not None and not self.proc.alive():
+            code = self.proc.popen.returncode
+            self.proc.stop()
+            self.proc = None
+            if code == EXIT_CONFIG:
+                self.gave_up = True
+                log.error("%s cannot preload %s; ClientApps start cold (see %s)", self.name,
+                          list(self.launcher.preload), self.launcher.log_path)
+                return
+            if now - self.started > _STABLE_S:
+                self.backoff = 1.0
+            log.warning("%s exited with status %s (see %s); restarting in %.0f s", self.name,
+                        code, self.launcher.log_path, self.backoff)
+            self.next_start = now + self.backoff
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
+        if self.proc is None and not self.gave_up and now >= self.next_start:
+            self.started = now
+            self.proc = self.launcher.start(self.env, self.name)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=_STOP_TIMEOUT_S)
+            self.proc = None
+
+
 def run_daemon(config: DaemonConfig, stop: threading.Event) -> int:
-    """Keep one SuperNode running until ``stop`` is set; return the exit status (0)."""
+    """Keep one SuperNode (and its warm launcher) running until ``stop`` is set; return the
+    exit status (0)."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    spec = config.supernode_spec()
+    warm = (_ForkServerKeeper(config.warm_launcher(), spec.environment(), config.name)
+            if config.warm else None)
     backoff = 1.0
-    while not stop.is_set():
-        started = time.monotonic()
-        proc: ManagedProcess = start_supernode(config.supernode_spec(), config.name)
-        try:
-            while proc.alive() and not stop.wait(1.0):
-                pass
-        finally:
-            code = proc.popen.poll()
-            proc.stop(timeout=_STOP_TIMEOUT_S)
-        if stop.is_set():
-            log.info("stopped SuperNode %s", config.name)
-            return 0
-        if time.monotonic() - started > _STABLE_S:
-            backoff = 1.0
-        log.warning("SuperNode %s exited with status %s (see %s); restarting in %.0f s",
-                    config.name, code, config.log_path, backoff)
-        stop.wait(backoff)
-        backoff = min(backoff * 2, MAX_BACKOFF_S)
-    return 0
+    try:
+        while not stop.is_set():
+            if warm is not None:
+                warm.check()  # first: it preloads while the SuperNode connects
+            started = time.monotonic()
+            proc: ManagedProcess = start_supernode(spec, config.name)
+            try:
+                while proc.alive() and not stop.wait(1.0):
+                    if warm is not None:
+                        warm.check()
+            finally:
+                code = proc.popen.poll()
+                proc.stop(timeout=_STOP_TIMEOUT_S)
+            if stop.is_set():
+                log.info("stopped SuperNode %s", config.name)
+                return 0
+            if time.monotonic() - started > _STABLE_S:
+                backoff = 1.0
+            log.warning("SuperNode %s exited with status %s (see %s); restarting in %.0f s",
+                        config.name, code, config.log_path, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+        return 0
+    finally:
+        if warm is not None:
+            warm.stop()  # after the SuperNode: its shims relay their children's ends
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +336,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -1,0 +1,437 @@
+"""Warm ClientApp launcher (issue #5 point 6): the ``flwr-clientapp`` shim and its fork
+server, with a stand-in target script in place of Flower's real ``flwr-clientapp`` so that
+each test runs in seconds. Real processes and sockets throughout; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulations.deploy.client_daemon import (
+    DaemonConfigError,
+    _ForkServerKeeper,
+    parse_config,
+)
+from simulations.deploy.processes import ManagedProcess
+from simulations.deploy.supernode import TASK_POLL_ENV
+from simulations.deploy.warm_child import WARM_PULL_BACKOFF, tune_message_pull
+from simulations.deploy.warm_clientapp import (
+    EDGE_PRELOAD,
+    EXIT_CONFIG,
+    TORCH_PRELOAD,
+    WarmLauncher,
+    write_shim,
+)
+
+#: Reports what it got (JSON on stdout), writes to stderr, exits as told by its env.
+STAND_IN = """\
+#!{python}
+import json, os, signal, sys, time
+from pathlib import Path
+
+preloaded = sorted(m for m in ("numpy", "json") if m in sys.modules)
+mode = os.environ.get("STAND_IN_MODE", "report")
+if mode == "sleep":
+    def on_term(signum, frame):
+        print("got signal", signum, flush=True)
+        sys.exit(7)
+    signal.signal(signal.SIGTERM, on_term)
+    Path(os.environ["STAND_IN_PIDFILE"] + ".tmp").write_text(str(os.getpid()))
+    os.replace(os.environ["STAND_IN_PIDFILE"] + ".tmp", os.environ["STAND_IN_PIDFILE"])
+    time.sleep(60)
+if mode == "torch":
+    import torch
+    torch.set_num_threads(2)
+    x = torch.randn(256, 256)
+    print(json.dumps({{"torch_ok": bool(torch.isfinite(x @ x).all()),
+                      "threads": torch.get_num_threads()}}))
+    sys.exit(0)
+print(json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "pid": os.getpid(),
+                  "ppid": os.getppid(), "probe": os.environ.get("STAND_IN_PROBE"),
+                  "preloaded": preloaded}}))
+print("stand-in says hello on stderr", file=sys.stderr)
+if mode == "signal":
+    os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(int(os.environ.get("STAND_IN_EXIT", "0")))
+"""
+
+
+def _stand_in(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "stand_in.py"
+    path.write_text(STAND_IN.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Server:
+    """A running fork server (real process) and the shim pointing at it."""
+
+    def __init__(self, launcher: WarmLauncher, proc: ManagedProcess) -> None:
+        self.launcher, self.proc = launcher, proc
+        self.shim = launcher.bin_dir / "flwr-clientapp"
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.shim), *args], env={**os.environ, **(env or {})},
+                              cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture()
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    started: list[ManagedProcess] = []
+
+    def start(preload: tuple[str, ...] = ("json",), *, wait: bool = True) -> Server:
+        launcher = WarmLauncher(tmp_path / f"warm{len(started)}", preload=preload,
+                                target=_stand_in(tmp_path / "bin"), term_grace_s=2.0)
+        proc = launcher.start(dict(os.environ), "fork server")
+        started.append(proc)
+        if wait:
+            _wait(lambda: launcher.ready() or not proc.alive(), 60, "the fork server")
+            assert proc.alive(), proc.log_tail()
+        return Server(launcher, proc)
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+# --- the warm path ---------------------------------------------------------------------------
+
+
+def test_child_gets_argv_env_cwd_and_stdio_and_its_exit_code_comes_back(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+
+    done = server.run("--token", "a b", "ü", env={"STAND_IN_PROBE": "p=1 2",
+                                                  "STAND_IN_EXIT": "3"}, cwd=workdir)
+
+    assert done.returncode == 3, done.stderr
+    report = json.loads(done.stdout)
+    assert report["argv"] == ["--token", "a b", "ü"]
+    assert report["probe"] == "p=1 2" and report["cwd"] == str(workdir)
+    assert report["ppid"] == server.proc.pid, "forked by the server, not exec'd by the shim"
+    assert "stand-in says hello on stderr" in done.stderr
+    assert "cold" not in done.stderr
+    assert server.launcher.socket_path.stat().st_mode & 0o777 == 0o600
+    assert server.launcher.home.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_child_killed_by_a_signal_ends_the_shim_by_that_signal(
+    start_server: Callable[..., Server]
+) -> None:
+    done = start_server().run(env={"STAND_IN_MODE": "signal"})
+
+    assert done.returncode == -signal.SIGTERM
+    assert json.loads(done.stdout)["ppid"] != os.getpid()
+
+
+def test_signals_to_the_shim_reach_the_child(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    pidfile = tmp_path / "child.pid"
+    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "STAND_IN_MODE": "sleep",
+                                 "STAND_IN_PIDFILE": str(pidfile)})
+    try:
+        _wait(pidfile.exists, 30, "the child to start")
+        os.kill(shim.pid, signal.SIGTERM)
+        out, _ = shim.communicate(timeout=30)
+    finally:
+        shim.kill()
+    assert shim.returncode == 7, "the child's SIGTERM handler chose the status"
+    assert f"got signal {int(signal.SIGTERM)}" in out
+
+
+def test_killing_the_shim_kills_the_child(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    pidfile = tmp_path / "child.pid"
+    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
+                            env={**os.environ, "STAND_IN_MODE": "sleep",
+                                 "STAND_IN_PIDFILE": str(pidfile)})
+    _wait(pidfile.exists, 30, "the child to start")
+    child = int(pidfile.read_text())
+    assert _alive(child)
+
+    shim.kill()  # SIGKILL: no handler runs; only the dropped connection tells the server
+    shim.wait(timeout=10)
+
+    _wait(lambda: not _alive(child), 10, f"child {child} to be killed")
+    assert server.proc.alive(), "the server itself carries on"
+
+
+def test_stopping_the_server_ends_running_children_and_their_shims(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    pidfile = tmp_path / "child.pid"
+    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
+                            env={**os.environ, "STAND_IN_MODE": "sleep",
+                                 "STAND_IN_PIDFILE": str(pidfile)})
+    _wait(pidfile.exists, 30, "the child to start")
+    child = int(pidfile.read_text())
+
+    server.proc.stop(timeout=10)  # ManagedProcess.stop: SIGTERM, as the daemon does
+
+    assert shim.wait(timeout=10) == 7, "the child got SIGTERM and its status was relayed"
+    assert not _alive(child)
+    assert not server.launcher.socket_path.exists()
+    assert server.proc.popen.returncode == 0
+
+
+def test_the_fork_server_preloads_and_runs_no_thread(
+    start_server: Callable[..., Server]
+) -> None:
+    server = start_server(("numpy", "json"))  # numpy starts OpenBLAS threads at import
+
+    done = server.run()
+
+    assert json.loads(done.stdout)["preloaded"] == ["json", "numpy"]
+    tasks = os.listdir(f"/proc/{server.proc.pid}/task")
+    assert tasks == [str(server.proc.pid)], "OpenBLAS's pool stopped at the probe fork"
+    assert "1 thread(s)" in server.proc.log_tail()
+
+
+def test_a_module_that_leaves_threads_is_refused_by_name(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "threaded_mod.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), "
+        "daemon=True).start()\n")
+    server = start_server(("json", "threaded_mod"), wait=False)
+
+    assert server.proc.popen.wait(timeout=60) == EXIT_CONFIG
+    assert "importing threaded_mod started Python thread(s)" in server.proc.log_tail()
+
+
+@pytest.mark.slow
+def test_onnxruntime_is_refused_because_its_timer_thread_survives_fork(
+    start_server: Callable[..., Server]
+) -> None:
+    """Why EDGE_PRELOAD leaves onnxruntime out (ORT 1.31 here)."""
+    server = start_server(("onnxruntime",), wait=False)
+
+    assert server.proc.popen.wait(timeout=60) == EXIT_CONFIG
+    assert "importing onnxruntime left 1 native thread(s)" in server.proc.log_tail()
+
+
+@pytest.mark.slow
+def test_torch_preloaded_in_the_server_works_with_threads_in_the_child(
+    start_server: Callable[..., Server]
+) -> None:
+    """Fork safety of TORCH_PRELOAD's heavy part on CPU: the child runs a 2-thread matmul."""
+    server = start_server(("torch", "transformers", "peft"))
+
+    done = server.run(env={"STAND_IN_MODE": "torch"})
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"torch_ok": True, "threads": 2}
+
+
+def test_flowers_real_clientapp_entry_point_runs_warm(tmp_path: Path) -> None:
+    """The production preload list and target: Flower's own ``flwr-clientapp`` script."""
+    launcher = WarmLauncher(tmp_path / "warm", EDGE_PRELOAD)
+    proc = launcher.start(dict(os.environ), "fork server")
+    try:
+        _wait(lambda: launcher.ready() or not proc.alive(), 120, "the fork server")
+        assert proc.alive(), proc.log_tail()
+        t0 = time.perf_counter()
+        done = subprocess.run([str(launcher.bin_dir / "flwr-clientapp"), "--help"],
+                              capture_output=True, text=True, timeout=60)
+        warm = time.perf_counter() - t0
+    finally:
+        proc.stop()
+    assert done.returncode == 0, done.stderr
+    assert "Run a Flower ClientApp" in done.stdout and "cold" not in done.stderr
+    assert "forked ClientApp process" in proc.log_tail()
+    assert "1 s retry backoff" not in proc.log_tail(), "tune_message_pull applied"
+    print(f"flwr-clientapp --help through the warm shim: {warm:.3f} s")
+
+
+def test_warm_clientapps_retry_their_message_pull_sooner(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    from flwr.supernode.runtime import run_clientapp
+
+    name = "pull_and_inflate_object_from_tree"  # what run_clientapp calls, by this name
+    original = getattr(run_clientapp, name)
+    monkeypatch.setattr(run_clientapp, name, original)
+
+    assert tune_message_pull() and tune_message_pull()  # idempotent
+
+    tuned = getattr(run_clientapp, name)
+    assert isinstance(tuned, functools.partial) and tuned.func is original
+    assert tuned.keywords == WARM_PULL_BACKOFF
+    assert WARM_PULL_BACKOFF["initial_backoff"] < 1.0  # Flower's own: 1 s, then 2, 4, ...
+
+
+# --- the cold fallback -----------------------------------------------------------------------
+
+
+def test_without_a_server_the_shim_execs_the_real_program(tmp_path: Path) -> None:
+    target = _stand_in(tmp_path / "bin")
+    shim = write_shim(tmp_path / "shim", tmp_path / "nobody-listens.sock", target)
+
+    done = subprocess.run([str(shim), "x"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "STAND_IN_EXIT": "5"})
+
+    assert done.returncode == 5
+    report = json.loads(done.stdout)
+    assert report["argv"] == ["x"] and report["ppid"] == os.getpid(), "exec'd in place"
+    assert "no fork server at" in done.stderr and "cold" in done.stderr
+
+
+def test_a_server_that_never_answers_does_not_hold_the_message_up(tmp_path: Path) -> None:
+    target = _stand_in(tmp_path / "bin")
+    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # listens, never answers
+    wedged.bind(str(tmp_path / "wedged.sock"))
+    wedged.listen(1)
+    shim = write_shim(tmp_path / "shim", tmp_path / "wedged.sock", target,
+                      answer_timeout_s=0.5)
+    try:
+        done = subprocess.run([str(shim)], capture_output=True, text=True, timeout=60)
+    finally:
+        wedged.close()
+
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["ppid"] == os.getpid()
+    assert "timed out" in done.stderr and "cold" in done.stderr
+
+
+def test_a_refused_request_runs_cold(start_server: Callable[..., Server]) -> None:
+    server = start_server()
+
+    # PYTHON* variables act at interpreter start-up, which a forked child never has.
+    done = server.run("y", env={"PYTHONHASHSEED": "123", "OMP_NUM_THREADS": "3"})
+
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["ppid"] == os.getpid()
+    assert ("the fork server refused: ['OMP_NUM_THREADS', 'PYTHONHASHSEED'] differ"
+            in done.stderr)
+
+
+def test_shim_start_up_is_small(start_server: Callable[..., Server]) -> None:
+    """The shim's own cost (python -IS + connect + fork) against a cold interpreter."""
+    server = start_server(("numpy", "json"))
+    target = server.launcher.target
+
+    def best(cmd: list[str]) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    warm, cold = best([str(server.shim)]), best([str(target)])
+    print(f"stand-in via shim {warm:.3f} s, exec'd directly {cold:.3f} s")
+    assert warm < 1.0
+
+
+# --- wiring into the daemon ------------------------------------------------------------------
+
+
+def _daemon_raw(**node: Any) -> dict[str, Any]:
+    return {"superlink": {"address": "127.0.0.1:9093", "insecure": True},
+            "node": {"state_dir": "s", **node}}
+
+
+def test_the_daemon_puts_the_shim_first_on_the_supernodes_path(tmp_path: Path) -> None:
+    warm = parse_config(_daemon_raw(), tmp_path)
+    cold = parse_config(_daemon_raw(warm_clientapp=False), tmp_path)
+
+    env = warm.supernode_spec().environment()
+    assert env["PATH"].split(os.pathsep)[0] == str(tmp_path / "s" / "warm" / "bin")
+    assert env[TASK_POLL_ENV] == "0.25"
+    assert warm.warm_launcher().preload == TORCH_PRELOAD  # kind = "gpu" by default
+    cold_path = cold.supernode_spec().environment()["PATH"].split(os.pathsep)
+    assert str(tmp_path / "s" / "warm" / "bin") not in cold_path
+    edge = parse_config(_daemon_raw(kind="edge", warm_preload=["json"]), tmp_path)
+    assert edge.warm_launcher().preload == ("json",)
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [({"warm_preload": "numpy"}, "expected a list of module names"),
+     ({"warm_preload": ["numpy; rm"]}, "is not a module name"),
+     ({"state_dir": "d" * 120}, "Unix sockets allow 107")],
+    ids=["not-a-list", "bad-name", "socket-path-too-long"],
+)
+def test_bad_warm_settings_are_refused_by_name(tmp_path: Path, node: dict[str, Any],
+                                               message: str) -> None:
+    with pytest.raises(DaemonConfigError, match=message):
+        parse_config(_daemon_raw(**node), tmp_path)
+
+
+def test_the_daemon_restarts_a_dead_fork_server_and_gives_up_on_a_bad_preload(
+    tmp_path: Path
+) -> None:
+    target = _stand_in(tmp_path / "bin")
+    keeper = _ForkServerKeeper(WarmLauncher(tmp_path / "warm", ("json",), target),
+                               dict(os.environ), "node")
+    try:
+        keeper.check()
+        assert keeper.proc is not None
+        first = keeper.proc
+        _wait(keeper.launcher.ready, 60, "the fork server")
+        first.popen.kill()
+        first.popen.wait(timeout=10)
+        keeper.check()  # notices; restarts after the 1 s backoff
+        assert keeper.proc is None
+        def restarted() -> bool:
+            keeper.check()
+            return keeper.proc is not None
+
+        _wait(restarted, 10, "the restart")
+        assert keeper.proc is not first and keeper.proc.alive()
+        _wait(keeper.launcher.ready, 60, "the restarted fork server")
+    finally:
+        keeper.stop()
+
+    bad = _ForkServerKeeper(WarmLauncher(tmp_path / "bad", ("no_such_module_xyz",), target),
+                            dict(os.environ), "node")
+    try:
+        bad.check()
+        assert bad.proc is not None
+        bad.proc.popen.wait(timeout=60)
+        bad.check()
+        assert bad.gave_up and bad.proc is None
+    finally:
+        bad.stop()
