@@ -206,11 +206,18 @@ class FederationSection:
     client_threads: int = field(default=1, metadata={"help": "torch threads per client"})
     client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per client"})
     round_timeout_s: float = 3600.0
+    poll_interval_s: float = field(
+        default=0.25,
+        metadata={"help": "how often the coordinator pulls replies (Flower's deployment "
+                          "grid waits a fixed 3 s)"},
+    )
 
     def __post_init__(self) -> None:
         _check(self.client_threads >= 1, "federation.client_threads", "must be >= 1",
                self.client_threads)
         _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0", self.client_cpus)
+        _check(self.poll_interval_s > 0, "federation.poll_interval_s", "must be > 0",
+               self.poll_interval_s)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from server.checkpoint import OffsetRounds, resume_point, save_checkpoint
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter, write_json_atomic
 from server.metrics_log import append_metrics, truncate_metrics
+from server.polling_grid import PollingGrid
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
 
@@ -205,7 +206,8 @@ def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         flat = {**dict(context.run_config), **baked}
-        run_coordinator(grid, flat)
+        interval = RunConfig.from_flat(flat).federation.poll_interval_s
+        run_coordinator(PollingGrid(grid, interval), flat)
 
     return app
 

@@ -1,0 +1,79 @@
+"""A Flower ``Grid`` that waits for replies with a configurable polling interval.
+
+Why not Flower's own: in 1.41 the deployment grid (``HttpGrid.send_and_receive``) sleeps a
+hard-coded 3 s between pulls of replies, so every message exchange is rounded up to the
+next multiple of 3 s after the last reply lands — on loopback that was most of an edge
+client's round trip (issue #5: measured phases of ~7 s around ~2 s of device time), and
+secure aggregation pays it four times a round. This wrapper keeps Flower's grid for
+everything and re-implements only the wait, through the public ``push_messages`` /
+``pull_messages`` API; the simulation's in-memory grid is wrapped the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+DEFAULT_POLL_INTERVAL_S = 0.25
+
+
+class PollingGrid(Grid):
+    """Delegates to ``grid``; :meth:`send_and_receive` pulls every ``interval`` seconds."""
+
+    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL_INTERVAL_S) -> None:
+        if not interval > 0:
+            raise ValueError(f"poll interval must be > 0 seconds, got {interval}")
+        self.grid = grid
+        self.interval = interval
+
+    def set_run(self, run: object) -> None:
+        self.grid.set_run(run)  # type: ignore[arg-type]
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Flower's contract: push, then pull until every reply is in or ``timeout`` s
+        passed (``None``: wait for all); replies of other exchanges are never returned."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending:
+                break
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(self.interval, left))
+            else:
+                time.sleep(self.interval)
+        return replies

@@ -1,0 +1,72 @@
+"""PollingGrid: Flower's send_and_receive contract with our polling interval.
+
+The grid below is a stand-in for the SuperLink's message store (replies become available
+after a number of pulls); the real grids are exercised by the simulation and deployment
+end-to-end tests, whose ServerApp always runs behind a PollingGrid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+from flwr.app import Message, RecordDict
+
+from server.polling_grid import PollingGrid
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class SlowStore:
+    """Push stores messages; a reply to message i appears after ``ready[i]`` pulls."""
+
+    def __init__(self, ready: list[int]) -> None:
+        self.ready = ready
+        self.pulls = 0
+        self.sent: dict[str, Message] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent[f"m{i}"] = msg
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        out = []
+        for mid in message_ids:
+            if self.pulls >= self.ready[int(mid[1:])]:
+                out.append(Message(RecordDict(), reply_to=self.sent[mid]))
+        return out
+
+
+def _messages(n: int) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=i + 1, message_type="train") for i in range(n)]
+
+
+def test_waits_for_every_reply_polling_at_its_interval() -> None:
+    store = SlowStore(ready=[1, 3, 5])
+    grid = PollingGrid(store, interval=0.01)  # type: ignore[arg-type]
+    replies = list(grid.send_and_receive(_messages(3), timeout=None))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert store.pulls == 5  # no pull after the last reply, none skipped
+
+
+def test_returns_what_arrived_when_the_timeout_passes() -> None:
+    store = SlowStore(ready=[1, 10**9])
+    grid = PollingGrid(store, interval=0.02)  # type: ignore[arg-type]
+    replies = list(grid.send_and_receive(_messages(2), timeout=0.1))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert 2 <= store.pulls <= 8
+
+
+def test_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="poll interval must be > 0"):
+        PollingGrid(SlowStore([]), interval=0)  # type: ignore[arg-type]
