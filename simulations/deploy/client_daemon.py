@@ -23,6 +23,7 @@ Example config (relative paths are relative to the config file)::
     runtime_port = 9094         # local port for this SuperNode's ClientApp processes
     state_dir = "state/node-0"  # FLWR_HOME and the log file
     warm_clientapp = true       # fork ClientApp processes from a preloaded server
+    poll_interval_s = 1.0       # idle pulls from the SuperLink (Flower: every 3 s)
     # warm_preload = ["numpy", "flwr.supernode.cli", ...]  # default: by kind
 
     [data]
@@ -55,6 +56,7 @@ from typing import Any
 
 from simulations.deploy.processes import ManagedProcess
 from simulations.deploy.supernode import NodeValue, SuperNodeSpec, start_supernode
+from simulations.deploy.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S
 from simulations.deploy.warm_clientapp import EXIT_CONFIG, WarmLauncher, default_preload
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class DaemonConfig:
     require_secagg: bool = False
     threads: int = 1
     warm_clientapp: bool = True
+    poll_interval_s: float = DEFAULT_POLL_S  # SuperNode's idle pulls (Flower: 3 s)
     warm_preload: tuple[str, ...] | None = None  # None: chosen by kind
 
     def __post_init__(self) -> None:
@@ -106,6 +109,9 @@ class DaemonConfig:
             raise DaemonConfigError(f"node.runtime_port = {self.runtime_port}: 1..65535")
         if self.partition_id < 0:
             raise DaemonConfigError(f"data.partition_id = {self.partition_id}: must be >= 0")
+        if not 0.05 <= self.poll_interval_s <= FLOWER_IDLE_SLEEP_S:
+            raise DaemonConfigError(f"node.poll_interval_s = {self.poll_interval_s}: expected "
+                                    f"0.05 to {FLOWER_IDLE_SLEEP_S} seconds")
         if self.threads < 1:
             raise DaemonConfigError(f"resources.threads = {self.threads}: must be >= 1")
         if self.manifest_public_key:
@@ -163,6 +169,7 @@ class DaemonConfig:
             runtime_port=self.runtime_port, flwr_home=self.state_dir / "flwr",
             log_path=self.log_path, node_config=self.node_config(),
             clientapp_bin=self.warm_launcher().bin_dir if self.warm else None,
+            idle_poll_s=self.poll_interval_s,
         )
 
 
@@ -171,7 +178,8 @@ _LAYOUT = {
     "superlink": {"address": "address", "root_ca": "root_ca", "insecure": "insecure"},
     "node": {"name": "name", "private_key": "private_key", "kind": "kind",
              "runtime_port": "runtime_port", "state_dir": "state_dir", "log_file": "log_file",
-             "warm_clientapp": "warm_clientapp", "warm_preload": "warm_preload"},
+             "warm_clientapp": "warm_clientapp", "warm_preload": "warm_preload",
+             "poll_interval_s": "poll_interval_s"},
     "data": {"partitions_file": "partitions_file", "partition_id": "partition_id",
              "cache_dir": "cache_dir", "edge_export": "edge_export"},
     "privacy": {"manifest_public_key": "manifest_public_key",
@@ -213,6 +221,10 @@ def parse_config(raw: Mapping[str, Any], base_dir: Path) -> DaemonConfig:
         expected = types[name]
         if expected in ("int", "bool", "str") and type(value).__name__ != expected:
             raise DaemonConfigError(f"{name} = {value!r}: expected {expected}")
+        if expected == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise DaemonConfigError(f"{name} = {value!r}: expected a number")
+            kwargs[name] = float(value)
     return DaemonConfig(**kwargs)
 
 

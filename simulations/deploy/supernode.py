@@ -18,11 +18,13 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from simulations.deploy.processes import ManagedProcess, flower_env, flower_tool, wait_for
+from simulations.deploy.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S, POLL_ENV
 
 #: What the SuperNode logs once the SuperLink accepted it (flwr 1.41 start_client_internal).
 _CONNECTED = re.compile(r"SuperNode ID: (\d+)")
@@ -52,6 +54,9 @@ class SuperNodeSpec:
     max_wait_time: float | None = None
     clientapp_bin: Path | None = None  # first on PATH: the warm launcher's shim folder
     task_poll_interval_s: float = DEFAULT_TASK_POLL_S
+    #: Seconds between the SuperNode's pulls while idle (Flower: a fixed 3 s), through
+    #: :mod:`simulations.deploy.supernode_entry`; ``None`` runs Flower's binary unchanged.
+    idle_poll_s: float | None = DEFAULT_POLL_S
 
     def __post_init__(self) -> None:
         if not 0 < self.runtime_port < 65536:
@@ -62,9 +67,14 @@ class SuperNodeSpec:
                              "accepts 0.01..60 seconds")
         if self.private_key is not None and self.root_ca is None:
             raise ValueError("SuperNode authentication needs TLS: give the CA certificate")
+        if self.idle_poll_s is not None and not 0.05 <= self.idle_poll_s <= FLOWER_IDLE_SLEEP_S:
+            raise ValueError(f"idle_poll_s = {self.idle_poll_s}: expected 0.05 to "
+                             f"{FLOWER_IDLE_SLEEP_S} seconds")
 
     def command(self) -> list[str]:
-        cmd = [flower_tool("flower-supernode"), "--superlink", self.superlink,
+        program = ([flower_tool("flower-supernode")] if self.idle_poll_s is None else
+                   [sys.executable, "-m", "simulations.deploy.supernode_entry"])
+        cmd = [*program, "--superlink", self.superlink,
                "--host", self.runtime_host, "--port", str(self.runtime_port)]
         if self.root_ca is None:
             cmd.append("--insecure")
@@ -83,6 +93,8 @@ class SuperNodeSpec:
     def environment(self) -> dict[str, str]:
         """The SuperNode's environment, which its SuperExec and ClientApps inherit."""
         env = flower_env(self.flwr_home, {TASK_POLL_ENV: repr(self.task_poll_interval_s)})
+        if self.idle_poll_s is not None:
+            env[POLL_ENV] = repr(self.idle_poll_s)
         if self.clientapp_bin is not None:
             env["PATH"] = os.pathsep.join([str(self.clientapp_bin.absolute()), env["PATH"]])
         return env

@@ -284,8 +284,12 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
         "fedtune-cache-dir": str(tmp_path / "cache"),
         "fedtune-manifest-public-key": "cd" * 32,
     }
-    cmd = config.supernode_spec().command()
+    spec = config.supernode_spec()
+    cmd = spec.command()
     assert cmd[cmd.index("--port") + 1] == "9100"
+    # Flower's SuperNode through our entry point, polling every second instead of 3 s
+    assert cmd[1:3] == ["-m", "simulations.deploy.supernode_entry"]
+    assert spec.environment()["FEDTUNE_SUPERNODE_POLL_S"] == "1.0"
 
 
 @pytest.mark.parametrize(
@@ -299,8 +303,11 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
         ({"node": {"state_dir": "s", "runtime_port": "9094"}}, "expected int"),
         ({"privacy": {"manifest_public_key": "xyz"}}, "64 hex digits"),
         ({"node": {}}, "node.state_dir is required"),
+        ({"node": {"state_dir": "s", "poll_interval_s": "fast"}}, "expected a number"),
+        ({"node": {"state_dir": "s", "poll_interval_s": 10}}, r"expected 0\.05 to 3 seconds"),
     ],
-    ids=["unknown-key", "unknown-table", "tls-and-insecure", "kind", "type", "key", "missing"],
+    ids=["unknown-key", "unknown-table", "tls-and-insecure", "kind", "type", "key", "missing",
+         "poll-type", "poll-range"],
 )
 def test_bad_daemon_config_is_refused_by_name(
     tmp_path: Path, patch: dict[str, Any], message: str

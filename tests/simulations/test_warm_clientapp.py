@@ -435,3 +435,41 @@ def test_the_daemon_restarts_a_dead_fork_server_and_gives_up_on_a_bad_preload(
         assert bad.gave_up and bad.proc is None
     finally:
         bad.stop()
+
+
+# --- the SuperNode's idle poll -------------------------------------------------------------
+
+
+def test_supernode_entry_shortens_only_flowers_two_sleeps(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import time as real_time
+    import types
+
+    from simulations.deploy import supernode_entry as entry
+
+    slept: list[float] = []
+    monkeypatch.setattr(real_time, "sleep", slept.append)
+    module = types.ModuleType("fake_start_client_internal")
+    module.time = real_time  # type: ignore[attr-defined]
+    assert entry.patch(module, 0.4)
+    module.time.sleep(3)  # type: ignore[attr-defined]  # the idle poll
+    module.time.sleep(0.5)  # type: ignore[attr-defined]  # waiting for the ClientApp
+    module.time.sleep(7)  # type: ignore[attr-defined]  # anything else is untouched
+    assert slept == [0.4, 0.1, 7]
+    assert module.time.monotonic is real_time.monotonic  # type: ignore[attr-defined]
+    assert not entry.patch(types.ModuleType("moved"), 0.4), "unpatched when Flower moved"
+
+
+def test_supernode_entry_patches_the_installed_flower() -> None:
+    from flwr.supernode import start_client_internal
+
+    from simulations.deploy import supernode_entry as entry
+
+    assert start_client_internal.time is __import__("time"), \
+        "flwr's start_client_internal changed: review simulations/deploy/supernode_entry.py"
+    assert entry.poll_interval({}) == entry.DEFAULT_POLL_S
+    assert entry.poll_interval({entry.POLL_ENV: "0.5"}) == 0.5
+    with pytest.raises(ValueError, match=r"expected 0\.05 to 3"):
+        entry.poll_interval({entry.POLL_ENV: "10"})
+    with pytest.raises(ValueError, match="expected seconds"):
+        entry.poll_interval({entry.POLL_ENV: "fast"})
