@@ -92,6 +92,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _sleeping_child(server: Server, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A shim whose forked child sleeps; returns the shim and the child's PID."""
+    pidfile = tmp_path / "child.pid"
+    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
+                            env={**os.environ, "STAND_IN_MODE": "sleep",
+                                 "STAND_IN_PIDFILE": str(pidfile)})
+    _wait(pidfile.exists, 30, "the child to start")
+    return shim, int(pidfile.read_text())
+
+
 class Server:
     """A running fork server (real process) and the shim pointing at it."""
 
@@ -179,12 +189,7 @@ def test_killing_the_shim_kills_the_child(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     server = start_server()
-    pidfile = tmp_path / "child.pid"
-    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
-                            env={**os.environ, "STAND_IN_MODE": "sleep",
-                                 "STAND_IN_PIDFILE": str(pidfile)})
-    _wait(pidfile.exists, 30, "the child to start")
-    child = int(pidfile.read_text())
+    shim, child = _sleeping_child(server, tmp_path)
     assert _alive(child)
 
     shim.kill()  # SIGKILL: no handler runs; only the dropped connection tells the server
@@ -198,12 +203,7 @@ def test_stopping_the_server_ends_running_children_and_their_shims(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:
     server = start_server()
-    pidfile = tmp_path / "child.pid"
-    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
-                            env={**os.environ, "STAND_IN_MODE": "sleep",
-                                 "STAND_IN_PIDFILE": str(pidfile)})
-    _wait(pidfile.exists, 30, "the child to start")
-    child = int(pidfile.read_text())
+    shim, child = _sleeping_child(server, tmp_path)
 
     server.proc.stop(timeout=10)  # ManagedProcess.stop: SIGTERM, as the daemon does
 
