@@ -50,13 +50,17 @@ def validate_update(
 
 
 def update_norm(
-    tensors: Mapping[str, npt.NDArray[Any]], reference: Mapping[str, npt.NDArray[Any]]
+    tensors: Mapping[str, npt.NDArray[Any]],
+    reference: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> float:
-    """L2 norm of ``tensors - reference`` over all of ``tensors`` together, in float64: the
-    size of an update as client-level DP clips it and as the coordinator bounds it."""
+    """L2 norm of ``tensors - reference`` (or of ``tensors``) over all tensors together, in
+    float64: the size of an update as client-level DP clips it and as the coordinator
+    bounds it."""
     total = 0.0
     for key, value in tensors.items():
-        diff = value.astype(np.float64) - reference[key].astype(np.float64)
+        diff = value.astype(np.float64)
+        if reference is not None:
+            diff = diff - reference[key].astype(np.float64)
         total += float(np.sum(diff * diff))
     return float(np.sqrt(total))
 

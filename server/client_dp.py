@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def clip_update(update: Tensors, clip_norm: float) -> tuple[Tensors, float]:
     """Scale ``update`` to L2 norm at most ``clip_norm`` (norm over all tensors together)."""
-    norm = update_norm(update, {k: np.zeros((), np.float32) for k in update})
+    norm = update_norm(update)
     factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: (v * factor).astype(np.float32) for k, v in update.items()}, norm
 

@@ -224,14 +224,15 @@ class AdapterFedAvg(FedAvg):
         self.check_norm(tensors)
         return tensors, metrics, record_nbytes(record)
 
-    def check_norm(self, tensors: Tensors) -> float:
-        """The update's L2 distance from the round's global adapter; raises if it exceeds
-        :attr:`max_update_norm` (when set)."""
+    def check_norm(self, tensors: Tensors) -> None:
+        """Raise if the update's L2 distance from the round's global adapter exceeds
+        :attr:`max_update_norm`; without a bound (the default) nothing is computed."""
+        if not self.max_update_norm:
+            return
         norm = update_norm(tensors, self._global)
-        if self.max_update_norm and norm > self.max_update_norm:
+        if norm > self.max_update_norm:
             raise InvalidUpdate(f"update norm {norm:.4g} exceeds the coordinator's bound "
                                 f"{self.max_update_norm:.4g} (security.max_update_norm)")
-        return norm
 
     def decode_upload(self, record: ArrayRecord) -> Tensors:
         """A reply's uploaded tensors, dense, whichever of the round's codecs it used.

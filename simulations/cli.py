@@ -14,7 +14,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from simulations.config import add_config_arguments
 from simulations.environment import configure_environment
+from simulations.paths import add_cache_dir_argument
 
 log = logging.getLogger("fedtune")
 
@@ -53,9 +55,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="prepared models and data (default: $FEDTUNE_CACHE or "
-                             "./.fedtune-cache)")
+    add_cache_dir_argument(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -75,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a federated fine-tuning simulation",
                          description="Federated LoRA fine-tuning on Flower's Simulation Engine "
                          "(or, with --centralized, the centralized baseline).")
-    sim.add_argument("--config", type=Path, default=None,
-                     help="TOML config (default: simulations/configs/default.toml)")
-    sim.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
+    add_config_arguments(sim)
     sim.add_argument("--centralized", action="store_true",
                      help="train on the union of all clients' data instead (baseline)")
     sim.add_argument("--runs-dir", type=Path, default=Path("runs"),
@@ -93,10 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serves every adapter), optionally quantized, with tokenizer files and a sha256 "
         "manifest signed by the coordinator key. The model and LoRA settings come from the "
         "run config, as for `simulate`.")
-    edge.add_argument("--config", type=Path, default=None,
-                      help="TOML config (default: simulations/configs/default.toml)")
-    edge.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
+    add_config_arguments(edge)
     edge.add_argument("--quantization", default=None,
                       help="fp32, int8, int4 or a mixed option (default: edge.quantization, "
                            "see kernels/edge_quantize.py for the measured table)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,13 @@ def to_toml(config: RunConfig) -> str:
             lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--set``, read by :func:`load_config`: the same two options on
+    every command that takes a run config (simulate, export-edge, coordinator)."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config (default: simulations/configs/default.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -20,3 +21,11 @@ def shakespeare_texts_dir(cache_dir: Path) -> Path:
 
 def partitions_dir(cache_dir: Path) -> Path:
     return cache_dir / "partitions"
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--cache-dir``, resolved with :func:`default_cache_dir` when not given."""
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="prepared models and data (default: $FEDTUNE_CACHE or "
+                             "./.fedtune-cache)")
+

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from simulations.audit.attacks import DISTANCES, UPDATE_MODELS, OptimizationSettings
 from simulations.audit.scenario import NOISE_PLACEMENTS, Safeguards
+from simulations.paths import add_cache_dir_argument
 
 if TYPE_CHECKING:
     from client.local_data import LocalTextData
@@ -78,9 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "audit uses (default: simulations/configs/default.toml)")
     what.add_argument("--partitions-file", type=Path, default=None,
                       help="client texts (default: the Shakespeare split of the config)")
-    what.add_argument("--cache-dir", type=Path, default=None,
-                      help="prepared models and data (default: $FEDTUNE_CACHE or "
-                           "./.fedtune-cache)")
+    add_cache_dir_argument(what)
     grid = parser.add_argument_group("grid")
     grid.add_argument("--quick", action="store_true",
                       help=f"reduced grid: batch sizes {_csv(QUICK.batch_sizes)}, local steps "

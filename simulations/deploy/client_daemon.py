@@ -56,7 +56,7 @@ from typing import Any
 
 from simulations.deploy.processes import ManagedProcess
 from simulations.deploy.supernode import NodeValue, SuperNodeSpec, start_supernode
-from simulations.deploy.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S
+from simulations.deploy.supernode_entry import DEFAULT_POLL_S, check_poll_interval
 from simulations.deploy.warm_clientapp import EXIT_CONFIG, WarmLauncher, default_preload
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,10 @@ class DaemonConfig:
             raise DaemonConfigError(f"node.runtime_port = {self.runtime_port}: 1..65535")
         if self.partition_id < 0:
             raise DaemonConfigError(f"data.partition_id = {self.partition_id}: must be >= 0")
-        if not 0.05 <= self.poll_interval_s <= FLOWER_IDLE_SLEEP_S:
-            raise DaemonConfigError(f"node.poll_interval_s = {self.poll_interval_s}: expected "
-                                    f"0.05 to {FLOWER_IDLE_SLEEP_S} seconds")
+        try:
+            check_poll_interval(self.poll_interval_s)
+        except ValueError as err:
+            raise DaemonConfigError(f"node.poll_interval_s = {err}") from None
         if self.threads < 1:
             raise DaemonConfigError(f"resources.threads = {self.threads}: must be >= 1")
         if self.manifest_public_key:

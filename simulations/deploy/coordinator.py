@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulations.config import add_config_arguments
 from simulations.deploy.certs import DEFAULT_HOSTS, make_tls, tls_files
 from simulations.deploy.fab import write_app
 from simulations.deploy.flwr_cli import FlwrCli, FlwrCliError
 from simulations.deploy.processes import ManagedProcess, wait_for
 from simulations.deploy.superlink import SuperLinkSpec, start_superlink
+from simulations.paths import add_cache_dir_argument
 
 log = logging.getLogger(__name__)
 
@@ -302,13 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run fedtune on Flower's Deployment Engine: start (or attach to) a "
         "SuperLink with TLS and SuperNode authentication, register the SuperNodes' public "
         "keys, wait for them, submit the run and wait for its adapter.")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML config (default: simulations/configs/default.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override one config value")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="prepared models and data (default: $FEDTUNE_CACHE or "
-                             "./.fedtune-cache)")
+    add_config_arguments(parser)
+    add_cache_dir_argument(parser)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--name", default=None, help="run folder name")
     parser.add_argument("--resume", default=None, metavar="NAME",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simulations.deploy.processes import ManagedProcess, flower_env, flower_tool, wait_for
-from simulations.deploy.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S, POLL_ENV
+from simulations.deploy.supernode_entry import DEFAULT_POLL_S, POLL_ENV, check_poll_interval
 
 #: What the SuperNode logs once the SuperLink accepted it (flwr 1.41 start_client_internal).
 _CONNECTED = re.compile(r"SuperNode ID: (\d+)")
@@ -67,9 +67,11 @@ class SuperNodeSpec:
                              "accepts 0.01..60 seconds")
         if self.private_key is not None and self.root_ca is None:
             raise ValueError("SuperNode authentication needs TLS: give the CA certificate")
-        if self.idle_poll_s is not None and not 0.05 <= self.idle_poll_s <= FLOWER_IDLE_SLEEP_S:
-            raise ValueError(f"idle_poll_s = {self.idle_poll_s}: expected 0.05 to "
-                             f"{FLOWER_IDLE_SLEEP_S} seconds")
+        if self.idle_poll_s is not None:
+            try:
+                check_poll_interval(self.idle_poll_s)
+            except ValueError as err:
+                raise ValueError(f"idle_poll_s = {err}") from None
 
     def command(self) -> list[str]:
         program = ([flower_tool("flower-supernode")] if self.idle_poll_s is None else

@@ -47,15 +47,24 @@ class _ShortSleeps:
         return getattr(time, name)
 
 
+def check_poll_interval(value: float) -> float:
+    """The one bound on the idle poll, wherever it is set (env, SuperNodeSpec, daemon TOML):
+    faster than 0.05 s floods the SuperLink, slower than Flower's own 3 s gains nothing."""
+    if not 0.05 <= value <= FLOWER_IDLE_SLEEP_S:
+        raise ValueError(f"{value}: expected 0.05 to {FLOWER_IDLE_SLEEP_S} seconds")
+    return value
+
+
 def poll_interval(environ: Any = os.environ) -> float:
     raw = environ.get(POLL_ENV, "")
     try:
         value = float(raw) if raw else DEFAULT_POLL_S
     except ValueError:
         raise ValueError(f"{POLL_ENV}={raw!r}: expected seconds, e.g. 1.0") from None
-    if not 0.05 <= value <= FLOWER_IDLE_SLEEP_S:
-        raise ValueError(f"{POLL_ENV}={value}: expected 0.05 to {FLOWER_IDLE_SLEEP_S} s")
-    return value
+    try:
+        return check_poll_interval(value)
+    except ValueError as err:
+        raise ValueError(f"{POLL_ENV}={err}") from None
 
 
 def patch(module: ModuleType, idle_s: float) -> bool:
