@@ -6,13 +6,14 @@ Fork safety: forking a process that runs other threads leaves the child without 
 with whatever locks they held. :func:`check_fork_safe` (run after each preloaded module)
 forks a probe child and checks that no Python thread and no native thread survives:
 OpenBLAS pools pass (they shut down in their own ``pthread_atfork`` handler); onnxruntime
-1.31 fails (its extension module starts a timer thread at import), so edge devices leave it
-to the child, ~0.1 s. CUDA must not be initialised before forking (importing torch does
-not). Flower's ClientApp talks HTTP (httpx) to its SuperNode and opens that client in the
-child. The child re-seeds numpy's global generator (the ``random`` module re-seeds
-itself), gets the original signal handlers (restored by the server), and keeps Flower's
-and fedtune's log handlers, which write to fd 2, now the shim's stderr: as a new
-interpreter would have them.
+1.31 fails on some machines (its extension module starts a timer thread at import on ours,
+not on every machine), so edge devices never preload it and leave it to the child, ~0.1 s. A probe
+stuck on a lock is killed after :data:`PROBE_TIMEOUT_S` and counts as a failure. CUDA must
+not be initialised before forking (importing torch does not). Flower's ClientApp talks HTTP
+(httpx) to its SuperNode and opens that client in the child. The child re-seeds numpy's
+global generator (the ``random`` module re-seeds itself), gets the original signal handlers
+(restored by the server), and keeps Flower's and fedtune's log handlers, which write to fd
+2, now the shim's stderr: as a new interpreter would have them.
 
 One Flower setting changes for warm children (:func:`tune_message_pull`): a ClientApp
 pulls its message's objects from the SuperNode, retrying an unavailable object after 1 s,
@@ -32,6 +33,7 @@ import runpy
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -147,7 +149,7 @@ def check_fork_safe(after: str = "start-up") -> None:
     probe = os.fork()  # pthread_atfork handlers (OpenBLAS) stop their pools here
     if probe == 0:
         os._exit(0)
-    os.waitpid(probe, 0)
+    _reap_probe(probe, after)
     native = task_count() - 1
     if native > 0:
         raise ForkSafetyError(f"importing {after} left {native} native thread(s) running "
@@ -158,6 +160,24 @@ def check_fork_safe(after: str = "start-up") -> None:
     if torch is not None and torch.cuda.is_initialized():
         raise ForkSafetyError(f"importing {after} initialised CUDA, which does not survive "
                               "fork(): remove it from the preload list")
+
+
+#: How long the probe child of :func:`check_fork_safe` may take to exit. It only runs the
+#: ``pthread_atfork`` child handlers and ``_exit``; one that takes longer is stuck on a lock
+#: another thread held at fork, the very failure the probe is there to find.
+PROBE_TIMEOUT_S = 10.0
+
+
+def _reap_probe(probe: int, after: str) -> None:
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while os.waitpid(probe, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(probe, signal.SIGKILL)
+            os.waitpid(probe, 0)
+            raise ForkSafetyError(f"after importing {after}, a forked probe child did not "
+                                  f"exit within {PROBE_TIMEOUT_S:g} s (a lock held across "
+                                  f"fork()): remove {after} from the preload list")
+        time.sleep(0.005)
 
 
 def task_count() -> int:

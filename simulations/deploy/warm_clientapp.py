@@ -22,7 +22,7 @@ our own underneath Flower, invisible to it:
   the real program: correctness never depends on the warm path.
 
 This module is the daemon's side: where the launcher lives, what it preloads, the shim.
-Fork safety and the one Flower setting warm children change are in :mod:`warm_forkserver`.
+Fork safety and the one Flower setting warm children change are in :mod:`warm_child`.
 Linux only (``/proc``, ``SO_PEERCRED``, ``PR_SET_PDEATHSIG``).
 """
 
@@ -49,7 +49,7 @@ MAX_SOCKET_PATH = 107
 
 #: What every ClientApp process imports before fedtune's handler runs (``flwr-clientapp``'s
 #: entry point and runtime, the app module ``node_app`` → ``client.app``), plus the edge
-#: trainer. Not onnxruntime: see the module docstring.
+#: trainer. Not onnxruntime: see :mod:`warm_child`.
 EDGE_PRELOAD = ("numpy", "flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp",
                 "simulations.deploy.node_app", "client.edge_trainer")
 #: GPU (torch) devices also keep torch, transformers and PEFT imported (~30 s per message).

@@ -437,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.preload([m for m in args.preload.split(",") if m])
     except (ForkSafetyError, ImportError) as err:
         log.error("cannot serve warm ClientApps (they start cold): %s", err)
-        return EXIT_CONFIG
+        # Leave without interpreter teardown: the module just refused may have native
+        # threads whose static destructors block a normal exit, and the shim is waiting.
+        logging.shutdown()
+        os._exit(EXIT_CONFIG)
     job = server.serve()
     if job is None:
         return 0
