@@ -26,6 +26,7 @@ from client.secagg_client import handle_setup, handle_share_keys, handle_unmask,
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
 from protocols.codecs import Fp32Codec, get_codec, record_nbytes
+from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int, get_str
 from protocols.run_config import RunConfig
 from protocols.secagg import wire as secagg_wire
@@ -129,7 +130,7 @@ def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
 
 
 def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
-    adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
+    adapter = Fp32Codec().decode(unpack_record(msg.content.array_records[keys.ARRAYS]))
     edge = is_edge_client(flat, context)
     instruction = _instruction(msg, edge=edge)
     cfg = msg.content.config_records[keys.CONFIG]
@@ -153,6 +154,8 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
         upload = SeedScalarCodec().encode_update(seed_update)
     else:
         upload = get_codec(codec_name).encode(outcome.tensors)
+    if upload_key == keys.ARRAYS:
+        upload = pack_record(upload)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
@@ -166,7 +169,7 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
 
 
 def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
-    adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
+    adapter = Fp32Codec().decode(unpack_record(msg.content.array_records[keys.ARRAYS]))
     cfg = msg.content.config_records[keys.CONFIG]
     data = _local_data(flat, context)
     outcome = _trainer(flat, edge=is_edge_client(flat, context)).evaluate(

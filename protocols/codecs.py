@@ -65,10 +65,14 @@ def _seed_scalar() -> UpdateCodec:
 
 
 def load_npy_exact(key: str, array: Array) -> npt.NDArray[Any]:
-    """Parse one untrusted array payload: ``.npy`` only, no pickles, no trailing bytes.
+    """Parse one untrusted array payload: ``.npy`` only, no pickles, no trailing bytes, and
+    the header exactly as numpy writes it.
 
     ``np.load`` ignores bytes after the array, so a payload could carry extra data (or be
-    padded to any size) unnoticed; the exact length is required instead.
+    padded to any size) unnoticed; the exact length is required instead. Its header parser
+    also accepts any Python literal, comments included, so the header's padding could
+    carry anything; it must be the canonical header instead (what ``np.save`` and Flower's
+    ``Array`` write).
     """
     import io
 
@@ -94,6 +98,14 @@ def load_npy_exact(key: str, array: Array) -> npt.NDArray[Any]:
             f"`{key}`: payload is {len(array.data)} bytes, a {dtype}{list(shape)} array "
             f"needs exactly {expected}"
         )
+    canonical = io.BytesIO()
+    write_header = (np.lib.format.write_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.write_array_header_2_0)
+    write_header(canonical, {"descr": np.lib.format.dtype_to_descr(value.dtype),
+                             "fortran_order": False, "shape": value.shape})
+    if canonical.getvalue() != array.data[:header]:
+        raise InvalidUpdate(f"`{key}`: .npy header is not the one numpy writes for a "
+                            f"{dtype}{list(shape)} array")
     if tuple(array.shape) != value.shape or array.dtype != str(value.dtype):
         raise InvalidUpdate(
             f"`{key}`: header says shape {tuple(array.shape)} dtype {array.dtype}, payload has "

@@ -25,6 +25,7 @@ from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import Fp32Codec, Tensors, get_codec, record_nbytes
 from protocols.errors import InvalidUpdate
+from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int
 from protocols.seed_updates import WIRE_KEYS, SeedScalarCodec
 from protocols.validation import update_norm, validate_metrics, validate_update
@@ -167,13 +168,24 @@ class AdapterFedAvg(FedAvg):
         config[keys.CODEC] = self.codec_name
         self._round, self._config = server_round, config
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        packed = pack_record(arrays)
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
             msg.metadata.group_id = str(server_round)
+            msg.content[keys.ARRAYS] = packed
         self.stats[server_round] = RoundStats(
             sampled=len(messages),
-            bytes_down=record_nbytes(arrays) * len(messages),
+            bytes_down=record_nbytes(packed) * len(messages),
             started=time.perf_counter(),
         )
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        packed = pack_record(arrays)
+        for msg in messages:
+            msg.content[keys.ARRAYS] = packed
         return messages
 
     def aggregate_train(
@@ -241,6 +253,7 @@ class AdapterFedAvg(FedAvg):
         validated against this round and replayed from the round's global adapter with the
         step size and step count *this coordinator* sent, so a client cannot choose either.
         """
+        record = unpack_record(record)
         if set(record.keys()) == WIRE_KEYS:
             cfg = self._config
             if keys.EDGE_LEARNING_RATE not in cfg:

@@ -5,13 +5,17 @@ and breaks it in one or several ways a broken or hostile client could: keys miss
 or renamed; shapes, dtypes and serialisations wrong; payload bytes truncated, padded or
 flipped; NaN/Inf; an update beyond the norm bound; metrics with text, NaN, unknown names or
 a bad example count; seed/scalar uploads with a stale round, a wrong layout, mismatched
-lengths, duplicate seeds, NaN or huge scalars. Each must be refused with
+lengths, duplicate seeds, NaN or huge scalars; and both kinds packed into one array
+(:mod:`protocols.packing`, as clients send them) with wrong contents or a malformed packing:
+cut, padded, flipped index bytes, a lying index length, unknown dtypes, bad shapes,
+duplicate or extra entries, non-JSON, a bad prefix, a second array beside it. Each must be refused with
 :class:`InvalidUpdate` — zero crashes, zero accepted — and the strategy's global adapter
 must be untouched.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.errors import InvalidUpdate
+from protocols.packing import PACKED_KEY, pack_record
 from protocols.seed_updates import SeedScalarCodec, SeedUpdate, layout_id, trainable_shapes
 from server.strategy import AdapterFedAvg
 
@@ -232,7 +237,117 @@ def _mutations(spec: AdapterSpec) -> list[Callable[[np.random.Generator], Messag
     def seeds_trunc(arrays: dict[str, Array], rng: np.random.Generator) -> None:
         arrays[keys.SEEDS] = Array(arrays[keys.SEEDS].numpy()[:-1].copy())
 
+    def packed(make_arrays: Callable[[np.random.Generator], dict[str, Array]],
+               change: Callable[[dict[str, Array], np.random.Generator], None]
+               ) -> Callable[[np.random.Generator], Message]:
+        """A well-formed packed record of wrong contents: the unpacked checks must hold."""
+        def make(rng: np.random.Generator) -> Message:
+            arrays = make_arrays(rng)
+            change(arrays, rng)
+            return _reply(pack_record(ArrayRecord(arrays)), MetricRecord(_metrics(rng)))
+        make.__qualname__ = f"packed.{change.__name__}"
+        return make
+
+    def packed_bytes(make_arrays: Callable[[np.random.Generator], dict[str, Array]],
+                     change: Callable[[bytearray, np.random.Generator], ArrayRecord]
+                     ) -> Callable[[np.random.Generator], Message]:
+        """Valid contents, a malformed packing."""
+        def make(rng: np.random.Generator) -> Message:
+            record = pack_record(ArrayRecord(make_arrays(rng)))
+            blob = bytearray(record[PACKED_KEY].numpy().tobytes())
+            return _reply(change(blob, rng), MetricRecord(_metrics(rng)))
+        make.__qualname__ = f"packed_bytes.{change.__name__}"
+        return make
+
+    def seeds(rng: np.random.Generator) -> dict[str, Array]:
+        return _seed_arrays(rng, spec)
+
+    def as_record(blob: bytes | bytearray) -> ArrayRecord:
+        return ArrayRecord({PACKED_KEY: Array(np.frombuffer(bytes(blob), dtype=np.uint8))})
+
+    def split(blob: bytearray) -> tuple[list[dict[str, object]], bytes]:
+        length = int.from_bytes(blob[8:12], "little")
+        return json.loads(blob[12:12 + length]), bytes(blob[12 + length:])
+
+    def rebuilt(index: object, payload: bytes) -> ArrayRecord:
+        header = json.dumps(index).encode()
+        return as_record(b"FTPK\x01\0\0\0" + len(header).to_bytes(4, "little") + header
+                         + payload)
+
+    def cut(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        return as_record(blob[: int(rng.integers(0, len(blob)))])
+
+    def padded(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        return as_record(blob + rng.bytes(int(rng.integers(1, 64))))
+
+    def flip_index(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        end = 12 + int.from_bytes(blob[8:12], "little")
+        for _ in range(int(rng.integers(1, 4))):
+            blob[int(rng.integers(0, end))] ^= int(rng.integers(1, 256))
+        return as_record(blob)
+
+    def index_length_lies(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        length = int.from_bytes(blob[8:12], "little")
+        wrong = int(rng.choice([0, length - 1, length + 1, len(blob), 2**32 - 1]))
+        blob[8:12] = wrong.to_bytes(4, "little")
+        return as_record(blob)
+
+    def bad_dtype(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        index, payload = split(blob)
+        index[int(rng.integers(len(index)))]["dtype"] = str(
+            rng.choice([">f4", "|O", "<c8", "float32", "<U1", "<f4 ", ""]))
+        return rebuilt(index, payload)
+
+    def bad_shape(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        index, payload = split(blob)
+        shapes: list[object] = [[-1, 4], [1.5, 4], [True, 4], "8,4", [2**50, 2**50], [1] * 9,
+                                [8, 4, 1, 1, 1, 1, 1, 1, 2], None]
+        index[int(rng.integers(len(index)))]["shape"] = shapes[int(rng.integers(len(shapes)))]
+        return rebuilt(index, payload)
+
+    def bad_entry(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        index, payload = split(blob)
+        entry = index[int(rng.integers(len(index)))]
+        choice = int(rng.integers(5))
+        if choice == 0:
+            index.append(dict(entry))  # the same name twice
+        elif choice == 1:
+            entry["extra"] = 1
+        elif choice == 2:
+            entry["name"] = str(rng.choice(["", PACKED_KEY]))
+        elif choice == 3:
+            del entry["dtype"]
+        else:
+            return rebuilt({"tensors": index}, payload)
+        return rebuilt(index, payload)
+
+    def not_json(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        _, payload = split(blob)
+        header = bytes(rng.choice([b"\xff\xfe", b"[{", b"nul", b"\x00"]))
+        return as_record(b"FTPK\x01\0\0\0" + len(header).to_bytes(4, "little") + header
+                         + payload)
+
+    def bad_prefix(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        position = int(rng.integers(0, 8))
+        blob[position] ^= int(rng.integers(1, 256))
+        return as_record(blob)
+
+    def outer(blob: bytearray, rng: np.random.Generator) -> ArrayRecord:
+        if rng.random() < 0.5:  # the packed bytes beside a second array
+            record = as_record(blob)
+            record[B1] = Array(np.zeros((8, 4), np.float32))
+            return record
+        usable = len(blob) // 4 * 4
+        return ArrayRecord({PACKED_KEY: Array(np.frombuffer(bytes(blob[:usable]), "<f4"))})
+
+    packing_cases = [cut, padded, flip_index, index_length_lies, bad_dtype, bad_shape,
+                     bad_entry, not_json, bad_prefix, outer]
     return [
+        *(packed_bytes(make_arrays, change) for change in packing_cases
+          for make_arrays in (_dense, seeds)),
+        *(packed(_dense, change) for change in (nan, reshape, transpose, drop, unknown,
+                                                frozen_too, far, huge)),
+        packed(seeds, seeds_trunc),
         dense_with(nan), dense_with(truncate), dense_with(pad), dense_with(flip_header),
         dense_with(garbage), dense_with(reshape), dense_with(transpose), dense_with(retype),
         dense_with(header_lies), dense_with(stype), dense_with(drop), dense_with(unknown),
@@ -274,4 +389,8 @@ def test_ten_thousand_malformed_updates_are_all_refused() -> None:
     # and the well-formed versions of both upload kinds are accepted (the fuzzer is sound)
     strategy._check_reply(_reply(ArrayRecord(_dense(rng)), MetricRecord(_metrics(rng))))
     strategy._check_reply(_reply(ArrayRecord(_seed_arrays(rng, strategy.spec)),
+                                 MetricRecord(_metrics(rng))))
+    strategy._check_reply(_reply(pack_record(ArrayRecord(_dense(rng))),
+                                 MetricRecord(_metrics(rng))))
+    strategy._check_reply(_reply(pack_record(ArrayRecord(_seed_arrays(rng, strategy.spec))),
                                  MetricRecord(_metrics(rng))))

@@ -114,7 +114,8 @@ def test_the_edge_client_app_trains_with_torch_unavailable(
                       state=RecordDict(), run_config={{}})
         reply = make_client_app(flat)(msg, ctx)
         assert not reply.has_error(), reply.error
-        print(json.dumps({{"arrays": sorted(reply.content["arrays"].keys()),
+        from protocols.packing import unpack_record
+        print(json.dumps({{"arrays": sorted(unpack_record(reply.content["arrays"]).keys()),
                            "metrics": dict(reply.content["metrics"]),
                            "torch": "torch" in sys.modules}}))
     """)
