@@ -8,9 +8,9 @@ a bad example count; seed/scalar uploads with a stale round, a wrong layout, mis
 lengths, duplicate seeds, NaN or huge scalars; and both kinds packed into one array
 (:mod:`protocols.packing`, as clients send them) with wrong contents or a malformed packing:
 cut, padded, flipped index bytes, a lying index length, unknown dtypes, bad shapes,
-duplicate or extra entries, non-JSON, a bad prefix, a second array beside it. Each must be refused with
-:class:`InvalidUpdate` — zero crashes, zero accepted — and the strategy's global adapter
-must be untouched.
+duplicate or extra entries, non-JSON, a bad prefix, a second array beside it. Each must be
+refused with :class:`InvalidUpdate` — zero crashes, zero accepted — and the strategy's
+global adapter must be untouched.
 """
 
 from __future__ import annotations
