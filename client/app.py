@@ -137,8 +137,10 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
     codec_name = get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC)
     trainer = _trainer(flat, edge=edge)
     data = _local_data(flat, context)
-    # Distinct batches per client within a round, reproducible across reruns.
-    seeded = dataclasses.replace(instruction, seed=instruction.seed * 1_000_003 + context.node_id)
+    # Distinct batches per client within a round, reproducible across reruns: keyed by the
+    # partition, not by Flower's node id (random in each simulation run).
+    partition_id = int(context.node_config["partition-id"])
+    seeded = dataclasses.replace(instruction, seed=instruction.seed * 1_000_003 + partition_id)
     outcome = trainer.train(adapter, data, seeded)
     upload_key = keys.ARRAYS
     seed_update = getattr(outcome, "seed_update", None)
