@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from client.local_data import PARTITIONS_FORMAT
-from client.shakespeare import Speech, load_speeches, play_files
+from client.shakespeare import PARSER_VERSION, Speech, load_speeches, play_files
 from protocols.run_config import DataSection
 
 
@@ -74,7 +74,8 @@ def prepare_split(texts_dir: Path, data: DataSection, out_dir: Path) -> Prepared
     files = play_files(texts_dir)
     key = hashlib.sha256(
         json.dumps(
-            {"files": [(f.name, f.stat().st_size) for f in files], "data": data.__dict__},
+            {"files": [(f.name, f.stat().st_size) for f in files], "data": data.__dict__,
+             "parser": PARSER_VERSION},
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]

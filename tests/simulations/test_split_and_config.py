@@ -50,6 +50,22 @@ def test_prepared_split_files(mini_cache: Path, tmp_path: Path) -> None:
         load_partition(split.partitions_file, 4)
 
 
+def test_a_new_parser_version_prepares_a_new_split(
+    mini_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached split from an older parser must not be reused (it silently changed every
+    run's data once)."""
+    import simulations.shakespeare_split as split_module
+
+    texts = mini_cache / "data" / "shakespeare" / "texts"
+    first = prepare_split(texts, DataSection(min_speeches=5), tmp_path / "parts")
+    monkeypatch.setattr(split_module, "PARSER_VERSION", split_module.PARSER_VERSION + 1)
+    second = prepare_split(texts, DataSection(min_speeches=5), tmp_path / "parts")
+
+    assert second.partitions_file != first.partitions_file
+    assert second.partitions_file.read_bytes() == first.partitions_file.read_bytes()
+
+
 def test_default_config_loads_and_round_trips(tmp_path: Path) -> None:
     config = load_config()
     assert DEFAULT_CONFIG.is_file()
