@@ -43,10 +43,16 @@ def _settings(context: Context, baked: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def partition_id(context: Context) -> int:
+    """This node's data partition: its identity for data, client kind and batch seeds
+    (Flower's node id is random in each simulation run, the partition id is not)."""
+    return int(context.node_config["partition-id"])
+
+
 def is_edge_client(flat: Mapping[str, Any], context: Context) -> bool:
     """Whether this node is an edge device (ONNX Runtime, forward-only) in this run."""
     config = RunConfig.from_flat(flat)
-    return config.edge.is_edge(int(context.node_config["partition-id"]), config.data.seed)
+    return config.edge.is_edge(partition_id(context), config.data.seed)
 
 
 def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
@@ -113,8 +119,7 @@ def verify_base_model(model_dir: Path, public_key_hex: str) -> None:
 
 
 def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:
-    partition_id = int(context.node_config["partition-id"])
-    return load_partition(Path(str(flat["paths.partitions_file"])), partition_id)
+    return load_partition(Path(str(flat["paths.partitions_file"])), partition_id(context))
 
 
 def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
@@ -137,10 +142,9 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
     codec_name = get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC)
     trainer = _trainer(flat, edge=edge)
     data = _local_data(flat, context)
-    # Distinct batches per client within a round, reproducible across reruns: keyed by the
-    # partition, not by Flower's node id (random in each simulation run).
-    partition_id = int(context.node_config["partition-id"])
-    seeded = dataclasses.replace(instruction, seed=instruction.seed * 1_000_003 + partition_id)
+    # Distinct batches per client within a round, reproducible across reruns.
+    seeded = dataclasses.replace(
+        instruction, seed=instruction.seed * 1_000_003 + partition_id(context))
     outcome = trainer.train(adapter, data, seeded)
     upload_key = keys.ARRAYS
     seed_update = getattr(outcome, "seed_update", None)

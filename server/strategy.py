@@ -94,6 +94,15 @@ class RoundStats:
         return out
 
 
+def _send_packed(messages: list[Message], arrays: ArrayRecord) -> ArrayRecord:
+    """Give every instruction the adapter as one packed array (see protocols.packing: Flower
+    moves each array chunk as its own HTTPS request); returns the packed record."""
+    packed = pack_record(arrays)
+    for msg in messages:
+        msg.content[keys.ARRAYS] = packed
+    return packed
+
+
 def stale_reply(msg: Message, server_round: int) -> str | None:
     """Why a reply does not belong to this round, or None if it does.
 
@@ -168,10 +177,9 @@ class AdapterFedAvg(FedAvg):
         config[keys.CODEC] = self.codec_name
         self._round, self._config = server_round, config
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        packed = pack_record(arrays)
+        packed = _send_packed(messages, arrays)
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
             msg.metadata.group_id = str(server_round)
-            msg.content[keys.ARRAYS] = packed
         self.stats[server_round] = RoundStats(
             sampled=len(messages),
             bytes_down=record_nbytes(packed) * len(messages),
@@ -183,9 +191,7 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        packed = pack_record(arrays)
-        for msg in messages:
-            msg.content[keys.ARRAYS] = packed
+        _send_packed(messages, arrays)
         return messages
 
     def aggregate_train(
