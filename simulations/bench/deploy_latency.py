@@ -35,6 +35,7 @@ are warm / cold of the same kind, measured in the same invocation.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.deploy.client_daemon import DaemonConfig, run_daemon
+from simulations.deploy.processes import wait_for
 from simulations.deploy.supernode import connected_node_id
 from simulations.deploy.warm_clientapp import EDGE_PRELOAD, WarmLauncher
 
@@ -93,19 +95,14 @@ class Result:
                 "rest_s": med(clients) - med(device), "device_s": med(self.device_s)}
 
 
+def _connected(log_path: Path) -> bool:
+    return connected_node_id(log_path) is not None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def prepare_inputs(cache_dir: Path, *, kind: str, nodes: int, rounds: int) -> Any:
@@ -174,10 +171,11 @@ def measure(inputs: Any, *, kind: str, warm: bool, nodes: int, link: str, certs:
         for thread in threads:
             thread.start()
         for device in devices:  # submit only once every device is really ready
-            _wait(lambda d=device: connected_node_id(d.log_path) is not None, timeout,
-                  f"{device.name} to connect")
+            wait_for(functools.partial(_connected, device.log_path), timeout=timeout,
+                     what=f"{device.name} to connect")
             if warm:
-                _wait(device.warm_launcher().ready, timeout, f"{device.name}'s fork server")
+                wait_for(device.warm_launcher().ready, timeout=timeout,
+                         what=f"{device.name}'s fork server")
         os.environ.pop("FLWR_LOG_LEVEL", None)
         run_dir = run_deployed(inputs, work / "runs",
                                LinkOptions(state_dir=work / "coordinator", attach=link,
@@ -207,7 +205,7 @@ def launch_overhead(work: Path, repeats: int = 3) -> dict[str, float]:
     launcher = WarmLauncher(work / "launch-probe", EDGE_PRELOAD)
     proc = launcher.start(dict(os.environ), "launch probe")
     try:
-        _wait(launcher.ready, 120, "the probe fork server")
+        wait_for(launcher.ready, timeout=120, what="the probe fork server")
         out = {}
         for label, exe in (("cold_s", launcher.target), ("warm_s", launcher.bin_dir /
                                                           "flwr-clientapp")):

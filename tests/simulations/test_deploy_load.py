@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -94,32 +92,21 @@ def test_tree_follows_children_and_orphaned_group_members() -> None:
     assert pm.tree(99, table) == []
 
 
-def test_sampler_sums_the_rss_of_a_real_process_tree(tmp_path: Path) -> None:
-    script = ("import subprocess, sys, time; "
-              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-              "time.sleep(60)")
-    proc = ManagedProcess("tree", [sys.executable, "-c", script], env=dict(os.environ),
-                          log_path=tmp_path / "tree.log")
-    try:
-        deadline = time.monotonic() + 20
-        while not descendants(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pids = [proc.pid, *descendants(proc.pid)]
-        sampler = pm.MemorySampler(1.0, detailed=["t"])
-        sampler.roots["t"] = proc.pid
+def test_sampler_sums_the_rss_of_a_real_process_tree(process_tree: ManagedProcess) -> None:
+    pids = [process_tree.pid, *descendants(process_tree.pid)]
+    sampler = pm.MemorySampler(1.0, detailed=["t"])
+    sampler.roots["t"] = process_tree.pid
 
-        sample = sampler.sample()
-        page = os.sysconf("SC_PAGE_SIZE")
-        expected = sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
-                       for p in pids)
+    sample = sampler.sample()
+    page = os.sysconf("SC_PAGE_SIZE")
+    expected = sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page for p in pids)
 
-        assert len(pids) == 2 and set(sampler.seen) == set(pids)
-        assert sample.rss["t"] == pytest.approx(expected, rel=0.1)
-        assert sum(sample.by_comm["t"].values()) == sample.rss["t"]
-        assert 0 < sample.pss["t"] <= sample.rss["t"], "the first sample reads PSS too"
-        assert sorted(pm.alive_seen(sampler.seen)) == sorted(pids)
-    finally:
-        proc.stop(timeout=5)
+    assert len(pids) == 2 and set(sampler.seen) == set(pids)
+    assert sample.rss["t"] == pytest.approx(expected, rel=0.1)
+    assert sum(sample.by_comm["t"].values()) == sample.rss["t"]
+    assert 0 < sample.pss["t"] <= sample.rss["t"], "the first sample reads PSS too"
+    assert sorted(pm.alive_seen(sampler.seen)) == sorted(pids)
+    process_tree.stop(timeout=5)
     assert pm.alive_seen(sampler.seen) == []
 
 

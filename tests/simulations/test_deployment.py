@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -28,7 +29,7 @@ from simulations.deploy.certs import make_node_keys, make_tls
 from simulations.deploy.client_daemon import DaemonConfigError, parse_config
 from simulations.deploy.fab import write_app
 from simulations.deploy.node_app import NodePolicyError, apply_node_settings, check_node_policy
-from simulations.deploy.processes import ManagedProcess, descendants, flower_env
+from simulations.deploy.processes import ManagedProcess, descendants, flower_env, wait_for
 from simulations.deploy.superlink import SuperLinkSpec
 from simulations.deploy.supernode import SuperNodeSpec, node_config_arg
 
@@ -166,20 +167,12 @@ def test_flower_processes_get_our_environment(tmp_path: Path) -> None:
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
-def test_stop_ends_the_whole_process_tree(tmp_path: Path) -> None:
-    script = ("import subprocess, sys, time; "
-              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-              "print('up', flush=True); time.sleep(60)")
-    proc = ManagedProcess("tree", [sys.executable, "-c", script], env=dict(os.environ),
-                          log_path=tmp_path / "tree.log")
-    try:
-        deadline = time.monotonic() + 20
-        while not descendants(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        tree = [proc.pid, *descendants(proc.pid)]
-        assert len(tree) == 2
-    finally:
-        proc.stop(timeout=5)
+def test_stop_ends_the_whole_process_tree(process_tree: ManagedProcess) -> None:
+    tree = [process_tree.pid, *descendants(process_tree.pid)]
+    assert len(tree) == 2
+
+    process_tree.stop(timeout=5)
+
     for pid in tree:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
 
@@ -411,7 +404,8 @@ def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
         return any(n["node-id"] == str(node_id) and n["status"] == "online"
                    for n in cli.nodes())
 
-    _wait(member_online, 90, "the registered SuperNode to come online", daemon)
+    wait_for(member_online, timeout=90, what="the registered SuperNode to come online",
+             process=daemon, interval=2.0)
     timings["node_online"] = time.perf_counter() - t0
 
     bad = start_supernode(SuperNodeSpec(spec.address, tls.ca_cert, intruder.private_key,
@@ -426,7 +420,8 @@ def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
     stopper[0].stop()
     t0 = time.perf_counter()
     stopper[0] = start_superlink(spec)
-    _wait(member_online, 120, "the SuperNode to reconnect after the restart", daemon)
+    wait_for(member_online, timeout=120, what="the SuperNode to reconnect after the restart",
+             process=daemon, interval=2.0)
     timings["reconnect_after_restart"] = time.perf_counter() - t0
     assert "restarting in" not in (tmp_path / "member" / "daemon.log").read_text(), \
         "the SuperNode itself reconnected; the daemon did not have to restart it"
@@ -443,14 +438,16 @@ def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
     print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
 
 
-def _wait(predicate: Any, timeout: float, what: str, proc: ManagedProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        assert proc.alive(), f"{proc.name} died: {proc.log_tail()}"
-        time.sleep(2.0)
-    raise AssertionError(f"timed out waiting for {what}")
+
+
+#: Flower's SuperNode log for one reply: "[RUN id, ROUND n]" (the instruction's group id,
+#: which fedtune sets to the round), "Sending: train message ...", "Sent successfully".
+_SENT_IN_ROUND = r"ROUND {round}\]\s*\n.*Sending: train message.*\n.*Sent successfully"
+
+
+def _replied_in_round(supernode_log: Path, server_round: int) -> bool:
+    text = supernode_log.read_text() if supernode_log.is_file() else ""
+    return re.search(_SENT_IN_ROUND.format(round=server_round), text) is not None
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -539,13 +536,21 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
                                            "--min-nodes", "3")
         for i in range(3):
             procs[f"node-{i}"] = device(i)
-        _wait(lambda: any(r["round"] == 1 for r in _rows(run_dir)),
-              420, "round 1 to complete", procs["coordinator"])
+        # A device dies mid-run: round 2 must go on without it. It is killed the moment its
+        # round-1 reply is stored (Flower logs "Sent successfully"), before round 1 can close:
+        # killing it after round 1's metrics appear raced with round 2 (CI saw the device
+        # pull, train and reply to round 2 within the test's polling interval).
+        node_2_log = tmp_path / "node-2" / "client.log"
+        wait_for(lambda: _replied_in_round(node_2_log, 1), timeout=420,
+                 what="node-2 to reply in round 1", process=procs["node-2"], interval=0.02)
+        procs["node-2"].kill()
+        assert not _replied_in_round(node_2_log, 2), "node-2 was killed before round 2"
+        wait_for(lambda: any(r["round"] == 1 for r in _rows(run_dir)), timeout=420,
+                 what="round 1 to complete", process=procs["coordinator"], interval=2.0)
         marks["round_1"] = time.perf_counter() - t0
-        procs["node-2"].kill()  # a device dies mid-run: round 2 must go on without it
-        _wait(lambda: any(r["round"] == 2 for r in _rows(run_dir))
-              and checkpointed_round() == 2,
-              420, "round 2 to complete", procs["coordinator"])
+        wait_for(lambda: any(r["round"] == 2 for r in _rows(run_dir))
+                 and checkpointed_round() == 2, timeout=420,
+                 what="round 2 to complete", process=procs["coordinator"], interval=2.0)
         marks["round_2"] = time.perf_counter() - t0
 
         procs["coordinator"].kill()  # power cut on the coordinator host

@@ -23,7 +23,7 @@ from simulations.deploy.client_daemon import (
     _ForkServerKeeper,
     parse_config,
 )
-from simulations.deploy.processes import ManagedProcess
+from simulations.deploy.processes import ManagedProcess, wait_for
 from simulations.deploy.supernode import TASK_POLL_ENV
 from simulations.deploy.warm_child import WARM_PULL_BACKOFF, tune_message_pull
 from simulations.deploy.warm_clientapp import (
@@ -75,13 +75,6 @@ def _stand_in(folder: Path) -> Path:
     return path
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _alive(pid: int) -> bool:
@@ -98,7 +91,7 @@ def _sleeping_child(server: Server, tmp_path: Path) -> tuple[subprocess.Popen[by
     shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
                             env={**os.environ, "STAND_IN_MODE": "sleep",
                                  "STAND_IN_PIDFILE": str(pidfile)})
-    _wait(pidfile.exists, 30, "the child to start")
+    wait_for(pidfile.exists, timeout=30, what="the child to start", interval=0.05)
     return shim, int(pidfile.read_text())
 
 
@@ -125,7 +118,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         proc = launcher.start(dict(os.environ), "fork server")
         started.append(proc)
         if wait:
-            _wait(lambda: launcher.ready() or not proc.alive(), 60, "the fork server")
+            wait_for(lambda: launcher.ready() or not proc.alive(), timeout=60,
+                     what="the fork server", interval=0.05)
             assert proc.alive(), proc.log_tail()
         return Server(launcher, proc)
 
@@ -176,7 +170,7 @@ def test_signals_to_the_shim_reach_the_child(
                             env={**os.environ, "STAND_IN_MODE": "sleep",
                                  "STAND_IN_PIDFILE": str(pidfile)})
     try:
-        _wait(pidfile.exists, 30, "the child to start")
+        wait_for(pidfile.exists, timeout=30, what="the child to start", interval=0.05)
         os.kill(shim.pid, signal.SIGTERM)
         out, _ = shim.communicate(timeout=30)
     finally:
@@ -195,7 +189,8 @@ def test_killing_the_shim_kills_the_child(
     shim.kill()  # SIGKILL: no handler runs; only the dropped connection tells the server
     shim.wait(timeout=10)
 
-    _wait(lambda: not _alive(child), 10, f"child {child} to be killed")
+    wait_for(lambda: not _alive(child), timeout=10, what=f"child {child} to be killed",
+             interval=0.05)
     assert server.proc.alive(), "the server itself carries on"
 
 
@@ -282,8 +277,8 @@ def test_preloading_onnxruntime_is_refused_exactly_when_its_threads_survive_fork
                                  capture_output=True, text=True, timeout=60).stdout)
     server = start_server(("onnxruntime",), wait=False)
 
-    _wait(lambda: server.launcher.ready() or not server.proc.alive(), 60, "the fork server "
-          "to serve or refuse")
+    wait_for(lambda: server.launcher.ready() or not server.proc.alive(), timeout=60,
+             what="the fork server to serve or refuse", interval=0.05)
     if threads:
         assert server.proc.popen.wait(timeout=10) == EXIT_CONFIG, server.proc.log_tail()
         assert (f"importing onnxruntime left {threads} native thread(s)"
@@ -313,7 +308,8 @@ def test_flowers_real_clientapp_entry_point_runs_warm(tmp_path: Path) -> None:
     launcher = WarmLauncher(tmp_path / "warm", EDGE_PRELOAD)
     proc = launcher.start(dict(os.environ), "fork server")
     try:
-        _wait(lambda: launcher.ready() or not proc.alive(), 120, "the fork server")
+        wait_for(lambda: launcher.ready() or not proc.alive(), timeout=120,
+                 what="the fork server", interval=0.05)
         assert proc.alive(), proc.log_tail()
         t0 = time.perf_counter()
         done = subprocess.run([str(launcher.bin_dir / "flwr-clientapp"), "--help"],
@@ -455,7 +451,7 @@ def test_the_daemon_restarts_a_dead_fork_server_and_gives_up_on_a_bad_preload(
         keeper.check()
         assert keeper.proc is not None
         first = keeper.proc
-        _wait(keeper.launcher.ready, 60, "the fork server")
+        wait_for(keeper.launcher.ready, timeout=60, what="the fork server", interval=0.05)
         first.popen.kill()
         first.popen.wait(timeout=10)
         keeper.check()  # notices; restarts after the 1 s backoff
@@ -464,9 +460,9 @@ def test_the_daemon_restarts_a_dead_fork_server_and_gives_up_on_a_bad_preload(
             keeper.check()
             return keeper.proc is not None
 
-        _wait(restarted, 10, "the restart")
+        wait_for(restarted, timeout=10, what="the restart", interval=0.05)
         assert keeper.proc is not first and keeper.proc.alive()
-        _wait(keeper.launcher.ready, 60, "the restarted fork server")
+        wait_for(keeper.launcher.ready, timeout=60, what="the restarted fork server", interval=0.05)
     finally:
         keeper.stop()
 
