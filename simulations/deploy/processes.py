@@ -121,8 +121,17 @@ class ManagedProcess:
 
     def kill(self) -> None:
         """SIGKILL the process and its whole tree at once — a power cut, not a shutdown:
-        nothing gets to clean up (fault-injection tests and load scripts use it)."""
-        for pid in [self.pid, *descendants(self.pid)]:
+        nothing gets to clean up (fault-injection tests and load scripts use it).
+
+        The tree is frozen first (SIGSTOP) and scanned until no new process appears: a
+        process forked while the tree was being killed (a ClientApp the fork server just
+        started) would otherwise outlive it and could still answer its message."""
+        frozen: list[int] = []
+        while new := [p for p in [self.pid, *descendants(self.pid)] if p not in frozen]:
+            for pid in new:
+                _signal(pid, signal.SIGSTOP)
+            frozen += new
+        for pid in frozen:
             _signal(pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
         self._log.close()

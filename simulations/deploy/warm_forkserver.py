@@ -312,14 +312,20 @@ def _listen(path: Path) -> socket.socket:
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
         path.unlink()
+    # Bound and listening under a temporary name, then renamed into place: the launcher's
+    # ready() (the path exists) never sees a socket that would still refuse connections.
+    staging = path.with_name(f".{os.getpid():x}")  # no longer than the usual name
+    with contextlib.suppress(FileNotFoundError):
+        staging.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        sock.bind(str(path))
+        sock.bind(str(staging))
     finally:
         os.umask(old_umask)
-    path.chmod(0o600)
+    staging.chmod(0o600)
     sock.listen(64)
+    os.rename(staging, path)
     return sock
 
 

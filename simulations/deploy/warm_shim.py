@@ -51,6 +51,19 @@ TARGET = ""  # filled in by warm_clientapp.write_shim
 ANSWER_TIMEOUT_S = 10.0
 
 
+#: Signals that arrived before the child's pid was known: forwarded once it is, or, if the
+#: shim falls back to running cold, acted on as the real program would have been.
+_EARLY_SIGNALS: list[int] = []
+
+
+def _hold_signals() -> None:
+    """From the first instruction on, a signal must not kill the shim with the default
+    action mid-handshake (the child would be killed without it and the exit status would
+    not be the child's): hold it until the child is known."""
+    for sig in FORWARDED:
+        signal.signal(sig, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
+
+
 def _note(text: str) -> None:
     """One line on stderr, which Flower appends to the SuperNode's log."""
     with contextlib.suppress(OSError):
@@ -59,6 +72,12 @@ def _note(text: str) -> None:
 
 def _cold(reason: str) -> None:
     """Run the real program in this process (never returns)."""
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_DFL)
+    if _EARLY_SIGNALS:  # it was told to stop before it started: stop as it would have
+        _note(f"{reason}; got signal {_EARLY_SIGNALS[0]} before starting {TARGET}")
+        os.kill(os.getpid(), _EARLY_SIGNALS[0])
+        sys.exit(128 + _EARLY_SIGNALS[0])  # a signal whose default action is not to end
     _note(f"{reason}; starting {TARGET} cold")
     os.execv(TARGET, [TARGET, *sys.argv[1:]])
 
@@ -105,6 +124,8 @@ def _relay(conn: socket.socket, reader: io.BufferedReader, pid: object) -> None:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    while _EARLY_SIGNALS:
+        forward(_EARLY_SIGNALS.pop(0), None)
     for line in reader:
         status = json.loads(line)
         if "exit" in status:
@@ -122,6 +143,7 @@ def main() -> None:
     if not SOCKET_PATH or not TARGET:
         sys.exit("fedtune warm launcher: this is a template; install it with "
                  "simulations.deploy.warm_clientapp.write_shim")
+    _hold_signals()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(ANSWER_TIMEOUT_S)
     try:

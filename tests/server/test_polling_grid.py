@@ -62,9 +62,9 @@ def test_waits_for_every_reply_polling_at_its_interval() -> None:
 def test_returns_what_arrived_when_the_timeout_passes() -> None:
     store = SlowStore(ready=[1, 10**9])
     grid = PollingGrid(store, interval=0.02)  # type: ignore[arg-type]
-    replies = list(grid.send_and_receive(_messages(2), timeout=0.1))
+    replies = list(grid.send_and_receive(_messages(2), timeout=0.5))
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
-    assert 2 <= store.pulls <= 8
+    assert 2 <= store.pulls <= 27  # it kept polling, at most every 0.02 s, then stopped
 
 
 def test_interval_must_be_positive() -> None:
