@@ -8,6 +8,7 @@ children) however they end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -175,6 +176,52 @@ def test_stop_ends_the_whole_process_tree(process_tree: ManagedProcess) -> None:
 
     for pid in tree:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+#: Forks a sleeping child every few milliseconds: a tree that grows while it is killed.
+_FORKING_TREE = """
+import os, sys, time
+marker = sys.argv[1]
+for _ in range(400):
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.003)
+time.sleep(60)
+"""
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_kill_leaves_no_process_the_tree_forked_while_dying(tmp_path: Path) -> None:
+    marker = f"fedtune-kill-test-{os.getpid()}-{time.monotonic_ns()}"
+    proc = ManagedProcess("forking", [sys.executable, "-c", _FORKING_TREE, marker],
+                          env=dict(os.environ), log_path=tmp_path / "forking.log")
+    try:
+        wait_for(lambda: len(descendants(proc.pid)) >= 20, timeout=30,
+                 what="the tree to grow", process=proc, interval=0.01)
+        proc.kill()  # while it still forks
+        time.sleep(0.5)  # SIGKILL is asynchronous: let the kernel finish
+        survivors = _processes_with(marker)
+    finally:
+        for pid in _processes_with(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    assert survivors == [], f"{len(survivors)} process(es) outlived kill()"
 
 
 # --- the Flower App bundle ---------------------------------------------------------------------

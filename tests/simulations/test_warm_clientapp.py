@@ -76,8 +76,6 @@ def _stand_in(folder: Path) -> Path:
     return path
 
 
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -375,6 +373,88 @@ def test_a_server_that_never_answers_does_not_hold_the_message_up(tmp_path: Path
     assert done.returncode == 0
     assert json.loads(done.stdout)["ppid"] == os.getpid()
     assert "timed out" in done.stderr and "cold" in done.stderr
+
+
+class ScriptedForkServer:
+    """One end of the shim's wire protocol, played by the test step by step: what the
+    shim does with a signal that arrives before it knows its child depends on timing that a
+    real fork server cannot hold still."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "scripted.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+
+    def accept_request(self) -> dict[str, Any]:
+        self.conn, _ = self.listener.accept()
+        self.conn.settimeout(30)
+        self.reader = self.conn.makefile("rb")
+        size = int.from_bytes(self.reader.read(4), "big")
+        request: dict[str, Any] = json.loads(self.reader.read(size))
+        self.fd_count = len(request["fds"])
+        return request
+
+    def say(self, **answer: Any) -> None:
+        self.conn.sendall(json.dumps(answer).encode() + b"\n")
+
+    def take_fds(self) -> None:
+        _, fds, _, _ = socket.recv_fds(self.conn, 1, self.fd_count)
+        for fd in fds:
+            os.close(fd)
+
+    def close(self) -> None:
+        for closable in (getattr(self, "reader", None), getattr(self, "conn", None),
+                         self.listener):
+            if closable is not None:
+                closable.close()
+
+
+def _shim_with_signal_pending(tmp_path: Path) -> tuple[ScriptedForkServer, Any]:
+    """A shim that has sent its request and then got SIGTERM, before any answer."""
+    server = ScriptedForkServer(tmp_path)
+    shim_path = write_shim(tmp_path / "shim", server.path, _stand_in(tmp_path / "bin"))
+    shim = subprocess.Popen([str(shim_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    server.accept_request()
+    os.kill(shim.pid, signal.SIGTERM)
+    time.sleep(0.3)  # delivered by now: with the default action the shim would be gone
+    assert shim.poll() is None, "a signal during the handshake must not kill the shim"
+    return server, shim
+
+
+def test_a_signal_before_the_child_is_known_is_forwarded_once_it_is(tmp_path: Path) -> None:
+    server, shim = _shim_with_signal_pending(tmp_path)
+    try:
+        server.say(ready=True)
+        server.take_fds()
+        server.say(pid=424242)
+        forwarded = json.loads(server.reader.readline())
+        server.say(exit=7)
+        shim.communicate(timeout=30)
+    finally:
+        shim.kill()
+        server.close()
+
+    assert forwarded == {"signal": int(signal.SIGTERM)}
+    assert shim.returncode == 7, "the child's status, not the signal's"
+
+
+def test_a_signal_before_a_cold_start_ends_the_shim_as_it_would_the_program(
+    tmp_path: Path
+) -> None:
+    server, shim = _shim_with_signal_pending(tmp_path)
+    try:
+        server.say(refused="scripted refusal")
+        out, err = shim.communicate(timeout=30)
+    finally:
+        shim.kill()
+        server.close()
+
+    assert shim.returncode == -signal.SIGTERM
+    assert out == "", "the real program was not started after the stop request"
+    assert f"got signal {int(signal.SIGTERM)} before starting" in err
 
 
 def test_a_refused_request_runs_cold(start_server: Callable[..., Server]) -> None:
