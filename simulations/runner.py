@@ -19,6 +19,7 @@ from typing import Any
 from protocols.run_config import ConfigError, RunConfig
 from simulations.paths import partitions_dir, shakespeare_texts_dir
 from simulations.run_dir import log_to_file, new_run_dir
+from simulations.seeded_node_ids import seeded_node_ids
 from simulations.shakespeare_split import PreparedSplit, prepare_split
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,6 @@ def run_federated(
 
     ``client_mods`` are Flower client mods wrapped around every ClientApp handler.
     """
-    from flwr.simulation import run_simulation
-
-    from client.app import make_client_app
-    from server.app import make_server_app
-
     config = inputs.config
     with new_run_dir(runs_dir, "federated", config, name) as run_dir, log_to_file(
         run_dir / "run.log"
@@ -100,22 +96,8 @@ def run_federated(
         if on_start:
             on_start(run_dir)
         flat = flower_run_config(inputs, run_dir)
-        run_simulation(
-            server_app=make_server_app(flat),
-            client_app=make_client_app(flat, mods=client_mods),
-            num_supernodes=inputs.split.num_clients,
-            backend_config={
-                "client_resources": {
-                    "num_cpus": config.federation.client_cpus,
-                    "num_gpus": 0.0,
-                },
-                "init_args": {
-                    "num_cpus": os.cpu_count() or 1,
-                    "include_dashboard": False,
-                    "log_to_driver": True,
-                },
-            },
-        )
+        with seeded_node_ids(config.train.seed):  # same partitions sampled on every rerun
+            _run_simulation(flat, inputs, client_mods)
         if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
             raise RuntimeError(
                 f"the simulation ended without a final adapter in {run_dir}; "
@@ -123,6 +105,32 @@ def run_federated(
             )
         _finish(run_dir)
     return runs_dir / run_dir.name.removesuffix(".partial")
+
+
+def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any] | None
+                    ) -> None:
+    from flwr.simulation import run_simulation
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    config = inputs.config
+    run_simulation(
+        server_app=make_server_app(flat),
+        client_app=make_client_app(flat, mods=client_mods),
+        num_supernodes=inputs.split.num_clients,
+        backend_config={
+            "client_resources": {
+                "num_cpus": config.federation.client_cpus,
+                "num_gpus": 0.0,
+            },
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "include_dashboard": False,
+                "log_to_driver": True,
+            },
+        },
+    )
 
 
 def run_centralized(

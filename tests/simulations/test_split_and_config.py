@@ -81,3 +81,39 @@ def test_overrides_are_parsed_as_toml_values() -> None:
     assert config.eval.central is False
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(None, ["rounds=3"])
+
+
+def _simulated_node_ids(count: int) -> list[int]:
+    """Node ids as Flower's Simulation Engine registers them, in the order the grid lists
+    them (the set ``InMemoryLinkState.get_nodes`` builds)."""
+    from flwr.common.constant import HEARTBEAT_INTERVAL_INF, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+
+    state = InMemoryLinkState(NoOpFederationManager(), ObjectStoreFactory().store())
+    ids = [state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, bytes([i]) * 32,
+                             heartbeat_interval=HEARTBEAT_INTERVAL_INF) for i in range(count)]
+    return list(set(ids))
+
+
+def test_seeded_node_ids_make_simulated_sampling_repeat() -> None:
+    import random
+
+    from simulations.seeded_node_ids import seeded_node_ids
+
+    with seeded_node_ids(0):
+        first = _simulated_node_ids(40)
+    with seeded_node_ids(0):
+        again = _simulated_node_ids(40)
+    with seeded_node_ids(1):
+        other_seed = _simulated_node_ids(40)
+    unseeded = _simulated_node_ids(40)
+
+    assert first == again, "same ids, listed in the same order: node i is node i again"
+    random.seed(0)  # as the ServerApp does with train.seed
+    picked = random.sample(first, 5)
+    random.seed(0)
+    assert random.sample(again, 5) == picked
+    assert set(other_seed) != set(first)
+    assert not set(unseeded) & set(first), "Flower's own random ids again outside the context"
