@@ -9,7 +9,6 @@ collects the whole tree from ``/proc`` first and then ends every process in it b
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -74,6 +73,7 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
+        self._ended = False  # stop() or kill() finished: a second call does nothing
         log.info("starting %s: %s", name, " ".join(self.command))
         self.popen = subprocess.Popen(
             self.command, env=dict(env), cwd=cwd, stdout=self._log,
@@ -96,7 +96,10 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process and every descendant (by PID); SIGKILL what outlives
-        ``timeout``. Safe to call twice."""
+        ``timeout``. Safe to call twice: the second call does nothing (the pid, reaped by
+        then, may belong to an unrelated process)."""
+        if self._ended:
+            return
         tree = [self.pid, *descendants(self.pid)]
         if self.alive():
             _signal(self.pid, signal.SIGTERM)
@@ -117,23 +120,33 @@ class ManagedProcess:
         for pid in leftovers:
             if _exists(pid):
                 _signal(pid, signal.SIGKILL)
+        self._ended = True
         self._log.close()
 
     def kill(self) -> None:
         """SIGKILL the process and its whole tree at once — a power cut, not a shutdown:
         nothing gets to clean up (fault-injection tests and load scripts use it).
 
-        The tree is frozen first (SIGSTOP) and scanned until no new process appears: a
-        process forked while the tree was being killed (a ClientApp the fork server just
-        started) would otherwise outlive it and could still answer its message."""
+        The tree is frozen first (SIGSTOP, until each process is seen stopped) and scanned
+        until no new process appears: a process forked while the tree was being killed (a
+        ClientApp the fork server just started) would otherwise outlive it and could still
+        answer its message. Only processes this call stopped are killed, and they are
+        killed even if the scan fails. A second call (or one after stop()) does nothing."""
+        if self._ended:
+            return
         frozen: list[int] = []
-        while new := [p for p in [self.pid, *descendants(self.pid)] if p not in frozen]:
-            for pid in new:
-                _signal(pid, signal.SIGSTOP)
-            frozen += new
-        for pid in frozen:
-            _signal(pid, signal.SIGKILL)
+        try:
+            while new := [p for p in [self.pid, *descendants(self.pid)] if p not in frozen]:
+                stopped = [pid for pid in new if _signal(pid, signal.SIGSTOP)]
+                _wait_stopped(stopped)
+                frozen += stopped
+                if not stopped:  # every new one was already gone
+                    break
+        finally:
+            for pid in frozen:
+                _signal(pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
+        self._ended = True
         self._log.close()
 
     def __enter__(self) -> ManagedProcess:
@@ -187,9 +200,28 @@ def _exists(pid: int) -> bool:
         return True
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # it already exited
+def _signal(pid: int, sig: signal.Signals) -> bool:
+    """Send ``sig``; False if the process had already exited."""
+    try:
         os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_stopped(pids: Sequence[int], timeout: float = 2.0) -> None:
+    """Until every process is stopped, a zombie or gone (SIGSTOP is asynchronous: one in
+    the middle of fork() finishes it first)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break
+            if state in ("T", "t", "Z", "X"):
+                break
+            time.sleep(0.001)
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.5,

@@ -51,6 +51,8 @@ TERM_GRACE_S = 5.0  # SIGTERM → SIGKILL for a child whose shim went away
 _REQUEST_TIMEOUT_S = 5.0
 _MAX_REQUEST_BYTES = 1 << 20
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Blocked from just before a fork until the child has its own handlers back.
+_HELD_ACROSS_FORK = {*_STOP_SIGNALS, signal.SIGCHLD, *warm_shim.FORWARDED}
 _PR_SET_PDEATHSIG = 1
 #: Environment read before a forked child exists (interpreter start-up, BLAS/OpenMP library
 #: load, Flower's logger at import): a shim whose values differ must run cold.
@@ -78,6 +80,7 @@ class ForkServer:
         self.term_grace_s = term_grace_s
         self._pid = os.getpid()
         self._handlers = {s: signal.getsignal(s) for s in (*_STOP_SIGNALS, signal.SIGCHLD)}
+        self._mask: set[int | signal.Signals] = set()  # the signal mask before a fork
         self._startup_env = _startup_env(os.environ)
         self._children: dict[int, _Child] = {}
         self._by_fd: dict[int, _Child] = {}
@@ -185,10 +188,15 @@ class ForkServer:
             return None
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        # Signals wait (blocked) across the fork: until the child has put back the
+        # ClientApp's handlers, a forwarded SIGTERM would reach the server's _on_stop in the
+        # child and be lost; the child unblocks them at the end of _close_in_child.
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_ACROSS_FORK)
         pid = os.fork()
         if pid == 0:
             conn.close()
             return job
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         _close_fds(fds)
         child = _Child(pid, conn)
         self._children[pid] = child
@@ -298,6 +306,7 @@ class ForkServer:
         if self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or \
                 os.getppid() != self._pid:
             os._exit(warm_shim.EXIT_LOST)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)  # held signals arrive now
         log.handlers.clear()
         log.disabled = True
 
@@ -321,11 +330,15 @@ def _listen(path: Path) -> socket.socket:
     old_umask = os.umask(0o177)
     try:
         sock.bind(str(staging))
+        staging.chmod(0o600)
+        sock.listen(64)
+        os.rename(staging, path)
+    except BaseException:
+        sock.close()
+        staging.unlink(missing_ok=True)
+        raise
     finally:
         os.umask(old_umask)
-    staging.chmod(0o600)
-    sock.listen(64)
-    os.rename(staging, path)
     return sock
 
 

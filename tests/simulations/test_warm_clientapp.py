@@ -178,6 +178,34 @@ def test_signals_to_the_shim_reach_the_child(
     assert f"got signal {int(signal.SIGTERM)}" in out
 
 
+def test_a_signal_forwarded_while_the_child_starts_is_not_lost(
+    start_server: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the forked child has put back its own handlers it would run the server's (which
+    only note a stop): a SIGTERM forwarded then must wait, not vanish. A preloaded module
+    holds every fork's child for 2 s right after the fork to open that window wide."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "slow_child_start.py").write_text(
+        "import os, time\nos.register_at_fork(after_in_child=lambda: time.sleep(2.0))\n")
+    monkeypatch.setenv("PYTHONPATH", str(modules))  # for the server and the shim alike
+    server = start_server(("json", "slow_child_start"))
+    pidfile = tmp_path / "child.pid"
+    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "STAND_IN_MODE": "sleep",
+                                 "STAND_IN_PIDFILE": str(pidfile)})
+    try:
+        time.sleep(0.7)  # the child is forked (or about to be) and held in the hook
+        assert not pidfile.exists(), "the child was not held after the fork"
+        os.kill(shim.pid, signal.SIGTERM)
+        shim.communicate(timeout=30)
+    finally:
+        shim.kill()
+
+    # Delivered once the child's default handler was back: it ended the ClientApp.
+    assert shim.returncode == -signal.SIGTERM
+
+
 def test_killing_the_shim_kills_the_child(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:
@@ -455,6 +483,48 @@ def test_a_signal_before_a_cold_start_ends_the_shim_as_it_would_the_program(
     assert shim.returncode == -signal.SIGTERM
     assert out == "", "the real program was not started after the stop request"
     assert f"got signal {int(signal.SIGTERM)} before starting" in err
+
+
+def test_a_child_killed_by_sigkill_ends_the_shim_by_sigkill(tmp_path: Path) -> None:
+    server = ScriptedForkServer(tmp_path)
+    shim = subprocess.Popen([str(write_shim(tmp_path / "shim", server.path,
+                                            _stand_in(tmp_path / "bin")))])
+    try:
+        server.accept_request()
+        server.say(ready=True)
+        server.take_fds()
+        server.say(pid=424242)
+        server.say(killed=int(signal.SIGKILL))
+        shim.wait(timeout=30)
+    finally:
+        shim.kill()
+        server.close()
+    assert shim.returncode == -signal.SIGKILL
+
+
+def test_a_signal_the_shim_was_started_ignoring_is_not_forwarded(tmp_path: Path) -> None:
+    """Under nohup the real program would ignore SIGHUP; so does the warm child."""
+    server = ScriptedForkServer(tmp_path)
+    shim = subprocess.Popen(
+        [str(write_shim(tmp_path / "shim", server.path, _stand_in(tmp_path / "bin")))],
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        server.accept_request()
+        server.say(ready=True)
+        server.take_fds()
+        server.say(pid=424242)
+        time.sleep(0.3)  # the shim relays from here on
+        os.kill(shim.pid, signal.SIGHUP)
+        os.kill(shim.pid, signal.SIGUSR1)
+        forwarded = [json.loads(server.reader.readline())]
+        server.say(exit=0)
+        shim.wait(timeout=30)
+        forwarded += [json.loads(line) for line in server.reader.read().splitlines()]
+    finally:
+        shim.kill()
+        server.close()
+    assert forwarded == [{"signal": int(signal.SIGUSR1)}], "SIGHUP was not passed on"
+    assert shim.returncode == 0
 
 
 def test_a_refused_request_runs_cold(start_server: Callable[..., Server]) -> None:
