@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from server.checkpoint import OffsetRounds, resume_point, save_checkpoint
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter, write_json_atomic
 from server.metrics_log import append_metrics, truncate_metrics
+from server.node_sampling import install_node_sampler
 from server.polling_grid import PollingGrid
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
@@ -46,7 +46,8 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     config = RunConfig.from_flat(flat)
     run_dir = Path(str(flat["paths.run_dir"]))
     cache_dir = Path(str(flat["paths.cache_dir"]))
-    random.seed(config.train.seed)  # Flower samples nodes with the global `random`
+    # Seeded sampling repeats runs; under client-level DP the sample must be secret.
+    install_node_sampler(config.train.seed, secret=config.privacy.client_dp)
 
     model_dir = resolve_model_dir(config.model.source, cache_dir)
     central = CentralModel(model_dir, config, threads=os.cpu_count() or 1)

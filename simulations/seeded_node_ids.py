@@ -1,12 +1,11 @@
 """Reproducible client sampling on Flower's Simulation Engine.
 
 Flower 1.41 gives every simulated SuperNode a random 64-bit id (``os.urandom``, in
-``InMemoryLinkState.create_node``) and its strategies sample with
-``random.sample(list(grid.get_node_ids()), k)``, where the ids come from a *set*. The
-ServerApp seeds ``random`` with ``train.seed``, yet which partitions trained in a round
-changed from run to run: the set's order follows the id values. Within
-:func:`seeded_node_ids` the in-memory LinkState draws its ids from a stream seeded by the
-run's seed, so ids, their set order, and so the sampled partitions repeat exactly.
+``InMemoryLinkState.create_node``), and the coordinator samples from the *set* of those ids,
+whose order follows their values: even with a seeded sampler (``server/node_sampling.py``)
+which partitions trained in a round changed from run to run. Within :func:`seeded_node_ids`
+the in-memory LinkState draws node ids from a stream seeded by the run's seed, so ids,
+their order, and so the sampled partitions repeat exactly.
 
 Simulation only (deployed SuperNodes keep Flower's random ids) and only for the engine's
 own in-memory state; it patches one module-level name of the pinned Flower, checked by
@@ -27,7 +26,8 @@ PATCHED = "generate_rand_int_from_bytes"
 
 @contextlib.contextmanager
 def seeded_node_ids(seed: int) -> Iterator[None]:
-    """Draw the Simulation Engine's node (and run) ids from a stream seeded by ``seed``."""
+    """Draw the Simulation Engine's node ids from a stream seeded by ``seed`` (only the
+    engine's node registration calls the patched name, in order, on one thread)."""
     from flwr.server.superlink.linkstate import in_memory_linkstate
 
     stream = random.Random(f"fedtune-node-ids|{seed}")

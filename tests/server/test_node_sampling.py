@@ -1,0 +1,62 @@
+"""fedtune's node sampler behind Flower's ``sample_nodes`` (see server/node_sampling.py)."""
+
+from __future__ import annotations
+
+import inspect
+import random
+from typing import Any
+
+from flwr.serverapp.strategy import strategy_utils
+
+from server.node_sampling import PATCHED, install_node_sampler
+
+
+class FixedGrid:
+    """The one grid method ``sample_nodes`` uses."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+def _rounds(grid: Any, n: int = 5) -> list[list[int]]:
+    return [strategy_utils.sample_nodes(grid, 2, 3)[0] for _ in range(n)]
+
+
+def test_flower_samples_with_the_name_we_replace() -> None:
+    source = inspect.getsource(strategy_utils)
+    assert "random.sample(all_nodes, sample_size)" in inspect.getsource(
+        strategy_utils.sample_nodes)
+    assert source.count("random.") == 1, "Flower draws from `random` elsewhere too"
+    assert hasattr(strategy_utils, PATCHED)
+
+
+def test_a_seeded_sampler_repeats_whatever_else_draws_from_random() -> None:
+    grid = FixedGrid(list(range(100, 140)))
+    install_node_sampler(7, secret=False)
+    first = _rounds(grid)
+    install_node_sampler(7, secret=False)
+    random.seed(123)
+    again = []
+    for _ in range(5):
+        random.random()  # another thread's draws (Ray's start-up) no longer shift the sample
+        again += _rounds(grid, 1)
+    install_node_sampler(8, secret=False)
+    other = _rounds(grid)
+
+    assert first == again
+    assert other != first
+    assert all(len(set(s)) == 3 and set(s) <= set(grid.node_ids) for s in first)
+
+
+def test_client_level_dp_samples_with_the_operating_systems_generator() -> None:
+    sampler = install_node_sampler(7, secret=True)
+    try:
+        assert isinstance(sampler, random.SystemRandom)
+        assert getattr(strategy_utils, PATCHED) is sampler
+        grid = FixedGrid(list(range(1000)))
+        assert _rounds(grid, 3) != _rounds(grid, 3)  # 1 in ~10^26 of a false failure
+    finally:
+        install_node_sampler(0, secret=False)
