@@ -193,11 +193,17 @@ def _exists(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie is gone for our purposes (its parent reaps it).
+    return process_state(pid) != "Z"  # a zombie is gone for our purposes (its parent reaps it)
+
+
+def process_state(pid: int) -> str | None:
+    """The process's state letter from Linux ``/proc`` (``R``, ``S``, ``T``, ``Z``, ...), or
+    None if it cannot be read (gone, or not Linux)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        # The command name (in parentheses) may contain spaces; the state follows it.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return True
+        return None
 
 
 def _signal(pid: int, sig: signal.Signals) -> bool:
@@ -209,18 +215,16 @@ def _signal(pid: int, sig: signal.Signals) -> bool:
     return True
 
 
+#: ``/proc`` states of a process that SIGSTOP has reached, or that no longer runs.
+_STOPPED_OR_GONE = (None, "T", "t", "Z", "X")
+
+
 def _wait_stopped(pids: Sequence[int], timeout: float = 2.0) -> None:
     """Until every process is stopped, a zombie or gone (SIGSTOP is asynchronous: one in
     the middle of fork() finishes it first)."""
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                break
-            if state in ("T", "t", "Z", "X"):
-                break
+        while process_state(pid) not in _STOPPED_OR_GONE and time.monotonic() < deadline:
             time.sleep(0.001)
 
 

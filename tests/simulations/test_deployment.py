@@ -30,7 +30,13 @@ from simulations.deploy.certs import make_node_keys, make_tls
 from simulations.deploy.client_daemon import DaemonConfigError, parse_config
 from simulations.deploy.fab import write_app
 from simulations.deploy.node_app import NodePolicyError, apply_node_settings, check_node_policy
-from simulations.deploy.processes import ManagedProcess, descendants, flower_env, wait_for
+from simulations.deploy.processes import (
+    ManagedProcess,
+    descendants,
+    flower_env,
+    process_state,
+    wait_for,
+)
 from simulations.deploy.superlink import SuperLinkSpec
 from simulations.deploy.supernode import SuperNodeSpec, node_config_arg
 
@@ -175,7 +181,7 @@ def test_stop_ends_the_whole_process_tree(process_tree: ManagedProcess) -> None:
     process_tree.stop(timeout=5)
 
     for pid in tree:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+        assert process_state(pid) in (None, "Z")
 
 
 #: Forks a sleeping child every few milliseconds: a tree that grows while it is killed.
@@ -198,10 +204,9 @@ def _processes_with(marker: str) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker.encode() in cmdline and state != "Z":
+        if marker.encode() in cmdline and process_state(int(entry.name)) not in (None, "Z"):
             found.append(int(entry.name))
     return found
 
@@ -491,8 +496,6 @@ def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
         proc.stop()
     assert not _processes_using(tmp_path), "Flower processes outlived the test"
     print("timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
-
-
 
 
 #: Flower's retry warnings in a SuperNode's log: a failed request, then its retry succeeding.

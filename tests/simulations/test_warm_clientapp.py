@@ -24,7 +24,7 @@ from simulations.deploy.client_daemon import (
     _ForkServerKeeper,
     parse_config,
 )
-from simulations.deploy.processes import ManagedProcess, wait_for
+from simulations.deploy.processes import ManagedProcess, process_state, wait_for
 from simulations.deploy.supernode import TASK_POLL_ENV
 from simulations.deploy.warm_child import WARM_PULL_BACKOFF, tune_message_pull
 from simulations.deploy.warm_clientapp import (
@@ -77,11 +77,7 @@ def _stand_in(folder: Path) -> Path:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return process_state(pid) not in (None, "Z")
 
 
 def _sleeping_child(server: Server, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
