@@ -54,20 +54,16 @@ ANSWER_TIMEOUT_S = 10.0
 #: Signals that arrived before the child's pid was known: forwarded once it is, or, if the
 #: shim falls back to running cold, acted on as the real program would have been.
 _EARLY_SIGNALS: list[int] = []
-#: The dispositions the shim was started with; an ignored signal stays ignored (nohup).
-_INHERITED: dict[int, object] = {}
-
-
-def _handled() -> list[int]:
-    return [sig for sig in FORWARDED if _INHERITED.get(sig) is not signal.SIG_IGN]
+#: The forwarded signals the shim was not started ignoring (under nohup SIGHUP stays ignored).
+_HANDLED: list[int] = []
 
 
 def _hold_signals() -> None:
     """From the first instruction on, a signal must not kill the shim with the default
     action mid-handshake (the child would be killed without it and the exit status would
     not be the child's): hold it until the child is known."""
-    _INHERITED.update((sig, signal.getsignal(sig)) for sig in FORWARDED)
-    for sig in _handled():
+    _HANDLED[:] = [sig for sig in FORWARDED if signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in _HANDLED:
         signal.signal(sig, lambda signum, _frame: _EARLY_SIGNALS.append(signum))
 
 
@@ -79,7 +75,7 @@ def _note(text: str) -> None:
 
 def _cold(reason: str) -> None:
     """Run the real program in this process (never returns)."""
-    for sig in _handled():  # back to what exec'd programs inherit (ignored ones stay so)
+    for sig in _HANDLED:  # back to what exec'd programs inherit (ignored ones stay so)
         signal.signal(sig, signal.SIG_DFL)
     if _EARLY_SIGNALS:  # it was told to stop before it started: stop as it would have
         _note(f"{reason}; got signal {_EARLY_SIGNALS[0]} before starting {TARGET}")
@@ -129,7 +125,7 @@ def _relay(conn: socket.socket, reader: io.BufferedReader, pid: object) -> None:
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"signal": signum}).encode() + b"\n")
 
-    for sig in _handled():
+    for sig in _HANDLED:
         signal.signal(sig, forward)
     while _EARLY_SIGNALS:
         forward(_EARLY_SIGNALS.pop(0), None)
