@@ -80,12 +80,19 @@ def _alive(pid: int) -> bool:
     return process_state(pid) not in (None, "Z")
 
 
-def _sleeping_child(server: Server, tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A shim whose forked child sleeps; returns the shim and the child's PID."""
+def _start_sleeper(server: Server, tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A shim whose forked child will sleep (until a signal); returns the shim and the file
+    where the child writes its PID once it runs."""
     pidfile = tmp_path / "child.pid"
-    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.DEVNULL,
+    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "STAND_IN_MODE": "sleep",
                                  "STAND_IN_PIDFILE": str(pidfile)})
+    return shim, pidfile
+
+
+def _sleeping_child(server: Server, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """A shim whose forked child sleeps; returns the shim and the child's PID."""
+    shim, pidfile = _start_sleeper(server, tmp_path)
     wait_for(pidfile.exists, timeout=30, what="the child to start", interval=0.05)
     return shim, int(pidfile.read_text())
 
@@ -159,13 +166,8 @@ def test_a_child_killed_by_a_signal_ends_the_shim_by_that_signal(
 def test_signals_to_the_shim_reach_the_child(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    server = start_server()
-    pidfile = tmp_path / "child.pid"
-    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "STAND_IN_MODE": "sleep",
-                                 "STAND_IN_PIDFILE": str(pidfile)})
+    shim, _child = _sleeping_child(start_server(), tmp_path)
     try:
-        wait_for(pidfile.exists, timeout=30, what="the child to start", interval=0.05)
         os.kill(shim.pid, signal.SIGTERM)
         out, _ = shim.communicate(timeout=30)
     finally:
@@ -185,11 +187,7 @@ def test_a_signal_forwarded_while_the_child_starts_is_not_lost(
     (modules / "slow_child_start.py").write_text(
         "import os, time\nos.register_at_fork(after_in_child=lambda: time.sleep(2.0))\n")
     monkeypatch.setenv("PYTHONPATH", str(modules))  # for the server and the shim alike
-    server = start_server(("json", "slow_child_start"))
-    pidfile = tmp_path / "child.pid"
-    shim = subprocess.Popen([str(server.shim)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "STAND_IN_MODE": "sleep",
-                                 "STAND_IN_PIDFILE": str(pidfile)})
+    shim, pidfile = _start_sleeper(start_server(("json", "slow_child_start")), tmp_path)
     try:
         time.sleep(0.7)  # the child is forked (or about to be) and held in the hook
         assert not pidfile.exists(), "the child was not held after the fork"
@@ -423,10 +421,13 @@ class ScriptedForkServer:
     def say(self, **answer: Any) -> None:
         self.conn.sendall(json.dumps(answer).encode() + b"\n")
 
-    def take_fds(self) -> None:
+    def start_child(self, pid: int = 424242) -> None:
+        """Answer as a fork server that forked ``pid``: ready, take the descriptors, pid."""
+        self.say(ready=True)
         _, fds, _, _ = socket.recv_fds(self.conn, 1, self.fd_count)
         for fd in fds:
             os.close(fd)
+        self.say(pid=pid)
 
     def close(self) -> None:
         for closable in (getattr(self, "reader", None), getattr(self, "conn", None),
@@ -451,9 +452,7 @@ def _shim_with_signal_pending(tmp_path: Path) -> tuple[ScriptedForkServer, Any]:
 def test_a_signal_before_the_child_is_known_is_forwarded_once_it_is(tmp_path: Path) -> None:
     server, shim = _shim_with_signal_pending(tmp_path)
     try:
-        server.say(ready=True)
-        server.take_fds()
-        server.say(pid=424242)
+        server.start_child()
         forwarded = json.loads(server.reader.readline())
         server.say(exit=7)
         shim.communicate(timeout=30)
@@ -487,9 +486,7 @@ def test_a_child_killed_by_sigkill_ends_the_shim_by_sigkill(tmp_path: Path) -> N
                                             _stand_in(tmp_path / "bin")))])
     try:
         server.accept_request()
-        server.say(ready=True)
-        server.take_fds()
-        server.say(pid=424242)
+        server.start_child()
         server.say(killed=int(signal.SIGKILL))
         shim.wait(timeout=30)
     finally:
@@ -506,9 +503,7 @@ def test_a_signal_the_shim_was_started_ignoring_is_not_forwarded(tmp_path: Path)
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     try:
         server.accept_request()
-        server.say(ready=True)
-        server.take_fds()
-        server.say(pid=424242)
+        server.start_child()
         time.sleep(0.3)  # the shim relays from here on
         os.kill(shim.pid, signal.SIGHUP)
         os.kill(shim.pid, signal.SIGUSR1)
