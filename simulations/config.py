@@ -62,4 +62,3 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML config (default: simulations/configs/default.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
-

@@ -28,4 +28,3 @@ def add_cache_dir_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="prepared models and data (default: $FEDTUNE_CACHE or "
                              "./.fedtune-cache)")
-
