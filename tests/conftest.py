@@ -13,9 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from tests import measured
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    measured.enter_test(item.nodeid, marked=item.get_closest_marker("measured") is not None)
+
 
 ROLES = ("PROSPERO", "MIRANDA", "ARIEL", "CALIBAN")
 

@@ -55,3 +55,14 @@ def token_recovery(predicted: IntArray, truth: IntArray) -> float:
 def recovery_chance(vocab_size: int) -> float:
     """Expected rate of a uniform guess per position (matching adds O(1/V) at most)."""
     return 1.0 / vocab_size
+
+
+def frequency_guess(public_tokens: IntArray, k: int) -> IntArray:
+    """The ``k`` most frequent tokens of text the attacker already has (ties: lower id).
+
+    The honest baseline for a bag-of-tokens attack: what a coordinator guesses without
+    looking at any update. Uniform chance (``K / V``) is far weaker on natural text, where a
+    few tokens make up much of every batch.
+    """
+    counts = np.bincount(np.asarray(public_tokens, dtype=np.int64).ravel())
+    return np.argsort(-counts, kind="stable")[:k].astype(np.int64)

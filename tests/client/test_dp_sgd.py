@@ -25,8 +25,9 @@ from kernels.lora import get_adapter, set_adapter
 from protocols import keys
 from protocols.run_config import LoraSection, ModelSection, PrivacySection, RunConfig
 from tests.conftest import mini_play
+from tests.measured import THREADS, within
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 
 DATA = LocalTextData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
 SEQ = 16
@@ -137,6 +138,7 @@ def test_other_opacus_modes_give_the_hooks_update(tiny_model_dir: Path, mode: st
     np.testing.assert_allclose(updates[1], updates[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.measured
 def test_noise_std_is_sigma_c_over_expected_batch(tiny_model_dir: Path) -> None:
     # Zero-gradient trick: with A = B = 0 every LoRA gradient is exactly 0 (dA ~ B^T...,
     # dB ~ ...(Ax)^T), so one SGD(lr=1) step moves the adapter by -noise/E alone.
@@ -155,8 +157,8 @@ def test_noise_std_is_sigma_c_over_expected_batch(tiny_model_dir: Path) -> None:
     # d = 5888 coordinates. The sample std of d Gaussians has relative standard error
     # 1/sqrt(2d) = 0.92 %, so 5 % is 5.4 standard errors (false alarm < 1e-7) and still
     # catches the likely bugs: dividing by the drawn batch or by C (off by 20 %+).
-    assert abs(step.std() / want - 1) < 0.05, (step.std(), want)
-    assert abs(step.mean()) < 5 * want / math.sqrt(d)
+    within("noise std / sigma C/E - 1", abs(step.std() / want - 1), below=0.05)
+    within("|noise mean| in standard errors", abs(step.mean()) / (want / math.sqrt(d)), below=5)
 
 
 def test_reported_epsilon_is_the_accountants_for_this_clients_steps(tiny_model_dir: Path
@@ -188,12 +190,19 @@ def test_reported_epsilon_is_the_accountants_for_this_clients_steps(tiny_model_d
     assert trainer.dpsgd_ledger.history("mini/ALL") == [(1.0, q, 2 * steps)]
 
 
+@pytest.mark.measured
 def test_accountant_golden_values() -> None:
     # Opacus's own test vectors: sigma=1.5, q=0.04, 2250 steps (90 epochs), delta=1e-5.
     history = [(1.5, 0.04, 2250)]
     assert epsilon(history, delta=1e-5, accountant="rdp") == pytest.approx(7.32911, abs=1e-5)
-    # PRV returns an upper bound within its eps_error = 0.01 of the true value 6.7774.
-    assert 6.7774 <= epsilon(history, delta=1e-5, accountant="prv") <= 6.7774 + 0.01
+    # PRV returns an upper bound within its eps_error = 0.01 of Opacus's reference value
+    # 6.7774. It is an FFT over a discretised privacy-loss distribution (6.77913 on an AMD
+    # EPYC): the lower side is the tight PLD value of the same history from Google's
+    # dp_accounting (6.76923, test_privacy_accounting), not 6.7774 itself, which the FFT's
+    # rounding may undercut by a few 1e-4 on another CPU.
+    prv = epsilon(history, delta=1e-5, accountant="prv")
+    within("PRV epsilon, golden sigma=1.5 q=0.04 2250 steps", prv, above=6.7692,
+           below=6.7774 + 0.01)
     assert epsilon([], delta=1e-5) == 0.0
 
 
@@ -255,17 +264,22 @@ def test_noise_is_not_derived_from_the_coordinators_seed(tiny_model_dir: Path) -
     assert any(not np.array_equal(one[k], two[k]) for k in one)
 
 
+@pytest.mark.measured
 def test_dp_training_still_lowers_the_loss(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False),
-                               dpsgd=_settings(0.3, 0.1, seed=1))
     held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
-    start = get_adapter(trainer.model)
-    before = trainer.evaluate(start, held, seq_len=SEQ, batch_size=8).loss
-    outcome = trainer.train(start, DATA, _instruction(steps=30))
-    after = trainer.evaluate(outcome.tensors, held, seq_len=SEQ, batch_size=8).loss
+    drops = []
+    for seed in (1, 2, 3):
+        trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False),
+                                   dpsgd=_settings(0.3, 0.1, seed=seed), threads=THREADS)
+        start = get_adapter(trainer.model)
+        before = trainer.evaluate(start, held, seq_len=SEQ, batch_size=8).loss
+        outcome = trainer.train(start, DATA, _instruction(steps=30))
+        drops.append(before - trainer.evaluate(outcome.tensors, held, seq_len=SEQ,
+                                               batch_size=8).loss)
     # Without DP 30 steps buy 0.105 nats here (5.782 -> 5.678); with sigma=0.3, C=0.1,
-    # batch 4 we measured 0.089 and 0.093 (two seeds). Assert under half of that.
-    assert after < before - 0.04, (before, after)
+    # batch 4 we measured 0.089 and 0.093 (seeds 1 and 2). The bound is under half of that.
+    within("held-out loss drop under DP-SGD, mean of 3 seeds", float(np.mean(drops)),
+           above=0.04)
 
 
 def test_settings_are_checked_and_built_from_the_privacy_section() -> None:

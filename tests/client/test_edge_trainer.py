@@ -24,6 +24,7 @@ from protocols.codecs import Fp32Codec, get_codec, record_nbytes
 from protocols.run_config import LoraSection
 from protocols.seed_updates import SeedScalarCodec, apply_seed_updates, perturbation
 from protocols.validation import validate_update
+from tests.measured import within
 
 REPO = Path(__file__).resolve().parents[2]
 A = "base_model.model.layers.0.q_proj.lora_A.weight"
@@ -123,15 +124,21 @@ def test_frozen_tensors_and_the_callers_adapter_are_untouched() -> None:
         assert start[key].tobytes() == before[key].tobytes()
 
 
+@pytest.mark.measured
 def test_mezo_lowers_a_quadratic_loss_and_reports_metrics() -> None:
     model = QuadraticModel()
     trainer = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
     start = _start(False)
     before = trainer.evaluate(start, DATA, seq_len=8, batch_size=4).loss
-    outcome = trainer.train(start, DATA, _instruction(steps=60, lr=0.1))
-    after = trainer.evaluate({**start, **outcome.tensors}, DATA, seq_len=8, batch_size=4).loss
-    assert after < before - 0.1, (before, after)  # measured 0.695 -> 0.570
-    assert model.calls >= 2 * 60  # two forward passes a step
+    drops = []
+    for seed in (3, 4, 5, 6):
+        model.calls = 0
+        outcome = trainer.train(start, DATA, _instruction(steps=60, lr=0.1, seed=seed))
+        drops.append(before - trainer.evaluate({**start, **outcome.tensors}, DATA, seq_len=8,
+                                               batch_size=4).loss)
+        assert model.calls >= 2 * 60  # two forward passes a step
+    # Seed 3 measured 0.695 -> 0.570 when this was one seed; see the value logged here.
+    within("quadratic loss drop, mean of 4 seeds", float(np.mean(drops)), above=0.05)
     assert outcome.num_examples == len(model.token_blocks(DATA.train, 8))
     assert set(outcome.metrics) == {"train-loss", "train-seconds"}
     assert outcome.metrics["train-seconds"] > 0
@@ -205,6 +212,7 @@ def tiny_export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     return out
 
 
+@pytest.mark.measured
 def test_mezo_on_a_real_export_lowers_the_loss_and_replays_exactly(tiny_export: Path) -> None:
     from tests.conftest import mini_play
 
@@ -216,15 +224,19 @@ def test_mezo_on_a_real_export_lowers_the_loss_and_replays_exactly(tiny_export: 
     for key in start:  # PEFT-like init: A random, B zero
         if ".lora_A." in key:
             start[key] = (0.3 * rng.standard_normal(start[key].shape)).astype(np.float32)
-    instruction = TrainInstruction(server_round=1, local_steps=100, batch_size=4,
-                                   learning_rate=0.3, seq_len=16, seed=3)
     before = trainer.evaluate(start, held, seq_len=16, batch_size=8).loss
-    outcome = trainer.train(start, data, instruction)
-    after = trainer.evaluate({**start, **outcome.tensors}, held, seq_len=16, batch_size=8).loss
+    drops = []
+    for seed in (3, 4, 5):
+        instruction = TrainInstruction(server_round=1, local_steps=100, batch_size=4,
+                                       learning_rate=0.3, seq_len=16, seed=seed)
+        outcome = trainer.train(start, data, instruction)
+        drops.append(before - trainer.evaluate({**start, **outcome.tensors}, held, seq_len=16,
+                                               batch_size=8).loss)
     # A random-init base has near-uniform logits that B alone can only tilt; backprop buys
     # ~0.1 nats in 30 AdamW steps (test_torch_trainer). MeZO, FFA-LoRA r=4, lr 0.3, 100 steps
-    # of batch 4, fp32 export: measured 5.782 -> 5.749 (lr 0.05: -0.010, lr 1.0: -0.028).
-    assert after < before - 0.015, (before, after)
+    # of batch 4, fp32 export: seed 3 measured 5.782 -> 5.749 (lr 0.05: -0.010, lr 1.0:
+    # -0.028).
+    within("held-out loss drop, mean of 3 seeds", float(np.mean(drops)), above=0.015)
     assert outcome.seed_update is not None
     replay = apply_seed_updates(start, outcome.seed_update.pairs(), spec=trainer.spec,
                                 learning_rate=instruction.learning_rate)

@@ -14,28 +14,34 @@ from client.trainer import TrainInstruction
 from kernels.lora import get_adapter
 from protocols.run_config import LoraSection
 from tests.conftest import mini_play
+from tests.measured import THREADS, within
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 
 DATA = LocalTextData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
 
 
-def _instruction(steps: int, round_: int = 1) -> TrainInstruction:
+def _instruction(steps: int, round_: int = 1, seed: int = 3) -> TrainInstruction:
     return TrainInstruction(server_round=round_, local_steps=steps, batch_size=4,
-                            learning_rate=0.05, seq_len=16, seed=3)
+                            learning_rate=0.05, seq_len=16, seed=seed)
 
 
+@pytest.mark.measured
 def test_training_lowers_the_loss_on_its_own_data(tiny_model_dir: Path) -> None:
-    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))  # plain LoRA
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False),  # plain LoRA
+                               threads=THREADS)
     start = get_adapter(trainer.model)
     held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
     before = trainer.evaluate(start, held, seq_len=16, batch_size=8).loss
-    outcome = trainer.train(start, DATA, _instruction(steps=30))
-    after = trainer.evaluate(outcome.tensors, held, seq_len=16, batch_size=8).loss
+    drops = []
+    for seed in (3, 4, 5):
+        outcome = trainer.train(start, DATA, _instruction(steps=30, seed=seed))
+        drops.append(before - trainer.evaluate(outcome.tensors, held, seq_len=16,
+                                               batch_size=8).loss)
+        assert outcome.num_examples > 0 and outcome.metrics["train-seconds"] > 0
     # A random-init base has near-uniform logits that a rank-4 adapter can only tilt:
-    # ~0.1 nats of the ln(vocab) = 5.78 is what 30 steps buy (measured 5.782 -> 5.678).
-    assert after < before - 0.05, (before, after)
-    assert outcome.num_examples > 0 and outcome.metrics["train-seconds"] > 0
+    # ~0.1 nats of the ln(vocab) = 5.78 is what 30 steps buy (seed 3: 5.782 -> 5.678).
+    within("held-out loss drop, mean of 3 batch seeds", float(np.mean(drops)), above=0.05)
 
 
 def test_same_round_same_update(tiny_model_dir: Path) -> None:

@@ -29,13 +29,17 @@ from kernels.quant_linear import (
     reference_grad_input,
     reference_linear,
 )
+from tests.measured import THREADS, close
 
 if tq.is_available() and not tq.interpreting():
     tq = importlib.reload(tq)
 
 needs_triton = pytest.mark.skipif(not tq.is_available(), reason="triton is not installed")
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
+#: Every comparison here is a float tolerance on Triton's interpreter (numpy's BLAS) against
+#: torch's: rerun by tests/cpu_matrix.py under other BLAS kernels.
+pytestmark = pytest.mark.measured
 
 CLOSE = {"rtol": 1e-5, "atol": 2e-5}
 M, N, K, R = 19, 40, 100, 5  # none a multiple of a tile; K=100 pads int4 rows to a group
@@ -70,14 +74,14 @@ def test_forward_and_input_gradient_match_reference(mode: str, group: int, sym: 
     t = _tensors()
     xa, gb = t["x"] @ t["a"].T, t["g"] @ t["b"]  # (M, r) each
     y = tq.fused_linear(t["x"], qw, t["bias"], xa, t["b"], 2.0)
-    torch.testing.assert_close(y, reference_linear(t["x"], qw, t["bias"], xa, t["b"], 2.0),
+    close("fused forward", y, reference_linear(t["x"], qw, t["bias"], xa, t["b"], 2.0),
                                **CLOSE)
     gx = tq.fused_linear_grad_input(t["g"], qw, gb, t["a"], 2.0)
-    torch.testing.assert_close(gx, reference_grad_input(t["g"], qw, gb, t["a"], 2.0), **CLOSE)
+    close("fused grad input", gx, reference_grad_input(t["g"], qw, gb, t["a"], 2.0), **CLOSE)
     # no LoRA, no bias: the plain dequantize-matmul and its transpose
-    torch.testing.assert_close(tq.fused_linear(t["x"], qw, None, None, None, 0.0),
+    close("plain forward", tq.fused_linear(t["x"], qw, None, None, None, 0.0),
                                reference_linear(t["x"], qw, None, None, None, 0.0), **CLOSE)
-    torch.testing.assert_close(tq.fused_linear_grad_input(t["g"], qw, None, None, 0.0),
+    close("plain grad input", tq.fused_linear_grad_input(t["g"], qw, None, None, 0.0),
                                reference_grad_input(t["g"], qw, None, None, 0.0), **CLOSE)
 
 
@@ -90,9 +94,9 @@ def test_tiles_wider_and_narrower_than_a_group(monkeypatch: pytest.MonkeyPatch, 
     qw = _case("int4", group, False, seed=3)
     t = _tensors(seed=4)
     xa, gb = t["x"] @ t["a"].T, t["g"] @ t["b"]
-    torch.testing.assert_close(tq.fused_linear(t["x"], qw, t["bias"], xa, t["b"], 0.5),
+    close("wide/narrow forward", tq.fused_linear(t["x"], qw, t["bias"], xa, t["b"], 0.5),
                                reference_linear(t["x"], qw, t["bias"], xa, t["b"], 0.5), **CLOSE)
-    torch.testing.assert_close(tq.fused_linear_grad_input(t["g"], qw, gb, t["a"], 0.5),
+    close("wide/narrow grad input", tq.fused_linear_grad_input(t["g"], qw, gb, t["a"], 0.5),
                                reference_grad_input(t["g"], qw, gb, t["a"], 0.5), **CLOSE)
 
 
@@ -108,8 +112,8 @@ def test_autograd_through_the_triton_backend_matches_torch_backend() -> None:
         y = quant_lora_linear(x, layer, a, b, 4.0)
         y.backward(t["g"].reshape(1, M, N))
         grads.append((y.detach(), x.grad, a.grad, b.grad))
-    for got, want in zip(*grads, strict=True):
-        torch.testing.assert_close(got, want, **CLOSE)
+    for what, got, want in zip(("y", "dx", "da", "db"), *grads, strict=True):
+        close(f"autograd triton vs torch {what}", got, want, **CLOSE)
 
 
 @needs_triton
@@ -127,7 +131,7 @@ def test_half_precision_inputs() -> None:
     y = tq.fused_linear(x, qw, t["bias"], xa, t["b"], 1.0)
     assert y.dtype == torch.float16
     want = reference_linear(x.float(), qw, t["bias"], xa, t["b"], 1.0)
-    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=2e-2)
+    close("fp16 forward", y.float(), want, rtol=1e-2, atol=2e-2)
 
 
 @needs_triton

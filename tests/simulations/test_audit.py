@@ -1,4 +1,4 @@
-"""The leakage audit: its attacks leak without safeguards and fall to chance with them.
+"""The leakage audit: its attacks leak without safeguards and fall below guessing with them.
 
 Everything runs on a tiny random-init Llama (built from the synthetic texts below) through
 the real client trainer, clipping and secure-aggregation code, with a reduced grid.
@@ -29,8 +29,9 @@ from simulations.audit.attacks import (
 from simulations.audit.models import tiny_model
 from simulations.audit.run import main
 from simulations.audit.scenario import AuditError, Safeguards, Scenario, exact_blocks, secure_sum
+from tests.measured import THREADS, within
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 
 COHORT = 6
 SEQ_LEN = 16
@@ -61,36 +62,54 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def scenario(model_dir: Path) -> Scenario:
     return Scenario(model_dir, lora=LoraSection(), learning_rate=1e-3, seq_len=SEQ_LEN,
-                    safeguards=Safeguards(cohort=COHORT))
+                    safeguards=Safeguards(cohort=COHORT), threads=THREADS)
 
 
-def _bag_recall(scenario: Scenario, seed: int, *, protected: bool) -> tuple[float, float]:
-    obs = scenario.observe(CLIENTS[seed], CLIENTS[seed + 1:], batch_size=1, local_steps=1,
-                           protected=protected, seed=seed)
+VICTIMS = range(6)  # each a seed and a client; CLIENTS[v + 6] serves as v's decoy
+
+
+def _public_tokens(scenario: Scenario, victim: int) -> np.ndarray:
+    """Token ids of every other client's text: what the attacker may know beforehand."""
+    tokenizer = scenario.trainer(False)[0].tokenizer
+    return np.concatenate([tokenizer(t, add_special_tokens=False)["input_ids"]
+                           for i, c in enumerate(CLIENTS) if i != victim for t in c.train])
+
+
+def _bag_recalls(scenario: Scenario, victim: int, *, protected: bool) -> tuple[float, float]:
+    """The bag-of-tokens attack's recall on ``victim``'s update, and the frequency prior's."""
+    obs = scenario.observe(CLIENTS[victim], CLIENTS[victim + 1:], batch_size=1, local_steps=1,
+                           protected=protected, seed=victim)
     basis = TokenBasis.from_output_head(
         obs.model.get_output_embeddings().weight.detach().numpy())
     scores = bag_of_tokens_scores(obs.update, residual_writer_keys(list(obs.update),
                                                                    last_layers=3), basis)
-    bag = top_k(scores, len(metrics.distinct(obs.truth)))
-    return metrics.bag_recall(bag, obs.truth), metrics.bag_chance(obs.truth, basis.vocab_size)
+    k = len(metrics.distinct(obs.truth))
+    prior = metrics.frequency_guess(_public_tokens(scenario, victim), k)
+    return (metrics.bag_recall(top_k(scores, k), obs.truth),
+            metrics.bag_recall(prior, obs.truth))
 
 
+@pytest.mark.measured
 def test_bag_of_tokens_leaks_without_safeguards_and_not_with_them(scenario: Scenario) -> None:
-    seeds = range(6)
-    off = [_bag_recall(scenario, s, protected=False) for s in seeds]
-    on = [_bag_recall(scenario, s, protected=True) for s in seeds]
-    chance = float(np.mean([c for _, c in off]))  # K/V: ~14 of 512 tokens, ~0.03
-    off_recall = float(np.mean([r for r, _ in off]))
-    on_recall = float(np.mean([r for r, _ in on]))
-    # Unprotected, batch 1, one step: measured 0.75-0.88 per seed, ~25x chance.
-    assert off_recall > 0.4 and off_recall > 10 * chance, (off_recall, chance)
-    # Clipped to C=1, noise std 1 per coordinate on the sum, 6 clients summed: the score is
-    # that of a random subspace, so recall averages K/V (measured 1.3x chance over these six
-    # seeds: 0, 1 or 2 hits of ~15); the band allows 3x chance.
-    assert on_recall < 3 * chance, (on_recall, chance)
+    """The baseline is the attacker who ignores the update and guesses the corpus's most
+    frequent tokens (uniform chance, ~0.03 here, is far weaker than that on real text)."""
+    off = np.array([_bag_recalls(scenario, v, protected=False) for v in VICTIMS])
+    on = np.array([_bag_recalls(scenario, v, protected=True) for v in VICTIMS])
+    prior = float(off[:, 1].mean())
+    # Unprotected, batch 1, one step. Measured over these six victims on an AMD EPYC
+    # (OPENBLAS_CORETYPE Haswell/auto/Prescott, 1 and 2 threads): recall 0.75-0.88 per
+    # victim, mean ~0.8, against a frequency prior of ~0.15.
+    within("unprotected recall - frequency prior (mean of 6)", off[:, 0].mean() - prior,
+           above=0.3)
+    # Clipped to C=1, noise std 1 per coordinate on the sum, 6 clients summed: the scores
+    # are those of a random subspace (measured ~0.04, 0-2 hits of ~15 per victim), so the
+    # attack does worse than the frequency prior.
+    within("protected recall - frequency prior (mean of 6)", on[:, 0].mean() - prior,
+           below=0.0)
 
 
 @pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.measured
 def test_attack_objective_is_lowest_at_the_true_text(scenario: Scenario, steps: int) -> None:
     """The attacker's model of the client's AdamW update (same trainer maths, smoothed
     sign of one gradient) must single out the true text: its shuffles score worse."""
@@ -104,22 +123,48 @@ def test_attack_objective_is_lowest_at_the_true_text(scenario: Scenario, steps: 
 
     at_truth = distance(obs.truth)
     shuffled = [distance(np.stack([rng.permutation(row) for row in obs.truth]))
-                for _ in range(3)]
-    assert at_truth < min(shuffled), (at_truth, shuffled)
+                for _ in range(5)]
+    # As a ratio, so that the bound does not depend on the distance's scale.
+    within("nearest shuffle / truth distance", min(shuffled) / at_truth, above=1.0)
 
 
-def test_optimization_attack_recovers_tokens_without_safeguards(scenario: Scenario) -> None:
-    obs = scenario.observe(CLIENTS[0], [], batch_size=1, local_steps=1, protected=False, seed=0)
+def _optimization_recall(scenario: Scenario, victim: int, observed: int) -> float:
+    """Recall on ``victim``'s batch of the attack run on client ``observed``'s update."""
+    truth = scenario.observe(CLIENTS[victim], [], batch_size=1, local_steps=1, protected=False,
+                             seed=victim).truth
+    obs = scenario.observe(CLIENTS[observed], [], batch_size=1, local_steps=1,
+                           protected=False, seed=victim)
     basis = TokenBasis.from_output_head(
         obs.model.get_output_embeddings().weight.detach().numpy())
     scores = bag_of_tokens_scores(obs.update, residual_writer_keys(list(obs.update)), basis)
     guess = optimization_attack(obs.model, obs.global_adapter, obs.update, batch_size=1,
                                 seq_len=SEQ_LEN, prior=scores,
-                                settings=OptimizationSettings(iterations=8), seed=0)
+                                settings=OptimizationSettings(iterations=8), seed=victim)
     assert guess.shape == (1, SEQ_LEN)
-    # The reconstruction's tokens come from the batch far more often than 16 uniform
-    # guesses would (~3 % of the batch's tokens); measured ~0.5.
-    assert metrics.bag_recall(guess, obs.truth) > 0.25
+    return metrics.bag_recall(guess, truth)
+
+
+@pytest.mark.measured
+def test_optimization_attack_beats_the_frequency_prior_and_a_decoy(scenario: Scenario) -> None:
+    """Two baselines measured in the same run: the frequency prior (no update at all) and
+    a decoy (the same attack on another client's update, scored on the victim's text)."""
+    attack, decoy, prior = [], [], []
+    for victim in VICTIMS:
+        attack.append(_optimization_recall(scenario, victim, victim))
+        decoy.append(_optimization_recall(scenario, victim, victim + 6))
+        truth = scenario.observe(CLIENTS[victim], [], batch_size=1, local_steps=1,
+                                 protected=False, seed=victim).truth
+        prior.append(metrics.bag_recall(
+            metrics.frequency_guess(_public_tokens(scenario, victim), SEQ_LEN), truth))
+    baseline = max(float(np.mean(decoy)), float(np.mean(prior)))
+    # Measured over these six victims on an AMD EPYC under the four kernel set-ups of
+    # tests/cpu_matrix.py: attack 0.25-0.44 per victim (mean 0.35-0.38), frequency prior mean
+    # 0.15, decoy mean 0.03, so the gap was 0.20-0.24; the attack beat both baselines on 5 or
+    # 6 of the 6 victims. (The old bound was one victim's recall > 0.25: exactly 0.25 on
+    # that machine, ~0.5 on the one where the bound had been set.)
+    within("attack - best baseline (mean of 6)", float(np.mean(attack)) - baseline, above=0.1)
+    wins = sum(a > max(d, p) for a, d, p in zip(attack, decoy, prior, strict=True))
+    within("victims on which the attack beats both baselines", wins, above=2)  # half or more
 
 
 def test_client_gets_exactly_batch_blocks(scenario: Scenario) -> None:

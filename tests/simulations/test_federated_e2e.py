@@ -19,6 +19,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from protocols.keys import CLIENT_METRIC_KEYS
 from protocols.run_config import RunConfig
+from tests.measured import within
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,7 @@ def _config(tiny_model_dir: Path) -> RunConfig:
     )
 
 
+@pytest.mark.measured
 def test_federated_simulation_end_to_end(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
 ) -> None:
@@ -85,7 +87,8 @@ def test_federated_simulation_end_to_end(
         assert row["dropped"] == 0 and row["secagg_s"] > 0  # secure aggregation is the default
         assert 0 < row["bytes_up"] < row["bytes_down"]  # FFA-LoRA (default) uploads B only
     assert all(np.isfinite(r["perplexity"]) for r in rows)
-    assert rows[-1]["perplexity"] < rows[0]["perplexity"], "training must lower perplexity"
+    within("round-2 / round-0 held-out perplexity", rows[-1]["perplexity"] / rows[0]["perplexity"],
+           below=1.0)
     for name in ("report.html", "perplexity.png", "bytes.png", "clients.png", "config.toml"):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.parent.glob("*.partial"))

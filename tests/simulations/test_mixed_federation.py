@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from protocols.run_config import RunConfig
+from tests.measured import within
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,7 @@ def _config(tiny_model_dir: Path, **security: object) -> RunConfig:
     })
 
 
+@pytest.mark.measured
 def test_mixed_torch_and_edge_clients_train_one_adapter(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
 ) -> None:
@@ -50,7 +52,8 @@ def test_mixed_torch_and_edge_clients_train_one_adapter(
         assert edge_bytes <= 1024, "an edge update is seeds and scalars: under 1 KB"
         assert torch_bytes > 10 * edge_bytes  # tiny model: B only is 6.9 KB
     assert all(np.isfinite(r["perplexity"]) for r in rows)
-    assert rows[-1]["perplexity"] < rows[0]["perplexity"]
+    within("round-2 / round-0 held-out perplexity", rows[-1]["perplexity"] / rows[0]["perplexity"],
+           below=1.0)
     assert "Bytes up per client per round, by kind" in (run_dir / "report.html").read_text()
 
 
