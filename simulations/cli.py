@@ -14,9 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from simulations.config import add_config_arguments
-from simulations.environment import configure_environment
-from simulations.paths import add_cache_dir_argument
+from protocols.cache_dir import add_cache_dir_argument
+from protocols.config_file import add_config_arguments
+from protocols.entry_point import setup_logging
+from protocols.environment import configure_environment
 
 log = logging.getLogger("fedtune")
 
@@ -24,12 +25,14 @@ log = logging.getLogger("fedtune")
 DELEGATED = {
     "audit": ("simulations.audit.run",
               "gradient-inversion attacks against fedtune's own updates (leakage audit)"),
-    "certs": ("simulations.deploy.certs",
+    "certs": ("server.service.certs",
               "make a development CA, TLS certificates and SuperNode keys"),
-    "coordinator": ("simulations.deploy.coordinator",
-                    "run fedtune on a Flower SuperLink (TLS, SuperNode authentication)"),
-    "client": ("simulations.deploy.client_daemon",
-               "run this device as a SuperNode daemon from a TOML config"),
+    "coordinator": ("server.service.coordinator",
+                    "run fedtune on a Flower SuperLink (TLS, SuperNode authentication; "
+                    "also installed as fedtune-coordinator)"),
+    "client": ("client.node.daemon",
+               "run this device as a SuperNode daemon from a TOML config "
+               "(also installed as fedtune-client)"),
 }
 
 
@@ -41,12 +44,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     keeps its traceback.
     """
     from client.local_data import LocalDataError
+    from client.node.daemon import DaemonConfigError
     from kernels.base_model import ModelNotAvailable
     from protocols.manifest import ManifestError, ManifestMismatch
     from protocols.run_config import ConfigError
-    from simulations.deploy.client_daemon import DaemonConfigError
-    from simulations.deploy.flwr_cli import FlwrCliError
-    from simulations.run_dir import ResumeError
+    from server.run_dir import ResumeError
+    from server.service.flwr_cli import FlwrCliError
     from simulations.shakespeare_split import DataNotAvailable
 
     return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, ManifestError,
@@ -72,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--no-model", action="store_true", help="only fetch the corpus")
     _common(prep)
 
+    from protocols.config_file import describe_keys
+
     sim = sub.add_parser("simulate", help="run a federated fine-tuning simulation",
                          description="Federated LoRA fine-tuning on Flower's Simulation Engine "
-                         "(or, with --centralized, the centralized baseline).")
+                         "(or, with --centralized, the centralized baseline).",
+                         epilog="config keys (--set SECTION.KEY=VALUE, or a --config TOML):\n"
+                         + describe_keys(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(sim)
     sim.add_argument("--centralized", action="store_true",
                      help="train on the union of all clients' data instead (baseline)")
@@ -104,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
 
+    conf = sub.add_parser(
+        "config", help="print a run config as TOML, every key with its help",
+        description="Print the config a run would use (the defaults, a --config file and "
+        "--set overrides applied) as TOML with each key's help as a comment. With no "
+        "options this is simulations/configs/default.toml.")
+    add_config_arguments(conf)
+
     rep = sub.add_parser("report", help="(re)write a run's HTML report",
                          description="Regenerate report.html and plots for a finished run, "
                          "picking up comparable runs made since.")
@@ -113,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
     from simulations.prepare import prepare
 
     cache_dir = args.cache_dir or default_cache_dir()
@@ -124,8 +139,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.config import load_config
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
+    from protocols.config_file import load_config
     from simulations.runner import check_inputs, follow_metrics, run_centralized, run_federated
 
     config = load_config(args.config, args.overrides)
@@ -171,7 +186,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from simulations.report import write_report
+    from server.report import write_report
 
     if not (args.run_dir / "run_info.json").is_file():
         raise FileNotFoundError(f"{args.run_dir} is not a fedtune run folder (no run_info.json)")
@@ -183,11 +198,11 @@ def cmd_export_edge(args: argparse.Namespace) -> int:
     from kernels.base_model import resolve_model_dir
     from kernels.edge_export import export_edge
     from kernels.edge_quantize import DEFAULT_QUANTIZATION
+    from protocols.cache_dir import default_cache_dir
+    from protocols.config_file import load_config
     from protocols.manifest import load_private_key
-    from simulations.config import load_config
-    from simulations.edge_artifacts import edge_export_dir
-    from simulations.paths import default_cache_dir
-    from simulations.signing import ensure_signing_key
+    from server.edge_artifacts import edge_export_dir
+    from server.signing import ensure_signing_key
 
     config = load_config(args.config, args.overrides)
     cache_dir = args.cache_dir or default_cache_dir()
@@ -203,24 +218,23 @@ def cmd_export_edge(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "simulate": cmd_simulate, "report": cmd_report,
-            "export-edge": cmd_export_edge}
+def cmd_config(args: argparse.Namespace) -> int:
+    from protocols.config_file import load_config, to_toml
+    from simulations.default_config import HEADER
+
+    print(HEADER + to_toml(load_config(args.config, args.overrides), comments=True), end="")
+    return 0
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Flower logs through its own console handler; propagating would print every line twice.
-    logging.getLogger("flwr").propagate = False
+COMMANDS = {"config": cmd_config, "prepare": cmd_prepare, "simulate": cmd_simulate,
+            "report": cmd_report, "export-edge": cmd_export_edge}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         configure_environment()
-        _setup_logging()
+        setup_logging()
         try:
             module = importlib.import_module(DELEGATED[argv[0]][0])
             return int(module.main(argv[1:]))
@@ -229,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     configure_environment()
-    _setup_logging(args.verbose)
+    setup_logging(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except user_errors() as err:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocols.run_config import ConfigError, RunConfig
+from protocols.run_config import ConfigError, PathsSection, RunConfig
+from server.run_dir import log_to_file, new_run_dir
 from simulations.paths import partitions_dir, shakespeare_texts_dir
-from simulations.run_dir import log_to_file, new_run_dir
 from simulations.seeded_node_ids import seeded_node_ids
 from simulations.shakespeare_split import PreparedSplit, prepare_split
 
@@ -51,12 +51,12 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
         )
     public_key = ""
     if config.security.verify_manifest:
-        from simulations.signing import ensure_signed
+        from server.signing import ensure_signed
 
         public_key = ensure_signed(model_dir, cache_dir)
     edge_export = None
     if config.edge.fraction > 0:
-        from simulations.edge_artifacts import ensure_edge_export
+        from server.edge_artifacts import ensure_edge_export
 
         edge_export = ensure_edge_export(model_dir, cache_dir, config)
     return Inputs(config, cache_dir, model_dir, split, public_key, edge_export)
@@ -64,16 +64,11 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
     flat: dict[str, Any] = inputs.config.to_flat()
-    flat.update(
-        {
-            "paths.cache_dir": str(inputs.cache_dir),
-            "paths.partitions_file": str(inputs.split.partitions_file),
-            "paths.eval_file": str(inputs.split.eval_file),
-            "paths.run_dir": str(run_dir),
-            "paths.manifest_public_key": inputs.manifest_public_key,
-            "paths.edge_export": str(inputs.edge_export or ""),
-        }
-    )
+    flat.update(PathsSection(
+        cache_dir=inputs.cache_dir, partitions_file=inputs.split.partitions_file,
+        eval_file=inputs.split.eval_file, run_dir=run_dir,
+        manifest_public_key=inputs.manifest_public_key, edge_export=inputs.edge_export,
+    ).to_flat())
     return flat
 
 
@@ -192,7 +187,7 @@ def run_centralized(
 
 
 def _finish(run_dir: Path) -> None:
-    from simulations.report import write_report
+    from server.report import write_report
 
     write_report(run_dir, runs_dir=run_dir.parent)
 

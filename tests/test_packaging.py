@@ -18,8 +18,8 @@ TORCH_FREE_MODULES = [
     "client.shakespeare", "server.strategy", "server.export", "server.secagg",
     "server.checkpoint", "protocols.seed_updates", "protocols.secagg.wire",
     "client.secagg_client", "client.app", "client.edge_trainer", "kernels.edge_runtime",
-    "simulations.deploy.client_daemon", "simulations.deploy.node_app",
-    "simulations.deploy.certs",
+    "client.node.daemon", "client.node_policy",
+    "server.service.certs",
 ]
 
 BLOCK_TORCH = """

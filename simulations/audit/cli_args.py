@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocols.cache_dir import add_cache_dir_argument
 from simulations.audit.attacks import DISTANCES, UPDATE_MODELS, OptimizationSettings
 from simulations.audit.scenario import NOISE_PLACEMENTS, Safeguards
-from simulations.paths import add_cache_dir_argument
 
 if TYPE_CHECKING:
     from client.local_data import LocalTextData
@@ -142,8 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure(args: argparse.Namespace) -> AuditConfig:
     """The :class:`AuditConfig` the options describe; ``ValueError`` names a bad one."""
+    from protocols.config_file import load_config
     from simulations.audit.run import AuditConfig
-    from simulations.config import load_config
 
     preset = QUICK if args.quick else FULL
     run_config = load_config(args.config)
@@ -177,9 +177,10 @@ def load_inputs(args: argparse.Namespace, config: AuditConfig,
     """The model folder, the client texts and the settings to record in ``audit.json``."""
     from client.local_data import load_partition
     from kernels.base_model import resolve_model_dir
+    from protocols.cache_dir import default_cache_dir
+    from protocols.config_file import load_config
     from simulations.audit.models import tiny_model, truncated_model
-    from simulations.config import load_config
-    from simulations.paths import default_cache_dir, partitions_dir, shakespeare_texts_dir
+    from simulations.paths import partitions_dir, shakespeare_texts_dir
 
     cache = args.cache_dir or default_cache_dir()
     partitions = args.partitions_file

@@ -191,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedtune audit`` and ``python -m simulations.audit``."""
+    from protocols.environment import configure_environment
     from simulations.audit.cli_args import configure, load_inputs
     from simulations.cli import user_errors
-    from simulations.environment import configure_environment
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -50,10 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations.deploy.client_daemon import DaemonConfig, run_daemon
-from simulations.deploy.processes import wait_for
-from simulations.deploy.supernode import connected_node_id
-from simulations.deploy.warm_clientapp import EDGE_PRELOAD, WarmLauncher
+from client.node.daemon import DaemonConfig, run_daemon
+from client.node.supernode import connected_node_id
+from client.node.warm_launcher import EDGE_PRELOAD, WarmLauncher
+from protocols.processes import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def measure(inputs: Any, *, kind: str, warm: bool, nodes: int, link: str, certs:
             work: Path, timeout: float, device_timing: bool = True) -> Result:
     """Start ``nodes`` daemons, run once, stop them; read metrics and SuperNode logs."""
     from server.metrics_log import read_metrics
-    from simulations.deploy.coordinator import LinkOptions, run_deployed
+    from server.service.coordinator import LinkOptions, run_deployed
 
     result = Result(kind, warm)
     label = result.name.replace(" ", "-")
@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import shutil
 
-    from simulations.deploy.certs import make_node_keys, make_tls
-    from simulations.deploy.coordinator import LinkOptions, serve
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
+    from server.service.certs import make_node_keys, make_tls
+    from server.service.coordinator import LinkOptions, serve
 
     args = build_parser().parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]

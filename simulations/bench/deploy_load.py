@@ -7,7 +7,7 @@ Why a script and not a test: it measures what a deployment costs the coordinator
 the federation grows (round latency, memory of the SuperLink + SuperExec + ServerApp), with
 every party a real process, TLS and SuperNode authentication on, exactly as ``fedtune
 coordinator`` and ``fedtune client`` run them. It reuses those two entry points unchanged
-(``python -m simulations.deploy.coordinator`` and one ``client_daemon`` per device), so a
+(``python -m server.service.coordinator`` and one ``client_daemon`` per device), so a
 device inherits whatever the daemon starts beside its SuperNode (the warm ClientApp
 launcher included).
 
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.node.supernode import connected_node_id
+from protocols.processes import ManagedProcess, descendants
+from server.service.certs import make_node_keys, make_tls
 from simulations.bench.proc_memory import MemorySampler, Sample, alive_seen, proc_table
-from simulations.deploy.certs import make_node_keys, make_tls
-from simulations.deploy.processes import ManagedProcess, descendants
-from simulations.deploy.supernode import connected_node_id
 
 log = logging.getLogger("fedtune.deploy_load")
 
@@ -254,7 +254,7 @@ class Workspace:
 def prepare(args: argparse.Namespace, root: Path) -> Workspace:
     """Model, data, signed base and edge export (``check_inputs``), TLS files, one key
     pair and one daemon config per device."""
-    from simulations.config import to_toml
+    from protocols.config_file import to_toml
     from simulations.paths import shakespeare_texts_dir
     from simulations.runner import check_inputs
 
@@ -371,7 +371,7 @@ class LoadRun:
         ws = self.ws
         self.coordinator = ManagedProcess(
             "coordinator",
-            [sys.executable, "-m", "simulations.deploy.coordinator", "--config",
+            [sys.executable, "-m", "server.service.coordinator", "--config",
              str(ws.run_toml), "--state-dir", str(ws.state_dir), "--certs-dir",
              str(ws.certs_dir), "--port", str(ws.port), "--cache-dir", str(ws.cache_dir),
              "--runs-dir", str(ws.runs_dir), "--name", RUN_NAME,
@@ -422,7 +422,7 @@ class LoadRun:
     def start_device(self, name: str) -> None:
         self.started[name] = time.monotonic()
         proc = ManagedProcess(
-            name, [sys.executable, "-m", "simulations.deploy.client_daemon",
+            name, [sys.executable, "-m", "client.node.daemon",
                    str(self.ws.devices[name])],
             env=self.env, log_path=self.ws.root / "devices" / f"{name}.out")
         self.devices[name] = proc

@@ -49,7 +49,7 @@ def _deltas(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.base_model import converted_dir
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
 
     default_model = converted_dir(default_cache_dir())
     parser = argparse.ArgumentParser(

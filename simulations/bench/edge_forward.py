@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         FAST_FORWARD_QUANTIZATION,
         QUANTIZATIONS,
     )
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
 
     cache = default_cache_dir()
     parser = argparse.ArgumentParser(

@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from simulations.config import load_config
-    from simulations.edge_artifacts import ensure_edge_export
-    from simulations.environment import configure_environment
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
+    from protocols.config_file import load_config
+    from protocols.environment import configure_environment
+    from server.edge_artifacts import ensure_edge_export
     from simulations.runner import check_inputs
 
     configure_environment()

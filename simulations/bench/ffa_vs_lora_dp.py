@@ -43,9 +43,9 @@ def _overrides(args: argparse.Namespace, freeze_a: bool) -> list[str]:
 
 
 def run_pair(args: argparse.Namespace) -> tuple[Path, Path]:
-    from simulations.config import load_config
-    from simulations.environment import configure_environment
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
+    from protocols.config_file import load_config
+    from protocols.environment import configure_environment
     from simulations.runner import check_inputs, run_federated
 
     configure_environment()

@@ -66,7 +66,7 @@ def proc_table() -> dict[int, ProcInfo]:
 def tree(root: int, table: Mapping[int, ProcInfo]) -> list[int]:
     """``root`` and its descendants in ``table``, plus members of the process group it
     leads (orphans keep the group id): the rule of
-    :func:`simulations.deploy.processes.descendants`, without rescanning ``/proc``."""
+    :func:`protocols.processes.descendants`, without rescanning ``/proc``."""
     children: dict[int, list[int]] = {}
     for info in table.values():
         children.setdefault(info.ppid, []).append(info.pid)

@@ -357,7 +357,7 @@ def _default_eval_file(cache: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from kernels.base_model import converted_dir
-    from simulations.paths import default_cache_dir
+    from protocols.cache_dir import default_cache_dir
 
     cache = default_cache_dir()
     default_model = converted_dir(cache)

@@ -297,7 +297,7 @@ def test_settings_are_checked_and_built_from_the_privacy_section() -> None:
 
 def test_client_app_builds_a_dp_trainer_from_the_run_config(tiny_model_dir: Path,
                                                             tmp_path: Path) -> None:
-    from simulations.signing import ensure_signed
+    from server.signing import ensure_signed
 
     public_key = ensure_signed(tiny_model_dir, tmp_path)  # clients verify the base first
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deploy.processes import ManagedProcess, wait_for
+from protocols.processes import ManagedProcess, wait_for
 
 #: A parent that starts one child, which says so in a file once its interpreter is up (its
 #: memory no longer grows) and sleeps; then the parent sleeps too.

@@ -9,7 +9,7 @@ import pytest
 
 from client.app import verify_base_model
 from protocols.manifest import ManifestError, ManifestMismatch, ManifestSignatureError
-from simulations.signing import ensure_signed
+from server.signing import ensure_signed
 
 
 @pytest.fixture()

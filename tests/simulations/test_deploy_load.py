@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from protocols.processes import ManagedProcess, descendants
 from simulations.bench import deploy_load as dl
 from simulations.bench import proc_memory as pm
-from simulations.deploy.processes import ManagedProcess, descendants
 
 
 @pytest.mark.parametrize(
@@ -129,8 +129,8 @@ def test_synthetic_play_gives_one_client_per_node(tmp_path: Path) -> None:
 
 
 def test_device_config_is_what_the_daemon_accepts(tmp_path: Path) -> None:
-    from simulations.deploy.certs import make_node_keys, make_tls
-    from simulations.deploy.client_daemon import parse_config
+    from client.node.daemon import parse_config
+    from server.service.certs import make_node_keys, make_tls
 
     tls = make_tls(tmp_path / "certs")
     keys = make_node_keys(tmp_path / "certs", "node-3")

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import time
 import zipfile
@@ -25,20 +26,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protocols.run_config import RunConfig
-from simulations.deploy.certs import make_node_keys, make_tls
-from simulations.deploy.client_daemon import DaemonConfigError, parse_config
-from simulations.deploy.fab import write_app
-from simulations.deploy.node_app import NodePolicyError, apply_node_settings, check_node_policy
-from simulations.deploy.processes import (
+from client.node.daemon import DaemonConfigError, parse_config
+from client.node.supernode import SuperNodeSpec, node_config_arg
+from client.node_policy import NodePolicyError, apply_node_settings, check_node_policy
+from protocols.processes import (
     ManagedProcess,
     descendants,
     flower_env,
     process_state,
     wait_for,
 )
-from simulations.deploy.superlink import SuperLinkSpec
-from simulations.deploy.supernode import SuperNodeSpec, node_config_arg
+from protocols.run_config import RunConfig
+from server.service.certs import make_node_keys, make_tls
+from server.service.fab import write_app
+from server.service.superlink import SuperLinkSpec
 
 
 def _free_port() -> int:
@@ -108,7 +109,7 @@ def test_node_keys_are_what_flower_loads(tmp_path: Path) -> None:
 
 
 def test_certs_command_makes_ca_server_and_node_keys(tmp_path: Path) -> None:
-    from simulations.deploy import certs
+    from server.service import certs
 
     assert certs.main(["--out", str(tmp_path), "--nodes", "2", "--node", "edge-a"]) == 0
     names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.*"))
@@ -117,15 +118,34 @@ def test_certs_command_makes_ca_server_and_node_keys(tmp_path: Path) -> None:
                      "nodes/node-1.pub", "superlink.key", "superlink.pem"]
 
 
-@pytest.mark.parametrize("module", ["certs", "coordinator", "client_daemon"])
+@pytest.mark.parametrize("module", ["server.service.certs", "server.service.coordinator",
+                                    "client.node.daemon"])
 def test_entry_points_have_help(module: str, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib
 
-    main = importlib.import_module(f"simulations.deploy.{module}").main
+    main = importlib.import_module(module).main
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     assert "usage: fedtune" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("script", "says"), [
+    ("fedtune-coordinator", "usage: fedtune-coordinator"),
+    ("fedtune-client", "usage: fedtune-client"),
+])
+def test_console_scripts_a_person_would_guess(script: str, says: str, tmp_path: Path) -> None:
+    """Installed by pyproject: the same commands as ``fedtune coordinator|client``, with the
+    same one-line errors."""
+    exe = Path(sys.executable).parent / script
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and says in done.stdout, done.stderr
+    missing = tmp_path / "missing.toml"
+    done = subprocess.run([str(exe), *(["--config"] if script.endswith("coordinator") else []),
+                           str(missing)], capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error: "), done.stderr
+    assert str(missing) in done.stderr
 
 
 # --- command lines ---------------------------------------------------------------------------
@@ -332,7 +352,7 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
     cmd = spec.command()
     assert cmd[cmd.index("--port") + 1] == "9100"
     # Flower's SuperNode through our entry point, polling every second instead of 3 s
-    assert cmd[1:3] == ["-m", "simulations.deploy.supernode_entry"]
+    assert cmd[1:3] == ["-m", "client.node.supernode_entry"]
     assert spec.environment()["FEDTUNE_SUPERNODE_POLL_S"] == "1.0"
 
 
@@ -368,7 +388,7 @@ def test_bad_daemon_config_is_refused_by_name(
 
 
 def test_an_interrupted_run_folder_is_reopened_and_finished(tmp_path: Path) -> None:
-    from simulations.run_dir import (
+    from server.run_dir import (
         ResumeError,
         new_run_dir,
         read_run_info,
@@ -394,7 +414,7 @@ def test_an_interrupted_run_folder_is_reopened_and_finished(tmp_path: Path) -> N
 
 def test_resume_takes_the_config_from_the_run_folder(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.deploy.coordinator import main
+    from server.service.coordinator import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--resume", "r1", "--set", "train.rounds=3", "--runs-dir", str(tmp_path)])
@@ -421,9 +441,9 @@ def stopper() -> Iterator[list[ManagedProcess]]:
 def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
     tmp_path: Path, stopper: list[ManagedProcess]
 ) -> None:
-    from simulations.deploy.flwr_cli import FlwrCli, FlwrCliError
-    from simulations.deploy.superlink import start_superlink
-    from simulations.deploy.supernode import start_supernode
+    from client.node.supernode import start_supernode
+    from server.service.flwr_cli import FlwrCli, FlwrCliError
+    from server.service.superlink import start_superlink
 
     certs = tmp_path / "certs"
     tls = make_tls(certs)
@@ -447,7 +467,7 @@ def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
         f'state_dir = "{tmp_path / "member"}"\nruntime_port = {_free_port()}\n')
     t0 = time.perf_counter()
     daemon = ManagedProcess(
-        "daemon", [sys.executable, "-m", "simulations.deploy.client_daemon", str(daemon_cfg)],
+        "daemon", [sys.executable, "-m", "client.node.daemon", str(daemon_cfg)],
         env=dict(os.environ), log_path=tmp_path / "daemon.out")
     stopper.append(daemon)
 
@@ -533,9 +553,9 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
     in the metrics, the checkpoint and the privacy ledger."""
     from safetensors.numpy import load_file
 
+    from protocols.config_file import to_toml
     from protocols.privacy.ledger import load_ledger
     from server.checkpoint import load_checkpoint
-    from simulations.config import to_toml
     from simulations.runner import check_inputs
 
     rounds = 3
@@ -569,7 +589,7 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
     def coordinator(*args: str) -> ManagedProcess:
         return ManagedProcess(
             "coordinator",
-            [sys.executable, "-m", "simulations.deploy.coordinator", "--state-dir", str(state),
+            [sys.executable, "-m", "server.service.coordinator", "--state-dir", str(state),
              "--certs-dir", str(certs), "--port", str(port), "--cache-dir", str(mini_cache),
              "--runs-dir", str(runs), "--nodes-timeout", "180", "--run-timeout", "900", *args],
             env=dict(os.environ), log_path=tmp_path / "coordinator.out")
@@ -585,7 +605,7 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
             f'[privacy]\nmanifest_public_key = "{inputs.manifest_public_key}"\n'
             'require_secagg = false\n')
         return ManagedProcess(
-            f"node-{i}", [sys.executable, "-m", "simulations.deploy.client_daemon", str(toml)],
+            f"node-{i}", [sys.executable, "-m", "client.node.daemon", str(toml)],
             env=dict(os.environ), log_path=tmp_path / f"node-{i}.out")
 
     def checkpointed_round() -> int:

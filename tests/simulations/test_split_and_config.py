@@ -9,8 +9,9 @@ import pytest
 
 from client.local_data import LocalDataError, load_partition
 from client.shakespeare import Speech
-from protocols.run_config import ConfigError, DataSection
-from simulations.config import DEFAULT_CONFIG, load_config, to_toml
+from protocols.config_file import load_config, to_toml
+from protocols.run_config import ConfigError, DataSection, RunConfig
+from simulations.default_config import DEFAULT_TOML, HEADER
 from simulations.shakespeare_split import prepare_split, split_roles
 
 
@@ -66,12 +67,14 @@ def test_a_new_parser_version_prepares_a_new_split(
     assert second.partitions_file.read_bytes() == first.partitions_file.read_bytes()
 
 
-def test_default_config_loads_and_round_trips(tmp_path: Path) -> None:
-    config = load_config()
-    assert DEFAULT_CONFIG.is_file()
+def test_default_config_file_is_the_schemas_defaults(tmp_path: Path) -> None:
+    """simulations/configs/default.toml is generated (`fedtune config`): byte for byte the
+    schema's defaults with their help, so the two can never disagree again."""
+    assert DEFAULT_TOML.read_text() == HEADER + to_toml(RunConfig(), comments=True)
+    assert load_config(DEFAULT_TOML) == load_config() == RunConfig()
     saved = tmp_path / "saved.toml"
-    saved.write_text(to_toml(config))
-    assert load_config(saved) == config
+    saved.write_text(to_toml(load_config(None, ["train.rounds=3"])))
+    assert load_config(saved).train.rounds == 3
 
 
 def test_overrides_are_parsed_as_toml_values() -> None:

@@ -19,21 +19,21 @@ from typing import Any
 
 import pytest
 
-from simulations.deploy.client_daemon import (
+from client.node.daemon import (
     DaemonConfigError,
     _ForkServerKeeper,
     parse_config,
 )
-from simulations.deploy.processes import ManagedProcess, process_state, wait_for
-from simulations.deploy.supernode import TASK_POLL_ENV
-from simulations.deploy.warm_child import WARM_PULL_BACKOFF, tune_message_pull
-from simulations.deploy.warm_clientapp import (
+from client.node.supernode import TASK_POLL_ENV
+from client.node.warm_child import WARM_PULL_BACKOFF, tune_message_pull
+from client.node.warm_launcher import (
     EDGE_PRELOAD,
     EXIT_CONFIG,
     TORCH_PRELOAD,
     WarmLauncher,
     write_shim,
 )
+from protocols.processes import ManagedProcess, process_state, wait_for
 
 #: Reports what it got (JSON on stdout), writes to stderr, exits as told by its env.
 STAND_IN = """\
@@ -259,7 +259,7 @@ def test_a_probe_child_stuck_at_fork_is_killed_and_refused() -> None:
     """A fork that deadlocks in the child must not hang the server's start-up."""
     script = (
         "import os, time\n"
-        "from simulations.deploy import warm_child\n"
+        "from client.node import warm_child\n"
         "warm_child.PROBE_TIMEOUT_S = 0.5\n"
         "os.register_at_fork(after_in_child=lambda: time.sleep(60))\n"
         "try:\n"
@@ -610,7 +610,7 @@ def test_supernode_entry_shortens_only_flowers_two_sleeps(monkeypatch: pytest.Mo
     import time as real_time
     import types
 
-    from simulations.deploy import supernode_entry as entry
+    from client.node import supernode_entry as entry
 
     slept: list[float] = []
     monkeypatch.setattr(real_time, "sleep", slept.append)
@@ -628,10 +628,10 @@ def test_supernode_entry_shortens_only_flowers_two_sleeps(monkeypatch: pytest.Mo
 def test_supernode_entry_patches_the_installed_flower() -> None:
     from flwr.supernode import start_client_internal
 
-    from simulations.deploy import supernode_entry as entry
+    from client.node import supernode_entry as entry
 
     assert start_client_internal.time is __import__("time"), \
-        "flwr's start_client_internal changed: review simulations/deploy/supernode_entry.py"
+        "flwr's start_client_internal changed: review client/node/supernode_entry.py"
     assert entry.poll_interval({}) == entry.DEFAULT_POLL_S
     assert entry.poll_interval({entry.POLL_ENV: "0.5"}) == 0.5
     with pytest.raises(ValueError, match=r"expected 0\.05 to 3"):

@@ -1,6 +1,6 @@
 """The warm launcher's fork server (see :mod:`warm_clientapp` for why it exists):
 
-    python -m simulations.deploy.warm_forkserver --socket S --target flwr-clientapp \\
+    python -m client.node.warm_forkserver --socket S --target flwr-clientapp \\
         --preload numpy,flwr.supernode.cli,...
 
 It imports the preload list, then serves the ``flwr-clientapp`` shims (:mod:`warm_shim`,
@@ -35,8 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations.deploy import warm_shim
-from simulations.deploy.warm_child import (
+from client.node import warm_shim
+from client.node.warm_child import (
     ForkSafetyError,
     Job,
     check_fork_safe,
@@ -421,7 +421,7 @@ def _close_fds(fds: Sequence[int]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.deploy.warm_forkserver",
+        prog="python -m client.node.warm_forkserver",
         description="Fork server behind the warm flwr-clientapp shim (started by `fedtune "
         "client`): preloads modules, then forks one ClientApp process per shim request.")
     parser.add_argument("--socket", type=Path, required=True, help="Unix socket to serve on")

@@ -15,8 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.deploy.certs import TlsFiles
-from simulations.deploy.processes import ManagedProcess, flower_env, flower_tool, wait_for
+from protocols.processes import ManagedProcess, flower_env, flower_tool, wait_for
+from server.service.certs import TlsFiles
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def _relay(conn: socket.socket, reader: io.BufferedReader, pid: object) -> None:
 def main() -> None:
     if not SOCKET_PATH or not TARGET:
         sys.exit("fedtune warm launcher: this is a template; install it with "
-                 "simulations.deploy.warm_clientapp.write_shim")
+                 "client.node.warm_launcher.write_shim")
     _hold_signals()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(ANSWER_TIMEOUT_S)

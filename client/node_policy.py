@@ -1,5 +1,7 @@
-"""The ClientApp a deployed SuperNode runs: ``client.app``'s handlers behind one mod that
-applies the device's own settings (its ``--node-config``) over the coordinator's run config.
+"""The device's policy: its own settings over the coordinator's run config, and the
+protections it refuses to do without. ``client.app:app`` (what every app bundle names) runs
+every handler behind :func:`node_settings_mod`; in a simulation the node config carries no
+``fedtune-*`` key and the mod changes nothing.
 
 In a simulation the coordinator's run config names the clients' files; on a real device
 only the device knows where its data and base model are, and the device, not the
@@ -34,7 +36,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.app import is_edge_client, make_client_app
+from protocols.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,18 @@ NODE_OVERRIDES = {
     "fedtune-client-threads": "federation.client_threads",
 }
 CLIENT_KINDS = ("gpu", "edge")
+
+
+def partition_id(context: Context) -> int:
+    """This node's data partition: its identity for data, client kind and batch seeds
+    (Flower's node id is random in each simulation run, the partition id is not)."""
+    return int(context.node_config["partition-id"])
+
+
+def is_edge_client(flat: Mapping[str, Any], context: Context) -> bool:
+    """Whether this node is an edge device (ONNX Runtime, forward-only) in this run."""
+    config = RunConfig.from_flat(flat)
+    return config.edge.is_edge(partition_id(context), config.data.seed)
 
 
 class NodePolicyError(RuntimeError):
@@ -99,9 +113,12 @@ def node_settings_mod(msg: Message, context: Context, call_next: ClientAppCallab
     process start-up (Python, Flower, imports) is paid on every message, before any of
     fedtune's work (``handler``: torch import, base-model load and check, training).
     """
+    node_config = dict(context.node_config)
+    if not any(str(key).startswith("fedtune-") for key in node_config):
+        return call_next(msg, context)  # a simulated node: no device settings, no policy
     started = time.perf_counter()
     startup = _process_age_s()
-    node_config = dict(context.node_config)
+    _log_to_stderr()
     context.run_config = apply_node_settings(context.run_config, node_config)
     check_node_policy(context.run_config, node_config, context)
     reply = call_next(msg, context)
@@ -121,8 +138,8 @@ def _process_age_s() -> float | None:
 
 
 def _log_to_stderr() -> None:
-    """A ClientApp process has no logging set up; Flower shows its stderr in the SuperNode's
-    log, so fedtune's client-side records go there."""
+    """A deployed ClientApp process has no logging set up; Flower shows its stderr in the
+    SuperNode's log, so fedtune's client-side records go there (once per process)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("client", "kernels", __name__):
@@ -132,8 +149,3 @@ def _log_to_stderr() -> None:
             logger.setLevel(logging.INFO)
             logger.propagate = False
 
-
-_log_to_stderr()
-
-
-app = make_client_app(mods=[node_settings_mod])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from server.metrics_log import read_metrics
-from simulations.run_dir import latest_comparable, read_run_info
+from server.run_dir import latest_comparable, read_run_info
 
 REPORT = "report.html"
 

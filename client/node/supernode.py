@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations.deploy.processes import ManagedProcess, flower_env, flower_tool, wait_for
-from simulations.deploy.supernode_entry import DEFAULT_POLL_S, POLL_ENV, check_poll_interval
+from client.node.supernode_entry import DEFAULT_POLL_S, POLL_ENV, check_poll_interval
+from protocols.processes import ManagedProcess, flower_env, flower_tool, wait_for
 
 #: What the SuperNode logs once the SuperLink accepted it (flwr 1.41 start_client_internal).
 _CONNECTED = re.compile(r"SuperNode ID: (\d+)")
@@ -55,7 +55,7 @@ class SuperNodeSpec:
     clientapp_bin: Path | None = None  # first on PATH: the warm launcher's shim folder
     task_poll_interval_s: float = DEFAULT_TASK_POLL_S
     #: Seconds between the SuperNode's pulls while idle (Flower: a fixed 3 s), through
-    #: :mod:`simulations.deploy.supernode_entry`; ``None`` runs Flower's binary unchanged.
+    #: :mod:`client.node.supernode_entry`; ``None`` runs Flower's binary unchanged.
     idle_poll_s: float | None = DEFAULT_POLL_S
 
     def __post_init__(self) -> None:
@@ -75,7 +75,7 @@ class SuperNodeSpec:
 
     def command(self) -> list[str]:
         program = ([flower_tool("flower-supernode")] if self.idle_poll_s is None else
-                   [sys.executable, "-m", "simulations.deploy.supernode_entry"])
+                   [sys.executable, "-m", "client.node.supernode_entry"])
         cmd = [*program, "--superlink", self.superlink,
                "--host", self.runtime_host, "--port", str(self.runtime_port)]
         if self.root_ca is None:

@@ -1,4 +1,5 @@
-"""``fedtune coordinator``: run fedtune on Flower's Deployment Engine.
+"""``fedtune-coordinator`` (or ``fedtune coordinator``): fedtune on Flower's Deployment
+Engine.
 
 Starts a SuperLink (TLS on, SuperNode authentication on, state in SQLite) or attaches to a
 running one, registers the SuperNodes' public keys, waits for enough of them to be online,
@@ -24,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations.config import add_config_arguments
-from simulations.deploy.certs import DEFAULT_HOSTS, make_tls, tls_files
-from simulations.deploy.fab import write_app
-from simulations.deploy.flwr_cli import FlwrCli, FlwrCliError
-from simulations.deploy.processes import ManagedProcess, wait_for
-from simulations.deploy.superlink import SuperLinkSpec, start_superlink
-from simulations.paths import add_cache_dir_argument
+from protocols.cache_dir import add_cache_dir_argument
+from protocols.config_file import add_config_arguments
+from protocols.processes import ManagedProcess, wait_for
+from server.service.certs import DEFAULT_HOSTS, make_tls, tls_files
+from server.service.fab import write_app
+from server.service.flwr_cli import FlwrCli, FlwrCliError
+from server.service.superlink import SuperLinkSpec, start_superlink
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def run_deployed(
     """
     from importlib.metadata import version
 
-    from simulations.run_dir import log_to_file, new_run_dir, reopened_run_dir
+    from server.run_dir import log_to_file, new_run_dir, reopened_run_dir
     from simulations.runner import flower_run_config
 
     config = inputs.config
@@ -259,7 +260,7 @@ def _save(run_dir: Path, run_id: int, address: str, timings: Timings, *, status:
 
 def _report(run_dir: Path) -> None:
     try:
-        from simulations.report import write_report
+        from server.report import write_report
     except ImportError as err:  # plots need the `sim` extra
         log.warning("no report (%s); install fedtune[sim] and run `fedtune report`", err)
         return
@@ -300,7 +301,7 @@ def _stop_on_signals() -> threading.Event:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedtune coordinator",
+        prog="fedtune-coordinator",
         description="Run fedtune on Flower's Deployment Engine: start (or attach to) a "
         "SuperLink with TLS and SuperNode authentication, register the SuperNodes' public "
         "keys, wait for them, submit the run and wait for its adapter.")
@@ -357,9 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = options_from_args(args)
     if args.serve:
         return serve(options)
-    from simulations.config import load_config
-    from simulations.paths import default_cache_dir
-    from simulations.run_dir import unfinished_run_dir
+    from protocols.cache_dir import default_cache_dir
+    from protocols.config_file import load_config
+    from server.run_dir import unfinished_run_dir
     from simulations.runner import check_inputs
 
     runs_dir = args.runs_dir.resolve()
@@ -379,7 +380,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The ``fedtune-coordinator`` console script (``fedtune coordinator`` runs :func:`main`
+    the same way)."""
+    from protocols.entry_point import run_command
+    from protocols.manifest import ManifestError, ManifestMismatch
+    from protocols.run_config import ConfigError
+    from server.run_dir import ResumeError
+    from server.service.flwr_cli import FlwrCliError
+
+    return run_command("fedtune-coordinator", main, argv,
+                       user_errors=(ConfigError, ManifestError, ManifestMismatch, FlwrCliError,
+                                    ResumeError, FileNotFoundError, FileExistsError))
+
+
 if __name__ == "__main__":
     import sys
 
-    sys.exit(main())
+    sys.exit(cli())

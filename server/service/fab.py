@@ -20,7 +20,7 @@ from flwr.common.constant import FAB_MAX_SIZE
 
 #: The ServerApp and ClientApp Flower loads from the installed fedtune package.
 SERVER_APP = "server.app:app"
-CLIENT_APP = "simulations.deploy.node_app:app"
+CLIENT_APP = "client.app:app"
 APP_NAME = "fedtune-app"
 PUBLISHER = "fedtune"
 

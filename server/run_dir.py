@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from protocols.config_file import to_toml
 from protocols.run_config import RunConfig
-from simulations.config import to_toml
 
 RUN_INFO = "run_info.json"
 

@@ -1,5 +1,6 @@
-"""``fedtune client``: the device daemon. Runs a SuperNode with fedtune's ClientApp from a
-TOML config, logs to a file, restarts the SuperNode if it dies, exits cleanly on SIGTERM.
+"""``fedtune-client`` (or ``fedtune client``): the device daemon. Runs a SuperNode with
+fedtune's ClientApp from a TOML config, logs to a file, restarts the SuperNode if it dies,
+exits cleanly on SIGTERM.
 
 The SuperNode itself reconnects forever when the SuperLink goes away (coordinator restart,
 network loss); this daemon covers the cases where the SuperNode process exits instead (for
@@ -54,10 +55,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from simulations.deploy.processes import ManagedProcess
-from simulations.deploy.supernode import NodeValue, SuperNodeSpec, start_supernode
-from simulations.deploy.supernode_entry import DEFAULT_POLL_S, check_poll_interval
-from simulations.deploy.warm_clientapp import EXIT_CONFIG, WarmLauncher, default_preload
+from client.node.supernode import NodeValue, SuperNodeSpec, start_supernode
+from client.node.supernode_entry import DEFAULT_POLL_S, check_poll_interval
+from client.node.warm_launcher import EXIT_CONFIG, WarmLauncher, default_preload
+from protocols.processes import ManagedProcess
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def run_daemon(config: DaemonConfig, stop: threading.Event) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedtune client",
+        prog="fedtune-client",
         description="Run this device as a fedtune SuperNode (daemon): connects to the "
         "coordinator's SuperLink over TLS with its registered key, trains with fedtune's "
         "ClientApp, reconnects after outages, exits cleanly on SIGTERM.")
@@ -348,5 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.close()
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The ``fedtune-client`` console script (``fedtune client`` runs :func:`main` the same
+    way)."""
+    from protocols.entry_point import run_command
+    from protocols.manifest import ManifestError
+    from protocols.run_config import ConfigError
+
+    return run_command("fedtune-client", main, argv,
+                       user_errors=(DaemonConfigError, ConfigError, ManifestError,
+                                    FileNotFoundError))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

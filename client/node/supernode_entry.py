@@ -1,4 +1,4 @@
-"""``flower-supernode`` with a shorter idle poll: ``python -m simulations.deploy.supernode_entry``.
+"""``flower-supernode`` with a shorter idle poll: ``python -m client.node.supernode_entry``.
 
 Why: Flower 1.41's SuperNode sleeps a hard-coded 3 s after every pull that found no message
 (``flwr/supernode/start_client_internal.py``) and checks for its ClientApp's reply every

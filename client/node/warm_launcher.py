@@ -36,9 +36,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulations.deploy import warm_shim
-from simulations.deploy.processes import ManagedProcess, bin_dir
-from simulations.deploy.warm_forkserver import EXIT_CONFIG, TERM_GRACE_S
+from client.node import warm_shim
+from client.node.warm_forkserver import EXIT_CONFIG, TERM_GRACE_S
+from protocols.processes import ManagedProcess, bin_dir
 
 __all__ = ["EDGE_PRELOAD", "EXIT_CONFIG", "TORCH_PRELOAD", "WarmLauncher", "default_preload",
            "write_shim"]
@@ -51,7 +51,7 @@ MAX_SOCKET_PATH = 107
 #: entry point and runtime, the app module ``node_app`` → ``client.app``), plus the edge
 #: trainer. Not onnxruntime: see :mod:`warm_child`.
 EDGE_PRELOAD = ("numpy", "flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp",
-                "simulations.deploy.node_app", "client.edge_trainer")
+                "client.node_policy", "client.edge_trainer")
 #: GPU (torch) devices also keep torch, transformers and PEFT imported (~30 s per message).
 TORCH_PRELOAD = (*EDGE_PRELOAD, "torch", "transformers", "peft", "client.torch_trainer")
 
@@ -104,7 +104,7 @@ class WarmLauncher:
         return write_shim(self.bin_dir, self.socket_path, self.target)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "simulations.deploy.warm_forkserver",
+        return [sys.executable, "-m", "client.node.warm_forkserver",
                 "--socket", str(self.socket_path.absolute()),
                 "--target", str(self.target.absolute()),
                 "--preload", ",".join(self.preload), "--term-grace", str(self.term_grace_s)]

@@ -22,7 +22,7 @@ def ensure_edge_export(model_dir: Path, cache_dir: Path, config: RunConfig) -> P
     from kernels.edge_export import export_edge
     from kernels.edge_quantize import DEFAULT_QUANTIZATION
     from protocols.manifest import load_private_key
-    from simulations.signing import coordinator_key_path, ensure_signing_key
+    from server.signing import coordinator_key_path, ensure_signing_key
 
     quantization = config.edge.quantization
     if quantization == "default":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.deploy.processes import ManagedProcess, flower_env, flower_tool
+from protocols.processes import ManagedProcess, flower_env, flower_tool
 
 CONNECTION = "fedtune"
 
