@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -48,7 +48,8 @@ NODE_OVERRIDES = {
     "fedtune-manifest-public-key": "paths.manifest_public_key",
     "fedtune-client-threads": "federation.client_threads",
 }
-CLIENT_KINDS = ("gpu", "edge")
+ClientKind = Literal["gpu", "edge"]
+CLIENT_KINDS: tuple[ClientKind, ...] = get_args(ClientKind)
 
 
 def partition_id(context: Context) -> int:

@@ -29,16 +29,25 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message names it."""
 
 
+#: The default of a setting that has none: the file must give it.
+REQUIRED: Any = dataclasses.MISSING
+
+
 def setting(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None,
-            choices: Callable[[], Sequence[Any]] | None = None) -> Any:
-    """One config field: its default, its help text and its bounds (inclusive ``ge``/``le``,
-    exclusive ``gt``/``lt``); ``choices`` lists valid values kept in a registry elsewhere
-    (a ``Literal`` type states fixed choices)."""
+            choices: Callable[[], Sequence[Any]] | None = None, table: str = "") -> Any:
+    """One config field: its default (or :data:`REQUIRED`), its help text and its bounds
+    (inclusive ``ge``/``le``, exclusive ``gt``/``lt``); ``choices`` lists valid values kept
+    in a registry elsewhere (a ``Literal`` type states fixed choices); ``table`` is the TOML
+    table that holds it when that is not the section's own (a flat config read from
+    several tables, like the device daemon's)."""
     bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
-    metadata = {"help": help, **{k: v for k, v in bounds.items() if v is not None}}
+    metadata: dict[str, Any] = {"help": help,
+                                **{k: v for k, v in bounds.items() if v is not None}}
     if choices is not None:
         metadata["choices"] = choices
+    if table:
+        metadata["table"] = table
     return field(default=default, metadata=metadata)
 
 
@@ -70,9 +79,14 @@ def type_name(kind: Any) -> str:
         return " | ".join(repr(c) for c in get_args(kind))
     if get_origin(kind) is tuple:
         return "list of str"
-    if _optional_path(kind):
+    if _optional_path(kind) or kind is Path:
         return "path"
     return str(getattr(kind, "__name__", kind))
+
+
+def is_path(kind: Any) -> bool:
+    """Whether a field holds a path (relative ones are resolved by whoever reads the file)."""
+    return kind is Path or _optional_path(kind)
 
 
 def _optional_path(kind: Any) -> bool:
@@ -91,6 +105,10 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
         if value not in get_args(kind) or type(value) is not type(get_args(kind)[0]):
             raise ConfigError(f"{key} = {value!r}: must be one of {list(get_args(kind))}")
         return value
+    if kind is Path:
+        if isinstance(value, Path) or (isinstance(value, str) and value):
+            return Path(value)
+        raise ConfigError(f"{key} = {value!r}: expected a path")
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
@@ -120,18 +138,34 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
     return value
 
 
+def key_of(section: type[Section], f: dataclasses.Field[Any]) -> str:
+    """A field's name in files and messages: ``table.key``."""
+    return f"{f.metadata.get('table', section.NAME)}.{f.name}"
+
+
 class Section:
     """Base of every config section (a frozen dataclass): generic checks, then :meth:`check`.
 
-    ``NAME`` is the section's name in TOML and in error messages (``train.rounds = 0: ...``).
+    ``NAME`` is the section's name in TOML and in error messages (``train.rounds = 0: ...``);
+    ``ERROR`` the :class:`ConfigError` subclass its errors raise.
     """
 
     NAME: ClassVar[str] = ""
+    ERROR: ClassVar[type[ConfigError]] = ConfigError
 
     def __post_init__(self) -> None:
+        try:
+            self._check_fields()
+            self.check()
+        except ConfigError as err:
+            if isinstance(err, self.ERROR):
+                raise
+            raise self.ERROR(str(err)) from None
+
+    def _check_fields(self) -> None:
         hints = get_type_hints(type(self))
         for f in fields(self):  # type: ignore[arg-type]
-            key = f"{self.NAME}.{f.name}"
+            key = key_of(type(self), f)
             value = coerce(key, hints[f.name], getattr(self, f.name))
             object.__setattr__(self, f.name, value)
             meta = f.metadata
@@ -140,7 +174,6 @@ class Section:
                 raise ConfigError(f"{key} = {value!r}: {bounds_text(meta)}")
             if "choices" in meta and value not in (valid := list(meta["choices"]())):
                 raise ConfigError(f"{key} = {value!r}: must be one of {valid}")
-        self.check()
 
     def check(self) -> None:
         """Rules that tie this section's fields together (none by default)."""
@@ -180,11 +213,13 @@ def describe(section: type[Section]) -> list[tuple[str, str, Any, str]]:
     for f in fields(section):  # type: ignore[arg-type]
         default = (f.default if f.default_factory is dataclasses.MISSING
                    else f.default_factory())
+        if default is dataclasses.MISSING:
+            default = "(required)"
         help_text = f.metadata.get("help", "")
         limits = bounds_text(f.metadata)
         if limits:
             help_text += f" ({limits.removeprefix('must be ')})"
         if "choices" in f.metadata:
             help_text += f" (one of {list(f.metadata['choices']())})"
-        rows.append((f"{section.NAME}.{f.name}", type_name(hints[f.name]), default, help_text))
+        rows.append((key_of(section, f), type_name(hints[f.name]), default, help_text))
     return rows

@@ -53,11 +53,14 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from client.node.supernode import NodeValue, SuperNodeSpec, start_supernode
-from client.node.supernode_entry import DEFAULT_POLL_S, check_poll_interval
+from client.node.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S, MIN_POLL_S
 from client.node.warm_launcher import EXIT_CONFIG, WarmLauncher, default_preload
+from client.node_policy import ClientKind
+from protocols.config_file import toml_value
+from protocols.config_schema import REQUIRED, ConfigError, Section, describe, is_path, setting
 from protocols.processes import ManagedProcess
 
 log = logging.getLogger(__name__)
@@ -67,36 +70,64 @@ _STABLE_S = 60.0  # a SuperNode that ran this long resets the backoff
 _STOP_TIMEOUT_S = 30.0  # a busy SuperNode on a loaded host took > 10 s to exit gracefully
 
 
-class DaemonConfigError(ValueError):
+class DaemonConfigError(ConfigError):
     """The daemon's TOML config is missing a key or has a bad value; the message names it."""
 
 
 @dataclass(frozen=True)
-class DaemonConfig:
-    """``fedtune client``'s settings (see the module docstring for the TOML layout)."""
+class DaemonConfig(Section):
+    """``fedtune-client``'s settings: one TOML file, tables as in the module docstring.
 
-    address: str
-    state_dir: Path
-    runtime_port: int = 9094
-    name: str = "node"
-    root_ca: Path | None = None
-    insecure: bool = False
-    private_key: Path | None = None
-    kind: str = "gpu"
-    log_file: Path | None = None
-    partitions_file: Path | None = None
-    partition_id: int = 0
-    cache_dir: Path | None = None
-    edge_export: Path | None = None
-    manifest_public_key: str = ""
-    require_manifest: bool = True
-    require_secagg: bool = False
-    threads: int = 1
-    warm_clientapp: bool = True
-    poll_interval_s: float = DEFAULT_POLL_S  # SuperNode's idle pulls (Flower: 3 s)
-    warm_preload: tuple[str, ...] | None = None  # None: chosen by kind
+    Built on the run config's machinery (:mod:`protocols.config_schema`): each field's type,
+    bounds and help are checked the same way; ``table`` in its metadata says which TOML
+    table holds it. Relative paths are relative to the config file.
+    """
 
-    def __post_init__(self) -> None:
+    ERROR = DaemonConfigError
+    address: str = setting(REQUIRED, "the coordinator's SuperLink, host:port",
+                           table="superlink")
+    state_dir: Path = setting(REQUIRED, "this device's Flower home, logs and warm launcher",
+                              table="node")
+    runtime_port: int = setting(9094, "local port for this SuperNode's ClientApp processes",
+                                ge=1, le=65535, table="node")
+    name: str = setting("node", "this device's name in logs", table="node")
+    root_ca: Path | None = setting(None, "CA certificate of the SuperLink's TLS certificate",
+                                   table="superlink")
+    insecure: bool = setting(False, "no TLS (development only; excludes root_ca)",
+                             table="superlink")
+    private_key: Path | None = setting(None, "this device's registered key (needs TLS)",
+                                       table="node")
+    kind: ClientKind = setting(
+        "gpu", "'gpu' (torch) or 'edge' (ONNX Runtime): refuse runs that assign the other",
+        table="node")
+    log_file: Path | None = setting(
+        None, "the SuperNode's log (default: state_dir/client.log)", table="node")
+    partitions_file: Path | None = setting(None, "this device's data (a partitions file)",
+                                           table="data")
+    partition_id: int = setting(0, "which partition of the partitions file is this device's",
+                                table="data", ge=0)
+    cache_dir: Path | None = setting(None, "the device's cache: the base model",
+                                     table="data")
+    edge_export: Path | None = setting(None, "the ONNX export an edge device runs",
+                                       table="data")
+    manifest_public_key: str = setting(
+        "", "hex of the coordinator key this device trusts for the base model, checked out "
+        "of band", table="privacy")
+    require_manifest: bool = setting(True, "refuse runs that do not verify the base model",
+                                     table="privacy")
+    require_secagg: bool = setting(False, "refuse runs without secure aggregation",
+                                   table="privacy")
+    threads: int = setting(1, "torch / ONNX Runtime threads", table="resources", ge=1)
+    warm_clientapp: bool = setting(True, "fork ClientApp processes from a preloaded server",
+                                   table="node")
+    poll_interval_s: float = setting(
+        DEFAULT_POLL_S, "the SuperNode's idle pulls from the SuperLink (Flower: every 3 s)",
+        ge=MIN_POLL_S, le=FLOWER_IDLE_SLEEP_S, table="node")
+    warm_preload: tuple[str, ...] = setting(
+        (), "modules the warm launcher imports before forking; empty: chosen by kind",
+        table="node")
+
+    def check(self) -> None:
         if ":" not in self.address:
             raise DaemonConfigError(f"superlink.address = {self.address!r}: expected host:port")
         if self.insecure == (self.root_ca is not None):
@@ -104,18 +135,6 @@ class DaemonConfig:
                                     "superlink.insecure = true")
         if self.insecure and self.private_key is not None:
             raise DaemonConfigError("node.private_key needs TLS: set superlink.root_ca")
-        if self.kind not in ("gpu", "edge"):
-            raise DaemonConfigError(f"node.kind = {self.kind!r}: expected 'gpu' or 'edge'")
-        if not 0 < self.runtime_port < 65536:
-            raise DaemonConfigError(f"node.runtime_port = {self.runtime_port}: 1..65535")
-        if self.partition_id < 0:
-            raise DaemonConfigError(f"data.partition_id = {self.partition_id}: must be >= 0")
-        try:
-            check_poll_interval(self.poll_interval_s)
-        except ValueError as err:
-            raise DaemonConfigError(f"node.poll_interval_s = {err}") from None
-        if self.threads < 1:
-            raise DaemonConfigError(f"resources.threads = {self.threads}: must be >= 1")
         if self.manifest_public_key:
             try:
                 if len(bytes.fromhex(self.manifest_public_key)) != 32:
@@ -141,8 +160,7 @@ class DaemonConfig:
 
     def warm_launcher(self) -> WarmLauncher:
         """The device's fork server: preloads by ``kind`` unless ``warm_preload`` is set."""
-        preload = self.warm_preload if self.warm_preload is not None else \
-            default_preload(self.kind)
+        preload = self.warm_preload or default_preload(self.kind)
         return WarmLauncher(self.state_dir / "warm", preload=preload)
 
     @property
@@ -175,59 +193,45 @@ class DaemonConfig:
         )
 
 
-#: TOML table -> {key in the table: DaemonConfig field}
-_LAYOUT = {
-    "superlink": {"address": "address", "root_ca": "root_ca", "insecure": "insecure"},
-    "node": {"name": "name", "private_key": "private_key", "kind": "kind",
-             "runtime_port": "runtime_port", "state_dir": "state_dir", "log_file": "log_file",
-             "warm_clientapp": "warm_clientapp", "warm_preload": "warm_preload",
-             "poll_interval_s": "poll_interval_s"},
-    "data": {"partitions_file": "partitions_file", "partition_id": "partition_id",
-             "cache_dir": "cache_dir", "edge_export": "edge_export"},
-    "privacy": {"manifest_public_key": "manifest_public_key",
-                "require_manifest": "require_manifest", "require_secagg": "require_secagg"},
-    "resources": {"threads": "threads"},
-}
-_PATHS = {"root_ca", "private_key", "state_dir", "log_file", "partitions_file", "cache_dir",
-          "edge_export"}
+def _tables() -> dict[str, list[str]]:
+    """TOML table -> the DaemonConfig fields it holds."""
+    layout: dict[str, list[str]] = {}
+    for f in fields(DaemonConfig):
+        layout.setdefault(f.metadata["table"], []).append(f.name)
+    return layout
 
 
 def parse_config(raw: Mapping[str, Any], base_dir: Path) -> DaemonConfig:
-    """Build the config from parsed TOML; unknown tables or keys are refused by name."""
+    """Build the config from parsed TOML; unknown tables or keys are refused by name, and
+    relative paths are taken from ``base_dir`` (the config file's folder)."""
+    layout = _tables()
+    hints = get_type_hints(DaemonConfig)
     kwargs: dict[str, Any] = {}
     for table, values in raw.items():
-        if table not in _LAYOUT:
-            raise DaemonConfigError(f"unknown table [{table}]; valid: {sorted(_LAYOUT)}")
+        if table not in layout:
+            raise DaemonConfigError(f"unknown table [{table}]; valid: {sorted(layout)}")
         if not isinstance(values, Mapping):
             raise DaemonConfigError(f"[{table}] must be a table")
         for key, value in values.items():
-            if key not in _LAYOUT[table]:
+            if key not in layout[table]:
                 raise DaemonConfigError(f"unknown key {table}.{key}; valid keys in [{table}]: "
-                                        f"{sorted(_LAYOUT[table])}")
-            name = _LAYOUT[table][key]
-            if name in _PATHS:
-                value = (base_dir / str(value)).resolve() if value != "" else None
-            kwargs[name] = value
-    for required in ("address", "state_dir"):
-        if kwargs.get(required) is None:
-            table = next(t for t, keys in _LAYOUT.items() if required in keys.values())
-            raise DaemonConfigError(f"{table}.{required} is required")
-    if "warm_preload" in kwargs:
-        preload = kwargs["warm_preload"]
-        if not (isinstance(preload, list) and all(isinstance(m, str) for m in preload)):
-            raise DaemonConfigError(f"node.warm_preload = {preload!r}: expected a list of "
-                                    "module names")
-        kwargs["warm_preload"] = tuple(preload)
-    types = {f.name: f.type for f in fields(DaemonConfig)}
-    for name, value in kwargs.items():
-        expected = types[name]
-        if expected in ("int", "bool", "str") and type(value).__name__ != expected:
-            raise DaemonConfigError(f"{name} = {value!r}: expected {expected}")
-        if expected == "float":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise DaemonConfigError(f"{name} = {value!r}: expected a number")
-            kwargs[name] = float(value)
+                                        f"{sorted(layout[table])}")
+            if is_path(hints[key]) and isinstance(value, str) and value:
+                value = (base_dir / value).resolve()
+            kwargs[key] = value
+    for f in fields(DaemonConfig):
+        if f.default is REQUIRED and f.name not in kwargs:
+            raise DaemonConfigError(f"{f.metadata['table']}.{f.name} is required")
     return DaemonConfig(**kwargs)
+
+
+def describe_config() -> str:
+    """Every key of the daemon's TOML with its type, default and help (``--help``)."""
+    rows = []
+    for key, kind, default, help_text in describe(DaemonConfig):
+        shown = default if default == "(required)" else f"default {toml_value(default)}"
+        rows.append(f"  {key} ({kind}, {shown})\n      {help_text}")
+    return "\n".join(rows)
 
 
 def load_config(path: Path) -> DaemonConfig:
@@ -322,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedtune-client",
         description="Run this device as a fedtune SuperNode (daemon): connects to the "
         "coordinator's SuperLink over TLS with its registered key, trains with fedtune's "
-        "ClientApp, reconnects after outages, exits cleanly on SIGTERM.")
+        "ClientApp, reconnects after outages, exits cleanly on SIGTERM.",
+        epilog="config keys (TOML tables and keys; relative paths are relative to the "
+        "file):\n" + describe_config(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path, help="the daemon's TOML config")
     return parser
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 1.0
 FLOWER_IDLE_SLEEP_S = 3  # start_client_internal: after an empty pull
+MIN_POLL_S = 0.05  # faster floods the SuperLink
 FLOWER_REPLY_SLEEP_S = 0.5  # start_client_internal: waiting for the ClientApp's reply
 
 
@@ -50,8 +51,8 @@ class _ShortSleeps:
 def check_poll_interval(value: float) -> float:
     """The one bound on the idle poll, wherever it is set (env, SuperNodeSpec, daemon TOML):
     faster than 0.05 s floods the SuperLink, slower than Flower's own 3 s gains nothing."""
-    if not 0.05 <= value <= FLOWER_IDLE_SLEEP_S:
-        raise ValueError(f"{value}: expected 0.05 to {FLOWER_IDLE_SLEEP_S} seconds")
+    if not MIN_POLL_S <= value <= FLOWER_IDLE_SLEEP_S:
+        raise ValueError(f"{value}: expected {MIN_POLL_S} to {FLOWER_IDLE_SLEEP_S} seconds")
     return value
 
 

@@ -53,6 +53,7 @@ from typing import Any
 from client.node.daemon import DaemonConfig, run_daemon
 from client.node.supernode import connected_node_id
 from client.node.warm_launcher import EDGE_PRELOAD, WarmLauncher
+from client.node_policy import ClientKind
 from protocols.processes import wait_for
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def device_seconds(log_text: str) -> list[float]:
     return out
 
 
-def measure(inputs: Any, *, kind: str, warm: bool, nodes: int, link: str, certs: Path,
+def measure(inputs: Any, *, kind: ClientKind, warm: bool, nodes: int, link: str, certs: Path,
             work: Path, timeout: float, device_timing: bool = True) -> Result:
     """Start ``nodes`` daemons, run once, stop them; read metrics and SuperNode logs."""
     from server.metrics_log import read_metrics

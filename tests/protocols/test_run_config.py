@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 
@@ -53,28 +53,51 @@ def test_every_key_has_help_and_the_documented_default() -> None:
     assert sorted(flat) == sorted(key for key, _ in _fields())
 
 
-def _bound_cases() -> list[tuple[str, str, float]]:
-    cases = []
-    for key, f in _fields():
-        for bound in ("ge", "gt", "le", "lt"):
-            if bound in f.metadata:
-                cases.append((key, bound, f.metadata[bound]))
+def _daemon(**values: Any) -> Any:
+    from client.node.daemon import DaemonConfig
+
+    return DaemonConfig(**{"address": "127.0.0.1:9093", "state_dir": Path("/tmp/fedtune-x"),
+                           "insecure": True, "warm_clientapp": False, **values})
+
+
+def _schemas() -> list[tuple[str, Any, Any]]:
+    """(label, section class, build(name, value)) for every section of every schema: the
+    run config's sections and the device daemon's config."""
+    from client.node.daemon import DaemonConfig
+
+    cases: list[tuple[str, Any, Any]] = [
+        (name, section, lambda n, v, section=section: section(**{n: v}))
+        for name, section in RunConfig.sections().items()]
+    cases.append(("daemon", DaemonConfig, lambda n, v: _daemon(**{n: v})))
     return cases
 
 
-@pytest.mark.parametrize(("key", "bound", "limit"), _bound_cases())
-def test_every_bound_refuses_the_value_past_it_and_names_the_key(key: str, bound: str,
-                                                                limit: float) -> None:
-    """Driven by the schema itself: a bound added tomorrow is tested here too."""
-    section, name = key.split(".")
-    kind = type(getattr(getattr(RunConfig(), section), name))
+def _bound_cases() -> list[Any]:
+    from protocols.config_schema import key_of
+
+    cases = []
+    for label, section, build in _schemas():
+        hints = get_type_hints(section)
+        for f in dataclasses.fields(section):
+            for bound in ("ge", "gt", "le", "lt"):
+                if bound in f.metadata:
+                    key = key_of(section, f)
+                    cases.append(pytest.param(key, f.name, hints[f.name], build, bound,
+                                              f.metadata[bound], id=f"{label}:{key}:{bound}"))
+    return cases
+
+
+@pytest.mark.parametrize(("key", "name", "kind", "build", "bound", "limit"), _bound_cases())
+def test_every_bound_refuses_the_value_past_it_and_names_the_key(
+        key: str, name: str, kind: type, build: Any, bound: str, limit: float) -> None:
+    """Driven by the schemas themselves: a bound added tomorrow is tested here too."""
     step = 1 if kind is int else 1e-9 * max(1.0, abs(limit))
     outside = {"ge": limit - step, "gt": limit, "le": limit + step, "lt": limit}[bound]
     inside = {"ge": limit, "gt": limit + step, "le": limit, "lt": limit - step}[bound]
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = .*: must be "):
-        RunConfig.from_nested({section: {name: kind(outside)}})
+        build(name, kind(outside))
     try:
-        RunConfig.from_nested({section: {name: kind(inside)}})
+        build(name, kind(inside))
     except ConfigError as err:  # a rule tying fields together may still refuse it
         assert not str(err).startswith(f"{key} = "), err
 

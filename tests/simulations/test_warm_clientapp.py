@@ -554,7 +554,7 @@ def test_the_daemon_puts_the_shim_first_on_the_supernodes_path(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("node", "message"),
-    [({"warm_preload": "numpy"}, "expected a list of module names"),
+    [({"warm_preload": 3}, "node.warm_preload = 3: expected a list of strings"),
      ({"warm_preload": ["numpy; rm"]}, "is not a module name"),
      ({"state_dir": "d" * 120}, "Unix sockets allow 107")],
     ids=["not-a-list", "bad-name", "socket-path-too-long"],
