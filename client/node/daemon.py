@@ -8,7 +8,7 @@ example, refused because its key is not registered yet), with a capped exponenti
 
 By default the daemon also runs the device's warm ClientApp launcher (a fork server with
 Flower and fedtune — and torch on ``gpu`` devices — already imported, see
-:mod:`warm_clientapp`) and restarts it if it dies; ``node.warm_clientapp = false`` starts
+:mod:`warm_launcher`) and restarts it if it dies; ``node.warm_clientapp = false`` starts
 every ClientApp process cold, as Flower does.
 
 Example config (relative paths are relative to the config file)::
@@ -168,7 +168,7 @@ class DaemonConfig(Section):
         return self.log_file or self.state_dir / "client.log"
 
     def node_config(self) -> dict[str, NodeValue]:
-        """What the SuperNode hands the ClientApp (read by ``node_app``)."""
+        """What the SuperNode hands the ClientApp (read by :mod:`client.node_policy`)."""
         values: dict[str, NodeValue] = {
             "partition-id": self.partition_id,
             "fedtune-client-kind": self.kind,

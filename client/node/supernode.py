@@ -9,7 +9,7 @@ The SuperNode's own ``flower-superexec`` looks for new messages every
 ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (Flower's default 1.0 s, paid on every
 message); ``task_poll_interval_s`` lowers it. ``clientapp_bin`` puts a folder first on the
 SuperNode's PATH, where the warm launcher's ``flwr-clientapp`` shim lives (Flower starts
-the ClientApp by bare name; see :mod:`warm_clientapp`).
+the ClientApp by bare name; see :mod:`warm_launcher`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The warm launcher's fork server (see :mod:`warm_clientapp` for why it exists):
+"""The warm launcher's fork server (see :mod:`warm_launcher` for why it exists):
 
     python -m client.node.warm_forkserver --socket S --target flwr-clientapp \\
         --preload numpy,flwr.supernode.cli,...

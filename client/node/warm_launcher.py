@@ -48,8 +48,8 @@ CLIENTAPP = "flwr-clientapp"
 MAX_SOCKET_PATH = 107
 
 #: What every ClientApp process imports before fedtune's handler runs (``flwr-clientapp``'s
-#: entry point and runtime, the app module ``node_app`` → ``client.app``), plus the edge
-#: trainer. Not onnxruntime: see :mod:`warm_child`.
+#: entry point and runtime, the app module ``client.app`` and its ``client.node_policy``),
+#: plus the edge trainer. Not onnxruntime: see :mod:`warm_child`.
 EDGE_PRELOAD = ("numpy", "flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp",
                 "client.node_policy", "client.edge_trainer")
 #: GPU (torch) devices also keep torch, transformers and PEFT imported (~30 s per message).

@@ -1,6 +1,6 @@
-"""The ``flwr-clientapp`` stand-in of the warm launcher (see :mod:`warm_clientapp` for why).
+"""The ``flwr-clientapp`` stand-in of the warm launcher (see :mod:`warm_launcher` for why).
 
-``warm_clientapp.write_shim`` copies this file, with ``SOCKET_PATH`` and ``TARGET`` filled
+``warm_launcher.write_shim`` copies this file, with ``SOCKET_PATH`` and ``TARGET`` filled
 in, as an executable named ``flwr-clientapp`` into a folder first on the SuperNode's PATH,
 so Flower's SuperExec starts it instead of the real program, once per message. It runs as
 ``python -IS`` (no ``site``, no environment-driven start-up) and imports only the standard
@@ -45,8 +45,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
 EXIT_LOST = 70  # EX_SOFTWARE: the fork server vanished while the child ran
 FDS_MARKER = b"F"
 
-SOCKET_PATH = ""  # filled in by warm_clientapp.write_shim
-TARGET = ""  # filled in by warm_clientapp.write_shim
+SOCKET_PATH = ""  # filled in by warm_launcher.write_shim
+TARGET = ""  # filled in by warm_launcher.write_shim
 #: A server that accepts but does not answer (stopped, wedged) must not hold the message up.
 ANSWER_TIMEOUT_S = 10.0
 

@@ -17,7 +17,7 @@ Per configuration, medians over rounds / messages:
 * ``clients s``: first instruction sent → last reply in (``clients_s`` in metrics.jsonl);
 * ``train s``: the slowest client's own training time (``client_train_s``);
 * ``phase s``: ``clients s`` − ``train s``: what the framework costs per phase;
-* ``start-up s`` / ``handler s``: per message, from the SuperNodes' logs (``node_app``):
+* ``start-up s`` / ``handler s``: per message, from the SuperNodes' logs (``client.node_policy``):
   ClientApp process age when fedtune's handler starts, and the handler itself (imports of
   what was not preloaded, model load and check, training);
 * ``rest s``: ``clients s`` − ``start-up s`` − ``handler s``: Flower's transport and polling

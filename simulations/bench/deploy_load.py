@@ -7,7 +7,7 @@ Why a script and not a test: it measures what a deployment costs the coordinator
 the federation grows (round latency, memory of the SuperLink + SuperExec + ServerApp), with
 every party a real process, TLS and SuperNode authentication on, exactly as ``fedtune
 coordinator`` and ``fedtune client`` run them. It reuses those two entry points unchanged
-(``python -m server.service.coordinator`` and one ``client_daemon`` per device), so a
+(``python -m server.service.coordinator`` and one ``client.node.daemon`` per device), so a
 device inherits whatever the daemon starts beside its SuperNode (the warm ClientApp
 launcher included).
 
@@ -223,7 +223,7 @@ def daemon_toml(*, name: str, address: str, ca: Path, key: Path, state_dir: Path
                 runtime_port: int, partitions: Path, partition_id: int, cache_dir: Path,
                 edge_export: Path, manifest_key: str, require_secagg: bool,
                 warm_clientapp: bool | None = None) -> str:
-    """One device's ``fedtune client`` config (the layout of ``client_daemon``'s docstring)."""
+    """One device's ``fedtune client`` config (the layout of ``client.node.daemon``'s docstring)."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     warm = [] if warm_clientapp is None else [
         f"warm_clientapp = {'true' if warm_clientapp else 'false'}"]
