@@ -1,7 +1,8 @@
 """Forward-only LoRA training on ONNX Runtime (the "edge client"): MeZO steps, no backprop.
 
-ONNX Runtime has no training packages after 1.19 (DESIGN D5), so an edge device estimates
-the gradient from two forward passes per step (MeZO, Malladi et al., NeurIPS 2023, Alg. 1)::
+ONNX Runtime has no training packages after 1.19 (docs/architecture.md), so an edge device
+estimates the gradient from two forward passes per step (MeZO, Malladi et al., NeurIPS 2023,
+Alg. 1)::
 
     z = perturbation(seed)                      # ±1 over the trainable tensors
     g = (L(θ + εz) − L(θ − εz)) / (2ε)          # same batch for both passes
@@ -12,9 +13,9 @@ Each step is fully described by ``(seed, g)``, so the device can upload 12 bytes
 (:mod:`protocols.seed_updates`); or it can upload its final θ through the ordinary ``fp32``
 codec. :meth:`EdgeMeZOTrainer.train` returns both; the round's codec decides which leaves.
 
-Buffers (DESIGN §4): θ is kept clean and θ ± εz is written into a *separate* buffer. Adding
-and then subtracting εz in θ's own buffer does not return the same float32 bits, and the
-coordinator's replay, which never perturbs, would then diverge from the client.
+Buffers (docs/architecture.md): θ is kept clean and θ ± εz is written into a *separate*
+buffer. Adding and then subtracting εz in θ's own buffer does not return the same float32
+bits, and the coordinator's replay, which never perturbs, would then diverge from the client.
 
 This module must import without torch, transformers or peft (``pip install fedtune[edge]``).
 """
@@ -33,10 +34,10 @@ import numpy as np
 import numpy.typing as npt
 
 from client.local_data import LocalTextData
-from client.trainer import EvalOutcome, Tensors, TrainInstruction, TrainOutcome
+from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
 from kernels.edge_runtime import EdgeModel
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec, TensorSpec
+from protocols.adapter_spec import AdapterSpec, Tensors, TensorSpec
 from protocols.run_config import LoraSection
 from protocols.seed_updates import (
     SeedUpdate,

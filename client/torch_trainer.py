@@ -115,8 +115,8 @@ class TorchLoraTrainer:
             tensors=tensors,
             num_examples=len(blocks),
             metrics={
-                "train-loss": float(np.mean(losses)),
-                "train-seconds": time.perf_counter() - start,
+                keys.TRAIN_LOSS: float(np.mean(losses)),
+                keys.TRAIN_SECONDS: time.perf_counter() - start,
                 keys.STEP_SECONDS: (time.perf_counter() - loop_start) / instruction.local_steps,
                 **_memory_metrics(self.model),
             },
@@ -152,7 +152,7 @@ class TorchLoraTrainer:
             tensors=tensors,
             num_examples=len(blocks),
             metrics={
-                "train-seconds": time.perf_counter() - start,
+                keys.TRAIN_SECONDS: time.perf_counter() - start,
                 keys.DPSGD_EPSILON: eps,
                 keys.DPSGD_DELTA: settings.delta,
             },

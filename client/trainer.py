@@ -1,8 +1,8 @@
 """The trainer seam: a device turns (global adapter, local data) into an adapter update.
 
-The torch/PEFT backprop trainer implements it now; the ONNX Runtime forward-only trainer
-(edge clients) implements the same protocol later, so the ClientApp does not care which
-kind of device it runs on.
+Two trainers implement it, the torch/PEFT backprop trainer (:mod:`client.torch_trainer`)
+and the ONNX Runtime forward-only trainer of edge clients (:mod:`client.edge_trainer`), so
+the ClientApp does not care which kind of device it runs on.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import numpy.typing as npt
 
 from client.local_data import LocalTextData
-
-Tensors = dict[str, npt.NDArray[np.float32]]
+from protocols.adapter_spec import Tensors
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,16 @@ later load reads that (about a second).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from protocols.atomic_write import recover_dir, replace_dir_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +41,28 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     path: Path
     seconds: float
+
+
+#: The packaged default's published name (what an exported adapter records as its base).
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def portable_model_name(source: str, model_dir: Path) -> str:
+    """The base model's name as an exported adapter should record it: never a path of the
+    machine that trained it. The packaged default is its published name; a local folder
+    gives the name its ``config.json`` was saved from when that is a hub-style id
+    (``org/name``), else the folder's own name (relative: point it at a local copy with
+    ``PeftModel.from_pretrained(base, adapter)``, which takes the base you loaded)."""
+    if source == SMOLLM2:
+        return SMOLLM2_NAME
+    try:
+        saved_from = json.loads((model_dir / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        saved_from = None
+    if (isinstance(saved_from, str) and saved_from.count("/") == 1
+            and not saved_from.startswith((".", "/", "~")) and ":" not in saved_from):
+        return saved_from
+    return model_dir.name
 
 
 def converted_dir(cache_dir: Path) -> Path:
@@ -85,6 +109,7 @@ def convert_smollm2(cache_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = converted_dir(cache_dir)
+    recover_dir(target)  # a crash mid-replace (off Linux) may have left it aside
     if (target / "config.json").is_file():
         return target
     pkg = smollm2_package_dir()
@@ -99,7 +124,7 @@ def convert_smollm2(cache_dir: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-converted model is never visible
+        replace_dir_atomic(tmp, target)  # a half-converted model is never visible
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -5,7 +5,7 @@ Runs on the coordinator or a dev box (torch, transformers, peft); the device sid
 float32 input per LoRA tensor, ``token_nll`` float32 ``(B, S-1)``: the next-token negative
 log-likelihood. Log-softmax and gather run inside the graph, so the ``(B, S, 49152)`` logits
 never leave ONNX Runtime. Because every adapter tensor is an input, one ORT session serves
-every adapter version and every MeZO perturbation θ ± εz (DESIGN D5).
+every adapter version and every MeZO perturbation θ ± εz.
 
 The LoRA layers are attached with :func:`kernels.lora.attach_lora` and the same
 :class:`~protocols.run_config.LoraSection` as the torch client, so input names map 1:1 to
@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -50,6 +49,7 @@ from kernels.edge_runtime import (
     TOKENIZER_NAME,
     token_blocks,
 )
+from protocols.atomic_write import recover_dir, replace_dir_atomic
 from protocols.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -102,6 +102,7 @@ def export_edge(
             "tokenizer: save one there with `tokenizer.save_pretrained`"
         )
     key = _cache_key(model_dir, lora, option.name)
+    recover_dir(out_dir)  # a crash mid-replace (off Linux) may have left the old export aside
     if not force and _cached(out_dir, key):
         log.info("reusing edge export %s (%s)", out_dir, option.name)
         if signing_key is not None:
@@ -152,7 +153,7 @@ def export_edge(
         else:
             manifest = build_manifest(final, label=f"edge export {option.name}")
             (final / MANIFEST_NAME).write_bytes(manifest.canonical_bytes())
-        _replace_dir(final, out_dir)
+        replace_dir_atomic(final, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to %s (%s)", model_dir, out_dir, option.name)
@@ -290,17 +291,6 @@ def _cached(out_dir: Path, key: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("cache_key") == key
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an old ``dst`` is moved aside first and removed afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 #: Public, generic text for activation calibration (written for fedtune; no client data).

@@ -1,21 +1,21 @@
 """The edge side of the frozen base: one ONNX Runtime session, adapter tensors as inputs.
 
 An edge device cannot train with backprop (ONNX Runtime dropped its training packages after
-1.19, DESIGN D5), so it runs forward passes only: MeZO/SPSA steps evaluate the loss at
-θ ± εz. The exported graph (:mod:`kernels.edge_export`) takes every LoRA tensor as a graph
-input, so a single :class:`EdgeModel` session serves every adapter version and every
+1.19; docs/architecture.md), so it runs forward passes only: MeZO/SPSA steps evaluate the
+loss at θ ± εz. The exported graph (:mod:`kernels.edge_export`) takes every LoRA tensor as a
+graph input, so a single :class:`EdgeModel` session serves every adapter version and every
 perturbation; nothing is rebuilt per call.
 
 This module must import without torch, transformers or peft (``pip install fedtune[edge]``):
 it uses numpy, onnxruntime, tokenizers, the standard library and ``protocols`` only.
 
-Buffers and aliasing (DESIGN §4): on CPU an ``OrtValue`` made from a numpy array *shares*
-that array's memory. :class:`EdgeModel` therefore never binds caller arrays: each call copies
-the adapter and the token ids into buffers it owns (a few MB, ~1 ms against a forward pass
-of tens to hundreds of ms), so callers may reuse or mutate their arrays as soon as a call
-returns, and a perturbation written into the caller's θ buffer can never leak into a later
-run. The returned NLL array is a fresh copy too. A model is not thread-safe: calls are
-serialised by a lock; use one :class:`EdgeModel` per thread for parallelism.
+Buffers and aliasing (docs/architecture.md): on CPU an ``OrtValue`` made from a numpy array
+*shares* that array's memory. :class:`EdgeModel` therefore never binds caller arrays: each
+call copies the adapter and the token ids into buffers it owns (a few MB, ~1 ms against a
+forward pass of tens to hundreds of ms), so callers may reuse or mutate their arrays as soon
+as a call returns, and a perturbation written into the caller's θ buffer can never leak into
+a later run. The returned NLL array is a fresh copy too. A model is not thread-safe: calls
+are serialised by a lock; use one :class:`EdgeModel` per thread for parallelism.
 
 Exports with int8 activations (``int8*`` options; :attr:`EdgeModel.float_activations` is
 False) are for forward-only evaluation: their loss is not smooth in the adapter at MeZO's ε,
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from protocols.adapter_spec import Tensors
 from protocols.manifest import (
     MANIFEST_NAME,
     REFUSAL,
@@ -72,7 +73,7 @@ class EdgeModel:
         which catches corruption but not a malicious coordinator (ReCIT-style tampering).
     threads
         ONNX Runtime intra-op threads. Keep it at the number of cores the process may use;
-        oversubscription was ~250x slower on this 2-core box (DESIGN §4).
+        oversubscription was ~250x slower on a 2-core box.
     verify
         Re-hash every file before loading (default). Turn off only in benchmarks that
         already verified the folder in the same process.
@@ -151,7 +152,7 @@ class EdgeModel:
         # Revision-1 exports did not record it; all of their quantized options were int8.
         return bool(self.config.get("float_activations", self.quantization == "fp32"))
 
-    def zero_adapter(self) -> dict[str, npt.NDArray[np.float32]]:
+    def zero_adapter(self) -> Tensors:
         """All-zero adapter tensors: the base model's own function (B = 0)."""
         return {k: np.zeros(s, dtype=np.float32) for k, s in self._shapes.items()}
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from protocols.adapter_spec import Tensors
 from protocols.run_config import LoraSection
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def _has_module(model: PeftModel, suffix: str) -> bool:
     return any(name.endswith(f".{suffix}") for name, _ in model.named_modules())
 
 
-def get_adapter(model: PeftModel) -> dict[str, npt.NDArray[np.float32]]:
+def get_adapter(model: PeftModel) -> Tensors:
     """The adapter tensors, in PEFT's saved key spelling, as float32 numpy copies."""
     from peft import get_peft_model_state_dict
 
@@ -92,8 +93,9 @@ def get_adapter_keys(model: PeftModel) -> list[str]:
     return list(get_peft_model_state_dict(model).keys())
 
 
-def peft_config_dict(model: PeftModel, base_model_path: str) -> dict[str, Any]:
-    """The ``adapter_config.json`` content, JSON-safe, for the coordinator to save."""
+def peft_config_dict(model: PeftModel, base_model_name: str) -> dict[str, Any]:
+    """The ``adapter_config.json`` content, JSON-safe, for the coordinator to save;
+    ``base_model_name`` from :func:`kernels.base_model.portable_model_name`."""
     config = model.peft_config["default"].to_dict()
-    config["base_model_name_or_path"] = base_model_path
+    config["base_model_name_or_path"] = base_model_name
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}

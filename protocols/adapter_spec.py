@@ -18,6 +18,15 @@ import numpy.typing as npt
 #: Adapter tensors travel as float32: fp16 is a codec choice, not a storage choice.
 ADAPTER_DTYPE = np.dtype(np.float32)
 
+# Named adapter tensors (PEFT state-dict key -> float32 array): the one definition, imported
+# everywhere. Two names because two meanings are in use:
+#: What code builds and returns (decoded uploads, aggregates, perturbations): a plain dict
+#: its owner may fill and update in place.
+Tensors = dict[str, npt.NDArray[np.float32]]
+#: What code that only reads accepts: a read-only ``Mapping``, so a caller may pass any
+#: mapping (a ``Tensors`` dict, a ``MappingProxyType``...), and the callee cannot mutate it.
+TensorsView = Mapping[str, npt.NDArray[np.float32]]
+
 
 @dataclass(frozen=True)
 class TensorSpec:

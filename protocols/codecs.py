@@ -16,9 +16,8 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord
 
+from protocols.adapter_spec import Tensors
 from protocols.errors import InvalidUpdate
-
-Tensors = dict[str, npt.NDArray[np.float32]]
 
 
 class UpdateCodec(Protocol):

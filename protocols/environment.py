@@ -1,8 +1,8 @@
 """Process environment every fedtune entry point sets before Flower, Ray or HF load.
 
-Each line was learned the hard way on these machines (DESIGN.md §4): no telemetry or update
-checks (no network), no runtime ``uv sync`` (it would pull CUDA torch), no hub access, and a
-project-local Flower home.
+Each line was learned the hard way on these machines (docs/architecture.md, "Decisions and
+why"): no telemetry or update checks (no network), no runtime ``uv sync`` (it would pull CUDA
+torch), no hub access, and a project-local Flower home.
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ STEP_SECONDS: Final = "step-seconds"  # mean wall seconds of one local training 
 BASE_WEIGHT_BYTES: Final = "base-weight-bytes"  # frozen base in memory (quantized or not)
 PEAK_MEMORY_BYTES: Final = "peak-memory-bytes"  # peak CUDA allocation, or the process's RSS
 
+# MetricRecord keys of the coordinator's own central evaluation (server/central_eval.py),
+# with EVAL_LOSS and EVAL_TOKENS above. Never sent by a client: not in CLIENT_METRIC_KEYS.
+PERPLEXITY: Final = "perplexity"
+
 #: The only metric keys a client may send. Anything else is refused: metrics are free-form
 #: in Flower, which makes them a side channel for raw data unless they are closed.
 CLIENT_METRIC_KEYS: Final = frozenset(

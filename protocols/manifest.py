@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,8 @@ from types import MappingProxyType
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocols.atomic_write import write_bytes_atomic
 
 FORMAT = "fedtune-manifest/1"
 MANIFEST_NAME = "fedtune-manifest.json"
@@ -147,8 +148,9 @@ def write_signed_manifest(
     root = Path(root)
     manifest = build_manifest(root, created=created, label=label)
     signature = sign_manifest(manifest, private_key)
-    _atomic_write(root / MANIFEST_NAME, manifest.canonical_bytes())
-    _atomic_write(root / SIGNATURE_NAME, signature)
+    # Both are public: 0o644 whatever the umask.
+    write_bytes_atomic(root / MANIFEST_NAME, manifest.canonical_bytes(), mode=0o644)
+    write_bytes_atomic(root / SIGNATURE_NAME, signature, mode=0o644)
     return manifest
 
 
@@ -262,21 +264,6 @@ def _walk(root: Path) -> Iterator[tuple[str, Path]]:
                 yield rel, path
             else:
                 raise ValueError(f"`{rel}`: not a regular file or directory")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a temporary file beside ``path``, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0o600; the manifest is public
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _hash_file(path: Path) -> FileEntry:

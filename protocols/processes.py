@@ -20,8 +20,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-#: DESIGN.md §4: no telemetry or update checks (no network), no runtime ``uv sync`` (it
-#: would pull CUDA torch), no hub access.
+#: As in protocols/environment.py: no telemetry or update checks (no network), no runtime
+#: ``uv sync`` (it would pull CUDA torch), no hub access.
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

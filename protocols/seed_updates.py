@@ -67,8 +67,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.app import Array, ArrayRecord
 
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Tensors, load_npy_exact, register_codec
+from protocols.adapter_spec import AdapterSpec, Tensors, TensorsView
+from protocols.codecs import load_npy_exact, register_codec
 from protocols.errors import InvalidUpdate
 
 #: Version of the direction and wire format above; a change to either bumps it.
@@ -149,7 +149,7 @@ def step_coefficient(learning_rate: float, scalar: float | np.float32) -> np.flo
 
 
 def sgd_step(
-    theta: MutableMapping[str, npt.NDArray[np.float32]], z: Mapping[str, npt.NDArray[np.float32]],
+    theta: MutableMapping[str, npt.NDArray[np.float32]], z: TensorsView,
     coefficient: np.float32,
 ) -> None:
     """``θ ← θ − c·z`` in place, float32, for every tensor of ``z``.

@@ -18,14 +18,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
+from protocols.atomic_write import write_json_atomic
 from protocols.codecs import Fp32Codec
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
 from protocols.run_config import PathsSection, RunConfig
 from server.checkpoint import OffsetRounds, resume_point, save_checkpoint
 from server.client_dp import ClientLevelDP
-from server.export import save_peft_adapter, write_json_atomic
+from server.export import save_peft_adapter
+from server.flower_patches import flower_samples_with
 from server.metrics_log import append_metrics, truncate_metrics
-from server.node_sampling import install_node_sampler
+from server.node_sampling import node_sampler
 from server.polling_grid import PollingGrid
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
@@ -46,8 +48,6 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     paths = PathsSection.from_flat(flat)
     run_dir = paths.required("run_dir")
     cache_dir = paths.required("cache_dir")
-    # Seeded sampling repeats runs; under client-level DP the sample must be secret.
-    install_node_sampler(config.train.seed, secret=config.privacy.client_dp)
 
     model_dir = resolve_model_dir(config.model.source, cache_dir)
     central = CentralModel(model_dir, config, threads=os.cpu_count() or 1)
@@ -156,7 +156,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
         if server_round > 0 and server_round in strategy.stats:  # a round ran: checkpoint it
             completed = point.done + server_round - outer.offset
             save_checkpoint(run_dir, server_round, completed, Fp32Codec().decode(arrays))
-        metrics = {k: v for k, v in row.items() if k in ("eval-loss", "perplexity")}
+        metrics = {k: v for k, v in row.items() if k in (keys.EVAL_LOSS, keys.PERPLEXITY)}
         return MetricRecord(metrics) if metrics else None
 
     train_config = ConfigRecord(
@@ -179,15 +179,18 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     remaining = config.train.rounds - point.done
     final = start
     if remaining > 0:
-        result = outer.start(
-            grid=grid,
-            initial_arrays=Fp32Codec().encode(start),
-            num_rounds=remaining,
-            timeout=config.federation.round_timeout_s,
-            train_config=train_config,
-            evaluate_config=eval_config,
-            evaluate_fn=outer.shift(evaluate),
-        )
+        # Seeded sampling repeats runs; under client-level DP the sample must be secret.
+        with flower_samples_with(node_sampler(config.train.seed,
+                                              secret=config.privacy.client_dp)):
+            result = outer.start(
+                grid=grid,
+                initial_arrays=Fp32Codec().encode(start),
+                num_rounds=remaining,
+                timeout=config.federation.round_timeout_s,
+                train_config=train_config,
+                evaluate_config=eval_config,
+                evaluate_fn=outer.shift(evaluate),
+            )
         final = Fp32Codec().decode(result.arrays) if result.arrays else start
     save_peft_adapter(run_dir / "adapter", final, central.peft_config)
     summary: dict[str, Any] = {"rounds": config.train.rounds,
@@ -195,7 +198,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     if dp is not None:
         summary.update(epsilon=dp.ledger.epsilon(), delta=dp.ledger.delta,
                        stopped_at=dp.stopped_at)
-    write_json_atomic(run_dir / "coordinator_summary.json", summary)
+    write_json_atomic(run_dir / "coordinator_summary.json", summary, indent=2, sort_keys=True)
     return summary
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from protocols import keys
 from protocols.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class CentralModel:
     def __init__(self, model_dir: Path, config: RunConfig, *, threads: int) -> None:
         import torch
 
-        from kernels.base_model import load_causal_lm
+        from kernels.base_model import load_causal_lm, portable_model_name
         from kernels.lora import attach_lora, get_adapter, peft_config_dict
 
         torch.set_num_threads(threads)
@@ -37,7 +38,8 @@ class CentralModel:
         self.tokenizer = loaded.tokenizer
         self.model = attach_lora(loaded.model, config.lora)
         self.initial_adapter = get_adapter(self.model)
-        self.peft_config = peft_config_dict(self.model, str(model_dir))
+        self.peft_config = peft_config_dict(
+            self.model, portable_model_name(config.model.source, model_dir))
         self.batch_size = config.eval.batch_size
         self.blocks: npt.NDArray[np.int64] | None = None
 
@@ -63,4 +65,5 @@ class CentralModel:
             raise RuntimeError("load_eval_texts() must be called before evaluate()")
         set_adapter(self.model, adapter)
         loss, tokens = mean_token_loss(self.model, self.blocks, self.batch_size)
-        return {"eval-loss": loss, "perplexity": math.exp(loss), "eval-tokens": float(tokens)}
+        return {keys.EVAL_LOSS: loss, keys.PERPLEXITY: math.exp(loss),
+                keys.EVAL_TOKENS: float(tokens)}

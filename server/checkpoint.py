@@ -2,10 +2,11 @@
 
 After every completed round the coordinator writes ``checkpoint.safetensors`` in the run
 folder: the global adapter with the round number in the file's metadata, written to a
-temporary file and renamed, so a crash leaves either the previous checkpoint or the new one,
-never half of one. The privacy ledger is persisted separately, as soon as a round's noisy
-aggregate exists (``server/client_dp.py``) — before the checkpoint — so a crash between the
-two never under-counts ε.
+temporary file, fsynced and renamed (:func:`protocols.atomic_write.write_bytes_atomic`), so
+a crash leaves either the previous checkpoint or the new one, never half of one. The privacy
+ledger is persisted separately, as soon as a round's noisy aggregate exists
+(``server/client_dp.py``) — before the checkpoint — so a crash between the two never
+under-counts ε.
 
 On restart (:func:`resume_point`) the run continues from the checkpointed adapter; a round
 whose aggregate was computed (and its ε spent) but not checkpointed is re-run under a *new*
@@ -16,7 +17,6 @@ numbers its inner strategy and our callbacks see.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocols.codecs import Tensors
+from protocols.adapter_spec import Tensors
+from protocols.atomic_write import write_bytes_atomic
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "fedtune-checkpoint/1"
@@ -44,16 +45,13 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, completed: int, adapter: Tensors) -> Path:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     path = run_dir / CHECKPOINT_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.items()},
-              str(tmp), metadata={"format": FORMAT, "round": str(server_round),
-                                        "completed": str(completed)})
-    with open(tmp, "rb+") as handle:  # the data must be on disk before the rename is
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.items()},
+                metadata={"format": FORMAT, "round": str(server_round),
+                          "completed": str(completed)})
+    write_bytes_atomic(path, data)
     return path
 
 

@@ -28,7 +28,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocols.codecs import Fp32Codec, Tensors
+from protocols import keys
+from protocols.adapter_spec import Tensors
+from protocols.codecs import Fp32Codec
 from protocols.errors import InvalidUpdate
 from protocols.privacy.ledger import PrivacyLedger, save_ledger
 from protocols.validation import update_norm
@@ -143,13 +145,13 @@ class ClientLevelDP(Strategy):
     def _clip_reply(self, msg: Message) -> bool | None:
         """Clip the reply's update in place; ``None`` if it cannot be read (the inner
         strategy then rejects it with the reason), else whether clipping bound."""
-        if msg.has_error() or "arrays" not in msg.content.array_records:
+        if msg.has_error() or keys.ARRAYS not in msg.content.array_records:
             return None
         # The inner strategy decoded the round's global adapter in configure_train.
         current = self.strategy.current_global
         try:
             # dense whatever the upload's codec (edge seed/scalar updates are replayed)
-            tensors = self.strategy.decode_upload(msg.content.array_records["arrays"])
+            tensors = self.strategy.decode_upload(msg.content.array_records[keys.ARRAYS])
             update = {k: v - current[k] for k, v in tensors.items()}
         except (ValueError, KeyError):
             return None
@@ -161,7 +163,7 @@ class ClientLevelDP(Strategy):
         except InvalidUpdate:
             return None  # beyond the coordinator's bound: rejected, not clipped
         clipped, norm = clip_update(update, self.clip_norm)
-        msg.content["arrays"] = codec.encode({k: current[k] + v for k, v in clipped.items()})
+        msg.content[keys.ARRAYS] = codec.encode({k: current[k] + v for k, v in clipped.items()})
         return norm > self.clip_norm
 
     # -- everything else passes through ------------------------------------------------

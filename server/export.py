@@ -2,14 +2,15 @@
 
 ``adapter_config.json`` + ``adapter_model.safetensors`` is what
 ``peft.PeftModel.from_pretrained(base, path)`` loads. Written with safetensors' numpy API so
-the coordinator needs no torch. The folder is assembled beside its target and renamed into
-place: a crash mid-write never leaves a half adapter where a user would load it.
+the coordinator needs no torch. The folder is assembled beside its target and published with
+:func:`protocols.atomic_write.replace_dir_atomic`: a crash mid-write never leaves a half
+adapter where a user would load it, and an old adapter stays in place until the new one
+replaces it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ import numpy.typing as npt
 from safetensors.numpy import save_file
 
 import protocols
+from protocols.atomic_write import replace_dir_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,15 +41,7 @@ def save_peft_adapter(
         )
         config = {**peft_config, "inference_mode": True}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir_atomic(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)

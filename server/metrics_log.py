@@ -4,9 +4,10 @@ at most the round in flight and a progress display can follow the file."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from protocols.atomic_write import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,7 +32,5 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def truncate_metrics(run_dir: Path, last_round: int) -> None:
     """Drop rows of rounds after ``last_round`` (a resumed run re-runs them), atomically."""
     rows = [r for r in read_metrics(run_dir) if r.get("round", 0) <= last_round]
-    path = run_dir / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(run_dir / METRICS_FILE,
+                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

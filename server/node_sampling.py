@@ -13,22 +13,15 @@ Flower 1.41's strategies sample with ``random.sample`` on the process-global ``r
 
 So the sampler is ours: ``random.Random`` seeded by ``train.seed`` by default (runs repeat
 exactly), the operating system's generator (``random.SystemRandom``) when client-level DP
-is on. It replaces the one module-level name ``sample_nodes`` draws from, in the pinned
-Flower (checked by ``tests/server/test_node_sampling.py``).
+is on. :func:`server.flower_patches.flower_samples_with` puts it behind ``sample_nodes``
+for the rounds of one run, and puts Flower's back when the run ends.
 """
 
 from __future__ import annotations
 
 import random
 
-#: The attribute of ``strategy_utils`` that ``sample_nodes`` calls ``.sample`` on.
-PATCHED = "random"
 
-
-def install_node_sampler(seed: int, *, secret: bool) -> random.Random:
-    """Make Flower's strategies sample devices with a generator of their own; return it."""
-    from flwr.serverapp.strategy import strategy_utils
-
-    sampler = random.SystemRandom() if secret else random.Random(f"fedtune-sampling|{seed}")
-    setattr(strategy_utils, PATCHED, sampler)
-    return sampler
+def node_sampler(seed: int, *, secret: bool) -> random.Random:
+    """The generator a run's rounds sample devices with (see the module docstring)."""
+    return random.SystemRandom() if secret else random.Random(f"fedtune-sampling|{seed}")

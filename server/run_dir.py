@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from protocols.atomic_write import write_json_atomic
 from protocols.config_file import to_toml
 from protocols.run_config import RunConfig
 
@@ -46,7 +47,7 @@ def new_run_dir(
         "edge_fraction": config.edge.fraction,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (work / RUN_INFO).write_text(json.dumps(info, indent=2))
+    write_json_atomic(work / RUN_INFO, info, indent=2)
     with _finish_or_fail(work, final, info):
         yield work
 
@@ -79,7 +80,7 @@ def reopened_run_dir(runs_dir: Path, name: str) -> Iterator[Path]:
     info = read_run_info(work)
     info.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S"))
     info.pop("finished", None)
-    (work / RUN_INFO).write_text(json.dumps(info, indent=2))
+    write_json_atomic(work / RUN_INFO, info, indent=2)
     with _finish_or_fail(work, runs_dir / name, info):
         yield work
 
@@ -92,7 +93,7 @@ def _finish_or_fail(work: Path, final: Path, info: dict[str, Any]) -> Iterator[N
         os.replace(work, final.with_name(f"{final.name}.failed"))
         raise
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    (work / RUN_INFO).write_text(json.dumps(info, indent=2))
+    write_json_atomic(work / RUN_INFO, info, indent=2)
     os.replace(work, final)
 
 

@@ -21,7 +21,7 @@ tensors). The coordinator cannot weight updates it cannot see, so averaging is u
 
 Why not Flower's ``SecAggPlusWorkflow``: it runs only on the legacy ``Driver``/workflow API,
 not with the Message-API strategies, and derives masks from a 32-bit fold of the seed into
-numpy's Mersenne Twister (DESIGN D3).
+numpy's Mersenne Twister (docs/architecture.md, "Decisions and why").
 
 With client-level DP (``dp_clip_norm``/``dp_noise_multiplier``), clipping and noise move to
 the clients: each clips to ``C`` and adds ``N(0, (σC)²/t)`` so the sum over the ≥ ``t``
@@ -45,8 +45,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Fp32Codec, Tensors
+from protocols.adapter_spec import AdapterSpec, Tensors
+from protocols.codecs import Fp32Codec
 from protocols.errors import InvalidUpdate
 from protocols.secagg import (
     decode_sum,

@@ -1,8 +1,9 @@
 """Adapter-aware federated averaging: validate every reply, then example-weighted FedAvg.
 
 Built on Flower's ``FedAvg`` (sampling, messaging, the ``start`` loop) and changing only the
-train aggregation, so later features (DP, secure aggregation, robust rules) wrap this
-strategy the way Flower's DP wrappers wrap any strategy, without editing it.
+train aggregation, so other features build on this strategy without editing it: client-level
+DP (:mod:`server.client_dp`) wraps it the way Flower's DP wrappers wrap any strategy, and
+secure aggregation (:mod:`server.secagg`) subclasses it.
 
 Why not Flower's ``aggregate_arrayrecords``: it trusts replies (a NaN or a reshaped tensor
 poisons the global adapter or raises mid-round) and assumes every array is uploaded, while
@@ -22,8 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Fp32Codec, Tensors, get_codec, record_nbytes
+from protocols.adapter_spec import AdapterSpec, Tensors
+from protocols.codecs import Fp32Codec, get_codec, record_nbytes
 from protocols.errors import InvalidUpdate
 from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int

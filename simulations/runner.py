@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocols import keys
 from protocols.run_config import ConfigError, PathsSection, RunConfig
 from server.run_dir import log_to_file, new_run_dir
+from simulations.flower_patches import seeded_node_ids
 from simulations.paths import partitions_dir, shakespeare_texts_dir
-from simulations.seeded_node_ids import seeded_node_ids
 from simulations.shakespeare_split import PreparedSplit, prepare_split
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def run_centralized(
             )
             adapter = {**adapter, **outcome.tensors}  # frozen tensors are not returned
             row = {"round": rnd, "wall_s": time.perf_counter() - t0,
-                   "train_loss": outcome.metrics["train-loss"], **central.evaluate(adapter)}
+                   "train_loss": outcome.metrics[keys.TRAIN_LOSS], **central.evaluate(adapter)}
             append_metrics(run_dir, row)
             log.info("centralized round-equivalent %d: perplexity %.2f", rnd, row["perplexity"])
         save_peft_adapter(run_dir / "adapter", adapter, central.peft_config)

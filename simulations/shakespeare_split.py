@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 
 from client.local_data import PARTITIONS_FORMAT
 from client.shakespeare import PARSER_VERSION, Speech, load_speeches, play_files
+from protocols.atomic_write import write_json_atomic
 from protocols.run_config import DataSection
 
 
@@ -85,8 +85,8 @@ def prepare_split(texts_dir: Path, data: DataSection, out_dir: Path) -> Prepared
         clients = split_roles(load_speeches(texts_dir), data)
         heldout = [text for c in clients for text in c["heldout"]]  # type: ignore[attr-defined]
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(partitions_file, {"format": PARTITIONS_FORMAT, "clients": clients})
-        _write_atomic(eval_file, {"texts": heldout})
+        write_json_atomic(partitions_file, {"format": PARTITIONS_FORMAT, "clients": clients})
+        write_json_atomic(eval_file, {"texts": heldout})
     raw = json.loads(partitions_file.read_text(encoding="utf-8"))["clients"]
     return PreparedSplit(
         partitions_file=partitions_file,
@@ -95,9 +95,3 @@ def prepare_split(texts_dir: Path, data: DataSection, out_dir: Path) -> Prepared
         train_speeches=sum(len(c["train"]) for c in raw),
         heldout_speeches=sum(len(c["heldout"]) for c in raw),
     )
-
-
-def _write_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)

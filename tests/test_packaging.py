@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Modules an edge device imports; the ONNX trainer joins this list when it lands.
+#: Modules that must import without torch: what an edge device runs (the ClientApp, the ONNX
+#: Runtime trainer, the daemon) and the coordinator's aggregation path.
 TORCH_FREE_MODULES = [
     "protocols.keys", "protocols.adapter_spec", "protocols.codecs", "protocols.validation",
     "protocols.run_config", "protocols.records", "client.local_data", "client.trainer",

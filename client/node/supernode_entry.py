@@ -8,44 +8,23 @@ is no setting for it, so this entry point runs Flower's own ``flower-supernode``
 two sleeps shortened (``FEDTUNE_SUPERNODE_POLL_S``, default :data:`DEFAULT_POLL_S`), and
 nothing else changed. The cost is load on the SuperLink: one pull per device per interval.
 
-It relies on a Flower internal (the module-level ``time`` of ``start_client_internal``);
+It relies on a Flower internal (the module-level ``time`` of ``start_client_internal``):
+the patch is :func:`client.flower_patches.short_supernode_sleeps`, around Flower's main;
 ``flwr`` is pinned, and if the internal moves the node runs unpatched with a warning.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import time
-from types import ModuleType
 from typing import Any
 
-log = logging.getLogger(__name__)
+from client.flower_patches import FLOWER_IDLE_SLEEP_S as FLOWER_IDLE_SLEEP_S  # re-exported
+from client.flower_patches import short_supernode_sleeps
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 1.0
-FLOWER_IDLE_SLEEP_S = 3  # start_client_internal: after an empty pull
 MIN_POLL_S = 0.05  # faster floods the SuperLink
-FLOWER_REPLY_SLEEP_S = 0.5  # start_client_internal: waiting for the ClientApp's reply
-
-
-class _ShortSleeps:
-    """Stands in for the ``time`` module inside ``start_client_internal`` only."""
-
-    def __init__(self, idle_s: float) -> None:
-        self.idle_s = idle_s
-        self.reply_s = min(FLOWER_REPLY_SLEEP_S, idle_s / 4)
-
-    def sleep(self, seconds: float) -> None:
-        if seconds == FLOWER_IDLE_SLEEP_S:
-            seconds = self.idle_s
-        elif seconds == FLOWER_REPLY_SLEEP_S:
-            seconds = self.reply_s
-        time.sleep(seconds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 def check_poll_interval(value: float) -> float:
@@ -68,23 +47,13 @@ def poll_interval(environ: Any = os.environ) -> float:
         raise ValueError(f"{POLL_ENV}={err}") from None
 
 
-def patch(module: ModuleType, idle_s: float) -> bool:
-    """Shorten ``module``'s sleeps; False (and a warning) if it does not look as expected."""
-    if getattr(module, "time", None) is not time:
-        log.warning("flwr's start_client_internal has no module-level `time`; the SuperNode "
-                    "keeps Flower's 3 s idle poll")
-        return False
-    module.time = _ShortSleeps(idle_s)  # type: ignore[attr-defined]
-    return True
-
-
 def main() -> int:
-    from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
-    patch(start_client_internal, poll_interval())
-    sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    # Flower's main runs the SuperNode until the process ends: the patch's scope.
+    with short_supernode_sleeps(poll_interval()):
+        sys.argv[0] = "flower-supernode"
+        flower_supernode()
     return 0
 
 

@@ -15,19 +15,15 @@ global generator (the ``random`` module re-seeds itself), gets the original sign
 (restored by the server), and keeps Flower's and fedtune's log handlers, which write to fd
 2, now the shim's stderr: as a new interpreter would have them.
 
-One Flower setting changes for warm children (:func:`tune_message_pull`): a ClientApp
-pulls its message's objects from the SuperNode, retrying an unavailable object after 1 s,
-then 2, 4, ... (cap 10 s). A cold ClientApp starts seconds after the message arrived, when
-the SuperNode has it all; a warm one starts ~0.1 s after, while the SuperNode is still
-downloading it from the SuperLink, and lost 1.5–3 s per message to that backoff here.
+One Flower setting changes for warm children, the retry backoff of their message pull
+(:func:`client.flower_patches.warm_message_pull`, applied by the fork server after its
+preload and inherited by every child).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
-import inspect
 import os
 import runpy
 import signal
@@ -36,10 +32,6 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import NoReturn
-
-#: Retry delays (s) of a warm ClientApp pulling its message from the local SuperNode:
-#: 0.1, 0.2, 0.4, 0.5, 0.5, ... instead of Flower's 1, 2, 4, 8, 10, ... (loopback requests).
-WARM_PULL_BACKOFF = {"initial_backoff": 0.1, "backoff_cap": 0.5}
 
 
 class ForkSafetyError(RuntimeError):
@@ -55,26 +47,6 @@ class Job:
     env: dict[str, str]
     cwd: str
     fds: dict[int, int]  # std fd (0, 1, 2) -> descriptor received from the shim
-
-
-def tune_message_pull() -> bool:
-    """Make the preloaded ClientApp runtime retry unavailable message objects sooner (see
-    the module docstring). Only the name ``run_clientapp`` calls is rebound, to a
-    ``functools.partial`` with :data:`WARM_PULL_BACKOFF`; return False (and change nothing)
-    unless the runtime is loaded and still takes those keywords (checked on Flower 1.41)."""
-    runtime = sys.modules.get("flwr.supernode.runtime.run_clientapp")
-    pull = getattr(runtime, "pull_and_inflate_object_from_tree", None)
-    if pull is None:
-        return False
-    if isinstance(pull, functools.partial):
-        return True
-    params = inspect.signature(pull).parameters
-    if not all(params.get(k) and params[k].kind is inspect.Parameter.KEYWORD_ONLY
-               for k in WARM_PULL_BACKOFF):
-        return False
-    runtime.pull_and_inflate_object_from_tree = functools.partial(  # type: ignore[union-attr]
-        pull, **WARM_PULL_BACKOFF)
-    return True
 
 
 def run_job(job: Job) -> NoReturn:

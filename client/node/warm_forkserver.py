@@ -9,10 +9,10 @@ whose docstring holds the wire protocol) on a Unix socket with a single-threaded
 environment and cwd and runs the target script as ``__main__``; the server relays the
 child's exit status and the shim's signals, and kills a child whose shim went away.
 
-Fork safety (what may be preloaded, what a child re-initialises) and the one Flower
-setting warm children change are in :mod:`warm_child`. The server itself starts no thread
-and opens no network channel: a Unix socket, ``poll()``, and SIGCHLD through
-``signal.set_wakeup_fd``.
+Fork safety (what may be preloaded, what a child re-initialises) is in :mod:`warm_child`;
+the one Flower setting warm children change, :func:`client.flower_patches.warm_message_pull`,
+is in force while the server serves. The server itself starts no thread and opens no network
+channel: a Unix socket, ``poll()``, and SIGCHLD through ``signal.set_wakeup_fd``.
 """
 
 from __future__ import annotations
@@ -35,15 +35,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.flower_patches import warm_message_pull
 from client.node import warm_shim
-from client.node.warm_child import (
-    ForkSafetyError,
-    Job,
-    check_fork_safe,
-    run_job,
-    task_count,
-    tune_message_pull,
-)
+from client.node.warm_child import ForkSafetyError, Job, check_fork_safe, run_job, task_count
 
 log = logging.getLogger("fedtune.warm_forkserver")  # not __main__: the child drops its handler
 
@@ -99,9 +93,6 @@ class ForkServer:
         if numpy is not None:  # its first seed() imports more (~40 ms); run_job seeds again
             numpy.random.seed()
             check_fork_safe(after="numpy.random.seed()")
-        if not tune_message_pull():
-            log.warning("Flower's ClientApp runtime is not preloaded or has changed: warm "
-                        "ClientApps pull their message with Flower's 1 s retry backoff")
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -460,10 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # threads whose static destructors block a normal exit, and the shim is waiting.
         logging.shutdown()
         os._exit(EXIT_CONFIG)
-    job = server.serve()
-    if job is None:
-        return 0
-    run_job(job)
+    with warm_message_pull() as tuned:  # after the preload: patches what it loaded
+        if not tuned:
+            log.warning("Flower's ClientApp runtime is not preloaded or has changed: warm "
+                        "ClientApps pull their message with Flower's 1 s retry backoff")
+        job = server.serve()
+        if job is not None:  # a forked child: runs the ClientApp, leaves by os._exit
+            run_job(job)
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from client.node import warm_shim
 from client.node.warm_forkserver import EXIT_CONFIG, TERM_GRACE_S
+from protocols.atomic_write import write_text_atomic
 from protocols.processes import ManagedProcess, bin_dir
 
 __all__ = ["EDGE_PRELOAD", "EXIT_CONFIG", "TORCH_PRELOAD", "WarmLauncher", "default_preload",
@@ -139,9 +140,6 @@ def write_shim(bin_dir: Path, socket_path: Path, target: Path, *,
         filled = filled.replace(placeholder, f"{name} = {value!r}", 1)
     bin_dir.mkdir(parents=True, exist_ok=True)
     shim = bin_dir / CLIENTAPP
-    tmp = shim.with_suffix(".tmp")
     # -I: ignore PYTHON* variables and the user site; -S: no site import (start-up time).
-    tmp.write_text(f"#!{sys.executable} -IS\n{filled}", encoding="utf-8")
-    tmp.chmod(0o755)
-    tmp.replace(shim)
+    write_text_atomic(shim, f"#!{sys.executable} -IS\n{filled}", mode=0o755)
     return shim

@@ -8,16 +8,15 @@ the ledger and replays a round it already recorded is refused instead of countin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocols import __version__
+from protocols.atomic_write import write_text_atomic
 from protocols.privacy.accounting import (
     check_delta,
     check_step,
@@ -168,19 +167,9 @@ class PrivacyLedger:
 
 
 def save_ledger(path: str | os.PathLike[str], ledger: PrivacyLedger) -> None:
-    """Write ``ledger`` to ``path`` atomically: a crash leaves the old file or the new one."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(ledger.to_json())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``ledger`` to ``path`` atomically (owner-only, 0o600): a crash leaves the old
+    file or the new one."""
+    write_text_atomic(path, ledger.to_json(), mode=0o600)
 
 
 def load_ledger(path: str | os.PathLike[str]) -> PrivacyLedger:

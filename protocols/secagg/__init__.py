@@ -5,7 +5,7 @@ Learning", CCS 2017) and its sparse-graph variant SecAgg+ (Bell et al., "Secure 
 Aggregation with (Poly)Logarithmic Overhead", CCS 2020) let the coordinator learn the sum of
 the clients' updates and nothing else about any one of them, even when clients drop out.
 Flower's own SecAgg+ runs only on its legacy API and derives masks from a 32-bit fold of the
-seed; these modules use ``cryptography`` primitives keyed by full 256-bit secrets (DESIGN D3).
+seed; these modules use ``cryptography`` primitives keyed by full 256-bit secrets.
 
 Modules, in the order a round uses them:
 

@@ -1,6 +1,7 @@
 """Leakage audit: text gradient-inversion attacks on fedtune's own client updates.
 
-The honest-but-curious coordinator of DESIGN.md §6 attacks what it really receives:
+The honest-but-curious coordinator (docs/architecture.md, "Threat model") attacks what it
+really receives:
 
 * :mod:`~simulations.audit.scenario` — the observed update, made by ``TorchLoraTrainer``,
   ``clip_update`` and the secure-aggregation primitives, safeguards off or on;

@@ -42,7 +42,7 @@ them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-Tensors = Mapping[str, npt.NDArray[np.float32]]
+from protocols.adapter_spec import TensorsView
+
 DISTANCES = ("tag", "cos")
 UPDATE_MODELS = ("adam", "sgd")
 #: LoRA-adapted modules whose output is added to the residual stream.
@@ -107,7 +108,7 @@ class TokenBasis:
         return int(self.directions.shape[0])
 
 
-def bag_of_tokens_scores(update: Tensors, keys: Sequence[str],
+def bag_of_tokens_scores(update: TensorsView, keys: Sequence[str],
                          basis: TokenBasis) -> npt.NDArray[np.float64]:
     """Score every token by how much of its direction lies in the span of the B updates.
 
@@ -225,7 +226,7 @@ class _Matcher:
     update's unit-norm tensors; the caller enters :func:`eager_attention` around its use.
     """
 
-    def __init__(self, model: Any, global_adapter: Tensors, observed: Tensors,
+    def __init__(self, model: Any, global_adapter: TensorsView, observed: TensorsView,
                  cand: Any, settings: OptimizationSettings) -> None:
         import torch
 
@@ -261,7 +262,7 @@ class _Matcher:
             p.grad = None
 
 
-def matching_distance(model: Any, global_adapter: Tensors, observed: Tensors,
+def matching_distance(model: Any, global_adapter: TensorsView, observed: TensorsView,
                       tokens: npt.NDArray[np.int64], settings: OptimizationSettings) -> float:
     """The attack's objective at a discrete batch ``tokens`` ``(B, S)``: a diagnostic (the
     ground truth should score lower than its shuffles)."""
@@ -283,8 +284,8 @@ def matching_distance(model: Any, global_adapter: Tensors, observed: Tensors,
 
 def optimization_attack(
     model: Any,
-    global_adapter: Tensors,
-    observed: Tensors,
+    global_adapter: TensorsView,
+    observed: TensorsView,
     *,
     batch_size: int,
     seq_len: int,

@@ -33,7 +33,7 @@ QUICK = GridPreset(batch_sizes=(1, 4), local_steps=(1,), opt_iters=6)
 FULL = GridPreset(batch_sizes=(1, 4, 16), local_steps=(1, 5), opt_iters=10)
 
 EPILOG = """\
-threat model: the attacker is the honest-but-curious coordinator (DESIGN.md section 6). It
+threat model: the attacker is the honest-but-curious coordinator (docs/architecture.md). It
 knows the public base model, the round's global adapter and the training hyper-parameters.
 Safeguards off, it sees one client's raw update; safeguards on (fedtune's privacy preset),
 FFA-LoRA updates clipped to C, distributed Gaussian noise (std sigma*C on the aggregate) and

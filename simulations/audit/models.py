@@ -16,17 +16,19 @@ and tied output head keeps everything the attacks exploit (the output head write
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from protocols.atomic_write import recover_dir, replace_dir_atomic
 
 #: Marker written into generated folders: what they were built from, so a stale copy is rebuilt.
 _MARKER = "fedtune-audit-model.json"
 
 
 def _is_current(path: Path, recipe: dict[str, object]) -> bool:
+    recover_dir(path)  # a crash mid-replace (off Linux) may have left the model aside
     marker = path / _MARKER
     if not (path / "config.json").is_file() or not marker.is_file():
         return False
@@ -35,9 +37,7 @@ def _is_current(path: Path, recipe: dict[str, object]) -> bool:
 
 def _publish(tmp: Path, target: Path, recipe: dict[str, object]) -> Path:
     (tmp / _MARKER).write_text(json.dumps(recipe, sort_keys=True), encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)  # atomic: a half-written model is never visible
+    replace_dir_atomic(tmp, target)  # a half-written model is never visible
     return target
 
 

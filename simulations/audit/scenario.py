@@ -6,8 +6,8 @@ the sum from the secure-aggregation primitives of :mod:`protocols.secagg` (fixed
 encoding, ChaCha20 pairwise and self masks, unmasking). Nothing about training is
 re-implemented here, so the audit measures what fedtune really sends.
 
-Views (DESIGN.md §6, honest-but-curious coordinator; it knows the public base model, the
-global adapter and the training hyper-parameters):
+Views (the honest-but-curious coordinator of docs/architecture.md; it knows the public base
+model, the global adapter and the training hyper-parameters):
 
 * safeguards **off**: one client's raw update, ``uploaded - global`` (plain LoRA by default,
   or FFA-LoRA: A frozen, B only);
@@ -41,9 +41,9 @@ import numpy.typing as npt
 
 from client.local_data import LocalTextData
 from client.trainer import TrainInstruction
+from protocols.adapter_spec import Tensors
 from protocols.run_config import LoraSection
 
-Tensors = dict[str, npt.NDArray[np.float32]]
 NOISE_PLACEMENTS = ("clients", "coordinator")
 #: Fixed-point modulus for the secure sum: 64 bits leaves room for a fine scale.
 _MODULUS_BITS = 64

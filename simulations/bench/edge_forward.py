@@ -38,21 +38,23 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:  # a type only: the measured processes import nothing more than before
+    from protocols.adapter_spec import Tensors
+
 RESULT = "RESULT "
 MEZO_EPS = 1e-3
 MEZO_DIRECTIONS = 3
-Adapter = dict[str, npt.NDArray[np.float32]]
 
 
 class _Side:
     """One forward implementation: ``loss(blocks, adapter)`` and a timed ``forward()``."""
 
-    def __init__(self, loss: Callable[[npt.NDArray[np.int64], Adapter], float],
+    def __init__(self, loss: Callable[[npt.NDArray[np.int64], Tensors], float],
                  forward: Callable[[], None]) -> None:
         self.loss, self.forward = loss, forward
 
@@ -71,7 +73,7 @@ def _peak_rss_mb() -> float:
 
 
 def _load_side(spec: str, args: argparse.Namespace, batch: npt.NDArray[np.int64],
-               zero: Adapter, inputs: dict[str, str]) -> _Side:
+               zero: Tensors, inputs: dict[str, str]) -> _Side:
     """``torch``, ``edge:DIR`` or ``onnx:FILE``; every loss is a token-weighted mean."""
     kind, _, where = spec.partition(":")
     if kind == "torch":
@@ -86,7 +88,7 @@ def _load_side(spec: str, args: argparse.Namespace, batch: npt.NDArray[np.int64]
         model = attach_lora(load_causal_lm(args.model).model, LoraSection())
         x = torch.from_numpy(batch)
 
-        def torch_loss(blocks: npt.NDArray[np.int64], adapter: Adapter) -> float:
+        def torch_loss(blocks: npt.NDArray[np.int64], adapter: Tensors) -> float:
             set_adapter(model, adapter)
             return mean_token_loss(model, blocks, args.batch)[0]
 
@@ -101,7 +103,7 @@ def _load_side(spec: str, args: argparse.Namespace, batch: npt.NDArray[np.int64]
 
         edge = EdgeModel(Path(where), threads=args.threads)
 
-        def edge_loss(blocks: npt.NDArray[np.int64], adapter: Adapter) -> float:
+        def edge_loss(blocks: npt.NDArray[np.int64], adapter: Tensors) -> float:
             return float(np.log(edge.perplexity(blocks, adapter, batch_size=args.batch)))
 
         def edge_forward() -> None:
@@ -114,10 +116,10 @@ def _load_side(spec: str, args: argparse.Namespace, batch: npt.NDArray[np.int64]
     options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(where, options, providers=["CPUExecutionProvider"])
 
-    def feed(ids: npt.NDArray[np.int64], adapter: Adapter) -> dict[str, Any]:
+    def feed(ids: npt.NDArray[np.int64], adapter: Tensors) -> dict[str, Any]:
         return {"input_ids": ids, **{inputs[k]: v for k, v in adapter.items()}}
 
-    def onnx_loss(blocks: npt.NDArray[np.int64], adapter: Adapter) -> float:
+    def onnx_loss(blocks: npt.NDArray[np.int64], adapter: Tensors) -> float:
         nll = [session.run(None, feed(blocks[i : i + args.batch], adapter))[0].reshape(-1)
                for i in range(0, len(blocks), args.batch)]
         return float(np.concatenate(nll).mean(dtype=np.float64))

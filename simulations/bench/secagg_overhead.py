@@ -36,6 +36,7 @@ from protocols.codecs import Fp32Codec
 from protocols.secagg import wire
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
+from simulations.flower_patches import task_identity
 from simulations.loopback_grid import LoopbackGrid
 
 #: SmolLM2-135M (30 layers, hidden 576, kv 192, mlp 1536), r = 8: rows of B per layer for
@@ -132,18 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import logging
 
-    from flwr.supercore.task_identity import TaskIdentity
-
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    rows = []
     # Messages are stamped with the sending task's identity; a ServerApp process has one at
     # run time, this in-process benchmark sets it as Flower's own simulation entry does.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    rows = []
-    for n in args.clients:
-        for secure in (False, True):
-            rows.append(one_round(n, args.dim, secure=secure))
-            print(f"measured {n} clients, {'secagg' if secure else 'plain'}: "
-                  f"{rows[-1]['wall_s']:.1f} s wall", file=sys.stderr)
+    with task_identity():
+        for n in args.clients:
+            for secure in (False, True):
+                rows.append(one_round(n, args.dim, secure=secure))
+                print(f"measured {n} clients, {'secagg' if secure else 'plain'}: "
+                      f"{rows[-1]['wall_s']:.1f} s wall", file=sys.stderr)
     print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -106,7 +106,7 @@ def test_coordinator_replay_is_bit_identical_to_the_client(freeze_a: bool) -> No
 
 
 def test_perturbing_theta_in_place_would_drift() -> None:
-    # Why the trainer keeps θ clean (DESIGN §4): θ + εz − εz is not θ in float32.
+    # Why the trainer keeps θ clean (client/edge_trainer.py): θ + εz − εz is not θ in float32.
     theta = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
     z = perturbation(9, {"w": (10_000,)})["w"]
     eps = np.float32(1e-3)

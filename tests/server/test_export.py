@@ -43,3 +43,24 @@ def test_export_replaces_previous_adapter_atomically(tmp_path: Path) -> None:
     save_peft_adapter(tmp_path / "adapter", {"w": np.zeros((2, 2), np.float32)}, {"r": 2})
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_the_exported_base_name_is_portable(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An adapter loads on another machine: it never records the trainer's absolute path."""
+    from kernels.base_model import SMOLLM2, portable_model_name
+
+    assert portable_model_name(SMOLLM2, tmp_path / "anywhere") == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_model_name(str(tiny_model_dir), tiny_model_dir) == tiny_model_dir.name
+    for saved_from, expected in [("acme/llama-7b", "acme/llama-7b"),
+                                 ("/home/me/models/llama", "mine"), ("./llama", "mine"),
+                                 ("C:/models/x", "mine")]:
+        folder = tmp_path / "mine"
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"_name_or_path": saved_from}))
+        assert portable_model_name(str(folder), folder) == expected, saved_from
+    model = attach_lora(load_causal_lm(tiny_model_dir).model, LoraSection(r=4))
+    config = peft_config_dict(model, portable_model_name(str(tiny_model_dir), tiny_model_dir))
+    target = save_peft_adapter(tmp_path / "adapter", get_adapter(model), config)
+    recorded = json.loads((target / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == tiny_model_dir.name

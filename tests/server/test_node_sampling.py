@@ -1,14 +1,15 @@
-"""fedtune's node sampler behind Flower's ``sample_nodes`` (see server/node_sampling.py)."""
+"""fedtune's node sampler behind Flower's ``sample_nodes`` (see server/node_sampling.py; the
+patch itself and its guard: server/flower_patches.py, tests/server/test_flower_patches.py)."""
 
 from __future__ import annotations
 
-import inspect
 import random
 from typing import Any
 
 from flwr.serverapp.strategy import strategy_utils
 
-from server.node_sampling import PATCHED, install_node_sampler
+from server.flower_patches import SAMPLER_ATTR, flower_samples_with
+from server.node_sampling import node_sampler
 
 
 class FixedGrid:
@@ -25,26 +26,18 @@ def _rounds(grid: Any, n: int = 5) -> list[list[int]]:
     return [strategy_utils.sample_nodes(grid, 2, 3)[0] for _ in range(n)]
 
 
-def test_flower_samples_with_the_name_we_replace() -> None:
-    source = inspect.getsource(strategy_utils)
-    assert "random.sample(all_nodes, sample_size)" in inspect.getsource(
-        strategy_utils.sample_nodes)
-    assert source.count("random.") == 1, "Flower draws from `random` elsewhere too"
-    assert hasattr(strategy_utils, PATCHED)
-
-
 def test_a_seeded_sampler_repeats_whatever_else_draws_from_random() -> None:
     grid = FixedGrid(list(range(100, 140)))
-    install_node_sampler(7, secret=False)
-    first = _rounds(grid)
-    install_node_sampler(7, secret=False)
-    random.seed(123)
-    again = []
-    for _ in range(5):
-        random.random()  # another thread's draws (Ray's start-up) no longer shift the sample
-        again += _rounds(grid, 1)
-    install_node_sampler(8, secret=False)
-    other = _rounds(grid)
+    with flower_samples_with(node_sampler(7, secret=False)):
+        first = _rounds(grid)
+    with flower_samples_with(node_sampler(7, secret=False)):
+        random.seed(123)
+        again = []
+        for _ in range(5):
+            random.random()  # another thread's draws (Ray's start-up) no longer shift the sample
+            again += _rounds(grid, 1)
+    with flower_samples_with(node_sampler(8, secret=False)):
+        other = _rounds(grid)
 
     assert first == again
     assert other != first
@@ -52,11 +45,10 @@ def test_a_seeded_sampler_repeats_whatever_else_draws_from_random() -> None:
 
 
 def test_client_level_dp_samples_with_the_operating_systems_generator() -> None:
-    sampler = install_node_sampler(7, secret=True)
-    try:
+    sampler = node_sampler(7, secret=True)
+    with flower_samples_with(sampler):
         assert isinstance(sampler, random.SystemRandom)
-        assert getattr(strategy_utils, PATCHED) is sampler
+        assert getattr(strategy_utils, SAMPLER_ATTR) is sampler
         grid = FixedGrid(list(range(1000)))
         assert _rounds(grid, 3) != _rounds(grid, 3)  # 1 in ~10^26 of a false failure
-    finally:
-        install_node_sampler(0, secret=False)
+    assert getattr(strategy_utils, SAMPLER_ATTR) is random

@@ -101,7 +101,7 @@ def _simulated_node_ids(count: int) -> list[int]:
 
 
 def test_seeded_node_ids_make_simulated_sampling_repeat() -> None:
-    from simulations.seeded_node_ids import seeded_node_ids
+    from simulations.flower_patches import seeded_node_ids
 
     with seeded_node_ids(0):
         first = _simulated_node_ids(40)

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from client.flower_patches import WARM_PULL_BACKOFF, warm_message_pull
 from client.node.daemon import (
     DaemonConfigError,
     _ForkServerKeeper,
     parse_config,
 )
 from client.node.supernode import TASK_POLL_ENV
-from client.node.warm_child import WARM_PULL_BACKOFF, tune_message_pull
 from client.node.warm_launcher import (
     EDGE_PRELOAD,
     EXIT_CONFIG,
@@ -341,7 +341,7 @@ def test_flowers_real_clientapp_entry_point_runs_warm(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Run a Flower ClientApp" in done.stdout and "cold" not in done.stderr
     assert "forked ClientApp process" in proc.log_tail()
-    assert "1 s retry backoff" not in proc.log_tail(), "tune_message_pull applied"
+    assert "1 s retry backoff" not in proc.log_tail(), "warm_message_pull applied"
     print(f"flwr-clientapp --help through the warm shim: {warm:.3f} s")
 
 
@@ -356,12 +356,14 @@ def test_warm_clientapps_retry_their_message_pull_sooner(
     original = getattr(run_clientapp, name)
     monkeypatch.setattr(run_clientapp, name, original)
 
-    assert tune_message_pull() and tune_message_pull()  # idempotent
+    with warm_message_pull() as applied, warm_message_pull() as again:
+        assert applied and again  # idempotent
 
-    tuned = getattr(run_clientapp, name)
-    assert isinstance(tuned, functools.partial) and tuned.func is original
-    assert tuned.keywords == WARM_PULL_BACKOFF
-    assert WARM_PULL_BACKOFF["initial_backoff"] < 1.0  # Flower's own: 1 s, then 2, 4, ...
+        tuned = getattr(run_clientapp, name)
+        assert isinstance(tuned, functools.partial) and tuned.func is original
+        assert tuned.keywords == WARM_PULL_BACKOFF
+        assert WARM_PULL_BACKOFF["initial_backoff"] < 1.0  # Flower's own: 1 s, then 2, 4, ...
+    assert getattr(run_clientapp, name) is original
 
 
 # --- the cold fallback -----------------------------------------------------------------------
@@ -610,19 +612,22 @@ def test_supernode_entry_shortens_only_flowers_two_sleeps(monkeypatch: pytest.Mo
     import time as real_time
     import types
 
-    from client.node import supernode_entry as entry
+    from client.flower_patches import short_supernode_sleeps
 
     slept: list[float] = []
     monkeypatch.setattr(real_time, "sleep", slept.append)
     module = types.ModuleType("fake_start_client_internal")
     module.time = real_time  # type: ignore[attr-defined]
-    assert entry.patch(module, 0.4)
-    module.time.sleep(3)  # type: ignore[attr-defined]  # the idle poll
-    module.time.sleep(0.5)  # type: ignore[attr-defined]  # waiting for the ClientApp
-    module.time.sleep(7)  # type: ignore[attr-defined]  # anything else is untouched
-    assert slept == [0.4, 0.1, 7]
-    assert module.time.monotonic is real_time.monotonic  # type: ignore[attr-defined]
-    assert not entry.patch(types.ModuleType("moved"), 0.4), "unpatched when Flower moved"
+    with short_supernode_sleeps(0.4, module) as applied:
+        assert applied
+        module.time.sleep(3)  # type: ignore[attr-defined]  # the idle poll
+        module.time.sleep(0.5)  # type: ignore[attr-defined]  # waiting for the ClientApp
+        module.time.sleep(7)  # type: ignore[attr-defined]  # anything else is untouched
+        assert slept == [0.4, 0.1, 7]
+        assert module.time.monotonic is real_time.monotonic  # type: ignore[attr-defined]
+    assert module.time is real_time  # type: ignore[attr-defined]
+    with short_supernode_sleeps(0.4, types.ModuleType("moved")) as applied:
+        assert not applied, "unpatched when Flower moved"
 
 
 def test_supernode_entry_patches_the_installed_flower() -> None:
@@ -631,7 +636,7 @@ def test_supernode_entry_patches_the_installed_flower() -> None:
     from client.node import supernode_entry as entry
 
     assert start_client_internal.time is __import__("time"), \
-        "flwr's start_client_internal changed: review client/node/supernode_entry.py"
+        "flwr's start_client_internal changed: review client/flower_patches.py"
     assert entry.poll_interval({}) == entry.DEFAULT_POLL_S
     assert entry.poll_interval({entry.POLL_ENV: "0.5"}) == 0.5
     with pytest.raises(ValueError, match=r"expected 0\.05 to 3"):
