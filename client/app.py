@@ -28,12 +28,11 @@ from client.node_policy import is_edge_client, node_settings_mod, partition_id
 from client.secagg_client import handle_setup, handle_share_keys, handle_unmask, mask_update
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
-from protocols.codecs import Fp32Codec, get_codec, record_nbytes
+from protocols.codecs import ClientUpdate, RoundContext, from_record, get_codec, record_nbytes
 from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int, get_str
 from protocols.run_config import PathsSection, RunConfig
 from protocols.secagg import wire as secagg_wire
-from protocols.seed_updates import SEED_CODEC_NAME, SeedScalarCodec
 
 log = logging.getLogger(__name__)
 
@@ -129,33 +128,30 @@ def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
 
 
 def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
-    adapter = Fp32Codec().decode(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    adapter = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
     edge = is_edge_client(flat, context)
     instruction = _instruction(msg, edge=edge)
     cfg = msg.content.config_records[keys.CONFIG]
-    codec_name = get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC)
     trainer = _trainer(flat, edge=edge)
     data = _local_data(flat, context)
     # Distinct batches per client within a round, reproducible across reruns.
     seeded = dataclasses.replace(
         instruction, seed=instruction.seed * 1_000_003 + partition_id(context))
     outcome = trainer.train(adapter, data, seeded)
-    upload_key = keys.ARRAYS
-    seed_update = getattr(outcome, "seed_update", None)
+    # Every upload is the delta from the global adapter this round started from.
+    update = ClientUpdate(delta={k: outcome.tensors[k] - adapter[k] for k in outcome.tensors},
+                          seed_update=getattr(outcome, "seed_update", None))
     if secagg_wire.RECORD in msg.content.config_records:
-        # Secure aggregation: the flat trainable delta, clipped/noised/masked on the device.
-        # (An edge client's seed/scalar pairs cannot be summed under masks: it sends the
-        # dense delta they produce.)
-        delta = np.concatenate([(outcome.tensors[k] - adapter[k]).ravel()
-                                for k in sorted(outcome.tensors)])
+        # Secure aggregation: the flat delta, clipped/noised/masked on the device. (An edge
+        # client's seed/scalar pairs cannot be summed under masks: it sends the dense delta.)
+        flat_delta = np.concatenate([update.delta[k].ravel() for k in sorted(update.delta)])
         upload_key = secagg_wire.MASKED
-        upload = secagg_wire.masked_record(mask_update(delta, msg.content, context))
-    elif codec_name == SEED_CODEC_NAME and seed_update is not None:
-        upload = SeedScalarCodec().encode_update(seed_update)
+        upload = secagg_wire.masked_record(mask_update(flat_delta, msg.content, context))
     else:
-        upload = get_codec(codec_name).encode(outcome.tensors)
-    if upload_key == keys.ARRAYS:
-        upload = pack_record(upload)
+        upload_key = keys.ARRAYS
+        ctx = RoundContext(global_adapter=adapter, server_round=instruction.server_round)
+        codec = get_codec(get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC))
+        upload = pack_record(codec.encode(update, ctx))
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: outcome.num_examples,
@@ -169,7 +165,7 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
 
 
 def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
-    adapter = Fp32Codec().decode(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    adapter = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
     cfg = msg.content.config_records[keys.CONFIG]
     data = _local_data(flat, context)
     outcome = _trainer(flat, edge=is_edge_client(flat, context)).evaluate(

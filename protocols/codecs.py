@@ -1,60 +1,136 @@
-"""Update codecs: how adapter tensors become an ``ArrayRecord`` and back.
+"""Update codecs: how a client's update becomes an ``ArrayRecord`` and back.
+
+Every upload is a **delta**: the client's trainable tensors minus the round's global adapter
+(the plaintext, secure-aggregation and DP paths alike), so a codec never needs to know the
+global adapter to be lossless, a lossy codec compresses the small numbers that matter, and
+clipping for DP acts on what was sent.
 
 A codec is the seam for compression (fp16, int8, top-k) and for the seed/scalar uploads of
-forward-only edge clients: the client encodes, the coordinator decodes, and both refer to the
-codec by the name carried in the instruction's ConfigRecord. Decoding is strict because its
-input is untrusted; :mod:`protocols.validation` then checks the decoded tensors against the
-adapter spec.
+forward-only edge clients: the client encodes, the coordinator decodes, both with the
+round's :class:`RoundContext` (what both sides know of the round: the global adapter, the
+spec, the round number, the step size and bounds the coordinator sent), and both refer to
+the codec by the name carried in the instruction's ConfigRecord. Decoding is strict because
+its input is untrusted; :mod:`protocols.validation` then checks the decoded delta against
+the adapter spec.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord
 
-from protocols.adapter_spec import Tensors
+from protocols.adapter_spec import AdapterSpec, Tensors, TensorsView
 from protocols.errors import InvalidUpdate
+
+if TYPE_CHECKING:
+    from protocols.seed_updates import SeedUpdate
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What both sides know about the round an update belongs to.
+
+    The client builds it from the instruction it received, the coordinator from the
+    instruction it sent; a codec that needs more of the round (a seed replay needs the step
+    size and bounds) finds it here instead of in special cases at its call sites.
+    """
+
+    global_adapter: TensorsView
+    server_round: int = 0
+    spec: AdapterSpec | None = None  # the coordinator's; a client does not need it
+    learning_rate: float = 0.0  # the step size the coordinator sent (seed replay)
+    max_steps: int = 0  # the step count the coordinator sent (seed replay)
+    max_abs_scalar: float = 1e3  # the coordinator's bound on one projected gradient
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client has to send: its delta from the round's global adapter (trainable
+    tensors only), and, from a forward-only trainer, the seed/scalar steps behind it."""
+
+    delta: Tensors
+    seed_update: SeedUpdate | None = field(default=None)
 
 
 class UpdateCodec(Protocol):
-    """Turns named float32 tensors into a wire record and back."""
+    """Turns a client's update into a wire record and back, within one round."""
 
     name: str
 
-    def encode(self, tensors: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord: ...
+    def encode(self, update: ClientUpdate, ctx: RoundContext) -> ArrayRecord: ...
 
-    def decode(self, record: ArrayRecord) -> Tensors: ...
+    def decode(self, record: ArrayRecord, ctx: RoundContext) -> Tensors:
+        """The delta the record carries; :class:`InvalidUpdate` on any defect."""
+        ...
+
+    def recognises(self, record: ArrayRecord) -> bool:
+        """Whether ``record`` is in this codec's wire form (a round may allow several
+        codecs, one per client kind; the coordinator picks the one that recognises it)."""
+        ...
+
+
+def to_record(tensors: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord:
+    """Tensors as an ``ArrayRecord`` of little-endian float32 arrays (the global adapter
+    sent down, a dense delta sent up)."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(value, dtype="<f4"))
+                        for key, value in tensors.items()})
+
+
+def from_record(record: ArrayRecord) -> Tensors:
+    """Strictly parse a record of float32 arrays (untrusted input)."""
+    out: Tensors = {}
+    for key, array in record.items():
+        value = load_npy_exact(key, array)
+        if value.dtype != np.dtype("<f4"):
+            raise InvalidUpdate(f"`{key}`: expected dtype float32, got {value.dtype}")
+        if tuple(value.shape) != tuple(array.shape):
+            raise InvalidUpdate(
+                f"`{key}`: header says shape {tuple(array.shape)}, "
+                f"payload has shape {tuple(value.shape)}"
+            )
+        out[key] = value
+    return out
 
 
 class Fp32Codec:
-    """Identity codec: every tensor as little-endian float32, exactly as trained."""
+    """Identity codec: the delta as little-endian float32, exactly as computed."""
 
     name = "fp32"
 
-    def encode(self, tensors: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord:
-        arrays = {}
-        for key, value in tensors.items():
-            arr = np.ascontiguousarray(value, dtype="<f4")
-            arrays[key] = Array(arr)
-        return ArrayRecord(arrays)
+    def encode(self, update: ClientUpdate, ctx: RoundContext) -> ArrayRecord:
+        return to_record(update.delta)
 
-    def decode(self, record: ArrayRecord) -> Tensors:
-        out: Tensors = {}
-        for key, array in record.items():
-            value = load_npy_exact(key, array)
-            if value.dtype != np.dtype("<f4"):
-                raise InvalidUpdate(f"`{key}`: expected dtype float32, got {value.dtype}")
-            if tuple(value.shape) != tuple(array.shape):
-                raise InvalidUpdate(
-                    f"`{key}`: header says shape {tuple(array.shape)}, "
-                    f"payload has shape {tuple(value.shape)}"
-                )
-            out[key] = value
-        return out
+    def decode(self, record: ArrayRecord, ctx: RoundContext) -> Tensors:
+        return from_record(record)
+
+    def recognises(self, record: ArrayRecord) -> bool:
+        from protocols.seed_updates import WIRE_KEYS
+
+        return not set(record.keys()) & WIRE_KEYS
+
+
+def apply_delta(global_adapter: TensorsView, delta: Mapping[str, npt.NDArray[Any]]) -> Tensors:
+    """The new global adapter: ``global + delta`` on the delta's keys (summed in float64,
+    stored as float32); every other tensor (FFA-LoRA's frozen A) stays as it is."""
+    out = dict(global_adapter)
+    for key, value in delta.items():
+        out[key] = (global_adapter[key].astype(np.float64) + value).astype(np.float32)
+    return out
+
+
+def decode_upload(record: ArrayRecord, ctx: RoundContext, allowed: Sequence[str]) -> Tensors:
+    """The delta an untrusted upload carries, decoded by whichever of the round's ``allowed``
+    codecs recognises it; :class:`InvalidUpdate` if none does."""
+    for name in allowed:
+        codec = get_codec(name)
+        if codec.recognises(record):
+            return codec.decode(record, ctx)
+    raise InvalidUpdate(f"the upload is in none of this round's codecs {list(allowed)}")
 
 
 def _seed_scalar() -> UpdateCodec:

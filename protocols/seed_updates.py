@@ -43,8 +43,9 @@ shapes, so a client whose ``[lora]`` settings differ from the coordinator's is r
 with a reason instead of being replayed into garbage. The learning rate is the coordinator's
 own (it sent it in the instruction): a client cannot choose its step size.
 
-Dense alternative: the forward-only trainer also returns its final θ, which travels through
-the ordinary ``fp32`` codec like a backprop client's update (:mod:`protocols.codecs`).
+Dense alternative: the forward-only trainer also returns its final θ, whose delta from the
+global adapter travels through the ordinary ``fp32`` codec like a backprop client's
+(:mod:`protocols.codecs`).
 
 Seed grinding: a malicious client may search seeds for a direction that suits it; the
 scalar bound (``max_abs_scalar``), the step bound (``max_steps``) and duplicate refusal cap
@@ -68,7 +69,7 @@ from flwr.app import Array, ArrayRecord
 
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec, Tensors, TensorsView
-from protocols.codecs import load_npy_exact, register_codec
+from protocols.codecs import ClientUpdate, RoundContext, load_npy_exact, register_codec
 from protocols.errors import InvalidUpdate
 
 #: Version of the direction and wire format above; a change to either bumps it.
@@ -317,92 +318,53 @@ def validate_seed_update(
 
 
 class SeedScalarCodec:
-    """``seed-scalar`` codec: a :class:`SeedUpdate` as three arrays of an ``ArrayRecord``.
+    """``seed-scalar`` codec: a forward-only client's :class:`SeedUpdate` as three arrays.
 
-    ``encode`` takes the wire form (``SeedUpdate.to_arrays()``), so the ClientApp's generic
-    ``codec.encode(...)`` works. Turning a record into adapter tensors needs the round's
-    context (global adapter, spec, learning rate, bounds): the coordinator calls
-    :meth:`bind` each round and uses the returned :class:`SeedReplayCodec`.
+    ``encode`` sends the client's steps instead of its delta; ``decode`` parses and
+    validates them against the round (:func:`validate_seed_update`: the round, the adapter
+    layout, the coordinator's step and scalar bounds) and replays them from the round's
+    global adapter with the step size *the coordinator* sent, returning the client's delta
+    bit for bit, which :func:`protocols.validation.validate_update` and the average then take
+    like any dense delta.
     """
 
     name = SEED_CODEC_NAME
 
-    def encode(self, tensors: Mapping[str, npt.NDArray[Any]]) -> ArrayRecord:
-        return self.encode_update(SeedUpdate.from_arrays(tensors))
+    def encode(self, update: ClientUpdate, ctx: RoundContext) -> ArrayRecord:
+        if update.seed_update is None:
+            raise ValueError(f"the {SEED_CODEC_NAME!r} codec sends a forward-only trainer's "
+                             "seed/scalar steps; this update has none (a torch client uses "
+                             "a dense codec)")
+        return ArrayRecord({key: Array(value)
+                            for key, value in update.seed_update.to_arrays().items()})
 
-    def encode_update(self, update: SeedUpdate) -> ArrayRecord:
-        return ArrayRecord({key: Array(value) for key, value in update.to_arrays().items()})
+    def recognises(self, record: ArrayRecord) -> bool:
+        return set(record.keys()) == WIRE_KEYS
 
-    def decode_update(self, record: ArrayRecord) -> SeedUpdate:
+    def parse(self, record: ArrayRecord) -> SeedUpdate:
         """Strictly parse an untrusted record; :class:`InvalidUpdate` on any defect."""
         arrays: dict[str, npt.NDArray[Any]] = {}
         for key, array in record.items():
             arrays[key] = load_npy_exact(key, array)
         return SeedUpdate.from_arrays(arrays)
 
-    def decode(self, record: ArrayRecord) -> Tensors:
-        raise RuntimeError(
-            f"the {SEED_CODEC_NAME!r} codec needs the round's context to rebuild tensors: "
-            "call SeedScalarCodec().bind(global_adapter=..., spec=..., ...) and decode with it"
-        )
-
-    def bind(
-        self,
-        *,
-        global_adapter: Mapping[str, npt.NDArray[Any]],
-        spec: AdapterSpec,
-        server_round: int,
-        learning_rate: float,
-        max_steps: int,
-        max_abs_scalar: float,
-    ) -> SeedReplayCodec:
-        """A decoder for this round's replies (see :class:`SeedReplayCodec`)."""
-        return SeedReplayCodec(global_adapter=global_adapter, spec=spec,
-                               server_round=server_round, learning_rate=learning_rate,
-                               max_steps=max_steps, max_abs_scalar=max_abs_scalar)
-
-
-class SeedReplayCodec(SeedScalarCodec):
-    """A ``seed-scalar`` codec bound to one round: ``decode`` returns the client's adapter.
-
-    ``decode`` parses, validates (:func:`validate_seed_update`) and replays the steps from the
-    round's global adapter, returning the trainable tensors exactly as the client holds
-    them, which :func:`protocols.validation.validate_update` and the usual weighted average
-    then take like any dense update.
-    """
-
-    def __init__(
-        self,
-        *,
-        global_adapter: Mapping[str, npt.NDArray[Any]],
-        spec: AdapterSpec,
-        server_round: int,
-        learning_rate: float,
-        max_steps: int,
-        max_abs_scalar: float,
-    ) -> None:
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if not (max_abs_scalar > 0 and math.isfinite(max_abs_scalar)):
-            raise ValueError(f"max_abs_scalar must be finite and > 0, got {max_abs_scalar}")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-        self.global_adapter = global_adapter
-        self.spec = spec
-        self.server_round = server_round
-        self.learning_rate = learning_rate
-        self.max_steps = max_steps
-        self.max_abs_scalar = max_abs_scalar
-        self.layout = layout_id(trainable_shapes(spec))
-
-    def decode(self, record: ArrayRecord) -> Tensors:
-        update = self.decode_update(record)
-        validate_seed_update(update, expected_round=self.server_round,
-                             expected_layout=self.layout, max_steps=self.max_steps,
-                             max_abs_scalar=self.max_abs_scalar)
-        theta = apply_seed_updates(self.global_adapter, update.pairs(), spec=self.spec,
-                                   learning_rate=self.learning_rate)
-        return {k: theta[k] for k in self.spec.trainable_keys}
+    def decode(self, record: ArrayRecord, ctx: RoundContext) -> Tensors:
+        if ctx.spec is None:
+            raise ValueError("replaying seed/scalar steps needs the round's context: the "
+                             "adapter spec is missing from the RoundContext")
+        if ctx.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {ctx.max_steps}")
+        if not (ctx.max_abs_scalar > 0 and math.isfinite(ctx.max_abs_scalar)):
+            raise ValueError(f"max_abs_scalar must be finite and > 0, got {ctx.max_abs_scalar}")
+        if not ctx.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {ctx.learning_rate}")
+        update = self.parse(record)
+        validate_seed_update(update, expected_round=ctx.server_round,
+                             expected_layout=layout_id(trainable_shapes(ctx.spec)),
+                             max_steps=ctx.max_steps, max_abs_scalar=ctx.max_abs_scalar)
+        theta = apply_seed_updates(ctx.global_adapter, update.pairs(), spec=ctx.spec,
+                                   learning_rate=ctx.learning_rate)
+        return {k: theta[k] - ctx.global_adapter[k] for k in ctx.spec.trainable_keys}
 
 
 def _register() -> None:

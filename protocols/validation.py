@@ -92,3 +92,12 @@ def _preview(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(f"`{k}`" for k in keys[:limit])
     more = len(keys) - limit
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def clip_update(update: Mapping[str, npt.NDArray[Any]], clip_norm: float
+                ) -> tuple[dict[str, npt.NDArray[np.float32]], float]:
+    """``update`` scaled to L2 norm at most ``clip_norm`` (norm over all tensors together),
+    and its norm before clipping: client-level DP's sensitivity bound."""
+    norm = update_norm(update)
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: (v * factor).astype(np.float32) for k, v in update.items()}, norm

@@ -17,9 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec
+from protocols.adapter_spec import AdapterSpec, TensorsView
 from protocols.atomic_write import write_json_atomic
-from protocols.codecs import Fp32Codec
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
 from protocols.run_config import PathsSection, RunConfig
 from server.checkpoint import OffsetRounds, resume_point, save_checkpoint
@@ -126,7 +125,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"round": server_round, "wall_s": time.perf_counter() - t0}
         eval_start = time.perf_counter()
         if config.eval.central:
-            row.update(central.evaluate(Fp32Codec().decode(arrays)))
+            row.update(central.evaluate(strategy.global_tensors(arrays)))
         row["eval_s"] = time.perf_counter() - eval_start
         stats = strategy.stats.get(server_round)
         if stats is not None:
@@ -155,7 +154,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
         append_metrics(run_dir, row)
         if server_round > 0 and server_round in strategy.stats:  # a round ran: checkpoint it
             completed = point.done + server_round - outer.offset
-            save_checkpoint(run_dir, server_round, completed, Fp32Codec().decode(arrays))
+            save_checkpoint(run_dir, server_round, completed, strategy.global_tensors(arrays))
         metrics = {k: v for k, v in row.items() if k in (keys.EVAL_LOSS, keys.PERPLEXITY)}
         return MetricRecord(metrics) if metrics else None
 
@@ -177,21 +176,21 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     )
     start = point.adapter if point.adapter is not None else central.initial_adapter
     remaining = config.train.rounds - point.done
-    final = start
+    final: TensorsView = start
     if remaining > 0:
         # Seeded sampling repeats runs; under client-level DP the sample must be secret.
         with flower_samples_with(node_sampler(config.train.seed,
                                               secret=config.privacy.client_dp)):
             result = outer.start(
                 grid=grid,
-                initial_arrays=Fp32Codec().encode(start),
+                initial_arrays=strategy.publish(start),
                 num_rounds=remaining,
                 timeout=config.federation.round_timeout_s,
                 train_config=train_config,
                 evaluate_config=eval_config,
                 evaluate_fn=outer.shift(evaluate),
             )
-        final = Fp32Codec().decode(result.arrays) if result.arrays else start
+        final = strategy.global_tensors(result.arrays) if result.arrays else start
     save_peft_adapter(run_dir / "adapter", final, central.peft_config)
     summary: dict[str, Any] = {"rounds": config.train.rounds,
                                "seconds": time.perf_counter() - t0}

@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocols.adapter_spec import Tensors
+from protocols.adapter_spec import Tensors, TensorsView
 from protocols.atomic_write import write_bytes_atomic
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -44,7 +44,8 @@ class Checkpoint:
     adapter: Tensors
 
 
-def save_checkpoint(run_dir: Path, server_round: int, completed: int, adapter: Tensors) -> Path:
+def save_checkpoint(run_dir: Path, server_round: int, completed: int,
+                    adapter: TensorsView) -> Path:
     from safetensors.numpy import save
 
     path = run_dir / CHECKPOINT_NAME

@@ -1,7 +1,7 @@
 """Client-level differential privacy on the coordinator, with an ε ledger and a budget.
 
-Each round, every client's update (its uploaded tensors minus the global adapter) is clipped
-to L2 norm ``C``; the clipped updates are averaged with equal weights; Gaussian noise of std
+Each round, every client's update (the delta it uploaded) is clipped to L2 norm ``C``; the
+clipped updates are averaged with equal weights; Gaussian noise of std
 ``σ·C/m`` is added to the mean of ``m`` updates (``σ·C`` on their sum), and the round is
 recorded in a :class:`~protocols.privacy.ledger.PrivacyLedger` as one step of the
 subsampled Gaussian mechanism with ``q = clients_per_round / available clients``
@@ -28,22 +28,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from protocols import keys
-from protocols.adapter_spec import Tensors
-from protocols.codecs import Fp32Codec
-from protocols.errors import InvalidUpdate
 from protocols.privacy.ledger import PrivacyLedger, save_ledger
-from protocols.validation import update_norm
 from server.strategy import AdapterFedAvg
 
 log = logging.getLogger(__name__)
-
-
-def clip_update(update: Tensors, clip_norm: float) -> tuple[Tensors, float]:
-    """Scale ``update`` to L2 norm at most ``clip_norm`` (norm over all tensors together)."""
-    norm = update_norm(update)
-    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return {k: (v * factor).astype(np.float32) for k, v in update.items()}, norm
 
 
 class ClientLevelDP(Strategy):
@@ -69,6 +57,10 @@ class ClientLevelDP(Strategy):
             raise ValueError("client-level DP needs the inner strategy to average with "
                              "weighting='uniform'; example weights change the sensitivity")
         self.strategy = strategy
+        if not distributed:
+            # The inner strategy clips each validated delta (server.strategy): clipping
+            # belongs after validation, and there each reply is decoded once.
+            strategy.clip_norm = clip_norm
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.clients_per_round = clients_per_round
@@ -113,58 +105,29 @@ class ClientLevelDP(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if server_round not in self._rates:
             return None, None  # the round was not run
-        replies = list(replies)
-        clipped = [] if self.distributed else [self._clip_reply(msg) for msg in replies]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        accepted = self.strategy.stats[server_round].accepted
-        if arrays is None or accepted == 0:
+        stats = self.strategy.stats[server_round]
+        if arrays is None or stats.accepted == 0:
             return None, None  # nothing released, nothing spent
-        if self.distributed:
-            # Every client clipped and added its noise share before masking; the sum carries
-            # at least std sigma*C (see server/secagg.py), which is what the ledger records.
-            std = self.noise_multiplier * self.clip_norm / accepted
-        else:
-            mean = Fp32Codec().decode(arrays)
-            std = self.noise_multiplier * self.clip_norm / accepted
+        # Every delta was clipped to C (by the inner strategy, or under SecAgg by each client
+        # before masking, with its share of the noise: the sum then carries at least std
+        # sigma*C, see server/secagg.py); the mean of m of them gets std sigma*C/m.
+        std = self.noise_multiplier * self.clip_norm / stats.accepted
+        if not self.distributed:
+            mean = dict(self.strategy.global_tensors(arrays))  # decoded once, by the strategy
             for key in self.strategy.spec.trainable_keys:
                 noise = self._rng.normal(0.0, std, size=mean[key].shape)
                 mean[key] = (mean[key].astype(np.float64) + noise).astype(np.float32)
-            arrays = Fp32Codec().encode(mean)
+            arrays = self.strategy.publish(mean)
+            self.clip_fractions[server_round] = stats.clipped / stats.accepted
         self.ledger.record(server_round, noise_multiplier=self.noise_multiplier,
                            sample_rate=self._rates[server_round])
         if self.ledger_path is not None:
             save_ledger(self.ledger_path, self.ledger)
-        hits = [c for c in clipped if c is not None]
-        if not self.distributed:  # clients clip privately under SecAgg: unknown here
-            self.clip_fractions[server_round] = float(np.mean(hits)) if hits else 0.0
         log.info("round %d: DP noise std %.3g on the mean of %d clipped updates; "
-                 "epsilon %.3f (delta %g)", server_round, std, accepted,
+                 "epsilon %.3f (delta %g)", server_round, std, stats.accepted,
                  self.ledger.epsilon(), self.ledger.delta)
         return arrays, metrics
-
-    def _clip_reply(self, msg: Message) -> bool | None:
-        """Clip the reply's update in place; ``None`` if it cannot be read (the inner
-        strategy then rejects it with the reason), else whether clipping bound."""
-        if msg.has_error() or keys.ARRAYS not in msg.content.array_records:
-            return None
-        # The inner strategy decoded the round's global adapter in configure_train.
-        current = self.strategy.current_global
-        try:
-            # dense whatever the upload's codec (edge seed/scalar updates are replayed)
-            tensors = self.strategy.decode_upload(msg.content.array_records[keys.ARRAYS])
-            update = {k: v - current[k] for k, v in tensors.items()}
-        except (ValueError, KeyError):
-            return None
-        codec = Fp32Codec()
-        if not all(np.isfinite(v).all() for v in update.values()):
-            return None
-        try:
-            self.strategy.check_norm(tensors)
-        except InvalidUpdate:
-            return None  # beyond the coordinator's bound: rejected, not clipped
-        clipped, norm = clip_update(update, self.clip_norm)
-        msg.content[keys.ARRAYS] = codec.encode({k: current[k] + v for k, v in clipped.items()})
-        return norm > self.clip_norm
 
     # -- everything else passes through ------------------------------------------------
     def configure_evaluate(

@@ -45,8 +45,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec, Tensors
-from protocols.codecs import Fp32Codec
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import apply_delta
 from protocols.errors import InvalidUpdate
 from protocols.secagg import (
     decode_sum,
@@ -246,10 +246,9 @@ class SecAggFedAvg(AdapterFedAvg):
         if total is None:
             stats.aggregated_at = time.perf_counter()
             return None, None
-        merged = dict(self._global)
-        merged.update(self._split(total / len(masked)))
+        merged = apply_delta(self._global, self._split(total / len(masked)))
         stats.aggregated_at = time.perf_counter()
-        return Fp32Codec().encode(merged), stats.summarise(metrics[n] for n in masked)
+        return self.publish(merged), stats.summarise(metrics[n] for n in masked)
 
     def _unmask(
         self, rnd: _Round, masked: Mapping[int, np.ndarray], stats: RoundStats, server_round: int
@@ -321,13 +320,14 @@ class SecAggFedAvg(AdapterFedAvg):
                 out[node] = reply.content
         return out
 
-    def _split(self, flat: np.ndarray) -> Tensors:
-        out: Tensors = {}
+    def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The flat mean delta as the adapter's trainable tensors (kept in float64: it is
+        rounded once, when added to the global adapter)."""
+        out: dict[str, np.ndarray] = {}
         offset = 0
         for key, shape in self._layout:
             size = int(np.prod(shape))
-            update = flat[offset:offset + size].reshape(shape)
-            out[key] = (self._global[key].astype(np.float64) + update).astype(np.float32)
+            out[key] = flat[offset:offset + size].reshape(shape)
             offset += size
         return out
 

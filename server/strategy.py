@@ -23,13 +23,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec, Tensors
-from protocols.codecs import Fp32Codec, get_codec, record_nbytes
+from protocols.adapter_spec import AdapterSpec, Tensors, TensorsView
+from protocols.codecs import (
+    RoundContext,
+    apply_delta,
+    decode_upload,
+    from_record,
+    get_codec,
+    record_nbytes,
+    to_record,
+)
 from protocols.errors import InvalidUpdate
 from protocols.packing import pack_record, unpack_record
-from protocols.records import get_float, get_int
-from protocols.seed_updates import WIRE_KEYS, SeedScalarCodec
-from protocols.validation import update_norm, validate_metrics, validate_update
+from protocols.records import get_float, get_int, get_str
+from protocols.validation import clip_update, update_norm, validate_metrics, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ class RoundStats:
     dropped: int = 0  # SecAgg: shared keys, then sent no (valid) masked input
     bytes_down: int = 0
     bytes_up: int = 0
+    clipped: int = 0  # accepted updates that client-level DP's clipping scaled down
     started: float = 0.0
     replies_at: float = 0.0
     aggregated_at: float = 0.0
@@ -133,7 +141,14 @@ def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
 
 
 class AdapterFedAvg(FedAvg):
-    """FedAvg over adapter tensors with fail-closed validation of each reply."""
+    """FedAvg over adapter deltas with fail-closed validation of each reply.
+
+    Each reply is decoded once, into the delta it carries (every codec's output, whatever
+    travelled), validated, optionally clipped, and averaged; the new global adapter is the
+    round's plus the mean delta. The global adapter itself is decoded and encoded once per
+    round: :meth:`global_tensors` hands the tensors of the record this strategy produced to
+    evaluation, the checkpoint and the next round without parsing it again.
+    """
 
     def __init__(
         self,
@@ -143,40 +158,84 @@ class AdapterFedAvg(FedAvg):
         weighting: str = "examples",
         max_abs_scalar: float = 1e3,
         max_update_norm: float = 0.0,
+        clip_norm: float = 0.0,
         **fedavg_kwargs: object,
     ):
         """``weighting="uniform"`` averages updates with equal weights: what client-level DP
         needs, since a client's weight would otherwise scale its sensitivity.
-        ``max_update_norm > 0`` rejects an update further than that (L2) from the global
-        adapter: one oversized update would otherwise dominate a small cohort's mean."""
+        ``max_update_norm > 0`` rejects a delta longer than that (L2): one oversized update
+        would otherwise dominate a small cohort's mean. ``clip_norm > 0`` scales every
+        accepted delta to at most that L2 norm (client-level DP's clipping: after
+        validation, so a NaN or an oversized update is rejected, not clipped).
+
+        ``fedavg_kwargs`` are Flower's ``FedAvg`` sampling options (``fraction_train``,
+        ``min_train_nodes``, ...), passed through unchanged.
+        """
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+        if max_update_norm < 0:
+            raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
+        if clip_norm < 0:
+            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        get_codec(codec)  # fail at start-up, not in round 1
         self.spec = spec
         self.codec_name = codec
         self.weighting = weighting
         self.max_abs_scalar = max_abs_scalar
-        if max_update_norm < 0:
-            raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
         self.max_update_norm = max_update_norm
-        get_codec(codec)  # fail at start-up, not in round 1
+        self.clip_norm = clip_norm
         self.stats: dict[int, RoundStats] = {}
-        self._global: Tensors = {}
-        self._round = 0
-        self._config: ConfigRecord = ConfigRecord()
+        self._global: TensorsView = {}
+        self._published: tuple[ArrayRecord, TensorsView] | None = None
+        self._context = RoundContext(global_adapter={})
+        self._codecs: tuple[str, ...] = (codec,)
+
+    # -- the global adapter, decoded once ------------------------------------------------
+    def global_tensors(self, arrays: ArrayRecord) -> TensorsView:
+        """The tensors of a global-adapter record: those of the record this strategy
+        published last are returned as they are, any other record is parsed (once)."""
+        if self._published is None or self._published[0] is not arrays:
+            self._published = (arrays, from_record(arrays))
+        return self._published[1]
+
+    def publish(self, tensors: TensorsView) -> ArrayRecord:
+        """The record Flower passes on for a new global adapter (remembering its tensors)."""
+        record = to_record(tensors)
+        self._published = (record, tensors)
+        return record
 
     @property
-    def current_global(self) -> Tensors:
-        """The global adapter sent out for the round in progress (decoded once, here)."""
+    def current_global(self) -> TensorsView:
+        """The global adapter sent out for the round in progress."""
         return self._global
+
+    @property
+    def round_context(self) -> RoundContext:
+        """What the clients of the round in progress were told (codecs decode with it)."""
+        return self._context
+
+    # -- train ---------------------------------------------------------------------------
+    def begin_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+                    ) -> ConfigRecord:
+        """Take in the round's global adapter and instruction (what its replies are decoded
+        against); return the instruction with the codec named."""
+        self._global = self.global_tensors(arrays)
+        config = ConfigRecord(dict(config))  # Flower's FedAvg writes into it; keep ours clean
+        config[keys.CODEC] = self.codec_name
+        edge = keys.EDGE_LEARNING_RATE in config
+        self._context = RoundContext(
+            global_adapter=self._global, server_round=server_round, spec=self.spec,
+            learning_rate=get_float(config, keys.EDGE_LEARNING_RATE) if edge else 0.0,
+            max_steps=get_int(config, keys.EDGE_LOCAL_STEPS) if edge else 0,
+            max_abs_scalar=self.max_abs_scalar)
+        self._codecs = (self.codec_name, *((get_str(config, keys.EDGE_CODEC),) if edge else ()))
+        return config
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._global = Fp32Codec().decode(arrays)
-        config = ConfigRecord(dict(config))  # Flower's FedAvg writes into it; keep ours clean
-        config[keys.CODEC] = self.codec_name
-        self._round, self._config = server_round, config
+        config = self.begin_round(server_round, arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         packed = _send_packed(messages, arrays)
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
@@ -211,11 +270,14 @@ class AdapterFedAvg(FedAvg):
                 stats.fail(server_round, node, msg.error.reason)
                 continue
             try:
-                tensors, metrics, nbytes = self._check_reply(msg)
+                delta, metrics, nbytes = self._check_reply(msg)
             except InvalidUpdate as bad:
                 stats.reject(server_round, node, bad.reason)
                 continue
-            accepted.append((tensors, get_int(metrics, keys.NUM_EXAMPLES)))
+            if self.clip_norm:
+                delta, norm = clip_update(delta, self.clip_norm)
+                stats.clipped += norm > self.clip_norm
+            accepted.append((delta, get_int(metrics, keys.NUM_EXAMPLES)))
             accepted_metrics.append(metrics)
             stats.bytes_up += nbytes
             stats.count_upload(metrics, nbytes)
@@ -224,59 +286,39 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             stats.aggregated_at = time.perf_counter()
             return None, None
-        merged = dict(self._global)
         if self.weighting == "uniform":
-            merged.update(weighted_average([(tensors, 1) for tensors, _ in accepted]))
-        else:
-            merged.update(weighted_average(accepted))
+            accepted = [(delta, 1) for delta, _ in accepted]
+        merged = apply_delta(self._global, weighted_average(accepted))
         stats.aggregated_at = time.perf_counter()
-        return Fp32Codec().encode(merged), stats.summarise(accepted_metrics)
+        return self.publish(merged), stats.summarise(accepted_metrics)
 
     def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int]:
+        """A reply's delta (decoded once, by the codec that recognises it), its metrics and
+        its size; :class:`InvalidUpdate` names the defect."""
         content = msg.content
         metrics = reply_metrics(content, {keys.ARRAYS, keys.METRICS})
         if keys.ARRAYS not in content.array_records:
             raise InvalidUpdate(f"no ArrayRecord under `{keys.ARRAYS}`")
         record = content.array_records[keys.ARRAYS]
-        tensors = self.decode_upload(record)
-        validate_update(tensors, self.spec)
-        self.check_norm(tensors)
-        return tensors, metrics, record_nbytes(record)
+        delta = decode_upload(unpack_record(record), self._context, self._codecs)
+        validate_update(delta, self.spec)
+        self.check_norm(delta)
+        return delta, metrics, record_nbytes(record)
 
-    def check_norm(self, tensors: Tensors) -> None:
-        """Raise if the update's L2 distance from the round's global adapter exceeds
-        :attr:`max_update_norm`; without a bound (the default) nothing is computed."""
+    def check_norm(self, delta: TensorsView) -> None:
+        """Raise if the delta's L2 norm exceeds :attr:`max_update_norm`; without a bound
+        (the default) nothing is computed."""
         if not self.max_update_norm:
             return
-        norm = update_norm(tensors, self._global)
+        norm = update_norm(delta)
         if norm > self.max_update_norm:
             raise InvalidUpdate(f"update norm {norm:.4g} exceeds the coordinator's bound "
                                 f"{self.max_update_norm:.4g} (security.max_update_norm)")
 
-    def decode_upload(self, record: ArrayRecord) -> Tensors:
-        """A reply's uploaded tensors, dense, whichever of the round's codecs it used.
-
-        Edge clients may upload seed/scalar pairs (:mod:`protocols.seed_updates`): those are
-        validated against this round and replayed from the round's global adapter with the
-        step size and step count *this coordinator* sent, so a client cannot choose either.
-        """
-        record = unpack_record(record)
-        if set(record.keys()) == WIRE_KEYS:
-            cfg = self._config
-            if keys.EDGE_LEARNING_RATE not in cfg:
-                raise InvalidUpdate("a seed/scalar update, but this round has no edge clients")
-            codec = SeedScalarCodec().bind(
-                global_adapter=self._global, spec=self.spec, server_round=self._round,
-                learning_rate=get_float(cfg, keys.EDGE_LEARNING_RATE),
-                max_steps=get_int(cfg, keys.EDGE_LOCAL_STEPS),
-                max_abs_scalar=self.max_abs_scalar,
-            )
-            return codec.decode(record)
-        return get_codec(self.codec_name).decode(record)
-
 
 def weighted_average(updates: list[tuple[Tensors, int]]) -> Tensors:
-    """Example-weighted mean of each tensor (FedAvg, McMahan et al. 2017, Alg. 1)."""
+    """Example-weighted mean of each tensor (FedAvg, McMahan et al. 2017, Alg. 1): of the
+    deltas here, which is the same as averaging the clients' adapters."""
     total = float(sum(count for _, count in updates))
     out: Tensors = {}
     for key in updates[0][0]:

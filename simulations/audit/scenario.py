@@ -1,7 +1,7 @@
 """The observed update: what the coordinator sees of one target client, made by our client code.
 
 The updates come from :class:`client.torch_trainer.TorchLoraTrainer` itself (PEFT LoRA,
-AdamW, the client's own batching), the clipping from :func:`server.client_dp.clip_update` and
+AdamW, the client's own batching), the clipping from :func:`protocols.validation.clip_update` and
 the sum from the secure-aggregation primitives of :mod:`protocols.secagg` (fixed-point
 encoding, ChaCha20 pairwise and self masks, unmasking). Nothing about training is
 re-implemented here, so the audit measures what fedtune really sends.
@@ -162,7 +162,7 @@ class Scenario:
                 batch_size: int, local_steps: int, protected: bool, seed: int) -> Observation:
         """Train and return the coordinator's view of ``target`` in one grid cell."""
         from kernels.causal_lm_data import token_blocks
-        from server.client_dp import clip_update
+        from protocols.validation import clip_update
 
         trainer, start = self.trainer(protected)
         instruction = TrainInstruction(server_round=1, local_steps=local_steps,

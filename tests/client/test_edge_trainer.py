@@ -20,9 +20,9 @@ from client.edge_trainer import EdgeMeZOTrainer, MeZOSettings
 from client.local_data import LocalTextData
 from client.trainer import TrainInstruction
 from protocols.adapter_spec import AdapterSpec, TensorSpec
-from protocols.codecs import Fp32Codec, get_codec, record_nbytes
+from protocols.codecs import ClientUpdate, RoundContext, get_codec, record_nbytes
 from protocols.run_config import LoraSection
-from protocols.seed_updates import SeedScalarCodec, apply_seed_updates, perturbation
+from protocols.seed_updates import apply_seed_updates, perturbation
 from protocols.validation import validate_update
 from tests.measured import within
 
@@ -89,18 +89,22 @@ def test_coordinator_replay_is_bit_identical_to_the_client(freeze_a: bool) -> No
     assert set(outcome.tensors) == set(_spec(freeze_a).trainable_keys)
     for key, value in outcome.tensors.items():
         assert value.tobytes() == replay[key].tobytes(), key
-    # ...and through the wire: encode on the device, bind + decode on the coordinator.
-    record = get_codec("seed-scalar").encode(update.to_arrays())
-    decoded = SeedScalarCodec().bind(
-        global_adapter=start, spec=_spec(freeze_a), server_round=instruction.server_round,
-        learning_rate=instruction.learning_rate, max_steps=instruction.local_steps,
-        max_abs_scalar=trainer.settings.max_abs_scalar,
-    ).decode(record)
-    for key, value in outcome.tensors.items():
+    # ...and through the wire: the device sends its steps, the coordinator replays them
+    # with the round's context and gets the device's delta, bit for bit.
+    delta = {k: v - start[k] for k, v in outcome.tensors.items()}
+    record = get_codec("seed-scalar").encode(ClientUpdate(delta, update),
+                                            RoundContext(start, instruction.server_round))
+    ctx = RoundContext(global_adapter=start, spec=_spec(freeze_a),
+                       server_round=instruction.server_round,
+                       learning_rate=instruction.learning_rate,
+                       max_steps=instruction.local_steps,
+                       max_abs_scalar=trainer.settings.max_abs_scalar)
+    decoded = get_codec("seed-scalar").decode(record, ctx)
+    for key, value in delta.items():
         assert value.tobytes() == decoded[key].tobytes(), key
     assert record_nbytes(record) <= 1024
-    # The dense alternative: the same θ through the ordinary fp32 codec, validated as usual.
-    dense = Fp32Codec().decode(Fp32Codec().encode(outcome.tensors))
+    # The dense alternative: the same delta through the ordinary fp32 codec.
+    dense = get_codec("fp32").decode(get_codec("fp32").encode(ClientUpdate(delta), ctx), ctx)
     validate_update(dense, _spec(freeze_a))
     assert all(dense[k].tobytes() == decoded[k].tobytes() for k in dense)
 

@@ -10,7 +10,7 @@ import torch
 
 from kernels.base_model import load_causal_lm
 from kernels.lora import attach_lora, get_adapter, set_adapter
-from protocols.codecs import Fp32Codec
+from protocols.codecs import from_record, to_record
 from protocols.run_config import LoraSection
 
 torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def test_adapter_round_trip_through_array_record(tiny_model_dir: Path) -> None:
                for k, v in get_adapter(sender).items()}
     set_adapter(sender, trained)
 
-    received = Fp32Codec().decode(Fp32Codec().encode(get_adapter(sender)))
+    received = from_record(to_record(get_adapter(sender)))
     set_adapter(receiver, received)
 
     for key, value in get_adapter(receiver).items():

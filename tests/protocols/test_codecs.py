@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from protocols.codecs import Fp32Codec, get_codec, record_nbytes, register_codec
+from protocols.codecs import (
+    Fp32Codec,
+    from_record,
+    get_codec,
+    record_nbytes,
+    register_codec,
+    to_record,
+)
 from protocols.errors import InvalidUpdate
 
 tensor = arrays(
@@ -24,7 +31,7 @@ tensor = arrays(
 @settings(max_examples=40, deadline=None)
 @given(st.dictionaries(st.text("abcdefgh._", min_size=1, max_size=12), tensor, max_size=4))
 def test_fp32_round_trip_is_exact(tensors: dict[str, np.ndarray]) -> None:
-    decoded = Fp32Codec().decode(Fp32Codec().encode(tensors))
+    decoded = from_record(to_record(tensors))
     assert decoded.keys() == tensors.keys()
     for key, value in tensors.items():
         np.testing.assert_array_equal(decoded[key], value)
@@ -32,7 +39,7 @@ def test_fp32_round_trip_is_exact(tensors: dict[str, np.ndarray]) -> None:
 
 
 def test_encode_casts_float64_to_float32() -> None:
-    record = Fp32Codec().encode({"w": np.ones((2, 3), dtype=np.float64)})
+    record = to_record({"w": np.ones((2, 3), dtype=np.float64)})
     assert record["w"].dtype == "float32"
     assert record_nbytes(record) >= 2 * 3 * 4
 
@@ -59,7 +66,7 @@ def _npy(value: np.ndarray) -> bytes:
 )
 def test_decode_rejects_malformed_arrays(array: Array, message: str) -> None:
     with pytest.raises(InvalidUpdate, match=r"`w`") as err:
-        Fp32Codec().decode(ArrayRecord({"w": array}))
+        from_record(ArrayRecord({"w": array}))
     assert message in err.value.reason
 
 

@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from protocols.codecs import Fp32Codec
+from protocols.codecs import from_record, to_record
 from protocols.errors import InvalidUpdate
 from protocols.packing import PACKED_KEY, is_packed, pack_record, unpack_record
 
@@ -38,7 +38,7 @@ def test_round_trip_keeps_names_order_dtypes_shapes_and_values() -> None:
     tensors = {"a.lora_A.weight": rng.normal(size=(4, 8)).astype(np.float32),
                "a.lora_B.weight": np.zeros((8, 4), np.float32),
                "scalar": np.array(2.5, np.float32), "empty": np.zeros((0, 3), np.float32)}
-    record = Fp32Codec().encode(tensors)
+    record = to_record(tensors)
     extra = {"seeds": np.array([1, 2**63], dtype="<u8"), "hdr": np.array([1, -3], dtype="<i8")}
     for key, value in extra.items():
         record[key] = Array(value)
@@ -48,14 +48,14 @@ def test_round_trip_keeps_names_order_dtypes_shapes_and_values() -> None:
     assert list(unpacked.keys()) == list(record.keys())
     for key in record:
         assert unpacked[key].data == record[key].data  # the same .npy bytes as unpacked
-    decoded = Fp32Codec().decode(ArrayRecord({k: unpacked[k] for k in tensors}))
+    decoded = from_record(ArrayRecord({k: unpacked[k] for k in tensors}))
     for key, value in tensors.items():
         np.testing.assert_array_equal(decoded[key], value)
 
 
 def test_a_record_travels_as_three_objects_whatever_its_size() -> None:
     rng = np.random.default_rng(1)  # distinct tensors: Flower's objects are content-addressed
-    record = Fp32Codec().encode({f"t{i}": rng.normal(size=(4, 4)).astype(np.float32)
+    record = to_record({f"t{i}": rng.normal(size=(4, 4)).astype(np.float32)
                                  for i in range(60)})
 
     plain = len(get_all_nested_objects(record))
@@ -65,7 +65,7 @@ def test_a_record_travels_as_three_objects_whatever_its_size() -> None:
 
 
 def test_an_unpacked_record_passes_through() -> None:
-    record = Fp32Codec().encode({"w": np.ones((2, 2), np.float32)})
+    record = to_record({"w": np.ones((2, 2), np.float32)})
 
     assert not is_packed(record) and unpack_record(record) is record
 

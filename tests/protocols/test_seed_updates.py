@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,14 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import get_codec, record_nbytes
+from protocols.codecs import ClientUpdate, RoundContext, get_codec, record_nbytes
 from protocols.errors import InvalidUpdate
 from protocols.seed_updates import (
     HEADER_KEY,
     SCALARS_KEY,
     SEED_CODEC_NAME,
     SEEDS_KEY,
-    SeedReplayCodec,
     SeedScalarCodec,
     SeedUpdate,
     apply_seed_updates,
@@ -197,40 +197,48 @@ def _update(n: int = 12, *, base_round: int = ROUND) -> SeedUpdate:
     )
 
 
-def _replay_codec(global_adapter: dict[str, np.ndarray] | None = None) -> SeedReplayCodec:
-    return SeedScalarCodec().bind(global_adapter=global_adapter or _adapter(), spec=_spec(),
+def _ctx(global_adapter: dict[str, np.ndarray] | None = None, **override: Any) -> RoundContext:
+    """The round as the coordinator sent it: what the codec decodes against."""
+    params: dict[str, Any] = dict(global_adapter=global_adapter or _adapter(), spec=_spec(),
                                   server_round=ROUND, learning_rate=LR, max_steps=MAX_STEPS,
                                   max_abs_scalar=BOUND)
+    params.update(override)
+    return RoundContext(**params)
+
+
+def _encode(update: SeedUpdate) -> ArrayRecord:
+    return SeedScalarCodec().encode(ClientUpdate({}, update), RoundContext({}))
 
 
 def test_codec_is_registered_and_round_trips() -> None:
     codec = get_codec(SEED_CODEC_NAME)
     assert isinstance(codec, SeedScalarCodec)
     update = _update()
-    back = codec.decode_update(codec.encode(update.to_arrays()))
+    back = codec.parse(codec.encode(ClientUpdate({}, update), RoundContext({})))
     assert back.base_round == ROUND and back.layout == update.layout
     np.testing.assert_array_equal(back.seeds, update.seeds)
     assert back.scalars.tobytes() == update.scalars.tobytes()
 
 
-def test_bound_codec_decodes_to_the_clients_adapter() -> None:
+def test_codec_decodes_to_the_clients_delta_bit_for_bit() -> None:
     start, update = _adapter(2), _update(8)
-    record = SeedScalarCodec().encode_update(update)
-    tensors = _replay_codec(start).decode(record)
-    assert set(tensors) == set(_spec().trainable_keys)
+    delta = SeedScalarCodec().decode(_encode(update), _ctx(start))
+    assert set(delta) == set(_spec().trainable_keys)
     client = _client_side(start, update.pairs(), _spec(), LR)  # type: ignore[arg-type]
-    for key, value in tensors.items():
-        assert value.tobytes() == client[key].tobytes()
+    for key, value in delta.items():  # what client.app sends as a dense delta
+        assert value.tobytes() == (client[key] - start[key]).tobytes()
 
 
-def test_unbound_decode_says_how_to_bind() -> None:
-    with pytest.raises(RuntimeError, match="needs the round's context"):
-        SeedScalarCodec().decode(SeedScalarCodec().encode_update(_update()))
+def test_decode_without_the_rounds_context_says_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="needs the round's context"):
+        SeedScalarCodec().decode(_encode(_update()), RoundContext(_adapter()))
+    with pytest.raises(ValueError, match="this update has none"):
+        SeedScalarCodec().encode(ClientUpdate({}), RoundContext({}))
 
 
 @pytest.mark.parametrize("steps", [8, 12])
 def test_default_upload_is_under_one_kilobyte(steps: int) -> None:
-    record = SeedScalarCodec().encode_update(_update(steps))
+    record = _encode(_update(steps))
     nbytes = record_nbytes(record)
     # 12 bytes a step + three .npy headers (128 bytes each) + a 24-byte header array.
     assert nbytes == 12 * steps + 3 * 128 + 24
@@ -287,12 +295,12 @@ BAD_RECORDS = [
 @pytest.mark.parametrize(("record", "reason"), BAD_RECORDS, ids=[r for _, r in BAD_RECORDS])
 def test_bound_codec_rejects_with_reason(record: ArrayRecord, reason: str) -> None:
     with pytest.raises(InvalidUpdate) as err:
-        _replay_codec().decode(record)
+        SeedScalarCodec().decode(record, _ctx())
     assert reason in err.value.reason
 
 
 def test_good_record_passes_the_same_checks() -> None:
-    assert len(_replay_codec().decode(_arrays(GOOD))) == 2
+    assert len(SeedScalarCodec().decode(_arrays(GOOD), _ctx())) == 2
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -313,9 +321,7 @@ def test_seed_update_checks_its_fields(kwargs: dict[str, object], message: str) 
     ({"max_abs_scalar": float("inf")}, "max_abs_scalar must be finite"),
     ({"learning_rate": 0.0}, "learning_rate must be > 0"),
 ])
-def test_bind_checks_its_security_parameters(kwargs: dict[str, float], message: str) -> None:
-    params: dict[str, float] = {"learning_rate": LR, "max_steps": 12, "max_abs_scalar": BOUND}
-    params.update(kwargs)
+def test_decode_checks_the_rounds_security_parameters(kwargs: dict[str, float],
+                                                      message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SeedScalarCodec().bind(global_adapter=_adapter(), spec=_spec(), server_round=1,
-                               **params)  # type: ignore[arg-type]
+        SeedScalarCodec().decode(_encode(_update()), _ctx(**kwargs))

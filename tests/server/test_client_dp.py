@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Fp32Codec
+from protocols.codecs import from_record, to_record
 from protocols.privacy.accounting import rdp_epsilon
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
-from server.client_dp import ClientLevelDP, clip_update
+from protocols.validation import clip_update
+from server.client_dp import ClientLevelDP
 from server.strategy import AdapterFedAvg
 from tests.measured import within
 
@@ -38,14 +39,14 @@ def _dp(sigma: float, clip: float, max_update_norm: float = 0.0, **kw: object) -
 
 
 def _start(dp: ClientLevelDP, rnd: int, num_nodes: int = 100) -> bool:
-    dp.strategy._global = _global()  # what the inner configure_train stores
+    dp.strategy.begin_round(rnd, to_record(_global()), ConfigRecord())  # configure_train's
     return dp.begin_round(rnd, num_nodes)
 
 
 def _reply(node: int, b: np.ndarray, examples: int = 10, server_round: int = 1) -> Message:
     request = Message(RecordDict(), dst_node_id=node, message_type="train",
                       group_id=str(server_round))
-    content = RecordDict({"arrays": Fp32Codec().encode({B: b}),
+    content = RecordDict({"arrays": to_record({B: b}),
                           "metrics": MetricRecord({"num-examples": examples})})
     return Message(content, reply_to=request)
 
@@ -65,7 +66,7 @@ def test_a_huge_update_moves_the_adapter_by_at_most_c() -> None:
     assert _start(dp, 1)
     arrays, _ = dp.aggregate_train(1, [_reply(1, np.full(SHAPE_B, 100.0, np.float32))])
     assert arrays is not None
-    moved = Fp32Codec().decode(arrays)[B] - _global()[B]
+    moved = from_record(arrays)[B] - _global()[B]
     assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.5, rel=1e-5)
     assert dp.clip_fractions[1] == 1.0
 
@@ -78,14 +79,14 @@ def test_noise_std_matches_calibration() -> None:
     same = [_reply(i, np.zeros(SHAPE_B, np.float32), examples=i * 100) for i in range(1, m + 1)]
     arrays, _ = dp.aggregate_train(1, same)
     assert arrays is not None
-    noise = Fp32Codec().decode(arrays)[B].astype(np.float64)  # all updates are zero
+    noise = from_record(arrays)[B].astype(np.float64)  # all updates are zero
     expected = sigma * clip / m
     # 100k samples: the std estimate's relative standard error is 1/sqrt(2N) = 0.22 %;
     # 2 % is ~9 standard errors, so this fails only if the calibration is wrong.
     within("|noise std / sigma C/m - 1|", abs(noise.std() / expected - 1), below=0.02)
     within("|noise mean| in standard errors",
            abs(noise.mean()) / (expected / np.sqrt(noise.size)), below=5)
-    np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], _global()[A])  # frozen A
+    np.testing.assert_array_equal(from_record(arrays)[A], _global()[A])  # frozen A
 
 
 def test_weights_are_uniform_under_dp() -> None:
@@ -94,7 +95,7 @@ def test_weights_are_uniform_under_dp() -> None:
     arrays, _ = dp.aggregate_train(1, [_reply(1, np.full(SHAPE_B, 1.0, np.float32), 1),
                                        _reply(2, np.full(SHAPE_B, 3.0, np.float32), 1000)])
     assert arrays is not None
-    np.testing.assert_allclose(Fp32Codec().decode(arrays)[B], 2.0)
+    np.testing.assert_allclose(from_record(arrays)[B], 2.0)
 
 
 def test_ledger_records_each_round_and_persists(tmp_path: object) -> None:
@@ -148,5 +149,5 @@ def test_an_update_beyond_the_coordinators_bound_is_rejected_not_clipped() -> No
     stats = dp.strategy.stats[1]
     assert (stats.accepted, stats.rejected) == (1, 1)
     assert "exceeds the coordinator's bound 5" in stats.rejections[0]
-    out = Fp32Codec().decode(arrays)[B]  # only the honest update, clipped to C = 1
+    out = from_record(arrays)[B]  # only the honest update, clipped to C = 1
     assert np.linalg.norm(out) == pytest.approx(1.0, rel=1e-5)

@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import ClientUpdate, RoundContext, to_record
 from protocols.errors import InvalidUpdate
 from protocols.packing import PACKED_KEY, pack_record
 from protocols.seed_updates import SeedScalarCodec, SeedUpdate, layout_id, trainable_shapes
@@ -51,9 +52,8 @@ def _strategy() -> AdapterFedAvg:
     glob = _global()
     spec = AdapterSpec.from_arrays(glob, {}, frozen=frozenset({A1, A2}))
     strategy = AdapterFedAvg(spec, max_update_norm=50.0)
-    strategy._global = glob
-    strategy._round = 3
-    strategy._config = ConfigRecord({keys.EDGE_LEARNING_RATE: 0.1, keys.EDGE_LOCAL_STEPS: 8})
+    strategy.begin_round(3, to_record(glob), ConfigRecord({
+        keys.EDGE_LEARNING_RATE: 0.1, keys.EDGE_LOCAL_STEPS: 8, keys.EDGE_CODEC: "seed-scalar"}))
     return strategy
 
 
@@ -85,7 +85,7 @@ def _seed_arrays(rng: np.random.Generator, spec: AdapterSpec, **over: object) ->
         scalars=np.asarray(over.pop("scalars", rng.normal(size=n)), dtype=np.float32),
         layout=int(over.pop("layout", layout_id(trainable_shapes(spec)))),
     )
-    record = SeedScalarCodec().encode_update(update)
+    record = SeedScalarCodec().encode(ClientUpdate({}, update), RoundContext({}))
     return dict(record.items())
 
 

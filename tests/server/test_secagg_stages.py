@@ -17,7 +17,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Fp32Codec
+from protocols.codecs import from_record, to_record
 from protocols.run_config import RunConfig
 from protocols.secagg import error_bound, wire
 from server.secagg import SecAggFedAvg
@@ -74,11 +74,11 @@ def _round(strategy: AdapterFedAvg, grid: LoopbackGrid, adapter: dict[str, np.nd
            server_round: int = 1) -> dict[str, np.ndarray] | None:
     config = ConfigRecord({"local-steps": 2, "batch-size": 2, "learning-rate": 0.01,
                            "seq-len": 16, "seed": 0})
-    messages = strategy.configure_train(server_round, Fp32Codec().encode(adapter), config,
+    messages = strategy.configure_train(server_round, to_record(adapter), config,
                                         grid)  # type: ignore[arg-type]
     replies = grid.send_and_receive(messages)
     arrays, _ = strategy.aggregate_train(server_round, replies)
-    return None if arrays is None else Fp32Codec().decode(arrays)
+    return None if arrays is None else from_record(arrays)
 
 
 def _strategies(spec: AdapterSpec, **secagg: Any) -> tuple[SecAggFedAvg, AdapterFedAvg]:
@@ -205,7 +205,7 @@ def test_a_node_named_survivor_and_dropped_is_refused(setup: dict[str, Any]) -> 
     grid = _grid(setup["flat"])
     config = ConfigRecord({"local-steps": 1, "batch-size": 2, "learning-rate": 0.01,
                            "seq-len": 16, "seed": 0})
-    messages = secure.configure_train(1, Fp32Codec().encode(setup["adapter"]), config,
+    messages = secure.configure_train(1, to_record(setup["adapter"]), config,
                                       grid)  # type: ignore[arg-type]
     grid.send_and_receive(messages)
     ctx = grid.contexts[NODES[0]]
@@ -228,7 +228,7 @@ def test_malformed_masked_input_is_rejected_as_a_dropout(setup: dict[str, Any]) 
     grid = _grid(setup["flat"])
     config = ConfigRecord({"local-steps": 2, "batch-size": 2, "learning-rate": 0.01,
                            "seq-len": 16, "seed": 0})
-    messages = secure.configure_train(1, Fp32Codec().encode(setup["adapter"]), config,
+    messages = secure.configure_train(1, to_record(setup["adapter"]), config,
                                       grid)  # type: ignore[arg-type]
     replies = grid.send_and_receive(messages)
     bad = replies[0]
@@ -243,7 +243,7 @@ def test_malformed_masked_input_is_rejected_as_a_dropout(setup: dict[str, Any]) 
     want = _round(plain, reference, setup["adapter"])
     assert want is not None
     scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
-    _assert_same_mean(Fp32Codec().decode(arrays), want, setup["spec"], scale, 4)
+    _assert_same_mean(from_record(arrays), want, setup["spec"], scale, 4)
 
 
 def _array(values: np.ndarray) -> Any:

@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Fp32Codec
+from protocols.codecs import from_record, to_record
 from server.strategy import AdapterFedAvg, weighted_average
 
 
@@ -32,17 +32,22 @@ def _global() -> dict[str, np.ndarray]:
 
 def _strategy(frozen: frozenset[str] = frozenset()) -> AdapterFedAvg:
     strategy = AdapterFedAvg(AdapterSpec.from_arrays(_global(), {}, frozen=frozen))
-    strategy._global = _global()  # what configure_train stores for the round
+    strategy.begin_round(1, to_record(_global()), ConfigRecord())  # what configure_train does
     return strategy
 
 
 def _reply(node: int, tensors: dict[str, np.ndarray], examples: int, *, server_round: int = 1,
            **extra: float) -> Message:
+    """A client that ends the round holding ``tensors``: it uploads their delta from the
+    round's global adapter, as client.app does."""
     request = Message(RecordDict(), dst_node_id=node, message_type="train",
                       group_id=str(server_round))
+    start = _global()
+    delta = {k: (v - start[k]).astype(v.dtype) if start.get(k, v).shape == v.shape else v
+             for k, v in tensors.items()}  # a malformed tensor is sent as it is
     content = RecordDict(
         {
-            "arrays": Fp32Codec().encode(tensors),
+            "arrays": to_record(delta),
             "metrics": MetricRecord({"num-examples": examples, **extra}),
         }
     )
@@ -64,7 +69,7 @@ def test_aggregate_train_weights_by_examples() -> None:
         1, [_reply(1, one, 1, **{"train-loss": 2.0}), _reply(2, four, 3, **{"train-loss": 1.0})]
     )
     assert arrays is not None and metrics is not None
-    out = Fp32Codec().decode(arrays)
+    out = from_record(arrays)
     np.testing.assert_allclose(out[A], np.full((2, 3), (1 * 1 + 4 * 3) / 4))
     assert metrics["num-examples"] == 4
     assert metrics["train-loss"] == pytest.approx((2.0 * 1 + 1.0 * 3) / 4)
@@ -76,7 +81,7 @@ def test_frozen_tensors_are_kept_from_the_global_adapter() -> None:
     strategy = _strategy(frozen=frozenset({A}))
     arrays, _ = strategy.aggregate_train(1, [_reply(1, {B: np.ones((3, 2), np.float32)}, 2)])
     assert arrays is not None
-    out = Fp32Codec().decode(arrays)
+    out = from_record(arrays)
     np.testing.assert_array_equal(out[A], _global()[A])
     np.testing.assert_array_equal(out[B], np.ones((3, 2)))
 
@@ -97,7 +102,7 @@ def test_bad_replies_are_rejected_logged_and_do_not_touch_the_aggregate(
                 _reply(8, wrong_shape, 500, server_round=3), failed]
         )
     assert arrays is not None
-    np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], good[A])  # only node 1
+    np.testing.assert_array_equal(from_record(arrays)[A], good[A])  # only node 1
     stats = strategy.stats[3]
     assert (stats.accepted, stats.rejected, stats.failed) == (1, 2, 1)
     text = caplog.text
@@ -132,7 +137,7 @@ def test_a_reply_from_another_round_is_refused_and_logged(
         arrays, _ = strategy.aggregate_train(
             4, [_reply(1, fresh, 5, server_round=4), _reply(2, late, 5, server_round=3)])
     assert arrays is not None
-    np.testing.assert_array_equal(Fp32Codec().decode(arrays)[A], fresh[A])
+    np.testing.assert_array_equal(from_record(arrays)[A], fresh[A])
     assert (strategy.stats[4].accepted, strategy.stats[4].rejected) == (1, 1)
     assert "node 2: a reply to round 3 arrived in round 4 (late or replayed)" in caplog.text
 
@@ -145,5 +150,5 @@ def test_an_update_beyond_the_norm_bound_is_rejected(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
         arrays, _ = strategy.aggregate_train(1, [_reply(1, near, 5), _reply(2, far, 5)])
     assert arrays is not None
-    np.testing.assert_allclose(Fp32Codec().decode(arrays)[B], near[B])
+    np.testing.assert_allclose(from_record(arrays)[B], near[B])
     assert "node 2: update norm 3.464 exceeds the coordinator's bound 2" in caplog.text

@@ -105,13 +105,13 @@ def test_the_edge_client_app_trains_with_torch_unavailable(
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         from client.app import make_client_app
-        from protocols.codecs import Fp32Codec
+        from protocols.codecs import from_record, to_record
         flat = json.loads({json.dumps(json.dumps(flat))})
         adapter = dict(np.load({str(adapter_file)!r}))
         config = ConfigRecord({{"server-round": 1, "local-steps": 3, "batch-size": 2,
             "learning-rate": 0.01, "seq-len": 16, "seed": 0, "codec": "fp32",
             "edge-local-steps": 4, "edge-learning-rate": 0.3, "edge-codec": "seed-scalar"}})
-        msg = Message(RecordDict({{"arrays": Fp32Codec().encode(adapter), "config": config}}),
+        msg = Message(RecordDict({{"arrays": to_record(adapter), "config": config}}),
                       dst_node_id=5, message_type="train")
         ctx = Context(run_id=1, node_id=5, node_config={{"partition-id": 0}},
                       state=RecordDict(), run_config={{}})
