@@ -39,6 +39,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -104,9 +105,9 @@ class SecAggFedAvg(AdapterFedAvg):
         stage_timeout_s: float = 600.0,
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
-        **fedavg_kwargs: object,
+        **fedavg_kwargs: Any,
     ) -> None:
-        super().__init__(spec, weighting="uniform", **fedavg_kwargs)  # type: ignore[arg-type]
+        super().__init__(spec, weighting="uniform", **fedavg_kwargs)
         if not 0.0 < threshold_fraction <= 1.0:
             raise ValueError(f"threshold_fraction must be in (0, 1], got {threshold_fraction}")
         if (dp_clip_norm > 0) != (dp_noise_multiplier > 0):

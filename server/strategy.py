@@ -159,8 +159,12 @@ class AdapterFedAvg(FedAvg):
         max_abs_scalar: float = 1e3,
         max_update_norm: float = 0.0,
         clip_norm: float = 0.0,
-        **fedavg_kwargs: object,
-    ):
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+    ) -> None:
         """``weighting="uniform"`` averages updates with equal weights: what client-level DP
         needs, since a client's weight would otherwise scale its sensitivity.
         ``max_update_norm > 0`` rejects a delta longer than that (L2): one oversized update
@@ -168,10 +172,15 @@ class AdapterFedAvg(FedAvg):
         accepted delta to at most that L2 norm (client-level DP's clipping: after
         validation, so a NaN or an oversized update is rejected, not clipped).
 
-        ``fedavg_kwargs`` are Flower's ``FedAvg`` sampling options (``fraction_train``,
-        ``min_train_nodes``, ...), passed through unchanged.
+        The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
+        record keys are fedtune's wire keys.
         """
-        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        super().__init__(
+            fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes, weighted_by_key=keys.NUM_EXAMPLES,
+            arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG,
+        )
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         if max_update_norm < 0:
