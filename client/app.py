@@ -60,7 +60,7 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd)
     if key not in _TRAINERS:
         if config.security.verify_manifest:
-            verify_base_model(model_dir, paths.manifest_public_key)
+            verify_base_model(model_dir, paths.manifest_public_key, paths.signed_manifest)
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
             model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd,
@@ -102,12 +102,25 @@ def pinned_public_key(public_key_hex: str) -> Any:
     return load_public_key(bytes.fromhex(public_key_hex))
 
 
-def verify_base_model(model_dir: Path, public_key_hex: str) -> None:
+def verify_base_model(model_dir: Path, public_key_hex: str, signed_manifest: str) -> None:
     """Refuse to train on a base the coordinator did not sign (ReCIT: a tampered base can
-    make honest PEFT gradients leak training text). Runs before the model is loaded."""
-    from protocols.manifest import verify_directory
+    make honest PEFT gradients leak training text). Runs before the model is loaded.
 
-    verify_directory(model_dir, pinned_public_key(public_key_hex))
+    ``signed_manifest`` arrives with the run (``paths.signed_manifest``, which only the
+    coordinator's run config sets); the device's own model folder is checked against it
+    with the key the device pinned. Nothing is written into the model folder, and no
+    manifest file needs to be in it."""
+    from protocols.manifest import ManifestError, SignedManifest, verify_directory
+
+    public_key = pinned_public_key(public_key_hex)
+    if not signed_manifest:
+        raise ManifestError(
+            "security.verify_manifest is on but the run brought no signed manifest of the "
+            "base model (paths.signed_manifest); the coordinator adds it when it starts the "
+            "run (`fedtune simulate` or `fedtune coordinator`, the same fedtune version as "
+            "this device), or turn verification off"
+        )
+    verify_directory(model_dir, public_key, signed=SignedManifest.from_text(signed_manifest))
 
 
 def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:

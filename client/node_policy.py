@@ -22,6 +22,10 @@ Node config keys (set by ``fedtune client`` from its TOML; all optional):
 ``fedtune-require-manifest``       refuse runs with ``security.verify_manifest = false``
 ``fedtune-require-secagg``         refuse runs with ``security.secagg = false``
 =================================  ==========================================================
+
+The base model's signed manifest (``paths.signed_manifest``) is the one run key a device
+never replaces: the coordinator signs it, the device pins the key that checks it
+(:data:`COORDINATOR_ONLY`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ NODE_OVERRIDES = {
     "fedtune-manifest-public-key": "paths.manifest_public_key",
     "fedtune-client-threads": "federation.client_threads",
 }
+#: run config keys only the coordinator's run config provides; no node setting replaces them.
+COORDINATOR_ONLY = frozenset({"paths.signed_manifest"})
+if COORDINATOR_ONLY & set(NODE_OVERRIDES.values()):  # a guard for whoever edits the table
+    raise RuntimeError(f"NODE_OVERRIDES must not replace {sorted(COORDINATOR_ONLY)}")
 ClientKind = Literal["gpu", "edge"]
 CLIENT_KINDS: tuple[ClientKind, ...] = get_args(ClientKind)
 

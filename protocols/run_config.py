@@ -132,8 +132,13 @@ class EdgeSection(Section):
     NAME = "edge"
     fraction: float = setting(
         0.0, "share of the clients (roles) that are edge devices; 0 = none", ge=0, le=1)
-    quantization: str = setting(
-        "default", "edge base model: see `fedtune export-edge --help`")
+    # The choices mirror kernels.edge_quantize.QUANTIZATIONS (a test keeps them equal):
+    # protocols must not import kernels, and a misspelt option must fail at load time.
+    quantization: Literal["default", "fp32", "int8-ort", "int8", "int8-smooth",
+                          "int8-keepdown", "int4", "int4-b128", "int4-gguf",
+                          "int8-nbits"] = setting(
+        "default", "edge base model's quantization ('default' is int4-gguf; the measured "
+        "table is in kernels/edge_quantize.py)")
     # MeZO's step must shrink with the number of trainable coordinates (its noise grows
     # with them): on SmolLM2 (FFA-LoRA r=8, 829k coordinates) 12 steps at 0.05 raised the
     # held-out loss by 0.03-0.045, at 0.01 moved it by +-0.001, at 0.001 by <= 0.0003 down.
@@ -294,6 +299,11 @@ class PathsSection(Section):
     manifest_public_key: str = setting(
         "", "hex of the coordinator key that signs the base model (pinned by each device)")
     edge_export: Path | None = setting(None, "the signed ONNX export edge clients run")
+    # Not a path, but like the key it is set by whoever starts the run. Only the
+    # coordinator provides it: no device setting replaces it (client/node_policy.py).
+    signed_manifest: str = setting(
+        "", "the base model's manifest signed by the coordinator key "
+        "(protocols.manifest.SignedManifest text); devices check their copy against it")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> PathsSection:

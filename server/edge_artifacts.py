@@ -24,7 +24,7 @@ def ensure_edge_export(model_dir: Path, cache_dir: Path, config: RunConfig) -> P
     from protocols.manifest import load_private_key
     from server.signing import coordinator_key_path, ensure_signing_key
 
-    quantization = config.edge.quantization
+    quantization: str = config.edge.quantization
     if quantization == "default":
         quantization = DEFAULT_QUANTIZATION
     ensure_signing_key(cache_dir)

@@ -38,6 +38,12 @@ def new_run_dir(
     if final.exists():
         raise FileExistsError(f"run folder {final} already exists; pick another --name")
     work = runs_dir / f"{name}.partial"
+    for left in (work, final.with_name(f"{name}.failed")):
+        if left.exists():  # an interrupted run: never overwrite what it kept
+            raise FileExistsError(
+                f"an interrupted run named {name!r} is in {left}; resume it (`fedtune "
+                f"coordinator --resume {name}` for a deployed run), move it away, or pick "
+                "another --name")
     work.mkdir(parents=True, exist_ok=False)
     (work / "config.toml").write_text(to_toml(config))
     info: dict[str, Any] = {
@@ -90,11 +96,28 @@ def _finish_or_fail(work: Path, final: Path, info: dict[str, Any]) -> Iterator[N
     try:
         yield
     except BaseException:
-        os.replace(work, final.with_name(f"{final.name}.failed"))
-        raise
+        _mark_failed(work, final.with_name(f"{final.name}.failed"))
+        raise  # the run's own error, whatever happened to the folder
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(work / RUN_INFO, info, indent=2)
     os.replace(work, final)
+
+
+def _mark_failed(work: Path, failed: Path) -> None:
+    """Rename ``work`` to ``failed``; an older ``failed`` folder of the same name (a run that
+    broke, was resumed and broke again) is kept under a timestamped name first. A rename
+    that cannot happen leaves ``work`` as it is and is logged, never raised: the run's own
+    error is what the user must see."""
+    import logging
+
+    try:
+        if failed.exists():
+            os.replace(failed, failed.with_name(
+                f"{failed.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+        os.replace(work, failed)
+    except OSError as err:
+        logging.getLogger(__name__).error("could not mark %s as failed (%s); it stays there",
+                                          work, err)
 
 
 @contextmanager

@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         except user_errors() as err:
             print(f"fedtune {argv[0]}: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return _interrupted(argv[0])
     args = build_parser().parse_args(argv)
     configure_environment()
     setup_logging(getattr(args, "verbose", False))
@@ -249,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
+
+
+def _interrupted(command: str) -> int:
+    """Ctrl-C: one line, not a traceback; 130 as a shell reports SIGINT. A run folder that
+    was started is kept as ``<name>.failed`` (see server/run_dir.py)."""
+    print(f"fedtune {command}: interrupted; an unfinished run folder is kept as "
+          "<name>.failed", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

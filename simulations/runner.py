@@ -36,6 +36,7 @@ class Inputs:
     split: PreparedSplit
     manifest_public_key: str = ""  # hex of the raw Ed25519 key clients verify the base with
     edge_export: Path | None = None  # the signed ONNX export edge clients run, if any
+    signed_manifest: str = ""  # the base model's signed manifest (SignedManifest text)
 
 
 def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
@@ -50,17 +51,19 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
             f"{split.num_clients} roles have >= {config.data.min_speeches} speeches; lower "
             "train.clients_per_round or data.min_speeches"
         )
-    public_key = ""
+    public_key = signed_manifest = ""
     if config.security.verify_manifest:
         from server.signing import ensure_signed
 
-        public_key = ensure_signed(model_dir, cache_dir)
+        # signed in the cache, never in model_dir: the manifest travels with the run
+        signed = ensure_signed(model_dir, cache_dir)
+        public_key, signed_manifest = signed.public_key, signed.manifest.to_text()
     edge_export = None
     if config.edge.fraction > 0:
         from server.edge_artifacts import ensure_edge_export
 
         edge_export = ensure_edge_export(model_dir, cache_dir, config)
-    return Inputs(config, cache_dir, model_dir, split, public_key, edge_export)
+    return Inputs(config, cache_dir, model_dir, split, public_key, edge_export, signed_manifest)
 
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
@@ -69,6 +72,7 @@ def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
         cache_dir=inputs.cache_dir, partitions_file=inputs.split.partitions_file,
         eval_file=inputs.split.eval_file, run_dir=run_dir,
         manifest_public_key=inputs.manifest_public_key, edge_export=inputs.edge_export,
+        signed_manifest=inputs.signed_manifest,
     ).to_flat())
     return flat
 

@@ -25,6 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from protocols.config_file import add_config_arguments
+from protocols.run_config import LoraSection
+
 WORKER = """
 import json, resource, sys, time
 from pathlib import Path
@@ -34,7 +37,7 @@ from client.local_data import load_partition
 from client.trainer import TrainInstruction
 from protocols.run_config import LoraSection
 data = load_partition(Path(sys.argv[7]), int(sys.argv[8]))
-lora = LoraSection()
+lora = LoraSection.from_mapping(json.loads(sys.argv[9]))
 t0 = time.perf_counter()
 if side == "edge":
     from client.edge_trainer import EdgeMeZOTrainer
@@ -59,12 +62,11 @@ def run(n):
     return time.perf_counter() - start, out
 run(1)  # warm-up: first-call allocations, block cutting
 wall, out = run(steps)
-if side == "edge":
-    from protocols.seed_updates import SeedScalarCodec
-    upload = SeedScalarCodec().encode_update(out.seed_update)
-else:
-    from protocols.codecs import Fp32Codec
-    upload = Fp32Codec().encode(out.tensors)
+from protocols.codecs import ClientUpdate, RoundContext, get_codec
+update = ClientUpdate({k: v - adapter[k] for k, v in out.tensors.items()},
+                      getattr(out, "seed_update", None))
+codec = get_codec("seed-scalar" if side == "edge" else "fp32")
+upload = codec.encode(update, RoundContext(global_adapter=adapter, server_round=1))
 nbytes = sum(len(a.data) for a in upload.values())
 print(json.dumps({"side": side, "load_s": load_s, "step_s": wall / steps,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -73,9 +75,10 @@ print(json.dumps({"side": side, "load_s": load_s, "step_s": wall / steps,
 
 
 def _side(side: str, args: argparse.Namespace, export: Path, model: Path,
-          partitions: Path) -> dict[str, Any]:
+          partitions: Path, lora: LoraSection) -> dict[str, Any]:
     cmd = [sys.executable, "-c", WORKER, side, str(export), str(model), str(args.steps),
-           str(args.batch), str(args.seq), str(partitions), str(args.partition)]
+           str(args.batch), str(args.seq), str(partitions), str(args.partition),
+           json.dumps(lora.to_mapping())]
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--partition", type=int, default=0, help="which role's data")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    add_config_arguments(parser)  # --config / --set: e.g. model.source=DIR for another model
     args = parser.parse_args(argv)
 
     from protocols.cache_dir import default_cache_dir
@@ -106,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     cache = args.cache_dir or default_cache_dir()
-    config = load_config(None, [])
+    config = load_config(args.config, args.overrides)
     inputs = check_inputs(config, cache)
     export = ensure_edge_export(inputs.model_dir, cache, config)
-    rows = [_side(side, args, export, inputs.model_dir, inputs.split.partitions_file)
-            for side in ("edge", "torch")]
+    rows = [_side(side, args, export, inputs.model_dir, inputs.split.partitions_file,
+                  config.lora) for side in ("edge", "torch")]
     edge, torch = rows
     print(f"{'side':>6} {'step s':>8} {'peak RSS MB':>12} {'upload bytes':>13} {'load s':>7} "
           f"{'torch imported':>15}")

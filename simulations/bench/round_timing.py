@@ -89,16 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-run", type=Path, help="analyse this finished run folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="config override for a fresh run")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="where the fresh run's folder is written (default: ./runs)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="prepared models and data for a fresh run (default: "
+                             "$FEDTUNE_CACHE or ./.fedtune-cache)")
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args(argv)
     run_dir = args.from_run
     if run_dir is None:
         from simulations.cli import main as fedtune
 
-        runs = Path("runs")
+        runs = args.runs_dir
         before = set(runs.glob("*")) if runs.exists() else set()
         extra = [item for o in args.overrides for item in ("--set", o)]
-        code = fedtune(["simulate", "--no-progress", "--name", _bench_name(), *extra])
+        if args.cache_dir is not None:
+            extra += ["--cache-dir", str(args.cache_dir)]
+        code = fedtune(["simulate", "--no-progress", "--name", _bench_name(),
+                        "--runs-dir", str(runs), *extra])
         if code:
             return code
         run_dir = max(set(runs.glob("bench-*")) - before)

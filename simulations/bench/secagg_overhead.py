@@ -4,36 +4,43 @@
     python -m simulations.bench.secagg_overhead --clients 10 --dim 100000
 
 One round of the real coordinator strategy (:class:`server.secagg.SecAggFedAvg` vs
-:class:`server.strategy.AdapterFedAvg` with uniform weights) and the real client SecAgg
-handlers, delivered in-process through Flower's protobuf serialisation
-(:class:`simulations.loopback_grid.LoopbackGrid`). Local training is replaced by a random
-update of the adapter's trainable size (SmolLM2-135M, r = 8 on q/v/o/up/down, FFA-LoRA: B
-only = 829,440 floats by default): training costs the same with or without SecAgg, so what
-is measured is the protocol. Reported per round: client CPU seconds (mean per client; the
-client's share of key agreement, Shamir sharing, sealing, PRG masks, unmasking), coordinator
-CPU seconds (routing, unmasking, Shamir reconstruction, decoding), and payload bytes per
-client up and down; ratios are SecAgg / plain from the same run.
+:class:`server.strategy.AdapterFedAvg` with uniform weights) and fedtune's real ClientApp
+(:func:`client.app.make_client_app`: the train handler with its decoding, upload encoding,
+packing and masking, and the SecAgg stages), delivered in-process through Flower's protobuf
+serialisation (:class:`simulations.loopback_grid.LoopbackGrid`). Only the trainer is
+replaced, by :class:`RandomUpdateTrainer`: a random update of the adapter's trainable size
+(SmolLM2-135M, r = 8 on q/v/o/up/down, FFA-LoRA: B only = 829,440 floats by default).
+Training costs the same with or without SecAgg, so what is measured is the protocol; the
+upload itself is whatever the ClientApp makes of the trained tensors. Reported per round:
+client CPU seconds (mean per client over all its handlers; the client's share of decoding,
+key agreement, Shamir sharing, sealing, PRG masks, unmasking, encoding), coordinator CPU
+seconds (routing, unmasking, Shamir reconstruction, decoding, validation), and payload
+bytes per client up and down; ratios are SecAgg / plain from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy.typing as npt
+from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 
-from client.app import register_secagg_stages
-from client.secagg_client import mask_update
+from client.local_data import PARTITIONS_FORMAT, LocalTextData
+from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import Fp32Codec
-from protocols.secagg import wire
+from protocols.codecs import to_record
+from protocols.run_config import PathsSection, RunConfig
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
 from simulations.flower_patches import task_identity
@@ -42,50 +49,81 @@ from simulations.loopback_grid import LoopbackGrid
 #: SmolLM2-135M (30 layers, hidden 576, kv 192, mlp 1536), r = 8: rows of B per layer for
 #: q, v, o, up, down; B is (out_features, r).
 SMOLLM2_B_FLOATS = 30 * (576 + 192 + 576 + 1536 + 576) * 8
+#: The synthetic update's scale: well inside SecAgg's fixed-point clip range.
+UPDATE_STD = 1e-3
 
 
-def synthetic_client_app(dim: int) -> ClientApp:
-    """fedtune's SecAgg stages plus a train handler whose "training" is a random update."""
-    app = ClientApp()
+class RandomUpdateTrainer:
+    """The :class:`client.trainer.Trainer` seam, with "training" a seeded random step.
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        adapter = Fp32Codec().decode(msg.content.array_records[keys.ARRAYS])
-        rng = np.random.default_rng(context.node_id % 2**32)
-        delta = (rng.standard_normal(dim) * 1e-3).astype(np.float32)
-        metrics = MetricRecord({keys.NUM_EXAMPLES: 48})
-        if wire.RECORD in msg.content.config_records:
-            upload = wire.masked_record(mask_update(delta, msg.content, context))
-            return Message(RecordDict({wire.MASKED: upload, keys.METRICS: metrics}),
-                           reply_to=msg)
-        tensors = {"b": adapter["b"] + delta}
-        return Message(RecordDict({keys.ARRAYS: Fp32Codec().encode(tensors),
-                                   keys.METRICS: metrics}), reply_to=msg)
+    The ClientApp seeds each client's instruction from the round seed and its partition id,
+    so the clients of a round move the adapter differently and reruns repeat exactly.
+    """
 
-    register_secagg_stages(app)
-    return app
+    def __init__(self, trainable: frozenset[str]) -> None:
+        self.trainable = trainable
+
+    def train(self, adapter: Mapping[str, npt.NDArray[Any]], data: LocalTextData,
+              instruction: TrainInstruction) -> TrainOutcome:
+        rng = np.random.default_rng(instruction.seed)
+        tensors = {k: (adapter[k] + UPDATE_STD * rng.standard_normal(adapter[k].shape))
+                   .astype(np.float32) for k in sorted(self.trainable)}
+        return TrainOutcome(tensors, num_examples=instruction.local_steps
+                            * instruction.batch_size)
+
+    def evaluate(self, adapter: Mapping[str, npt.NDArray[Any]], data: LocalTextData, *,
+                 seq_len: int, batch_size: int) -> EvalOutcome:
+        raise NotImplementedError("the benchmark runs no federated evaluation")
+
+
+@contextlib.contextmanager
+def fedtune_client_app(spec: AdapterSpec, clients: int) -> Iterator[ClientApp]:
+    """fedtune's own ClientApp for ``clients`` partitions, with its trainer replaced by a
+    :class:`RandomUpdateTrainer` while the context lasts (``client.app._trainer`` is the one
+    place the ClientApp gets its trainer from; nothing else of it is touched)."""
+    from unittest import mock
+
+    import client.app as client_app
+
+    trainer = RandomUpdateTrainer(frozenset(spec.trainable_keys))
+    with tempfile.TemporaryDirectory(prefix="fedtune-secagg-bench-") as tmp:
+        partitions = Path(tmp) / "partitions.json"  # the data path stays the real one
+        partitions.write_text(json.dumps({"format": PARTITIONS_FORMAT, "clients": [
+            {"client_id": f"client-{i}", "train": ["synthetic"], "heldout": []}
+            for i in range(clients)]}))
+        flat = {**RunConfig().to_flat(),
+                **PathsSection(cache_dir=Path(tmp), partitions_file=partitions).to_flat()}
+        with mock.patch.object(client_app, "_trainer", lambda _flat, edge=False: trainer):
+            yield client_app.make_client_app(flat)
 
 
 def one_round(n: int, dim: int, *, secure: bool, seed: int = 0) -> dict[str, Any]:
-    spec = AdapterSpec.from_arrays({"b": np.zeros(dim, np.float32)}, {})
+    adapter = {"b": np.zeros(dim, np.float32)}
+    spec = AdapterSpec.from_arrays(adapter, {})
     sampling: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": n,
                                 "min_available_nodes": n}
     strategy: AdapterFedAvg = (SecAggFedAvg(spec, **sampling) if secure
                                else AdapterFedAvg(spec, weighting="uniform", **sampling))
     rng = np.random.default_rng(seed)
     nodes = [int(x) for x in rng.integers(1, 2**63, size=n)]
-    grid = LoopbackGrid(synthetic_client_app(dim), nodes)
     config = ConfigRecord({keys.LOCAL_STEPS: 1, keys.BATCH_SIZE: 1, keys.LEARNING_RATE: 0.1,
-                           keys.SEQ_LEN: 8, keys.SEED: 0})
-    wall, cpu = time.perf_counter(), time.process_time()
-    messages = strategy.configure_train(1, Fp32Codec().encode({"b": np.zeros(dim, np.float32)}),
-                                        config, grid)  # type: ignore[arg-type]
-    replies = grid.send_and_receive(messages)
-    arrays, _ = strategy.aggregate_train(1, replies)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    assert arrays is not None, "the round must aggregate"
-    client_cpu = sum(sum(per.values()) for per in grid.client_cpu_s.values())
+                           keys.SEQ_LEN: 8, keys.SEED: seed})
+    with fedtune_client_app(spec, n) as app:
+        grid = LoopbackGrid(app, nodes,
+                            node_config={node: {"partition-id": i}
+                                         for i, node in enumerate(nodes)})
+        wall, cpu = time.perf_counter(), time.process_time()
+        messages = strategy.configure_train(1, to_record(adapter), config,
+                                            grid)  # type: ignore[arg-type]
+        replies = grid.send_and_receive(messages)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     stats = strategy.stats[1]
+    if arrays is None or stats.accepted != n:
+        raise RuntimeError(f"{n} clients, {'secagg' if secure else 'plain'}: the round "
+                           f"aggregated {stats.accepted} of {n} updates (rejected: "
+                           f"{stats.rejections})")
+    client_cpu = sum(sum(per.values()) for per in grid.client_cpu_s.values())
     return {
         "clients": n, "dim": dim, "secagg": secure, "wall_s": wall,
         "client_cpu_s_per_client": client_cpu / n,

@@ -299,14 +299,15 @@ def test_client_app_builds_a_dp_trainer_from_the_run_config(tiny_model_dir: Path
                                                             tmp_path: Path) -> None:
     from server.signing import ensure_signed
 
-    public_key = ensure_signed(tiny_model_dir, tmp_path)  # clients verify the base first
+    signed = ensure_signed(tiny_model_dir, tmp_path)  # clients verify the base first
 
     def flat(dpsgd: bool) -> dict[str, Any]:
         config = RunConfig(model=ModelSection(source=str(tiny_model_dir)),
                            lora=LoraSection(r=4, freeze_a=False),
                            privacy=PrivacySection(dpsgd=dpsgd))
         return {**config.to_flat(), "paths.cache_dir": str(tmp_path),
-                "paths.manifest_public_key": public_key}
+                "paths.manifest_public_key": signed.public_key,
+                "paths.signed_manifest": signed.manifest.to_text()}
 
     try:
         private = client_app._trainer(flat(True))

@@ -26,6 +26,7 @@ from protocols.manifest import (
     ManifestError,
     ManifestMismatch,
     ManifestSignatureError,
+    SignedManifest,
     build_manifest,
     generate_signing_key,
     key_fingerprint,
@@ -33,6 +34,7 @@ from protocols.manifest import (
     load_public_key,
     public_key_bytes,
     save_private_key,
+    sign_directory,
     sign_manifest,
     verify_directory,
     verify_manifest,
@@ -173,19 +175,19 @@ def _grow(root: Path) -> None:
         fh.write(b" ")
 
 
-@pytest.mark.parametrize(
-    ("tamper", "detail"),
-    [
-        (_flip_byte, "changed files `model.safetensors`"),
-        (_swap_same_size, "changed files `abc.txt`"),
-        (_grow, "changed files `config.json`"),
-        (lambda root: (root / "tokenizer" / "vocab.txt").unlink(),
-         "missing files `tokenizer/vocab.txt`"),
-        (_add_shard, "unexpected files `model-00002-of-00002.safetensors`"),
-        (lambda root: (root / "tokenizer" / "extra.json").write_bytes(b"{}"),
-         "unexpected files `tokenizer/extra.json`"),
-    ],
-)
+TAMPERED_FILES = [
+    (_flip_byte, "changed files `model.safetensors`"),
+    (_swap_same_size, "changed files `abc.txt`"),
+    (_grow, "changed files `config.json`"),
+    (lambda root: (root / "tokenizer" / "vocab.txt").unlink(),
+     "missing files `tokenizer/vocab.txt`"),
+    (_add_shard, "unexpected files `model-00002-of-00002.safetensors`"),
+    (lambda root: (root / "tokenizer" / "extra.json").write_bytes(b"{}"),
+     "unexpected files `tokenizer/extra.json`"),
+]
+
+
+@pytest.mark.parametrize(("tamper", "detail"), TAMPERED_FILES)
 def test_tampered_files_are_refused_with_reason(
     signed: Path, key: Ed25519PrivateKey, tamper: Callable[[Path], None], detail: str
 ) -> None:
@@ -451,3 +453,207 @@ def test_rfc8032_test_1() -> None:
     assert public_key_bytes(key.public_key()).hex() == RFC_PUBLIC
     assert key.sign(b"").hex() == RFC_SIGNATURE
     load_public_key(bytes.fromhex(RFC_PUBLIC)).verify(bytes.fromhex(RFC_SIGNATURE), b"")
+
+
+# --- the signed manifest as it travels with a run (never written into the model folder) -----
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every entry under ``root`` (and ``root`` itself) with its size and mtime in ns."""
+    entries = {".": root.stat()}
+    entries.update({p.relative_to(root).as_posix(): p.lstat() for p in root.rglob("*")})
+    return {rel: (st.st_size, st.st_mtime_ns) for rel, st in entries.items()}
+
+
+@pytest.fixture()
+def transported(tmp_path: Path, key: Ed25519PrivateKey) -> tuple[Path, SignedManifest]:
+    root = make_tree(tmp_path / "model")
+    return root, sign_directory(root, key, created=CREATED, label="tiny")
+
+
+def test_signing_a_folder_writes_nothing_into_it(tmp_path: Path,
+                                                  key: Ed25519PrivateKey) -> None:
+    root = make_tree(tmp_path / "model")
+    before = _snapshot(root)
+    signed = sign_directory(root, key, created=CREATED, label="tiny")
+    assert _snapshot(root) == before
+    assert signed.manifest_bytes == build_manifest(root, created=CREATED,
+                                                   label="tiny").canonical_bytes()
+
+
+def test_signed_manifest_round_trips_through_text(
+        transported: tuple[Path, SignedManifest], key: Ed25519PrivateKey) -> None:
+    root, signed = transported
+    text = signed.to_text()
+    assert text.isascii() and "\n" not in text and " " not in text
+    assert SignedManifest.from_text(text) == signed
+    assert json.loads(text) == {"format": "fedtune-signed-manifest/1",
+                                "manifest": signed.manifest_bytes.decode(),
+                                "signature": signed.signature.hex()}
+    key.public_key().verify(signed.signature, signed.manifest_bytes)  # plain Ed25519
+    before = _snapshot(root)
+    verified = verify_directory(root, key.public_key(), signed=SignedManifest.from_text(text))
+    assert verified == build_manifest(root, created=CREATED, label="tiny")
+    assert _snapshot(root) == before, "verifying reads the folder, never writes it"
+
+
+def test_non_ascii_names_round_trip(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    root = make_tree(tmp_path / "modèle", {"tokenizer/vocabulaire-é.txt": b"x"})
+    signed = sign_directory(root, key, created=CREATED, label="modèle")
+    assert SignedManifest.from_text(signed.to_text()) == signed
+    assert verify_directory(root, key.public_key(), signed=signed).label == "modèle"
+
+
+def test_about_ten_files_fit_in_a_few_kilobytes(tmp_path: Path,
+                                                key: Ed25519PrivateKey) -> None:
+    names = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "README.md", ".gitattributes"]
+    root = make_tree(tmp_path, {name: b"x" for name in names})
+    assert len(sign_directory(root, key).to_text()) < 2_500
+
+
+@pytest.mark.parametrize(("tamper", "detail"), TAMPERED_FILES)
+def test_tampered_files_are_refused_against_the_transported_manifest(
+    transported: tuple[Path, SignedManifest], key: Ed25519PrivateKey,
+    tamper: Callable[[Path], None], detail: str
+) -> None:
+    root, signed = transported
+    tamper(root)
+    with pytest.raises(ManifestMismatch) as err:
+        verify_directory(root, key.public_key(), signed=signed)
+    assert str(err.value) == f"{root}: {detail}; {REFUSAL}"
+    assert err.value.detail == detail
+
+
+def _swap_hashes(signed: SignedManifest) -> SignedManifest:
+    doc = json.loads(signed.manifest_bytes)
+    files = doc["files"]
+    files["abc.txt"]["sha256"], files["config.json"]["sha256"] = (
+        files["config.json"]["sha256"], files["abc.txt"]["sha256"])
+    return SignedManifest(_canonical(doc), signed.signature)
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        _swap_hashes,
+        lambda s: SignedManifest(s.manifest_bytes, bytes([s.signature[0] ^ 0x80])
+                                 + s.signature[1:]),
+        lambda s: SignedManifest.sign(
+            Manifest(files={}, created=CREATED), generate_signing_key()),
+        lambda s: SignedManifest(s.manifest_bytes,
+                                 generate_signing_key().sign(s.manifest_bytes)),
+    ],
+    ids=["hash-swapped", "signature-flipped", "other-key-other-manifest", "other-key"],
+)
+def test_forged_transported_manifests_are_one_silent_error(
+    transported: tuple[Path, SignedManifest], key: Ed25519PrivateKey,
+    forge: Callable[[SignedManifest], SignedManifest]
+) -> None:
+    root, signed = transported
+    forged = SignedManifest.from_text(forge(signed).to_text())  # well-formed on the wire
+    with pytest.raises(ManifestSignatureError) as err:
+        verify_directory(root, key.public_key(), signed=forged)
+    assert str(err.value) == ""
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_an_old_manifest_left_in_the_folder_is_ignored(
+        transported: tuple[Path, SignedManifest], key: Ed25519PrivateKey) -> None:
+    root, signed = transported
+    write_signed_manifest(root, generate_signing_key(), created=CREATED)  # another key's
+    assert verify_directory(root, key.public_key(), signed=signed) == signed.verify(
+        key.public_key())
+    (root / MANIFEST_NAME).unlink()
+    (root / SIGNATURE_NAME).unlink()
+    assert verify_directory(root, key.public_key(), signed=signed).files
+
+
+def test_the_folder_form_is_not_needed_next_to_the_model(
+        transported: tuple[Path, SignedManifest], key: Ed25519PrivateKey) -> None:
+    root, signed = transported
+    assert not (root / MANIFEST_NAME).exists()
+    verify_directory(root, key.public_key(), signed=signed)
+    with pytest.raises(ManifestError, match=r"no fedtune-manifest\.json"):
+        verify_directory(root, key.public_key())  # the folder form still needs its files
+    with pytest.raises(TypeError, match=exactly("expected a SignedManifest, got str")):
+        verify_directory(root, key.public_key(), signed=signed.to_text())  # type: ignore[arg-type]
+
+
+def _text(**changes: object) -> str:
+    manifest = Manifest(files={"a.bin": FileEntry(SHA256_ABC, 3)}, created=CREATED)
+    doc: dict[str, object] = {"format": "fedtune-signed-manifest/1",
+                              "manifest": manifest.canonical_bytes().decode(),
+                              "signature": "ab" * 64}
+    doc.update(changes)
+    return json.dumps({k: v for k, v in doc.items() if v is not None}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+_SIG_AT = _text().index('"abab')  # where the signature string starts
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "signed manifest is not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+         "it may be truncated, re-fetch it from the coordinator"),
+        (_text()[:-9], "signed manifest is not valid JSON (Unterminated string starting at: "
+         f"line 1 column {_SIG_AT + 1} (char {_SIG_AT})); "
+         "it may be truncated, re-fetch it from the coordinator"),
+        ("[]", "signed manifest: expected a JSON object, got list"),
+        (_text(format=None),
+         "signed manifest: missing keys ['format'], unexpected keys []"),
+        (_text(extra=1), "signed manifest: missing keys [], unexpected keys ['extra']"),
+        (_text(format="fedtune-signed-manifest/2"),
+         "signed manifest: format: expected 'fedtune-signed-manifest/1', got "
+         "'fedtune-signed-manifest/2'; update fedtune"),
+        (_text(manifest={"files": {}}),
+         "signed manifest: manifest: expected a string, got dict"),
+        (_text(signature="AB" * 64),
+         "signed manifest: signature: expected 128 lowercase hex digits, got "
+         f"'{('AB' * 20)[:39]}... (130 characters)"),
+        (_text(signature="ab" * 63),
+         "signed manifest: signature: expected 128 lowercase hex digits, got "
+         f"'{('ab' * 20)[:39]}... (128 characters)"),
+        (_text(signature=12), "signed manifest: signature: expected 128 lowercase hex "
+         "digits, got 12"),
+        (_text(manifest="{}"),
+         "manifest: missing keys ['created', 'files', 'format', 'label'], unexpected keys []"),
+        (_text(manifest=json.dumps(_doc(), indent=1)),
+         "manifest is not in canonical form (sorted keys, no spaces); "
+         "it was not written by fedtune, re-fetch it from the coordinator"),
+        (_text(manifest=_canonical(_doc(files={"../x": {"sha256": SHA256_ABC, "size": 3}}))
+               .decode()),
+         "`../x`: expected a relative path without '', '.' or '..' parts"),
+        (_text().replace('"format"', '"format" '),
+         "signed manifest is not in canonical form (sorted keys, no spaces, ASCII); it was "
+         "not written by fedtune, re-fetch it from the coordinator"),
+        ('{"format":"fedtune-signed-manifest/2",' + _text()[1:],
+         "signed manifest is not in canonical form (sorted keys, no spaces, ASCII); it was "
+         "not written by fedtune, re-fetch it from the coordinator"),  # a duplicated key
+        (_text(manifest="\ud800"), "manifest is not UTF-8; re-fetch it from the coordinator"),
+    ],
+    ids=["empty", "truncated", "list", "missing-key", "extra-key", "format", "manifest-dict",
+         "signature-uppercase", "signature-short", "signature-int", "manifest-empty-object",
+         "manifest-not-canonical", "manifest-bad-path", "not-canonical", "duplicate-key",
+         "surrogate"],
+)
+def test_malformed_signed_manifest_text_is_refused_with_reason(text: str,
+                                                               message: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        SignedManifest.from_text(text)
+    assert str(err.value) == message
+
+
+def test_signed_manifest_form_is_checked_on_construction() -> None:
+    manifest = Manifest(files={}, created=CREATED).canonical_bytes()
+    with pytest.raises(ManifestError,
+                       match=exactly("signed manifest: signature: expected 64 bytes "
+                                     "(Ed25519), got 63")):
+        SignedManifest(manifest, b"\0" * 63)
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        SignedManifest(b"{", b"\0" * 64)
+    with pytest.raises(ManifestError, match=exactly("signed manifest: expected text, got bytes")):
+        SignedManifest.from_text(b"{}")  # type: ignore[arg-type]

@@ -144,3 +144,18 @@ def test_help_lists_every_key_with_its_default(capsys: pytest.CaptureFixture[str
     for key, _ in _fields():
         assert f"  {key} (" in out, key
     assert "train.rounds (int, default 10)" in out
+
+
+def test_edge_quantization_choices_mirror_the_kernels_registry() -> None:
+    """protocols cannot import kernels: the config lists the options itself, and this keeps
+    the list equal to the registry export-edge uses."""
+    from typing import get_args
+
+    from kernels.edge_quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
+    from protocols.run_config import EdgeSection
+
+    choices = get_args(get_type_hints(EdgeSection)["quantization"])
+    assert set(choices) == {"default", *QUANTIZATIONS}
+    assert DEFAULT_QUANTIZATION in QUANTIZATIONS
+    with pytest.raises(ConfigError, match=r"edge.quantization = 'int3': must be one of \["):
+        RunConfig.from_nested({"edge": {"quantization": "int3"}})

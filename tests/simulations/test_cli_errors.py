@@ -85,3 +85,46 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             main([*command, "--help"])
         assert done.value.code == 0
         assert "usage: fedtune" in capsys.readouterr().out
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations import cli
+
+    def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "report", interrupted)
+    assert cli.main(["report", "somewhere"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedtune report: interrupted; an unfinished run folder is kept as "
+                   "<name>.failed"]
+
+
+def test_run_folder_names_survive_stops_and_reruns(tmp_path: Path) -> None:
+    """A leftover .partial (SIGHUP, kill) is refused by name, never overwritten; a run that
+    breaks twice under one name raises its own error and keeps both failed folders."""
+    from protocols.run_config import RunConfig
+    from server.run_dir import new_run_dir, reopened_run_dir
+
+    config = RunConfig()
+    (tmp_path / "r.partial").mkdir()
+    refused = r"an interrupted run named 'r' is in .*r\.partial"
+    with pytest.raises(FileExistsError, match=refused), \
+            new_run_dir(tmp_path, "federated", config, "r"):
+        pass
+    (tmp_path / "r.partial").rmdir()
+    with pytest.raises(RuntimeError, match="first"), \
+            new_run_dir(tmp_path, "federated", config, "r"):
+        raise RuntimeError("first")
+    with pytest.raises(FileExistsError, match=r"r\.failed"), \
+            new_run_dir(tmp_path, "federated", config, "r"):
+        pass
+    with pytest.raises(RuntimeError, match="second"), reopened_run_dir(tmp_path, "r"):
+        (tmp_path / "r.failed").mkdir()  # e.g. a copy someone made meanwhile
+        raise RuntimeError("second")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "r.failed" in names and len([n for n in names if n.startswith("r.failed-")]) == 1
+    with reopened_run_dir(tmp_path, "r") as work:
+        assert work == tmp_path / "r.partial"
+    assert (tmp_path / "r").is_dir()

@@ -1,6 +1,7 @@
 """The load script's pure parts (issue #5 point 8): argument bounds, process-tree memory
-sampling, the synthetic federation it builds, and the report. The end-to-end run itself is a
-benchmark (``python -m simulations.bench.deploy_load``), not a test: it takes minutes."""
+sampling, the synthetic federation it builds, and the report. The end-to-end run at full
+size is a benchmark (``python -m simulations.bench.deploy_load``): it takes minutes; at toy
+size (1 node, 1 round) it runs in ``test_bench_smoke.py``."""
 
 from __future__ import annotations
 

@@ -275,6 +275,56 @@ def test_fab_is_config_only_small_and_carries_the_run_config(tmp_path: Path) -> 
         write_app(tmp_path / "app", flat, version="0.1.0")
 
 
+def test_the_fab_carries_the_signed_manifest_a_device_checks_its_own_copy_against(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    """What ``fedtune coordinator`` submits (check_inputs -> flower_run_config -> the FAB),
+    read back as Flower hands it to a device, over the device's own settings: the device
+    verifies its own copy of the base with its pinned key; no manifest file sits in either
+    folder."""
+    import shutil
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import get_fused_config_from_fab
+    from flwr.supercore.run import Run
+
+    from client.app import verify_base_model
+    from protocols.manifest import ManifestMismatch, SignedManifest, load_public_key
+    from protocols.run_config import PathsSection
+    from simulations.runner import check_inputs, flower_run_config
+
+    coordinator_model = tmp_path / "coordinator-model"
+    shutil.copytree(tiny_model_dir, coordinator_model)
+    config = RunConfig.from_nested({"model": {"source": str(coordinator_model)},
+                                    "data": {"min_speeches": 5}})
+    inputs = check_inputs(config, mini_cache)
+    assert inputs.signed_manifest and inputs.manifest_public_key
+    write_app(tmp_path / "app", flower_run_config(inputs, tmp_path / "run"), version="0.1.0")
+    fab = build_fab_from_disk(tmp_path / "app")
+    assert len(fab) < 16_000
+    fused = get_fused_config_from_fab(fab, Run.create_empty(0))
+    assert fused["paths.signed_manifest"] == inputs.signed_manifest
+
+    device_cache = tmp_path / "device-cache"
+    device_model = device_cache / "base"
+    shutil.copytree(tiny_model_dir, device_model)
+    node = {"partition-id": 0, "fedtune-cache-dir": str(device_cache),
+            "fedtune-manifest-public-key": inputs.manifest_public_key,
+            "fedtune-signed-manifest": "forged"}  # not a device setting: ignored
+    paths = PathsSection.from_flat(apply_node_settings(fused, node))
+    assert paths.cache_dir == device_cache
+    assert paths.signed_manifest == inputs.signed_manifest
+    verify_base_model(device_model, paths.manifest_public_key, paths.signed_manifest)
+    names = {p.name for folder in (coordinator_model, device_model) for p in folder.iterdir()}
+    assert not {n for n in names if n.startswith("fedtune-manifest")}
+    pinned = load_public_key(bytes.fromhex(paths.manifest_public_key))
+    signed_files = SignedManifest.from_text(paths.signed_manifest).verify(pinned).files
+    assert set(signed_files) == {p.name for p in device_model.iterdir()}
+    (device_model / "model.safetensors").write_bytes(b"not the coordinator's weights")
+    with pytest.raises(ManifestMismatch, match=r"changed files `model\.safetensors`"):
+        verify_base_model(device_model, paths.manifest_public_key, paths.signed_manifest)
+
+
 # --- the device's settings and policy ----------------------------------------------------------
 
 
@@ -295,6 +345,21 @@ def test_device_settings_win_over_the_run_config() -> None:
                       "paths.manifest_public_key": "bb" * 32,  # the device pins the key
                       "federation.client_threads": 1, "train.rounds": 2}
     assert run["paths.cache_dir"] == "/coordinator/cache", "the input is not mutated"
+
+
+def test_no_device_setting_replaces_the_signed_manifest() -> None:
+    """The coordinator signs the manifest and the device pins the key that checks it: a
+    device setting that replaced the manifest would be one more way to change what is
+    checked, so none does, whatever the node config holds."""
+    from client.node_policy import COORDINATOR_ONLY, NODE_OVERRIDES
+
+    assert "paths.signed_manifest" in COORDINATOR_ONLY
+    assert not COORDINATOR_ONLY & set(NODE_OVERRIDES.values())
+    run = {"paths.signed_manifest": "from the coordinator"}
+    node = {key: "x" for key in NODE_OVERRIDES} | {
+        "fedtune-signed-manifest": "x", "fedtune-paths.signed_manifest": "x",
+        "paths.signed_manifest": "x", "signed-manifest": "x"}
+    assert apply_node_settings(run, node)["paths.signed_manifest"] == "from the coordinator"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,411 @@
+"""Every benchmark in ``simulations/bench/`` run end to end at toy size, so none can rot.
+
+Each test calls the script's own ``main(argv)`` (the command ``BENCHMARKS.md`` names) on
+the tiny random-init model and a miniature play, with one repetition and the fewest
+clients the script allows, then parses what it prints (or the JSON it writes) and checks
+that the columns ``BENCHMARKS.md`` quotes are there with finite numbers. Nothing here
+bounds a speed or a memory figure: those are the benchmarks' business, as ratios measured
+in their own runs (``docs/testing.md``).
+
+``proc_memory`` is a library (no ``main``): its sampler is exercised end to end by the
+``deploy_load`` run here, and its parsing and tree walk in ``test_deploy_load.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import mini_play
+
+#: A number as the benchmarks print it (``1,234.5``, ``0.003``, ``1.13x``, ``+1.2%``), and
+#: ``nan`` / ``inf``, so that :func:`assert_finite` sees them rather than skipping the cell.
+_NUMBER = re.compile(r"^[+-]?(?:\d[\d,]*(?:\.\d+)?(?:e[+-]?\d+)?|nan|inf)[x%]?$")
+
+
+def _number(token: str) -> float:
+    return float(token.rstrip("x%").replace(",", ""))
+
+
+def _has_columns(line: str, columns: Sequence[str]) -> bool:
+    """Whether ``line`` names every column, each after the one before (names may repeat)."""
+    at = 0
+    for column in columns:
+        at = line.find(column, at)
+        if at < 0:
+            return False
+        at += len(column)
+    return True
+
+
+def table(text: str, columns: Sequence[str]) -> list[list[str]]:
+    """The rows under the printed header that holds every one of ``columns`` (in order),
+    up to the next rule, blank line or prose line (``goal: ...``, ``a / b = 1.05``);
+    the header must exist."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if _has_columns(line, columns)), None)
+    if start is None:
+        raise AssertionError(f"no header with columns {list(columns)} in:\n{text}")
+    rows = []
+    for line in lines[start + 1:]:
+        if set(line.strip()) == {"-"}:
+            if rows:
+                break
+            continue
+        if not line.strip() or ": " in line or " = " in line:
+            break
+        rows.append(line.split())
+    assert rows, f"no rows under the header {lines[start]!r} in:\n{text}"
+    return rows
+
+
+def numbers(row: Sequence[str]) -> list[float]:
+    """The numeric cells of a printed row."""
+    return [_number(t) for t in row if _NUMBER.match(t)]
+
+
+def assert_finite(values: Sequence[float], *, positive: bool = False,
+                  nonnegative: bool = False) -> None:
+    """Every value finite (and > 0, or >= 0). Printed times and sizes of a toy run may round
+    to zero; the ratios next to them come from unrounded values."""
+    assert values, "no numbers"
+    for value in values:
+        assert math.isfinite(value), values
+        if positive:
+            assert value > 0, values
+        if nonnegative:
+            assert value >= 0, values
+
+
+@pytest.fixture(scope="module")
+def play_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache whose corpus is a miniature play with enough speeches per role for the
+    default ``data.min_speeches`` (the benchmarks that build their split with the defaults)."""
+    cache = tmp_path_factory.mktemp("bench-cache")
+    texts = cache / "data" / "shakespeare" / "texts"
+    texts.mkdir(parents=True)
+    (texts / "miniature_gut.txt").write_text(mini_play(speeches_per_role=30))
+    return cache
+
+
+@pytest.fixture
+def quiet_logs() -> Iterator[None]:
+    """Benchmarks configure the root logger; leave it as it was."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+# --- in-process protocol and kernels ---------------------------------------------------------
+
+
+def test_secagg_overhead(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """BENCHMARKS.md: clients | mode | client CPU s | coordinator CPU s | up KB/client |
+    down KB/client, plus the SecAgg / plain ratios."""
+    from simulations.bench import secagg_overhead
+
+    out = tmp_path / "rows.json"
+    assert secagg_overhead.main(["--clients", "3", "--dim", "1000", "--json", str(out)]) == 0
+
+    text = capsys.readouterr().out
+    rows = table(text, ["clients", "mode", "client CPU s", "coord CPU s", "up KB/cl",
+                        "down KB/cl", "ratios secagg/plain"])
+    assert [(r[0], r[1]) for r in rows] == [("3", "plain"), ("3", "secagg")]
+    for row in rows:  # clients, mode, client CPU, coordinator CPU, up KB, down KB[, ratios]
+        assert len(numbers(row[:6])) == 5
+        assert_finite(numbers(row[:6]), nonnegative=True)
+    ratios = re.findall(r"(client CPU|coordinator CPU|up bytes|down bytes) ([\d.]+)x", text)
+    assert [name for name, _ in ratios] == ["client CPU", "coordinator CPU", "up bytes",
+                                           "down bytes"]
+    assert_finite([float(v) for _, v in ratios], positive=True)
+    got = json.loads(out.read_text())
+    assert [(r["clients"], r["secagg"]) for r in got] == [(3, False), (3, True)]
+    for r in got:
+        assert_finite([r["client_cpu_s_per_client"], r["coordinator_cpu_s"],
+                       r["up_bytes_per_client"], r["down_bytes_per_client"]], positive=True)
+    plain, secure = got
+    # exact, not measured: the masked update is uint32 (as long as float32) plus keys/shares
+    assert 4000 < plain["up_bytes_per_client"] < secure["up_bytes_per_client"]
+    assert set(secure["stage_client_cpu_s"]) == {
+        "train", "query.secagg_setup", "query.secagg_share_keys", "query.secagg_unmask"}
+
+
+def test_dpsgd_step(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md: variant | wall s/step | × no-DP | CPU s/step | × no-DP."""
+    from simulations.bench import dpsgd_step
+
+    assert dpsgd_step.main(["--model", str(tiny_model_dir), "--batch", "2", "--seq", "16",
+                            "--steps", "1", "--rounds", "1",
+                            "--modes", "hooks,ghost,functorch"]) == 0
+
+    rows = table(capsys.readouterr().out, ["variant", "wall s/step", "x no-DP", "CPU s/step",
+                                           "x no-DP", "attach+detach s", "peak RSS MB"])
+    names = [" ".join(r[:-6]) for r in rows]
+    assert names == ["no DP", "DP-SGD hooks", "DP-SGD ghost", "DP-SGD functorch"]
+    for row in rows:
+        wall, wall_x, cpu, cpu_x, attach, rss = (_number(t) for t in row[-6:])
+        assert_finite([wall, cpu, attach], nonnegative=True)
+        assert_finite([wall_x, cpu_x, rss], positive=True)
+    assert _number(rows[0][-5]) == 1.0, "no DP is the baseline"
+
+
+def test_quant_lora_cpu(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md's CPU reference: per-layer time and memory ratios vs fp32 + LoRA, and the
+    full training step's CPU time and frozen memory ratios. (The ``--device cuda`` rows need
+    a GPU and Triton: not run here.)"""
+    from simulations.bench import quant_lora
+
+    variants = "none,int8,int4:g=32:asym,int4:g=32"
+    assert quant_lora.main(["--model", str(tiny_model_dir), "--variants", variants,
+                            "--shapes", "16x64x32,16x32x64", "--rank", "4", "--batch", "2",
+                            "--seq", "16", "--steps", "1", "--rounds", "1"]) == 0
+
+    text = capsys.readouterr().out
+    layers = table(text, ["M x N x K", "variant", "wall ms", "x fp32", "CPU ms", "x fp32",
+                          "weight MB", "x fp32"])
+    assert [(r[0], r[1]) for r in layers] == [
+        (shape, v) for shape in ("16x64x32", "16x32x64")
+        for v in ("fp32", "int8", "int4:g=32:asym", "int4:g=32")]
+    for row in layers:
+        wall, wall_x, cpu, cpu_x, mb, mb_x = numbers(row[2:])
+        assert_finite([wall, cpu, mb], nonnegative=True)
+        assert_finite([wall_x, cpu_x, mb_x], positive=True)
+    step = table(text, ["variant", "wall s", "x base", "CPU s", "x base", "frozen MB",
+                        "x base"])
+    assert [r[0] for r in step] == variants.split(",")
+    for row in step:
+        wall, wall_x, cpu, cpu_x, mb, mb_x = numbers(row[1:])
+        assert_finite([wall, cpu, mb], nonnegative=True)
+        assert_finite([wall_x, cpu_x, mb_x], positive=True)
+    assert _number(step[0][-1]) == 1.0 and _number(step[1][-1]) < 1.0, "int8 is smaller"
+
+
+def test_quant_lora_perplexity(tiny_model_dir: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md: format | perplexity | vs fp32 | projection weights MB."""
+    from simulations.bench import quant_lora
+
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps({"texts": mini_play(4).split("\n\n")}))
+    assert quant_lora.main(["--perplexity", "--model", str(tiny_model_dir), "--eval-file",
+                            str(eval_file), "--ppl-blocks", "4", "--ppl-seq", "16",
+                            "--ppl-variants", "none,int8,int4:g=32:asym"]) == 0
+
+    rows = table(capsys.readouterr().out, ["variant", "perplexity", "vs none", "weights MB",
+                                           "rel. weight err"])
+    assert [r[0] for r in rows] == ["none", "int8", "int4:g=32:asym"]
+    for row in rows:
+        ppl, vs, mb, err = (_number(t) for t in row[1:])
+        assert_finite([ppl], positive=True)
+        assert_finite([vs])
+        assert_finite([mb, err], nonnegative=True)  # the tiny model's weights: 0.0 MB
+    assert _number(rows[0][2]) == 0.0
+
+
+# --- edge --------------------------------------------------------------------------------------
+
+
+def test_edge_step(tiny_model_dir: Path, mini_cache: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md: side | s per step | peak RSS MB | upload per round | load s, and the
+    edge / torch ratios."""
+    from simulations.bench import edge_step
+
+    assert edge_step.main(["--cache-dir", str(mini_cache), "--steps", "1", "--batch", "2",
+                           "--seq", "16", "--set", f"model.source={tiny_model_dir}",
+                           "--set", "data.min_speeches=5"]) == 0
+
+    text = capsys.readouterr().out
+    rows = table(text, ["side", "step s", "peak RSS MB", "upload bytes", "load s",
+                        "torch imported"])
+    assert [(r[0], r[-1]) for r in rows] == [("edge", "False"), ("torch", "True")]
+    for row in rows:
+        step_s, rss, upload, load_s = numbers(row[1:])
+        assert_finite([step_s, load_s], nonnegative=True)  # a toy step prints as 0.00 s
+        assert_finite([rss, upload], positive=True)
+    ratios = re.search(r"edge / torch: step time ([\d.]+)x, peak RSS ([\d.]+)x, upload "
+                       r"([\d.]+)x", text)
+    assert ratios, text
+    assert_finite([float(v) for v in ratios.groups()], positive=True)  # unrounded times
+
+
+def test_edge_forward(tiny_model_dir: Path, play_cache: Path, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md: side | perplexity | CPU s per forward (median / min) | peak RSS MB |
+    export MB | MeZO err, and the ORT / torch ratios."""
+    from simulations.bench import edge_forward
+
+    assert edge_forward.main(["--model", str(tiny_model_dir), "--cache", str(play_cache),
+                              "--export-root", str(tmp_path / "edge"),
+                              "--quantization", "int4-gguf", "--batch", "2", "--seq", "16",
+                              "--eval-blocks", "4", "--reps", "1"]) == 0
+
+    text = capsys.readouterr().out
+    rows = table(text, ["ppl", "cpu s", "wall s", "min cpu", "load s", "RSS MB", "MB",
+                        "MeZO err"])
+    assert [" ".join(r[:-8] if r[0] == "ORT" else r[:3]) for r in rows] == [
+        "torch fp32 eager", "ORT int4-gguf"]
+    torch_row, ort_row = rows
+    ppl, cpu, wall, cpu_min, load_s, rss, mezo = numbers(torch_row[3:])
+    assert mezo == 0.0, "torch is the MeZO reference"
+    ppl_ort, *_, rss_ort, export_mb, mezo_ort = numbers(ort_row[2:])
+    assert_finite([ppl, ppl_ort, rss, rss_ort], positive=True)
+    # toy forwards print as 0.000 s, the toy export as 0 MB
+    assert_finite([cpu, wall, cpu_min, load_s, mezo_ort, export_mb], nonnegative=True)
+    (export,) = (tmp_path / "edge").glob("*-int4-gguf/model.onnx")
+    assert export.stat().st_size > 0
+    assert re.search(r"ORT int4-gguf vs torch: [\d.]+x CPU time \(median\), [\d.]+x \(min\), "
+                     r"[\d.]+x wall .*perplexity [+-][\d.]+% .*peak RSS [\d.]+x; MeZO "
+                     r"projected-gradient error [\d.]+%", text), text
+    ratios = re.search(r"vs torch: ([\d.]+)x CPU time \(median\), ([\d.]+)x \(min\), "
+                       r"([\d.]+)x wall", text)
+    assert ratios
+    assert_finite([float(v) for v in ratios.groups()], positive=True)
+
+
+# --- federated simulations ---------------------------------------------------------------------
+
+
+def _tiny_run_overrides(tiny_model_dir: Path) -> list[str]:
+    return [f"model.source={tiny_model_dir}", "data.min_speeches=5",
+            "data.heldout_fraction=0.25", "lora.r=4", "train.rounds=1",
+            "train.clients_per_round=2", "train.local_steps=1", "train.batch_size=2",
+            "train.seq_len=16", "eval.max_blocks=4", "eval.batch_size=4"]
+
+
+@pytest.mark.slow
+def test_round_timing(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: round | wall s | train s | aggregate s | eval s | overhead s |
+    overhead / train | up KB/client | down KB/client; then the same from --from-run."""
+    from simulations.bench import round_timing
+
+    argv = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+            "--json", str(tmp_path / "table.json")]
+    for item in _tiny_run_overrides(tiny_model_dir):
+        argv += ["--set", item]
+    assert round_timing.main(argv) == 0
+
+    text = capsys.readouterr().out
+    columns = ["round", "wall s", "train s", "aggr s", "eval s", "overhead s",
+               "overhead/train", "up KB/client", "down KB/client"]
+    rows = table(text, columns)
+    assert [r[0] for r in rows] == ["1"]
+    values = numbers(rows[0])
+    assert len(values) == 9
+    assert_finite(values, nonnegative=True)  # a toy round prints 0.0 s of training
+    assert "steady state (median of rounds 1-1)" in text
+    (got,) = json.loads((tmp_path / "table.json").read_text())
+    assert got["round"] == 1
+    assert_finite([got[k] for k in ("round_s", "train_s", "aggregate_s", "eval_s",
+                                    "overhead_s", "up_bytes_per_client",
+                                    "down_bytes_per_client")], positive=True)
+    run_dir = Path(text.split("run: ", 1)[1].splitlines()[0])
+
+    assert round_timing.main(["--from-run", str(run_dir)]) == 0
+    assert table(capsys.readouterr().out, columns) == rows
+
+
+@pytest.mark.slow
+def test_ffa_vs_lora_dp(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: round | FFA-LoRA ppl | LoRA ppl | ε | up KB per round, FFA / LoRA."""
+    from simulations.bench import ffa_vs_lora_dp
+
+    argv = ["--rounds", "1", "--clients-per-round", "2", "--local-steps", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+            "--prefix", "smoke"]
+    for item in _tiny_run_overrides(tiny_model_dir):
+        argv += ["--set", item]
+    assert ffa_vs_lora_dp.main(argv) == 0
+
+    text = capsys.readouterr().out
+    rows = table(text, ["round", "FFA-LoRA ppl", "LoRA ppl", "epsilon", "up KB FFA/LoRA"])
+    assert [r[0] for r in rows] == ["0", "1"]
+    for row in rows:
+        assert_finite([_number(t) for t in row[1:3]], positive=True)
+    assert rows[0][3:] == ["0", "-"]
+    eps, up = rows[1][3:]
+    ffa_kb, lora_kb = (_number(v) for v in up.split("/"))
+    assert_finite([_number(eps), ffa_kb, lora_kb], positive=True)
+    assert ffa_kb < lora_kb, "FFA-LoRA uploads B only"
+    assert re.search(r"final perplexity FFA-LoRA / LoRA = [\d.]+", text)
+    assert (tmp_path / "runs" / "ffa_vs_lora_dp.png").is_file()
+    got = json.loads((tmp_path / "runs" / "ffa_vs_lora_dp.json").read_text())
+    assert [r["round"] for r in got["rounds"]] == [0, 1]
+
+
+# --- deployment engine: real SuperLink / SuperNode processes ---------------------------------
+
+
+@pytest.mark.slow
+def test_deploy_latency(play_cache: Path, tmp_path: Path,
+                        capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: configuration | phase s | device s | ClientApp start-up s | handler s."""
+    from simulations.bench import deploy_latency
+
+    out = tmp_path / "latency.json"
+    assert deploy_latency.main(["--kinds", "edge", "--modes", "warm", "--nodes", "1",
+                                "--rounds", "1", "--cache-dir", str(play_cache),
+                                "--work-dir", str(tmp_path / "work"), "--no-launch-probe",
+                                "--timeout", "120", "--json", str(out)]) == 0
+
+    rows = table(capsys.readouterr().out, ["configuration", "phases", "clients s", "train s",
+                                           "phase s", "start-up s", "handler s", "rest s",
+                                           "device s", "cold", "wall s"])
+    assert [r[:2] for r in rows] == [["edge", "warm"]]
+    values = numbers(rows[0][2:])
+    assert len(values) == 10 and values[0] == 1  # one phase
+    assert_finite(values[:6] + values[7:], nonnegative=True)
+    assert_finite(values[6:7])  # rest s: clients s minus the device's medians
+    result = json.loads(out.read_text())["results"][0]
+    medians = result["medians"]
+    for key in ("phase_s", "device_s", "startup_s", "handler_s", "clients_s"):
+        assert math.isfinite(medians[key]), (key, medians)
+    assert medians["clients_s"] > 0 and medians["device_s"] > 0  # handler: logged as %.1f s
+    assert result["cold_starts"] == 0
+
+
+@pytest.mark.slow
+def test_deploy_load(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                     quiet_logs: None) -> None:
+    """BENCHMARKS.md: round | round s | accepted / sampled | up KB | down KB, the set-up
+    times, and coordinator / per-device memory (sampled by ``proc_memory``)."""
+    from simulations.bench import deploy_load
+
+    out = tmp_path / "load.json"
+    code = deploy_load.main(["--nodes", "1", "--rounds", "1", "--timeout", "300",
+                             "--interval", "0.5", "--workdir", str(tmp_path / "work"),
+                             "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+
+    rows = table(text, ["round", "round s", "clients s", "aggr s", "ok/sampled", "failed",
+                        "rejected", "up KB", "down KB"])
+    assert len(rows) == 1 and rows[0][0] == "1" and rows[0][4] == "1/1", rows
+    assert_finite(numbers(rows[0]), nonnegative=True)
+    result = json.loads(out.read_text())
+    assert result["outcome"] == "completed" and result["all_accepted"]
+    assert result["leftover_pids"] == []
+    (row,) = result["rounds"]
+    assert row["bytes_up"] > 0 and row["bytes_down"] > row["bytes_up"] and row["round_s"] > 0
+    for key in ("setup", "register", "nodes_online", "run"):
+        assert result["times_s"][key] > 0, (key, result["times_s"])
+    coord, dev = result["coordinator_mb"], result["device_mb"]
+    assert result["samples"] > 0
+    assert coord["rss_peak"] >= coord["rss_mean"] > 0
+    assert coord["pss_peak"] >= 0  # PSS is read every 10th sample: maybe none in a toy run
+    assert dev["rss_mean"] > 0 and dev["devices_sampled"] == 1
+    assert re.search(r"coordinator tree RSS: peak \d+ MB, mean \d+ MB \(PSS peak \d+ MB\)",
+                     text), text
