@@ -18,18 +18,22 @@ from protocols.config_schema import Section, describe, to_scalar
 from protocols.run_config import ConfigError, RunConfig
 
 
+def read_toml(path: Path, *, what: str, error: type[ConfigError] = ConfigError
+              ) -> dict[str, Any]:
+    """A TOML file's tables; ``error`` (naming the file) if it is missing or not TOML."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path} is not valid TOML: {exc}") from None
+
+
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The schema's defaults, then ``path`` (if given), then ``section.key=value``
     overrides (values parsed as TOML: ``train.rounds=3``, ``lora.target_modules=["q_proj"]``;
     a bare word is a string: ``model.source=/path/to/model``)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    raw: dict[str, Any] = {} if path is None else read_toml(path, what="config file")
     for item in overrides or []:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")

@@ -49,7 +49,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -59,7 +58,7 @@ from client.node.supernode import NodeValue, SuperNodeSpec, start_supernode
 from client.node.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S, MIN_POLL_S
 from client.node.warm_launcher import EXIT_CONFIG, WarmLauncher, default_preload
 from client.node_policy import ClientKind
-from protocols.config_file import toml_value
+from protocols.config_file import read_toml, toml_value
 from protocols.config_schema import REQUIRED, ConfigError, Section, describe, is_path, setting
 from protocols.processes import ManagedProcess
 
@@ -235,12 +234,7 @@ def describe_config() -> str:
 
 
 def load_config(path: Path) -> DaemonConfig:
-    if not path.is_file():
-        raise FileNotFoundError(f"daemon config {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise DaemonConfigError(f"{path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, what="daemon config", error=DaemonConfigError)
     return parse_config(raw, path.parent.resolve())
 
 
