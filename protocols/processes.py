@@ -63,11 +63,46 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+#: Set by :class:`ManagedProcess` ``(die_with_parent=True)``: the pid the child must not
+#: outlive. Read by :func:`die_with_parent` in the child.
+PARENT_ENV = "FEDTUNE_DIE_WITH_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """First thing in a daemon's child (the SuperNode entry, the warm fork server): ask
+    Linux to SIGTERM this process when the process that started it dies, so a daemon
+    killed with SIGKILL leaves no SuperNode training on as an orphan (issue 13). If that
+    parent is already gone, exit at once. A no-op unless started with ``die_with_parent``
+    and on Linux.
+
+    Done in the child rather than with ``preexec_fn``: ``preexec_fn`` is unsafe in a
+    process with threads (the daemons run beside threads), and the child is our own code.
+    """
+    expected = os.environ.pop(PARENT_ENV, "")  # not for this process's own children
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("PR_SET_PDEATHSIG failed (errno %d); this process may outlive its "
+                    "parent", ctypes.get_errno())
+        return
+    if os.getppid() != int(expected):  # the parent died before the call above
+        os._exit(0)
+
+
 class ManagedProcess:
-    """One started daemon, its output appended to ``log_path``; stop it with :meth:`stop`."""
+    """One started daemon, its output appended to ``log_path``; stop it with :meth:`stop`.
+
+    ``die_with_parent``: the child (if it calls :func:`die_with_parent`) is terminated when
+    this process dies, however it dies.
+    """
 
     def __init__(self, name: str, command: Sequence[str], *, env: Mapping[str, str],
-                 log_path: Path, cwd: Path | None = None) -> None:
+                 log_path: Path, cwd: Path | None = None,
+                 die_with_parent: bool = False) -> None:
         self.name = name
         self.command = list(command)
         self.log_path = log_path
@@ -75,8 +110,9 @@ class ManagedProcess:
         self._log = log_path.open("ab")
         self._ended = False  # stop() or kill() finished: a second call does nothing
         log.info("starting %s: %s", name, " ".join(self.command))
+        env = {**env, PARENT_ENV: str(os.getpid())} if die_with_parent else dict(env)
         self.popen = subprocess.Popen(
-            self.command, env=dict(env), cwd=cwd, stdout=self._log,
+            self.command, env=env, cwd=cwd, stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
 

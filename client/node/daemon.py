@@ -238,6 +238,23 @@ def load_config(path: Path) -> DaemonConfig:
     return parse_config(raw, path.parent.resolve())
 
 
+#: run_daemon's exit status when the SuperNode's port is taken (restarting would loop).
+EXIT_PORT_TAKEN = 3
+
+
+def _port_in_use(port: int, host: str = "127.0.0.1") -> str | None:
+    """Why ``port`` cannot be bound on ``host`` (the SuperNode's runtime address), or None."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # only a live listener
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
+
+
 class _ForkServerKeeper:
     """Keeps the warm launcher's fork server up beside the SuperNode: restarts it with a
     capped backoff when it dies, gives up when its preload list cannot work. While it is
@@ -283,6 +300,11 @@ def run_daemon(config: DaemonConfig, stop: threading.Event) -> int:
     """Keep one SuperNode (and its warm launcher) running until ``stop`` is set; return the
     exit status (0)."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    if (taken := _port_in_use(config.runtime_port)) is not None:
+        log.error("node.runtime_port %d is already in use (%s): is another SuperNode of this "
+                  "device still running (an earlier daemon's)? Stop it, or give this device "
+                  "another node.runtime_port", config.runtime_port, taken)
+        return EXIT_PORT_TAKEN
     spec = config.supernode_spec()
     warm = (_ForkServerKeeper(config.warm_launcher(), spec.environment(), config.name)
             if config.warm else None)

@@ -131,7 +131,7 @@ def start_supernode(spec: SuperNodeSpec, name: str, *, wait_connected: float = 0
     spec.flwr_home.mkdir(parents=True, exist_ok=True)
     offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
     proc = ManagedProcess(name, spec.command(), env=spec.environment(),
-                          log_path=spec.log_path)
+                          log_path=spec.log_path, die_with_parent=True)
     if wait_connected > 0:
         try:
             wait_for(lambda: connected_node_id(spec.log_path, offset) is not None,

@@ -21,6 +21,7 @@ from typing import Any
 
 from client.flower_patches import FLOWER_IDLE_SLEEP_S as FLOWER_IDLE_SLEEP_S  # re-exported
 from client.flower_patches import short_supernode_sleeps
+from protocols.processes import die_with_parent
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_S"
 DEFAULT_POLL_S = 1.0
@@ -49,6 +50,8 @@ def poll_interval(environ: Any = os.environ) -> float:
 
 def main() -> int:
     from flwr.supernode.cli import flower_supernode
+
+    die_with_parent()  # a SIGKILLed daemon must not leave this SuperNode training on
 
     # Flower's main runs the SuperNode until the process ends: the patch's scope.
     with short_supernode_sleeps(poll_interval()):

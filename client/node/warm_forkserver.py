@@ -38,6 +38,7 @@ from pathlib import Path
 from client.flower_patches import warm_message_pull
 from client.node import warm_shim
 from client.node.warm_child import ForkSafetyError, Job, check_fork_safe, run_job, task_count
+from protocols.processes import die_with_parent
 
 log = logging.getLogger("fedtune.warm_forkserver")  # not __main__: the child drops its handler
 
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent()  # a SIGKILLed daemon must not leave its fork server behind
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

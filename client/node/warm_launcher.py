@@ -123,7 +123,7 @@ class WarmLauncher:
         self.install()
         self.socket_path.unlink(missing_ok=True)  # a dead server's: shims must not wait on it
         return ManagedProcess(name, self.command(), env=env, log_path=self.log_path,
-                              cwd=self.home)
+                              cwd=self.home, die_with_parent=True)
 
 
 def write_shim(bin_dir: Path, socket_path: Path, target: Path, *,
