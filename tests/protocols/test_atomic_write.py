@@ -121,15 +121,21 @@ def test_failing_replace_leaves_old_file_and_no_temporary(
     assert names(tmp_path) == ["checkpoint.safetensors"]
 
 
-def test_file_and_folder_are_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[str] = []
+@pytest.fixture()
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What os.fsync is called on, in order: "file" or "dir"."""
+    kinds: list[str] = []
     real_fsync = os.fsync
 
     def counting_fsync(fd: int) -> None:
-        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        kinds.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
+    return kinds
+
+
+def test_file_and_folder_are_fsynced(tmp_path: Path, synced: list[str]) -> None:
     write_bytes_atomic(tmp_path / "a.bin", b"data")
     assert synced == ["file", "dir"]  # the data before the rename, the rename after it
 
@@ -240,17 +246,9 @@ def test_next_replace_repairs_first(tmp_path: Path, no_exchange: None) -> None:
     assert names(tmp_path) == ["model"]
 
 
-def test_replace_dir_fsyncs_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replace_dir_fsyncs_contents(tmp_path: Path, synced: list[str]) -> None:
     target = make_dir(tmp_path / "model", "old")
     staged = make_dir(tmp_path / "stage", "new")
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def counting_fsync(fd: int) -> None:
-        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting_fsync)
     replace_dir_atomic(staged, target)
     assert synced.count("file") == 2  # weights.bin and sub/config.json
     assert synced.count("dir") >= 3  # stage, stage/sub, and the parent after the rename
