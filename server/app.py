@@ -147,8 +147,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     strategy, dp = build_strategy(config, spec, ledger=ledger, ledger_path=ledger_path)
     outer = OffsetRounds(dp or strategy, point.first_round - 1)
     recorder = RoundRecorder(run_dir, central=central if config.eval.central else None,
-                             strategy=strategy, dp=dp, point=point,
-                             first_round=point.first_round)
+                             strategy=strategy, dp=dp, point=point)
     train_config, eval_config = instructions(config)
 
     final: TensorsView = point.adapter if point.adapter is not None else central.initial_adapter

@@ -30,19 +30,18 @@ class RoundRecorder:
     """Flower's ``evaluate_fn`` for one run: score, log and checkpoint each round.
 
     ``server_round`` is the run's own numbering (resumed runs continue it); ``point`` says
-    how many rounds an earlier coordinator completed and ``first_round`` where this one
-    started, so the checkpoint counts completed rounds across restarts.
+    how many rounds an earlier coordinator completed and where this one started, so the
+    checkpoint counts completed rounds across restarts.
     """
 
     def __init__(self, run_dir: Path, *, central: CentralModel | None,
-                 strategy: AdapterFedAvg, dp: ClientLevelDP | None, point: ResumePoint,
-                 first_round: int) -> None:
+                 strategy: AdapterFedAvg, dp: ClientLevelDP | None,
+                 point: ResumePoint) -> None:
         self.run_dir = run_dir
         self.central = central
         self.strategy = strategy
         self.dp = dp
         self.point = point
-        self.first_round = first_round
         self.started = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -79,7 +78,7 @@ class RoundRecorder:
                        dp_stopped_at=self.dp.stopped_at)
         append_metrics(self.run_dir, row)
         if server_round > 0 and stats is not None:  # a round ran: checkpoint it
-            completed = self.point.done + server_round - self.first_round + 1
+            completed = self.point.done + server_round - self.point.first_round + 1
             save_checkpoint(self.run_dir, server_round, completed, adapter)
         metrics = {k: v for k, v in row.items() if k in (keys.EVAL_LOSS, keys.PERPLEXITY)}
         return MetricRecord(metrics) if metrics else None
