@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_DEFAULTS = {
+#: What every fedtune process needs (also handed to the Flower daemons it starts,
+#: ``protocols.processes.FLOWER_ENV``).
+DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -25,6 +27,6 @@ _DEFAULTS = {
 
 
 def configure_environment() -> None:
-    for key, value in _DEFAULTS.items():
+    for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("FLWR_HOME", str(Path(".flwr").resolve()))

@@ -18,21 +18,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from protocols.environment import DEFAULTS
+
 log = logging.getLogger(__name__)
 
-#: As in protocols/environment.py: no telemetry or update checks (no network), no runtime
-#: ``uv sync`` (it would pull CUDA torch), no hub access.
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "PYTHONUNBUFFERED": "1",
-}
+#: The process environment of protocols/environment.py (no telemetry or update checks, no
+#: runtime ``uv sync``, no hub access), imposed on every Flower daemon we start, with
+#: unbuffered output so their logs are current.
+FLOWER_ENV = {**DEFAULTS, "PYTHONUNBUFFERED": "1"}
 
 
 def bin_dir() -> Path:

@@ -49,19 +49,14 @@ def validate_update(
             raise InvalidUpdate(f"`{key}`: contains NaN or Inf")
 
 
-def update_norm(
-    tensors: Mapping[str, npt.NDArray[Any]],
-    reference: Mapping[str, npt.NDArray[Any]] | None = None,
-) -> float:
-    """L2 norm of ``tensors - reference`` (or of ``tensors``) over all tensors together, in
-    float64: the size of an update as client-level DP clips it and as the coordinator
-    bounds it."""
+def update_norm(delta: Mapping[str, npt.NDArray[Any]]) -> float:
+    """L2 norm of a delta over all its tensors together, in float64: the size of an update
+    as client-level DP clips it and as the coordinator bounds it (every upload is a delta,
+    so no reference adapter is subtracted)."""
     total = 0.0
-    for key, value in tensors.items():
-        diff = value.astype(np.float64)
-        if reference is not None:
-            diff = diff - reference[key].astype(np.float64)
-        total += float(np.sum(diff * diff))
+    for value in delta.values():
+        as64 = value.astype(np.float64)
+        total += float(np.sum(as64 * as64))
     return float(np.sqrt(total))
 
 

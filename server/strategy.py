@@ -219,11 +219,6 @@ class AdapterFedAvg(FedAvg):
         """The global adapter sent out for the round in progress."""
         return self._global
 
-    @property
-    def round_context(self) -> RoundContext:
-        """What the clients of the round in progress were told (codecs decode with it)."""
-        return self._context
-
     # -- train ---------------------------------------------------------------------------
     def begin_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
                     ) -> ConfigRecord:
