@@ -23,8 +23,14 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.local_data import LocalTextData, load_partition
-from client.node_policy import is_edge_client, node_settings_mod, partition_id
+from client.local_data import (
+    DeviceDataSource,
+    LocalData,
+    LocalDataError,
+    load_device_data,
+    simulated_device_folder,
+)
+from client.node_policy import device_data_source, is_edge_client, node_settings_mod, partition_id
 from client.secagg_client import handle_setup, handle_share_keys, handle_unmask, mask_update
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
@@ -57,14 +63,15 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     paths = PathsSection.from_flat(flat)
     model_dir = resolve_model_dir(config.model.source, paths.required("cache_dir"))
     dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
-    key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd)
+    key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd,
+           config.data.template)
     if key not in _TRAINERS:
         if config.security.verify_manifest:
             verify_base_model(model_dir, paths.manifest_public_key, paths.signed_manifest)
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
             model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd,
-            model_section=config.model,
+            model_section=config.model, template=config.data.template,
         )
     return _TRAINERS[key]
 
@@ -78,14 +85,15 @@ def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
     export_dir = paths.required("edge_export")
     settings = MeZOSettings(epsilon=config.edge.epsilon,
                             max_abs_scalar=config.edge.max_abs_scalar)
-    key = ("edge", str(export_dir), config.lora, config.federation.client_threads, settings)
+    key = ("edge", str(export_dir), config.lora, config.federation.client_threads, settings,
+           config.data.template)
     if key not in _TRAINERS:
         public_key = (pinned_public_key(paths.manifest_public_key)
                       if config.security.verify_manifest else None)
         _TRAINERS.clear()
         _TRAINERS[key] = EdgeMeZOTrainer.from_export(
             export_dir, config.lora, threads=config.federation.client_threads,
-            public_key=public_key, settings=settings,
+            public_key=public_key, settings=settings, template=config.data.template,
         )
     return _TRAINERS[key]
 
@@ -123,9 +131,18 @@ def verify_base_model(model_dir: Path, public_key_hex: str, signed_manifest: str
     verify_directory(model_dir, public_key, signed=SignedManifest.from_text(signed_manifest))
 
 
-def _local_data(flat: Mapping[str, Any], context: Context) -> LocalTextData:
-    return load_partition(PathsSection.from_flat(flat).required("partitions_file"),
-                          partition_id(context))
+def _local_data(flat: Mapping[str, Any], context: Context) -> LocalData:
+    """This device's own data: what its own config names (a deployed device), else the
+    folder the simulation wrote for this partition. Read in this process only."""
+    source = device_data_source(context.node_config)
+    pid = partition_id(context)
+    if source is None:
+        devices_dir = PathsSection.from_flat(flat).devices_dir
+        if devices_dir is None:
+            raise LocalDataError("this device's config names no data: set [data] path in its "
+                                 "`fedtune client` config (a file or folder of its own data)")
+        source = DeviceDataSource(simulated_device_folder(devices_dir, pid))
+    return load_device_data(source, client_id=f"device-{pid}")
 
 
 def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:

@@ -43,6 +43,8 @@ from protocols.run_config import PrivacySection
 if TYPE_CHECKING:
     import torch
 
+    from kernels.data.blocks import Blocks
+
 #: Opacus per-sample-gradient modes that work on the LoRA layers here. "hooks" is the
 #: default: a LoRA tensor's per-sample gradients are small (B x r x d), so materialising them
 #: is cheaper than ghost clipping's second backward pass and its (T x T) Gram norms. On
@@ -157,11 +159,14 @@ class DpSgdRun:
     batch_sizes: list[int]
 
 
-def per_sample_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each block: ``(B, T)`` ids -> ``(B,)``.
+def per_sample_loss(model: torch.nn.Module, batch: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token loss of each block over its scored tokens: ``(B, T)`` ids -> ``(B,)``.
 
-    For fixed-length blocks ``mean()`` of this equals the Hugging Face ``labels=`` loss, so
-    the DP and non-DP paths optimise the same objective.
+    ``labels`` are Hugging Face labels (``-100`` where nothing is scored: prompts, padding);
+    ``None`` scores every token. For plain-text blocks ``mean()`` of this equals the
+    ``labels=`` loss, so the DP and non-DP paths optimise the same objective; for chat blocks
+    each block weighs its own response tokens equally (a block is the DP sample).
     """
     import torch.nn.functional as F
 
@@ -169,14 +174,18 @@ def per_sample_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
     logits = model(input_ids=batch).logits  # (B, T, V)
     # Shift the labels, not the logits: a (B, T-1, V) slice or a class-dim transpose would
     # copy the logits (3x slower loss at V = 49k, measured). The last position is ignored.
-    labels = F.pad(batch[:, 1:], (0, 1), value=-100)  # (B, T)
-    loss = F.cross_entropy(logits.reshape(n * t, -1), labels.reshape(-1), reduction="none")
-    return loss.view(n, t).sum(dim=1) / (t - 1)  # (B,)
+    source = batch if labels is None else labels
+    shifted = F.pad(source[:, 1:], (0, 1), value=-100)  # (B, T)
+    loss = F.cross_entropy(logits.reshape(n * t, -1), shifted.reshape(-1), reduction="none")
+    if labels is None:
+        return loss.view(n, t).sum(dim=1) / (t - 1)  # (B,)
+    counts = (shifted != -100).sum(dim=1).clamp(min=1)  # (B,)
+    return loss.view(n, t).sum(dim=1) / counts  # (B,)
 
 
 def dp_train(
     model: torch.nn.Module,
-    blocks: npt.NDArray[np.int64],
+    blocks: Blocks | npt.NDArray[np.int64],
     optimizer: torch.optim.Optimizer,
     *,
     settings: DpSgdSettings,
@@ -202,13 +211,19 @@ def dp_train(
     from opacus.optimizers import get_optimizer_class
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+    from kernels.data.blocks import Blocks
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     _check_model(model, trainable, optimizer)
+    # Plain-text blocks score every token; chat blocks carry labels (-100 off the answers).
+    columns = ((torch.from_numpy(blocks.ids), torch.from_numpy(blocks.labels()))
+               if isinstance(blocks, Blocks) and not blocks.every_token_scored
+               else (torch.from_numpy(blocks.ids if isinstance(blocks, Blocks) else blocks),))
     q = poisson_sample_rate(batch_size, len(blocks))
     # Divisor of the noisy sum: the expected batch q*N, never the drawn size (data-dependent).
     expected_batch = min(batch_size, len(blocks))
     sampler_rng, noise_rng = _generators(seed)
-    loader = DPDataLoader(torch.utils.data.TensorDataset(torch.from_numpy(blocks)),
+    loader = DPDataLoader(torch.utils.data.TensorDataset(*columns),
                           sample_rate=q, generator=sampler_rng)
     mode = settings.grad_sample_mode
     ghost = mode == "ghost"
@@ -233,13 +248,13 @@ def dp_train(
             hooks.forbid_grad_accumulation()  # Poisson batches: one backward per step
             model.train()
             run = DpSgdRun(sample_rate=q, steps=steps, losses=[], batch_sizes=[])
-            for _, (batch,) in zip(range(steps), _cycle(loader), strict=False):
+            for _, (batch, *labels) in zip(range(steps), _cycle(loader), strict=False):
                 run.batch_sizes.append(len(batch))
                 if len(batch) == 0:
                     # The mechanism still releases sum(nothing) + noise, as accounted for.
                     _empty_step(trainable, ghost=ghost)
                 else:
-                    losses = per_sample_loss(model, batch)  # (B,)
+                    losses = per_sample_loss(model, batch, *labels)  # (B,)
                     if ghost:
                         # Two backward passes: norms, then the clipped-weighted loss.
                         dp_loss = DPTensorFastGradientClipping(hooks, dp_optimizer, losses, "sum")

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from client.local_data import LocalTextData
-from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
+from client.local_data import LocalData
+from client.trainer import DeviceBlocks, EvalOutcome, TrainInstruction, TrainOutcome
+from kernels.data.templates import PromptTemplate, TemplateChoice
 from kernels.edge_runtime import EdgeModel
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec, Tensors, TensorSpec
@@ -93,10 +94,14 @@ class EdgeMeZOTrainer:
         or the seed update is refused (layout fingerprint).
     settings
         ε and the |g| clip.
+    template
+        The run's ``data.template``: chat and instruction examples are rendered with the
+        export's chat template (or Alpaca) and only their answers are scored, as on torch.
     """
 
     def __init__(
-        self, model: EdgeModel, lora: LoraSection, *, settings: MeZOSettings | None = None
+        self, model: EdgeModel, lora: LoraSection, *, settings: MeZOSettings | None = None,
+        template: TemplateChoice = "auto",
     ) -> None:
         if not model.float_activations:
             # Measured on SmolLM2 (kernels.edge_quantize): int8 activations make the loss
@@ -118,7 +123,9 @@ class EdgeMeZOTrainer:
                              "settings; nothing to train")
         self.shapes = trainable_shapes(self.spec)
         self.layout = layout_id(self.shapes)
-        self._blocks_cache: dict[tuple[str, str, int], npt.NDArray[np.int64]] = {}
+        self.blocks = DeviceBlocks(model.tokenizer,
+                                   PromptTemplate.for_tokenizer(model.export_dir, template),
+                                   model.eos_token_id)
 
     @classmethod
     def from_export(
@@ -129,17 +136,11 @@ class EdgeMeZOTrainer:
         threads: int = 1,
         public_key: Any = None,
         settings: MeZOSettings | None = None,
+        template: TemplateChoice = "auto",
     ) -> EdgeMeZOTrainer:
         """Load (and verify, see :class:`EdgeModel`) an export folder, then wrap it."""
         return cls(EdgeModel(export_dir, threads=threads, public_key=public_key), lora,
-                   settings=settings)
-
-    def _blocks(self, data: LocalTextData, split: str, seq_len: int) -> npt.NDArray[np.int64]:
-        key = (data.client_id, split, seq_len)
-        if key not in self._blocks_cache:
-            texts = data.train if split == "train" else data.heldout
-            self._blocks_cache[key] = self.model.token_blocks(texts, seq_len)
-        return self._blocks_cache[key]
+                   settings=settings, template=template)
 
     def _start(self, adapter: Mapping[str, npt.NDArray[Any]]) -> Tensors:
         """A private float32 copy of the global adapter: the clean θ."""
@@ -153,15 +154,11 @@ class EdgeMeZOTrainer:
     def train(
         self,
         adapter: Mapping[str, npt.NDArray[Any]],
-        data: LocalTextData,
+        data: LocalData,
         instruction: TrainInstruction,
     ) -> EdgeTrainOutcome:
         start = time.perf_counter()
-        blocks = self._blocks(data, "train", instruction.seq_len)
-        if len(blocks) == 0:
-            raise ValueError(
-                f"client {data.client_id}: no training block of {instruction.seq_len} tokens"
-            )
+        blocks = self.blocks.get(data, "train", instruction.seq_len)
         theta = self._start(adapter)
         probe = {k: v.copy() for k, v in theta.items()}  # θ ± εz lives here, never in θ
         order, seeds = _draws(len(blocks), instruction)
@@ -170,14 +167,15 @@ class EdgeMeZOTrainer:
         scalars = np.empty(instruction.local_steps, dtype=np.float32)
         losses = []
         for step in range(instruction.local_steps):
-            batch = blocks[order[step * instruction.batch_size:(step + 1) * instruction.batch_size]]
+            batch = blocks.take(
+                order[step * instruction.batch_size:(step + 1) * instruction.batch_size])
             z = perturbation(int(seeds[step]), self.shapes)
             for key, direction in z.items():
                 np.add(theta[key], eps * direction, out=probe[key])
-            loss_plus = self.model.mean_loss(batch, probe)
+            loss_plus = self.model.mean_loss(batch.ids, probe, scored=batch.scored)
             for key, direction in z.items():
                 np.subtract(theta[key], eps * direction, out=probe[key])
-            loss_minus = self.model.mean_loss(batch, probe)
+            loss_minus = self.model.mean_loss(batch.ids, probe, scored=batch.scored)
             g = (loss_plus - loss_minus) / (2.0 * float(eps))
             if not math.isfinite(g):
                 raise ValueError(
@@ -204,21 +202,23 @@ class EdgeMeZOTrainer:
     def evaluate(
         self,
         adapter: Mapping[str, npt.NDArray[Any]],
-        data: LocalTextData,
+        data: LocalData,
         *,
         seq_len: int,
         batch_size: int,
     ) -> EvalOutcome:
         """Token-weighted mean held-out next-token loss, as the torch trainer reports it."""
         theta = self._start(adapter)
-        blocks = self._blocks(data, "heldout", seq_len)
-        if len(blocks) == 0:
-            raise ValueError("no evaluation blocks: the held-out text is shorter than one block")
+        blocks = self.blocks.get(data, "heldout", seq_len)
         total, tokens = 0.0, 0
         for i in range(0, len(blocks), batch_size):
-            nll = self.model.token_nll(blocks[i : i + batch_size], theta)  # (B, S-1)
-            total += float(nll.sum(dtype=np.float64))
-            tokens += nll.size
+            batch = blocks.take(slice(i, i + batch_size))
+            nll = self.model.token_nll(batch.ids, theta)  # (B, S-1)
+            # The loss mask: nll[:, t] predicts token t + 1.
+            mask = None if batch.every_token_scored else batch.scored[:, 1:]
+            total += float(nll.sum(dtype=np.float64) if mask is None
+                           else nll.sum(dtype=np.float64, where=mask))
+            tokens += batch.scored_tokens
         return EvalOutcome(loss=total / tokens, tokens=tokens)
 
 

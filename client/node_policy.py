@@ -12,9 +12,13 @@ training, a run that asks for less protection than the device requires.
 Node config keys (set by ``fedtune client`` from its TOML; all optional):
 
 =================================  ==========================================================
-``partition-id``                   which partition of the partitions file is this device's
+``partition-id``                   this device's index: seeds its batches (a simulation: its
+                                   data folder and whether it is an edge device)
+``fedtune-data-path``              the device's own data, a file or folder (read here only)
+``fedtune-data-format``            its layout: auto, text, instruction or chat
+``fedtune-data-heldout-fraction``  share kept back for evaluation (without its own split)
+``fedtune-data-seed``              fixes which examples are held out
 ``fedtune-cache-dir``              the device's model cache → ``paths.cache_dir``
-``fedtune-partitions-file``        the device's data → ``paths.partitions_file``
 ``fedtune-edge-export``            the device's ONNX export → ``paths.edge_export``
 ``fedtune-manifest-public-key``    pinned coordinator key (hex) → ``paths.manifest_public_key``
 ``fedtune-client-threads``         torch/ORT threads → ``federation.client_threads``
@@ -40,6 +44,8 @@ from typing import Any, Literal, get_args
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.local_data import DeviceDataSource
+from kernels.data.formats import DATA_FORMATS
 from protocols.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,6 @@ log = logging.getLogger(__name__)
 #: node config key -> the run config key it replaces on this device.
 NODE_OVERRIDES = {
     "fedtune-cache-dir": "paths.cache_dir",
-    "fedtune-partitions-file": "paths.partitions_file",
     "fedtune-edge-export": "paths.edge_export",
     "fedtune-manifest-public-key": "paths.manifest_public_key",
     "fedtune-client-threads": "federation.client_threads",
@@ -64,6 +69,23 @@ def partition_id(context: Context) -> int:
     """This node's data partition: its identity for data, client kind and batch seeds
     (Flower's node id is random in each simulation run, the partition id is not)."""
     return int(context.node_config["partition-id"])
+
+
+def device_data_source(node_config: Mapping[str, Any]) -> DeviceDataSource | None:
+    """The data this device's own config names (``fedtune-data-*``), or None (a simulated
+    device: the simulation's folder for its partition). Read by the device only: the run
+    config, which the coordinator writes, cannot point a device at other files."""
+    path = node_config.get("fedtune-data-path", "")
+    if not path:
+        return None
+    fmt = str(node_config.get("fedtune-data-format", "auto"))
+    if fmt not in DATA_FORMATS:
+        raise NodePolicyError(f"fedtune-data-format = {fmt!r}: expected one of "
+                              f"{list(DATA_FORMATS)}")
+    return DeviceDataSource(Path(str(path)), format=fmt,
+                            heldout_fraction=float(node_config.get(
+                                "fedtune-data-heldout-fraction", 0.2)),
+                            seed=int(node_config.get("fedtune-data-seed", 0)))
 
 
 def is_edge_client(flat: Mapping[str, Any], context: Context) -> bool:

@@ -12,10 +12,11 @@ import numpy as np
 import numpy.typing as npt
 
 from client.dp_sgd import DpSgdLedger, DpSgdSettings, dp_train
-from client.local_data import LocalTextData
-from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
+from client.local_data import LocalData
+from client.trainer import DeviceBlocks, EvalOutcome, TrainInstruction, TrainOutcome
 from kernels.base_model import load_causal_lm
-from kernels.causal_lm_data import token_blocks
+from kernels.data.blocks import Blocks
+from kernels.data.templates import PromptTemplate, TemplateChoice
 from kernels.lm_eval import mean_token_loss
 from kernels.lora import attach_lora, get_adapter, set_adapter
 from protocols import keys
@@ -44,6 +45,7 @@ class TorchLoraTrainer:
         threads: int = 1,
         dpsgd: DpSgdSettings | None = None,
         model_section: ModelSection | None = None,
+        template: TemplateChoice = "auto",
     ) -> None:
         import torch
 
@@ -67,30 +69,22 @@ class TorchLoraTrainer:
         self.dpsgd = dpsgd
         self.dpsgd_ledger = DpSgdLedger()
         self.load_seconds = loaded.seconds
-        self._blocks_cache: dict[tuple[str, str, int], npt.NDArray[np.int64]] = {}
-
-    def _blocks(self, data: LocalTextData, split: str, seq_len: int) -> npt.NDArray[np.int64]:
-        key = (data.client_id, split, seq_len)
-        if key not in self._blocks_cache:
-            texts = data.train if split == "train" else data.heldout
-            self._blocks_cache[key] = token_blocks(self.tokenizer, texts, seq_len)
-        return self._blocks_cache[key]
+        # The fast tokenizer's backend: the same tokenizers.Tokenizer an edge device runs.
+        self.blocks = DeviceBlocks(self.tokenizer.backend_tokenizer,
+                                   PromptTemplate.for_tokenizer(model_dir, template),
+                                   self.tokenizer.eos_token_id)
 
     def train(
         self,
         adapter: Mapping[str, npt.NDArray[Any]],
-        data: LocalTextData,
+        data: LocalData,
         instruction: TrainInstruction,
     ) -> TrainOutcome:
         import torch
 
         start = time.perf_counter()
         set_adapter(self.model, adapter)
-        blocks = self._blocks(data, "train", instruction.seq_len)
-        if len(blocks) == 0:
-            raise ValueError(
-                f"client {data.client_id}: no training block of {instruction.seq_len} tokens"
-            )
+        blocks = self.blocks.get(data, "train", instruction.seq_len)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=instruction.learning_rate, weight_decay=0.0)
         if self.dpsgd is not None:
@@ -101,8 +95,10 @@ class TorchLoraTrainer:
         loop_start = time.perf_counter()
         for step in range(instruction.local_steps):
             idx = order[step * instruction.batch_size : (step + 1) * instruction.batch_size]
-            batch = torch.from_numpy(blocks[idx])  # (B, T)
-            loss = self.model(input_ids=batch, labels=batch).loss
+            batch = blocks.take(idx)
+            # Labels are -100 off the scored tokens (prompts, padding): response-only loss.
+            loss = self.model(input_ids=torch.from_numpy(batch.ids),  # (B, T)
+                              labels=torch.from_numpy(batch.labels())).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -125,8 +121,8 @@ class TorchLoraTrainer:
     def _train_private(
         self,
         settings: DpSgdSettings,
-        data: LocalTextData,
-        blocks: npt.NDArray[np.int64],
+        data: LocalData,
+        blocks: Blocks,
         optimizer: Any,
         instruction: TrainInstruction,
         start: float,
@@ -161,13 +157,13 @@ class TorchLoraTrainer:
     def evaluate(
         self,
         adapter: Mapping[str, npt.NDArray[Any]],
-        data: LocalTextData,
+        data: LocalData,
         *,
         seq_len: int,
         batch_size: int,
     ) -> EvalOutcome:
         set_adapter(self.model, adapter)
-        blocks = self._blocks(data, "heldout", seq_len)
+        blocks = self.blocks.get(data, "heldout", seq_len)
         loss, tokens = mean_token_loss(self.model, blocks, batch_size)
         return EvalOutcome(loss=loss, tokens=tokens)
 

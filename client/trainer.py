@@ -7,14 +7,19 @@ the ClientApp does not care which kind of device it runs on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy.typing as npt
 
-from client.local_data import LocalTextData
+from client.local_data import LocalData, LocalDataError
+from kernels.data.blocks import Blocks, encode_blocks
+from kernels.data.templates import PromptTemplate
 from protocols.adapter_spec import Tensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,50 @@ class Trainer(Protocol):
     def train(
         self,
         adapter: Mapping[str, npt.NDArray[Any]],
-        data: LocalTextData,
+        data: LocalData,
         instruction: TrainInstruction,
     ) -> TrainOutcome: ...
 
     def evaluate(
         self,
         adapter: Mapping[str, npt.NDArray[Any]],
-        data: LocalTextData,
+        data: LocalData,
         *,
         seq_len: int,
         batch_size: int,
     ) -> EvalOutcome: ...
+
+
+class DeviceBlocks:
+    """A device's token blocks per (client, split, length), cut once per process.
+
+    Both trainers cut blocks here (:func:`kernels.data.blocks.encode_blocks`) with their
+    tokenizer (a ``tokenizers.Tokenizer``) and the run's prompt template, so a torch and an
+    edge device train on the same tokens and the same scored positions.
+    """
+
+    def __init__(self, tokenizer: Any, template: PromptTemplate, eos_token_id: int | None
+                 ) -> None:
+        self.tokenizer, self.template, self.eos_token_id = tokenizer, template, eos_token_id
+        self._cache: dict[tuple[str, str, str, int], Blocks] = {}
+
+    def get(self, data: LocalData, split: Literal["train", "heldout"], seq_len: int) -> Blocks:
+        """The blocks of ``data``'s ``split``; raises :class:`LocalDataError` naming the data
+        when it has too little for one block."""
+        key = (data.client_id, data.source, split, seq_len)
+        if key not in self._cache:
+            examples = data.train if split == "train" else data.heldout
+            blocks = encode_blocks(self.tokenizer, examples, self.template, seq_len,
+                                   eos_token_id=self.eos_token_id)
+            if blocks.truncated or blocks.dropped:
+                log.info("%s (%s): %d example(s) cut to %d tokens, %d left out (their "
+                         "answer starts after token %d)", data.where, split, blocks.truncated,
+                         seq_len, blocks.dropped, seq_len)
+            if len(blocks) == 0:
+                raise LocalDataError(
+                    f"{data.where}: the {split} part ({len(examples)} example(s)) makes no "
+                    f"block of {seq_len} tokens with a scored token; add data, or lower "
+                    "train.seq_len (chat examples longer than a block keep their first "
+                    f"{seq_len} tokens)")
+            self._cache[key] = blocks
+        return self._cache[key]

@@ -66,8 +66,10 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 #: Bump when the graph's contract changes: it is part of the cache key.
-EXPORT_REVISION = 2
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_REVISION = 3  # 3: the chat template travels with the tokenizer
+#: What an edge device needs to tokenize and render its data like a torch device does.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 
 
 def export_edge(

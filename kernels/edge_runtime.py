@@ -174,10 +174,22 @@ class EdgeModel:
             return self._out.copy()
 
     def mean_loss(
-        self, input_ids: npt.NDArray[np.integer[Any]], adapter: Mapping[str, npt.ArrayLike]
+        self, input_ids: npt.NDArray[np.integer[Any]], adapter: Mapping[str, npt.ArrayLike],
+        *, scored: npt.NDArray[np.bool_] | None = None,
     ) -> float:
-        """Mean next-token loss over every scored token (the causal-LM loss; ppl = exp)."""
-        return float(self.token_nll(input_ids, adapter).mean(dtype=np.float64))
+        """Mean next-token loss over the scored tokens (the causal-LM loss; ppl = exp).
+
+        ``scored`` ``(B, S)`` is the loss mask (:class:`kernels.data.blocks.Blocks`): the graph
+        returns every position's loss, so a response-only loss is a masked mean here and the
+        export needs no mask input. ``None`` scores every token."""
+        nll = self.token_nll(input_ids, adapter)  # (B, S-1): nll[:, t] predicts token t+1
+        mask = None if scored is None else np.asarray(scored, dtype=np.bool_)[:, 1:]
+        if mask is None or mask.all():
+            return float(nll.mean(dtype=np.float64))
+        count = int(mask.sum())
+        if count == 0:
+            raise ValueError("mean_loss: no scored token in this batch")
+        return float(nll.sum(dtype=np.float64, where=mask)) / count
 
     def perplexity(
         self,
@@ -277,22 +289,11 @@ def verify_export(export_dir: Path, *, public_key: Any = None) -> None:
 def token_blocks(
     tokenizer: Any, texts: Sequence[str], seq_len: int, *, eos_token_id: int | None
 ) -> npt.NDArray[np.int64]:
-    """Concatenate ``texts`` (EOS-separated) and cut them into ``(N, seq_len)`` blocks.
+    """Plain text as ``(N, seq_len)`` blocks with a ``tokenizers.Tokenizer``
+    (:func:`kernels.data.blocks.document_blocks`, which torch devices use too)."""
+    from kernels.data.blocks import document_blocks
 
-    The torch-free twin of :func:`kernels.causal_lm_data.token_blocks`: with the same
-    ``tokenizer.json`` and EOS id, edge and torch clients cut identical blocks (a test checks
-    this). ``tokenizer`` is a ``tokenizers.Tokenizer``; the tail shorter than ``seq_len`` is
-    dropped.
-    """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    ids: list[int] = []
-    for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False):
-        ids.extend(encoding.ids)
-        if eos_token_id is not None:
-            ids.append(int(eos_token_id))
-    n = len(ids) // seq_len
-    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    return document_blocks(tokenizer, texts, seq_len, eos_token_id=eos_token_id)
 
 
 def read_config(export_dir: Path) -> dict[str, Any]:

@@ -10,20 +10,33 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import torch
 
+    from kernels.data.blocks import Blocks
+
 
 def mean_token_loss(
-    model: torch.nn.Module, blocks: npt.NDArray[np.int64], batch_size: int
+    model: torch.nn.Module, blocks: Blocks | npt.NDArray[np.int64], batch_size: int
 ) -> tuple[float, int]:
-    """Token-weighted mean next-token loss over ``blocks`` and the number of tokens scored."""
+    """Token-weighted mean next-token loss over the scored tokens of ``blocks`` (every token
+    of a plain id array; the responses of chat blocks) and the number of tokens scored."""
     import torch
 
+    from kernels.data.blocks import Blocks
+
+    if not isinstance(blocks, Blocks):
+        scored = np.ones(np.shape(blocks), dtype=np.bool_)
+        scored[:, 0] = False
+        blocks = Blocks(np.asarray(blocks, dtype=np.int64), scored)
     if len(blocks) == 0:
         raise ValueError("no evaluation blocks: the held-out text is shorter than one block")
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            batch = torch.from_numpy(blocks[i : i + batch_size])  # (B, T)
-            n = batch.shape[0] * (batch.shape[1] - 1)  # labels are shifted by one
-            total += float(model(input_ids=batch, labels=batch).loss) * n
+            batch = blocks.take(slice(i, i + batch_size))
+            n = batch.scored_tokens  # HF's loss is the mean over them
+            if n == 0:
+                continue
+            loss = model(input_ids=torch.from_numpy(batch.ids),  # (B, T)
+                         labels=torch.from_numpy(batch.labels())).loss
+            total += float(loss) * n
             tokens += n
     return total / tokens, tokens

@@ -48,16 +48,64 @@ class ModelSection(Section):
         "reproduces SmolLM2's GGUF Q4_1 weights exactly")
 
 
+#: The built-in corpora a simulation can federate (anything else in data.source is a path).
+BUILTIN_SOURCES = ("shakespeare", "chatterbot")
+
+
 @dataclass(frozen=True)
 class DataSection(Section):
-    """The simulation's built-in corpus: Shakespeare, one device per speaking role."""
+    """What a simulation federates and how it makes devices of it; how every device renders
+    chat and instruction data. A deployed device names its own data in its own config."""
 
     NAME = "data"
-    min_speeches: int = setting(20, "a (play, role) with fewer speeches is not a client", ge=2)
+    source: str = setting(
+        "shakespeare", "'shakespeare' (built in: one device per speaking role), 'chatterbot' "
+        "(built in: chats in ~20 languages, one device per language x category) or the path "
+        "of your data: a file or folder of .txt/.md/.jsonl/.json/.csv/.parquet, or a "
+        "datasets save_to_disk folder (docs/data.md)")
+    # The choices mirror kernels.data.formats.DATA_FORMATS (protocols must not import kernels).
+    format: Literal["auto", "text", "instruction", "chat"] = setting(
+        "auto", "layout of a path source: detected from its columns, or forced")
+    template: Literal["auto", "alpaca"] = setting(
+        "auto", "chat and instruction data: the tokenizer's chat template ('auto'; Alpaca if "
+        "it has none) or 'alpaca'; the loss is on the answers only")
+    partition: Literal["natural", "iid", "dirichlet"] = setting(
+        "natural", "how a simulation makes devices of a path or chatterbot source (Flower "
+        "Datasets partitioners): 'natural' = one device per value of data.partition_by, "
+        "'iid' = data.num_devices equal shares, 'dirichlet' = label skew over "
+        "data.partition_by with data.alpha")
+    partition_by: str = setting(
+        "", "column naming each example's device ('natural') or label ('dirichlet'); "
+        "chatterbot's columns are 'device', 'language' and 'category'")
+    num_devices: int = setting(0, "devices for 'iid' and 'dirichlet'", ge=0)
+    alpha: float = setting(0.5, "Dirichlet concentration: smaller = more skewed devices", gt=0)
+    min_examples: int = setting(
+        20, "a device with fewer examples (Shakespeare: speeches) is not a client", ge=2)
     heldout_fraction: float = setting(
-        0.2, "share of each role's speeches kept back for evaluation", gt=0, lt=1)
-    max_clients: int = setting(0, "keep the N largest roles; 0 = every qualifying role", ge=0)
-    seed: int = setting(0, "fixes the held-out split and which roles are edge devices")
+        0.2, "share of each device's examples kept back for evaluation", gt=0, lt=1)
+    max_clients: int = setting(0, "keep the N largest devices; 0 = every qualifying one", ge=0)
+    seed: int = setting(0, "fixes the partition, the held-out split and which devices are edge "
+                           "devices")
+
+    def check(self) -> None:
+        if self.source == "shakespeare" and self.partition != "natural":
+            raise ConfigError("data.partition applies to chatterbot and path sources; "
+                              "shakespeare is always one device per role")
+        if self.partition in ("iid", "dirichlet") and self.num_devices < 1:
+            raise ConfigError(f"data.partition = {self.partition!r} needs data.num_devices "
+                              ">= 1")
+        if self.partition == "dirichlet" and not self.partition_by:
+            raise ConfigError("data.partition = 'dirichlet' needs data.partition_by (the "
+                              "label column)")
+        if self.partition == "natural" and self.source not in BUILTIN_SOURCES and not (
+                self.partition_by):
+            raise ConfigError("a path source with data.partition = 'natural' needs "
+                              "data.partition_by (the column naming each example's device); "
+                              "or use data.partition = 'iid' with data.num_devices")
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source in BUILTIN_SOURCES
 
 
 @dataclass(frozen=True)
@@ -118,11 +166,23 @@ class EvalSection(Section):
     """How the global adapter is scored after every round."""
 
     NAME = "eval"
-    central: bool = setting(True, "held-out perplexity of the global adapter each round")
+    central: bool = setting(
+        True, "held-out perplexity of the global adapter each round on the coordinator: on "
+        "eval.path, or in a simulation on a sample of every device's held-out data")
+    path: Path | None = setting(
+        None, "the coordinator's own evaluation data (any data format). A deployment without "
+        "it evaluates on the devices' held-out data instead (federated)")
     max_blocks: int = setting(24, "held-out blocks in the central evaluation", ge=1)
     batch_size: int = setting(8, "blocks per forward pass in evaluation", ge=1)
     fraction_clients: float = setting(
-        0.0, "share of the clients doing federated evaluation each round", ge=0, le=1)
+        0.0, "share of the devices that evaluate on their own held-out data each round; 0 = "
+        "none, unless the coordinator has no evaluation data: then every sampled device",
+        ge=0, le=1)
+    generate: int = setting(
+        16, "after the run, chat and instruction data: greedy answers to this many held-out "
+        "prompts, base vs tuned, scored with ROUGE-L (0 = off)", ge=0)
+    max_new_tokens: int = setting(48, "longest generated answer, in tokens", ge=1)
+    samples: int = setting(4, "side-by-side answers (base vs tuned) shown in the report", ge=0)
 
 
 @dataclass(frozen=True)
@@ -293,8 +353,9 @@ class PathsSection(Section):
 
     NAME = "paths"
     cache_dir: Path | None = setting(None, "the party's cache: base model, signed manifest")
-    partitions_file: Path | None = setting(None, "the clients' data (a partitions file)")
-    eval_file: Path | None = setting(None, "the coordinator's held-out blocks")
+    devices_dir: Path | None = setting(
+        None, "a simulation's device folders, one per partition id (a deployed device names "
+        "its own data instead)")
     run_dir: Path | None = setting(None, "the run folder the coordinator writes")
     manifest_public_key: str = setting(
         "", "hex of the coordinator key that signs the base model (pinned by each device)")

@@ -40,12 +40,34 @@ log = logging.getLogger(__name__)
 _SAMPLE_EXACTLY_MIN = 1e-12
 
 
+def federated_eval_fraction(config: RunConfig, *, central: bool) -> float:
+    """Share of the devices asked to evaluate on their own held-out data each round:
+    ``eval.fraction_clients``, or every sampled device when the coordinator has no
+    evaluation data of its own — except under client-level DP, where a device's held-out
+    loss is a number the DP guarantee does not cover."""
+    if config.eval.fraction_clients > 0 or central:
+        return config.eval.fraction_clients
+    if config.privacy.client_dp:
+        log.warning("no central evaluation data (eval.path) and client-level DP is on: the "
+                    "devices' held-out losses are not covered by DP, so nothing is evaluated; "
+                    "set eval.path to a file this coordinator owns")
+        return 0.0
+    log.info("no eval.path: the global adapter is evaluated on every sampled device's own "
+             "held-out data each round (federated evaluation)")
+    return 1.0
+
+
 def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedger,
-                   ledger_path: Path) -> tuple[AdapterFedAvg, ClientLevelDP | None]:
+                   ledger_path: Path, eval_fraction: float | None = None
+                   ) -> tuple[AdapterFedAvg, ClientLevelDP | None]:
     """The strategy stack the config asks for: FedAvg over adapter deltas (with secure
     aggregation when ``security.secagg``), wrapped in client-level DP when
-    ``privacy.client_dp``. Returns the averaging strategy and the DP wrapper, if any."""
+    ``privacy.client_dp``. Returns the averaging strategy and the DP wrapper, if any.
+    ``eval_fraction`` overrides ``eval.fraction_clients`` (see
+    :func:`federated_eval_fraction`)."""
     k = config.train.clients_per_round
+    fraction_evaluate = (config.eval.fraction_clients if eval_fraction is None
+                         else eval_fraction)
     privacy, security = config.privacy, config.security
     sampling: dict[str, Any] = dict(
         max_abs_scalar=config.edge.max_abs_scalar,
@@ -53,8 +75,8 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
-        fraction_evaluate=config.eval.fraction_clients,
-        min_evaluate_nodes=1 if config.eval.fraction_clients > 0 else 0,
+        fraction_evaluate=fraction_evaluate,
+        min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
     )
     strategy: AdapterFedAvg
     if security.secagg:
@@ -125,12 +147,14 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     run_dir = paths.required("run_dir")
     model_dir = resolve_model_dir(config.model.source, paths.required("cache_dir"))
     central = CentralModel(model_dir, config, threads=os.cpu_count() or 1)
-    if config.eval.central:
-        n_blocks = central.load_eval_texts(paths.required("eval_file"),
-                                           seq_len=config.train.seq_len,
-                                           max_blocks=config.eval.max_blocks)
-        log.info("central evaluation on %d held-out blocks of %d tokens", n_blocks,
-                 config.train.seq_len)
+    # Only data the coordinator owns: eval.path (a simulation names its own held-out sample).
+    central_on = config.eval.central and config.eval.path is not None
+    if central_on:
+        assert config.eval.path is not None
+        n_blocks = central.load_eval_data(config.eval.path, seq_len=config.train.seq_len,
+                                          max_blocks=config.eval.max_blocks)
+        log.info("central evaluation on %d held-out blocks of %d tokens from %s", n_blocks,
+                 config.train.seq_len, config.eval.path)
     frozen = frozenset(k for k in central.initial_adapter if config.lora.is_frozen(k))
     spec = AdapterSpec.from_arrays(central.initial_adapter, central.peft_config, frozen=frozen)
     (run_dir / "adapter_spec.json").write_text(spec.to_json())
@@ -144,9 +168,11 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
         log.info("resuming after round %d (%d of %d rounds done); next round is %d",
                  point.last_round, point.done, config.train.rounds, point.first_round)
         truncate_metrics(run_dir, point.last_round)
-    strategy, dp = build_strategy(config, spec, ledger=ledger, ledger_path=ledger_path)
+    strategy, dp = build_strategy(config, spec, ledger=ledger, ledger_path=ledger_path,
+                                  eval_fraction=federated_eval_fraction(config,
+                                                                        central=central_on))
     outer = OffsetRounds(dp or strategy, point.first_round - 1)
-    recorder = RoundRecorder(run_dir, central=central if config.eval.central else None,
+    recorder = RoundRecorder(run_dir, central=central if central_on else None,
                              strategy=strategy, dp=dp, point=point)
     train_config, eval_config = instructions(config)
 
@@ -168,6 +194,12 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
         if result.arrays:
             final = strategy.global_tensors(result.arrays)
     save_peft_adapter(run_dir / "adapter", final, central.peft_config)
+    if central_on and config.eval.generate > 0:
+        from server.generation_eval import write_generations
+
+        write_generations(run_dir, central, central.initial_adapter, final,
+                          count=config.eval.generate, max_new_tokens=config.eval.max_new_tokens,
+                          samples=config.eval.samples)
     summary: dict[str, Any] = {"rounds": config.train.rounds,
                                "seconds": time.perf_counter() - recorder.started}
     if dp is not None:

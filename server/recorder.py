@@ -72,6 +72,9 @@ class RoundRecorder:
                 bytes_up_by_kind=stats.bytes_up_by_kind,
                 clients_by_kind=stats.clients_by_kind,
             )
+        evaluation = self.strategy.evaluations.get(server_round)
+        if evaluation is not None:  # Flower runs federated evaluation before this call
+            row.update(evaluation.row())
         if self.dp is not None:
             row.update(epsilon=self.dp.ledger.epsilon(), delta=self.dp.ledger.delta,
                        dp_clipped_fraction=self.dp.clip_fractions.get(server_round),

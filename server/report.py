@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,13 @@ from server.metrics_log import read_metrics
 from server.run_dir import latest_comparable, read_run_info
 
 REPORT = "report.html"
+GENERATIONS = "generations.json"
+_SAMPLE_KEYS = ("prompt", "reference", "base", "tuned")  # a generation sample's texts
+
+log = logging.getLogger(__name__)
 
 
-def _plot(path: Path, draw: Any) -> None:
+def _plot(path: Path, draw: Any, *, integer_x: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +32,8 @@ def _plot(path: Path, draw: Any) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     draw(ax)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -37,6 +43,49 @@ def _plot(path: Path, draw: Any) -> None:
 def _final(rows: list[dict[str, Any]]) -> float | None:
     values = [r["perplexity"] for r in rows if "perplexity" in r]
     return values[-1] if values else None
+
+
+def _exp(loss: Any) -> float | None:
+    """Perplexity of a mean token loss (inf past float range); None if it is no number."""
+    if not isinstance(loss, int | float) or isinstance(loss, bool):
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _device_ppl(row: dict[str, Any]) -> list[float]:
+    """A row's per-device held-out perplexities, finite ones only (a log axis shows no inf)."""
+    values = [_exp(v) for v in row.get("fed_eval_losses") or []]
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _read_generations(run_dir: Path) -> dict[str, Any] | None:
+    """``generations.json`` of a run (base vs tuned generation quality), checked; None when
+    the run has none, or, with a warning naming the file, when it cannot be read."""
+    path = run_dir / GENERATIONS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        scores, samples = data["scores"], data["samples"]
+        prompts = data["prompts"]
+        if not isinstance(prompts, int) or isinstance(prompts, bool):
+            raise ValueError(f"prompts is {prompts!r}, not a count")
+        if not isinstance(scores, dict):
+            raise ValueError("scores is not an object")
+        for model in ("base", "tuned"):
+            if not isinstance(scores[model], int | float) or isinstance(scores[model], bool):
+                raise ValueError(f"scores.{model} is {scores[model]!r}, not a number")
+        if not isinstance(samples, list) or not all(
+                isinstance(s, dict) and all(isinstance(s[k], str) for k in _SAMPLE_KEYS)
+                for s in samples):
+            raise ValueError(f"samples must be a list of objects with string {_SAMPLE_KEYS}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        log.warning("skipping the generation section: %s is malformed (%s)", path, what)
+        return None
+    return data
 
 
 def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
@@ -56,6 +105,8 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
     base = next((r["perplexity"] for r in rows if r["round"] == 0 and "perplexity" in r), None)
 
     plots = []
+    fed_eval_ppl = [(r["round"], v) for r in rows
+                    if (v := _exp(r.get("fed_eval_loss_weighted"))) is not None]
     if any("perplexity" in r for r in rows):
         def draw_ppl(ax: Any) -> None:
             curves = [("federated", fed, "o-"), ("centralized", cen, "s--")]
@@ -74,6 +125,45 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
 
         _plot(run_dir / "perplexity.png", draw_ppl)
         plots.append(("Held-out perplexity per round", "perplexity.png"))
+    elif fed_eval_ppl:  # no central evaluation: the devices' own held-out data
+        def draw_fed_ppl(ax: Any) -> None:
+            ax.plot(*zip(*fed_eval_ppl, strict=True), "o-",
+                    label="federated evaluation (token-weighted)")
+            ax.set_xlabel("round")
+            ax.set_ylabel("held-out perplexity")
+            ax.legend()
+
+        _plot(run_dir / "perplexity.png", draw_fed_ppl)
+        plots.append(("Held-out perplexity per round", "perplexity.png"))
+    dev_rows = [r for r in rows if _device_ppl(r)]
+    if dev_rows:
+        ends = dev_rows[:1] + dev_rows[1:][-1:]  # the first and the last round evaluated
+
+        def draw_devices(ax: Any) -> None:
+            import numpy as np
+            from matplotlib.ticker import LogFormatter
+
+            rng = np.random.default_rng(0)  # the same jitter each time the report is made
+            data = [_device_ppl(r) for r in ends]
+            positions = list(range(1, len(ends) + 1))
+            ax.boxplot(data, positions=positions, widths=0.5, showfliers=False,
+                       medianprops={"color": "black"})
+            for pos, r, values in zip(positions, ends, data, strict=True):
+                ax.scatter(pos + rng.uniform(-0.15, 0.15, len(values)), values, s=16,
+                           alpha=0.7, zorder=3,
+                           label=f"round {r['round']} ({len(values)} devices)")
+            ax.set_xticks(positions, [f"round {r['round']}" for r in ends])
+            ax.set_xlim(0.4, len(ends) + 0.6)
+            ax.set_yscale("log")
+            plain = LogFormatter(labelOnlyBase=False)  # 20, 30, 40 rather than 2×10¹ ...
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.set_ylabel("held-out perplexity per device")
+            ax.legend()
+
+        _plot(run_dir / "devices.png", draw_devices, integer_x=False)
+        plots.append(("Held-out perplexity per device, first and last round evaluated",
+                      "devices.png"))
     train_rows = [r for r in fed if r["round"] > 0 and "bytes_up" in r]
     if info["kind"] == "federated" and train_rows:
         def draw_bytes(ax: Any) -> None:
@@ -153,6 +243,20 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         *[f"<tr><td>{n}</td><td>{cell(v)}</td></tr>" for n, v in table],
         "</table>",
     ]
+    summary_rows = [r for r in rows if "fed_eval_loss_mean" in r]
+    if summary_rows:
+        last = summary_rows[-1]
+        devices = last.get("fed_eval_devices", len(last.get("fed_eval_losses") or []))
+        page += [
+            f"<h2>Federated evaluation on the devices' held-out data (round {last['round']})"
+            "</h2><table>",
+            "<tr><th>devices</th><th>mean perplexity</th><th>token-weighted</th>"
+            "<th>worst decile</th></tr>",
+            f"<tr><td>{devices}</td><td>{cell(_exp(last.get('fed_eval_loss_mean')))}</td>"
+            f"<td>{cell(_exp(last.get('fed_eval_loss_weighted')))}</td>"
+            f"<td>{cell(_exp(last.get('fed_eval_loss_worst_decile')))}</td></tr>",
+            "</table>",
+        ]
     if dp_rows:
         last = dp_rows[-1]
         stopped = last.get("dp_stopped_at")
@@ -185,6 +289,10 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         page.append("</table>")
     for title, file in plots:
         page.append(f"<h2>{title}</h2><img src='{file}' alt='{title}'>")
+    generations = _read_generations(run_dir)
+    if generations is not None:
+        page += _generation_section(generations, info["kind"], other_kind,
+                                    _read_generations(other_dir) if other_dir else None)
     page.append(f"<h2>Per-round metrics</h2><pre>{html.escape(_rows_text(rows))}</pre>")
     page.append(f"<h2>Configuration</h2><pre>{html.escape(config_text)}</pre>")
     out = run_dir / REPORT
@@ -192,9 +300,42 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
     return out
 
 
+def _generation_section(gen: dict[str, Any], kind: str, other_kind: str,
+                        other: dict[str, Any] | None) -> list[str]:
+    """Scores of base and tuned models on held-out prompts, then the side-by-side samples."""
+    metric = html.escape(str(gen.get("metric", "rougeL-f1")))
+    scores = [("base model", gen["scores"]["base"]), (kind, gen["scores"]["tuned"])]
+    if other is not None:
+        label = other_kind if other["prompts"] == gen["prompts"] else (
+            f"{other_kind} (on {other['prompts']} prompts)")
+        scores.append((label, other["scores"]["tuned"]))
+    tokens = gen.get("max_new_tokens")
+    part = [
+        f"<h2>Generation (ROUGE-L on {gen['prompts']} held-out prompts)</h2>",
+        "<p>Each model's continuation of a held-out prompt, scored against the held-out "
+        "text that follows it"
+        + (f" (at most {html.escape(str(tokens))} new tokens)" if tokens else "")
+        + "; higher is better.</p><table>",
+        f"<tr><th>model</th><th>{metric}</th></tr>",
+        *[f"<tr><td>{html.escape(n)}</td><td>{v:.3f}</td></tr>" for n, v in scores],
+        "</table>",
+    ]
+    if gen["samples"]:
+        part += [
+            "<style>table.samples td,table.samples th{text-align:left;vertical-align:top;"
+            "white-space:pre-wrap}</style><table class='samples'>",
+            "<tr><th>prompt</th><th>reference</th><th>base</th>"
+            f"<th>tuned ({html.escape(kind)})</th></tr>",
+            *["<tr>" + "".join(f"<td>{html.escape(s[k])}</td>" for k in _SAMPLE_KEYS)
+              + "</tr>" for s in gen["samples"]],
+            "</table>",
+        ]
+    return part
+
+
 def _rows_text(rows: list[dict[str, Any]]) -> str:
     keep = ("round", "perplexity", "train_loss", "clients", "rejected", "bytes_up",
-            "bytes_down", "round_s", "wall_s")
+            "bytes_down", "round_s", "wall_s", "fed_eval_devices", "fed_eval_loss_weighted")
     return "\n".join(
         json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                     for k, v in r.items() if k in keep}) for r in rows

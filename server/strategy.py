@@ -140,6 +140,54 @@ def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
     return metrics
 
 
+@dataclass(frozen=True)
+class FederatedEval:
+    """One round's evaluation on the devices' own held-out data: each device's mean loss
+    and token count (allowed numbers, already on the wire), and the summaries users ask
+    for — the plain mean over devices, the token-weighted mean, and the worst decile (the
+    mean of the worst-scoring tenth of devices, at least one: how the weakest devices fare).
+    """
+
+    losses: tuple[float, ...]
+    tokens: tuple[int, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.losses))
+
+    @property
+    def weighted_mean(self) -> float:
+        return float(np.average(self.losses, weights=self.tokens))
+
+    @property
+    def worst_decile(self) -> float:
+        worst = sorted(self.losses, reverse=True)
+        return float(np.mean(worst[: max(1, len(worst) // 10)]))
+
+    def row(self) -> dict[str, object]:
+        """The metrics-log fields (losses; perplexity is exp of each)."""
+        return {"fed_eval_devices": len(self.losses), "fed_eval_loss_mean": self.mean,
+                "fed_eval_loss_weighted": self.weighted_mean,
+                "fed_eval_loss_worst_decile": self.worst_decile,
+                "fed_eval_losses": list(self.losses)}
+
+
+def federated_eval(replies: Iterable[Message]) -> FederatedEval | None:
+    """The valid evaluation replies' losses and token counts (error replies and replies
+    without finite numbers are left out), or None if there is none."""
+    losses, tokens = [], []
+    for msg in replies:
+        if msg.has_error() or keys.METRICS not in msg.content.metric_records:
+            continue
+        metrics = msg.content.metric_records[keys.METRICS]
+        loss, count = metrics.get(keys.EVAL_LOSS), metrics.get(keys.EVAL_TOKENS)
+        if (isinstance(loss, int | float) and np.isfinite(loss)
+                and isinstance(count, int | float) and count > 0):
+            losses.append(float(loss))
+            tokens.append(int(count))
+    return FederatedEval(tuple(losses), tuple(tokens)) if losses else None
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapter deltas with fail-closed validation of each reply.
 
@@ -195,6 +243,7 @@ class AdapterFedAvg(FedAvg):
         self.max_update_norm = max_update_norm
         self.clip_norm = clip_norm
         self.stats: dict[int, RoundStats] = {}
+        self.evaluations: dict[int, FederatedEval] = {}
         self._global: TensorsView = {}
         self._published: tuple[ArrayRecord, TensorsView] | None = None
         self._context = RoundContext(global_adapter={})
@@ -257,6 +306,19 @@ class AdapterFedAvg(FedAvg):
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         _send_packed(messages, arrays)
         return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Flower's weighted average, plus each device's result for the distribution."""
+        replies = list(replies)
+        result = federated_eval(replies)
+        if result is not None:
+            self.evaluations[server_round] = result
+            log.info("round %d: federated evaluation on %d devices: loss mean %.4f, "
+                     "token-weighted %.4f, worst decile %.4f", server_round,
+                     len(result.losses), result.mean, result.weighted_mean,
+                     result.worst_decile)
+        return super().aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

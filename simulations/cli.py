@@ -46,13 +46,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from client.local_data import LocalDataError
     from client.node.daemon import DaemonConfigError
     from kernels.base_model import ModelNotAvailable
+    from kernels.data.formats import DataFormatError
+    from kernels.data.templates import TemplateError
     from protocols.manifest import ManifestError, ManifestMismatch
     from protocols.run_config import ConfigError
     from server.run_dir import ResumeError
     from server.service.flwr_cli import FlwrCliError
-    from simulations.shakespeare_split import DataNotAvailable
+    from simulations.devices import DataNotAvailable
 
-    return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, ManifestError,
+    return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, DataFormatError,
+            TemplateError, ManifestError,
             ManifestMismatch, FileNotFoundError, FileExistsError, DaemonConfigError,
             FlwrCliError, ResumeError)
 
@@ -147,7 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     inputs = check_inputs(config, args.cache_dir or default_cache_dir())
     kind = "centralized" if args.centralized else "federated"
     log.info("%s run: %d clients available, %d per round, %d rounds", kind,
-             inputs.split.num_clients, config.train.clients_per_round, config.train.rounds)
+             inputs.num_clients, config.train.clients_per_round, config.train.rounds)
     run = run_centralized if args.centralized else run_federated
     box: list[Path] = []
     stop = threading.Event()

@@ -1,4 +1,5 @@
-"""Where the simulation's built-in corpus and its federated split live in the cache."""
+"""Where the simulation's built-in corpus lives in the cache (its devices' folders:
+:mod:`simulations.devices`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,3 @@ from pathlib import Path
 
 def shakespeare_texts_dir(cache_dir: Path) -> Path:
     return cache_dir / "data" / "shakespeare" / "texts"
-
-
-def partitions_dir(cache_dir: Path) -> Path:
-    return cache_dir / "partitions"

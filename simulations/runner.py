@@ -12,68 +12,61 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from protocols import keys
-from protocols.run_config import ConfigError, PathsSection, RunConfig
+from protocols.run_config import ConfigError, RunConfig
 from server.run_dir import log_to_file, new_run_dir
+from server.service.inputs import (
+    CoordinatorInputs,
+    check_coordinator_inputs,
+    coordinator_run_config,
+)
+from simulations.devices import SimulatedDevices, prepare_devices
 from simulations.flower_patches import seeded_node_ids
-from simulations.paths import partitions_dir, shakespeare_texts_dir
-from simulations.shakespeare_split import PreparedSplit, prepare_split
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Inputs:
-    """Everything a run needs, checked before any run folder exists."""
+class Inputs(CoordinatorInputs):
+    """A simulation's inputs: the coordinator's, plus the simulated devices' folders."""
 
-    config: RunConfig
-    cache_dir: Path
-    model_dir: Path
-    split: PreparedSplit
-    manifest_public_key: str = ""  # hex of the raw Ed25519 key clients verify the base with
-    edge_export: Path | None = None  # the signed ONNX export edge clients run, if any
-    signed_manifest: str = ""  # the base model's signed manifest (SignedManifest text)
+    devices: SimulatedDevices | None = None
+
+    @property
+    def num_clients(self) -> int:
+        assert self.devices is not None
+        return self.devices.num_clients
 
 
 def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
     """Fail early with one clear error: model, data and client count are all checked."""
     from kernels.base_model import resolve_model_dir
 
-    model_dir = resolve_model_dir(config.model.source, cache_dir)
-    split = prepare_split(shakespeare_texts_dir(cache_dir), config.data, partitions_dir(cache_dir))
-    if split.num_clients < config.train.clients_per_round:
+    resolve_model_dir(config.model.source, cache_dir)  # the cheapest check first
+    devices = prepare_devices(config.data, cache_dir)
+    if devices.num_clients < config.train.clients_per_round:
         raise ConfigError(
             f"train.clients_per_round = {config.train.clients_per_round} but only "
-            f"{split.num_clients} roles have >= {config.data.min_speeches} speeches; lower "
-            "train.clients_per_round or data.min_speeches"
+            f"{devices.num_clients} devices have >= {config.data.min_examples} examples; lower "
+            "train.clients_per_round or data.min_examples"
         )
-    public_key = signed_manifest = ""
-    if config.security.verify_manifest:
-        from server.signing import ensure_signed
-
-        # signed in the cache, never in model_dir: the manifest travels with the run
-        signed = ensure_signed(model_dir, cache_dir)
-        public_key, signed_manifest = signed.public_key, signed.manifest.to_text()
-    edge_export = None
-    if config.edge.fraction > 0:
-        from server.edge_artifacts import ensure_edge_export
-
-        edge_export = ensure_edge_export(model_dir, cache_dir, config)
-    return Inputs(config, cache_dir, model_dir, split, public_key, edge_export, signed_manifest)
+    coordinator = check_coordinator_inputs(config, cache_dir)
+    return Inputs(**{f.name: getattr(coordinator, f.name) for f in fields(coordinator)},
+                  devices=devices)
 
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
-    flat: dict[str, Any] = inputs.config.to_flat()
-    flat.update(PathsSection(
-        cache_dir=inputs.cache_dir, partitions_file=inputs.split.partitions_file,
-        eval_file=inputs.split.eval_file, run_dir=run_dir,
-        manifest_public_key=inputs.manifest_public_key, edge_export=inputs.edge_export,
-        signed_manifest=inputs.signed_manifest,
-    ).to_flat())
+    """The run config a simulation starts Flower with: the devices' folders, and (unless
+    ``eval.path`` names one) a sample of their held-out data as the central evaluation set,
+    since the simulating host plays the coordinator too."""
+    assert inputs.devices is not None
+    flat = coordinator_run_config(inputs, run_dir, devices_dir=inputs.devices.root)
+    if inputs.config.eval.path is None:
+        flat["eval.path"] = str(inputs.devices.eval_file)
     return flat
 
 
@@ -118,7 +111,7 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
     run_simulation(
         server_app=make_server_app(flat),
         client_app=make_client_app(flat, mods=client_mods),
-        num_supernodes=inputs.split.num_clients,
+        num_supernodes=inputs.num_clients,
         backend_config={
             "client_resources": {
                 "num_cpus": config.federation.client_cpus,
@@ -140,15 +133,13 @@ def run_centralized(
     name: str | None = None,
     on_start: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Train the same adapter on the union of all clients' training speeches.
+    """Train the same adapter on the union of all devices' training examples.
 
     Same model, LoRA init, optimiser, learning rate, batch size and number of examples
     seen as the federated run (rounds x clients_per_round x local_steps batches), evaluated
     on the same held-out blocks after every round-equivalent of steps.
     """
-    import json
-
-    from client.local_data import LocalTextData
+    from client.local_data import DeviceDataSource, LocalData, load_device_data
     from client.torch_trainer import TorchLoraTrainer
     from client.trainer import TrainInstruction
     from server.central_eval import CentralModel
@@ -162,13 +153,17 @@ def run_centralized(
     ):
         if on_start:
             on_start(run_dir)
-        clients = json.loads(inputs.split.partitions_file.read_text())["clients"]
-        union = LocalTextData("centralized", tuple(t for c in clients for t in c["train"]), ())
+        devices = inputs.devices
+        assert devices is not None
+        union = LocalData("centralized", tuple(
+            example for i in range(devices.num_clients)
+            for example in load_device_data(DeviceDataSource(devices.folder(i)), f"device-{i}"
+                                            ).train), ())
         central = CentralModel(inputs.model_dir, config, threads=threads)
-        central.load_eval_texts(inputs.split.eval_file, seq_len=config.train.seq_len,
-                                max_blocks=config.eval.max_blocks)
+        central.load_eval_data(config.eval.path or devices.eval_file,
+                               seq_len=config.train.seq_len, max_blocks=config.eval.max_blocks)
         trainer = TorchLoraTrainer(inputs.model_dir, config.lora, threads=threads,
-                                   model_section=config.model)
+                                   model_section=config.model, template=config.data.template)
         adapter = central.initial_adapter
         t0 = time.perf_counter()
         append_metrics(run_dir, {"round": 0, "wall_s": 0.0, **central.evaluate(adapter)})
@@ -187,6 +182,13 @@ def run_centralized(
             append_metrics(run_dir, row)
             log.info("centralized round-equivalent %d: perplexity %.2f", rnd, row["perplexity"])
         save_peft_adapter(run_dir / "adapter", adapter, central.peft_config)
+        if config.eval.generate > 0:
+            from server.generation_eval import write_generations
+
+            write_generations(run_dir, central, central.initial_adapter, adapter,
+                              count=config.eval.generate,
+                              max_new_tokens=config.eval.max_new_tokens,
+                              samples=config.eval.samples)
         _finish(run_dir)
     return runs_dir / run_dir.name.removesuffix(".partial")
 

@@ -28,8 +28,10 @@ Example config (relative paths are relative to the config file)::
     # warm_preload = ["numpy", "flwr.supernode.cli", ...]  # default: by kind
 
     [data]
-    partitions_file = "data/partitions.json"
-    partition_id = 0
+    path = "my-data"            # this device's own data: a file or folder (docs/data.md)
+    format = "auto"             # or text / instruction / chat
+    heldout_fraction = 0.2      # kept back for evaluation (unless the folder has its own split)
+    partition_id = 0            # this device's index (seeds its batches)
     cache_dir = "cache"         # the base model (and the ONNX export for edge devices)
 
     [privacy]
@@ -52,7 +54,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from client.node.supernode import NodeValue, SuperNodeSpec, start_supernode
 from client.node.supernode_entry import DEFAULT_POLL_S, FLOWER_IDLE_SLEEP_S, MIN_POLL_S
@@ -101,9 +103,17 @@ class DaemonConfig(Section):
         table="node")
     log_file: Path | None = setting(
         None, "the SuperNode's log (default: state_dir/client.log)", table="node")
-    partitions_file: Path | None = setting(None, "this device's data (a partitions file)",
-                                           table="data")
-    partition_id: int = setting(0, "which partition of the partitions file is this device's",
+    path: Path | None = setting(
+        None, "this device's own data: a file or folder of .txt/.md/.jsonl/.json/.csv/.parquet "
+        "or a datasets save_to_disk folder; it never leaves the device", table="data")
+    # The choices mirror kernels.data.formats.DATA_FORMATS.
+    format: Literal["auto", "text", "instruction", "chat"] = setting(
+        "auto", "the data's layout: detected from its columns, or forced", table="data")
+    heldout_fraction: float = setting(
+        0.2, "share of the examples kept back for evaluation (unless the data brings its own "
+        "train/heldout split)", gt=0, lt=1, table="data")
+    seed: int = setting(0, "fixes which examples are held out", table="data")
+    partition_id: int = setting(0, "this device's index in the federation: seeds its batches",
                                 table="data", ge=0)
     cache_dir: Path | None = setting(None, "the device's cache: the base model",
                                      table="data")
@@ -141,9 +151,14 @@ class DaemonConfig(Section):
             except ValueError:
                 raise DaemonConfigError("privacy.manifest_public_key: expected 64 hex digits "
                                         "(a raw Ed25519 public key)") from None
-        for path in (self.root_ca, self.private_key, self.partitions_file):
+        for path in (self.root_ca, self.private_key):
             if path is not None and not path.is_file():
                 raise DaemonConfigError(f"{path} does not exist")
+        if self.path is None:
+            raise DaemonConfigError("data.path is not set: name this device's own data (a "
+                                    "file or folder; see docs/data.md)")
+        if not self.path.exists():
+            raise DaemonConfigError(f"data.path = {str(self.path)!r} does not exist")
         if self.warm_clientapp:
             try:
                 self.warm_launcher()
@@ -174,8 +189,11 @@ class DaemonConfig(Section):
             "fedtune-client-threads": self.threads,
             "fedtune-require-manifest": self.require_manifest,
             "fedtune-require-secagg": self.require_secagg,
+            "fedtune-data-format": self.format,
+            "fedtune-data-heldout-fraction": self.heldout_fraction,
+            "fedtune-data-seed": self.seed,
         }
-        optional = {"fedtune-partitions-file": self.partitions_file,
+        optional = {"fedtune-data-path": self.path,
                     "fedtune-cache-dir": self.cache_dir,
                     "fedtune-edge-export": self.edge_export,
                     "fedtune-manifest-public-key": self.manifest_public_key or None}

@@ -31,6 +31,11 @@ from protocols.processes import ManagedProcess, wait_for
 from server.service.certs import DEFAULT_HOSTS, make_tls, tls_files
 from server.service.fab import write_app
 from server.service.flwr_cli import FlwrCli, FlwrCliError
+from server.service.inputs import (
+    CoordinatorInputs,
+    check_coordinator_inputs,
+    coordinator_run_config,
+)
 from server.service.superlink import SuperLinkSpec, start_superlink
 
 log = logging.getLogger(__name__)
@@ -152,7 +157,7 @@ def wait_for_run(cli: FlwrCli, run_id: int, *, timeout: float, log_path: Path,
 
 
 def run_deployed(
-    inputs: Any,
+    inputs: CoordinatorInputs,
     runs_dir: Path,
     options: LinkOptions,
     *,
@@ -165,7 +170,8 @@ def run_deployed(
 ) -> Path:
     """Run fedtune on the Deployment Engine; return the finished run folder.
 
-    ``inputs`` is a checked :class:`simulations.runner.Inputs`; ``min_nodes`` (default: the
+    ``inputs`` are checked :class:`~server.service.inputs.CoordinatorInputs` (no device
+    data: devices name their own); ``min_nodes`` (default: the
     run's clients per round) SuperNodes must be online before the run is submitted.
     ``resume=True`` continues the interrupted run ``name`` in its own folder: a new Flower
     run whose ServerApp starts from the folder's checkpoint and privacy ledger (see
@@ -174,7 +180,6 @@ def run_deployed(
     from importlib.metadata import version
 
     from server.run_dir import log_to_file, new_run_dir, reopened_run_dir
-    from simulations.runner import flower_run_config
 
     config = inputs.config
     need = min_nodes if min_nodes is not None else config.train.clients_per_round
@@ -204,7 +209,8 @@ def run_deployed(
             timings.mark("nodes_online_s")
             _stop_stale_runs(cli, earlier)
             app_dir = options.state_dir / "apps" / run_dir.name.removesuffix(".partial")
-            write_app(app_dir, flower_run_config(inputs, run_dir), version=version("fedtune"))
+            write_app(app_dir, coordinator_run_config(inputs, run_dir),
+                      version=version("fedtune"))
             run_id = cli.start_run(app_dir)
             timings.mark("submit_s")
             log.info("submitted run %d to the SuperLink at %s", run_id, address)
@@ -361,7 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocols.cache_dir import default_cache_dir
     from protocols.config_file import load_config
     from server.run_dir import unfinished_run_dir
-    from simulations.runner import check_inputs
 
     runs_dir = args.runs_dir.resolve()
     if args.resume is not None:
@@ -371,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(unfinished_run_dir(runs_dir, args.resume) / "config.toml")
     else:
         config = load_config(args.config, args.overrides)
-    inputs = check_inputs(config, (args.cache_dir or default_cache_dir()).resolve())
+    inputs = check_coordinator_inputs(config,
+                                      (args.cache_dir or default_cache_dir()).resolve())
     run_dir = run_deployed(inputs, runs_dir, options, name=args.resume or args.name,
                            min_nodes=args.min_nodes, nodes_timeout=args.nodes_timeout,
                            run_timeout=args.run_timeout, resume=args.resume is not None)

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocols.cache_dir import add_cache_dir_argument
+from protocols.run_config import BUILTIN_SOURCES
 from simulations.audit.attacks import DISTANCES, UPDATE_MODELS, OptimizationSettings
 from simulations.audit.scenario import NOISE_PLACEMENTS, Safeguards
 
 if TYPE_CHECKING:
-    from client.local_data import LocalTextData
+    from client.local_data import LocalData
+    from protocols.run_config import DataSection
     from simulations.audit.run import AuditConfig
 
 #: Default depth of the audited SmolLM2: its first 4 of 30 decoder layers, with the real
@@ -44,6 +46,7 @@ examples:
   fedtune audit --quick --model tiny     # seconds: tiny random model, reduced grid
   fedtune audit --layers 0 --quick       # all 30 SmolLM2 layers (slow on a CPU)
   fedtune audit --cohort 2 --noise-multiplier 0.8 --clip-norm 0.5   # match a run's preset
+  fedtune audit --data my-clients/ --quick   # your texts: one client per .jsonl file
 """
 
 
@@ -77,8 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--config", type=Path, default=None,
                       help="TOML run config whose [lora], [data] and train.learning_rate the "
                            "audit uses (default: simulations/configs/default.toml)")
-    what.add_argument("--partitions-file", type=Path, default=None,
-                      help="client texts (default: the Shakespeare split of the config)")
+    what.add_argument("--data", default=None, metavar="PATH",
+                      help="the clients' texts: a data source as data.source takes it (a file "
+                           "or folder, or 'shakespeare' / 'chatterbot'), made into devices as "
+                           "the config's [data] says; a path the config does not say how to "
+                           "partition gets one device per file (default: the config's [data]; "
+                           "plain documents only, conversations are left out)")
     add_cache_dir_argument(what)
     grid = parser.add_argument_group("grid")
     grid.add_argument("--quick", action="store_true",
@@ -172,28 +179,40 @@ def configure(args: argparse.Namespace) -> AuditConfig:
     )
 
 
+def audit_data(args: argparse.Namespace) -> DataSection:
+    """The ``[data]`` the audit's client pool is made from: the config's, with ``--data`` as
+    its source. A path source that the config does not say how to partition (``'natural'``
+    without ``partition_by``) gets one device per file."""
+    from protocols.config_file import load_config
+    from protocols.run_config import DataSection
+
+    data = load_config(args.config).data
+    if args.data is None:
+        return data
+    values = {**data.to_mapping(), "source": str(args.data)}
+    if (values["source"] not in BUILTIN_SOURCES and values["partition"] == "natural"
+            and not values["partition_by"]):
+        values["partition_by"] = "file"
+    return DataSection(**values)
+
+
 def load_inputs(args: argparse.Namespace, config: AuditConfig,
-                ) -> tuple[Path, list[LocalTextData], dict[str, Any]]:
+                ) -> tuple[Path, list[LocalData], dict[str, Any]]:
     """The model folder, the client texts and the settings to record in ``audit.json``."""
-    from client.local_data import load_partition
+    from client.local_data import DeviceDataSource, load_device_data
     from kernels.base_model import resolve_model_dir
     from protocols.cache_dir import default_cache_dir
-    from protocols.config_file import load_config
     from simulations.audit.models import tiny_model, truncated_model
-    from simulations.paths import partitions_dir, shakespeare_texts_dir
+    from simulations.devices import prepare_devices
 
     cache = args.cache_dir or default_cache_dir()
-    partitions = args.partitions_file
-    if partitions is None:
-        from simulations.shakespeare_split import prepare_split
-
-        partitions = prepare_split(shakespeare_texts_dir(cache), load_config(args.config).data,
-                                   partitions_dir(cache)).partitions_file
-    count = len(json.loads(Path(partitions).read_text(encoding="utf-8"))["clients"])
-    pool = [load_partition(partitions, i) for i in range(count)]
+    data = audit_data(args)
+    devices = prepare_devices(data, cache)
+    pool = [load_device_data(DeviceDataSource(devices.folder(i)), devices.names[i])
+            for i in range(devices.num_clients)]
     audit_models = cache / "models" / "audit"
     if args.model == "tiny":
-        model_dir = tiny_model([t for data in pool for t in data.train], audit_models / "tiny")
+        model_dir = tiny_model([t for d in pool for t in d.train_texts], audit_models / "tiny")
         layers_note = "random-init tiny Llama"
     else:
         source = resolve_model_dir(args.model, cache)
@@ -201,7 +220,8 @@ def load_inputs(args: argparse.Namespace, config: AuditConfig,
         layers_note = ("all layers" if model_dir == source
                        else f"first {args.layers} decoder layers, real weights")
     settings = {"model": args.model, "model_dir": str(model_dir), "layers": args.layers,
-                "layers_note": layers_note, "partitions_file": str(partitions),
+                "layers_note": layers_note, "data": data.to_mapping(),
+                "devices_dir": str(devices.root),
                 "off_adapter": "FFA-LoRA" if config.off_freeze_a else "plain LoRA",
                 **json.loads(json.dumps(asdict(config)))}
     return model_dir, pool, settings

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from client.local_data import LocalTextData
+from client.local_data import LocalData
 from protocols.run_config import LoraSection
 from simulations.audit import metrics
 from simulations.audit.attacks import (
@@ -79,15 +79,15 @@ class AuditConfig:
                 for g in (False, True)]
 
 
-def choose_clients(pool: Sequence[LocalTextData], *, seed: int, count: int, tokenizer: Any,
-                   batch_size: int, seq_len: int) -> list[LocalTextData]:
+def choose_clients(pool: Sequence[LocalData], *, seed: int, count: int, tokenizer: Any,
+                   batch_size: int, seq_len: int) -> list[LocalData]:
     """``count`` distinct clients with text for ``batch_size`` blocks, in a seeded order;
     the first is the attack's target, the others its cohort."""
-    chosen: list[LocalTextData] = []
+    chosen: list[LocalData] = []
     for index in np.random.default_rng(seed).permutation(len(pool)):
         data = pool[int(index)]
         try:
-            exact_blocks(tokenizer, data.train, batch_size=batch_size, seq_len=seq_len,
+            exact_blocks(tokenizer, data.train_texts, batch_size=batch_size, seq_len=seq_len,
                          client_id=data.client_id)
         except AuditError:
             continue
@@ -99,7 +99,7 @@ def choose_clients(pool: Sequence[LocalTextData], *, seed: int, count: int, toke
                      "the sequence length or the cohort)")
 
 
-def run_audit(model_dir: Path, pool: Sequence[LocalTextData], config: AuditConfig, *,
+def run_audit(model_dir: Path, pool: Sequence[LocalData], config: AuditConfig, *,
               threads: int = 1, on_cell: Callable[[str], None] | None = None,
               ) -> tuple[list[Measurement], int]:
     """Run the grid; return every measurement and the vocabulary size."""
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_with_progress(model_dir: Path, pool: Sequence[LocalTextData], config: AuditConfig,
+def _run_with_progress(model_dir: Path, pool: Sequence[LocalData], config: AuditConfig,
                        args: argparse.Namespace) -> tuple[list[Measurement], int]:
     total = config.seeds * len(config.cells)
     if args.no_progress or not sys.stderr.isatty():

@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from client.local_data import LocalTextData
+from client.local_data import LocalData
 from client.trainer import TrainInstruction
+from kernels.data.examples import Example
 from protocols.adapter_spec import Tensors
 from protocols.run_config import LoraSection
 
@@ -151,14 +152,15 @@ class Scenario:
             self._trainers[protected] = (trainer, get_adapter(trainer.model))
         return self._trainers[protected]
 
-    def client_data(self, data: LocalTextData, batch_size: int, tokenizer: Any) -> LocalTextData:
+    def client_data(self, data: LocalData, batch_size: int, tokenizer: Any) -> LocalData:
         """The device's training set for one cell: exactly ``batch_size`` blocks."""
-        texts = exact_blocks(tokenizer, data.train, batch_size=batch_size,
+        texts = exact_blocks(tokenizer, data.train_texts, batch_size=batch_size,
                              seq_len=self.seq_len, client_id=data.client_id)
         # A fresh id per batch size: the trainer caches token blocks by client id.
-        return LocalTextData(f"{data.client_id}#audit-b{batch_size}", texts, ())
+        return LocalData(f"{data.client_id}#audit-b{batch_size}",
+                         tuple(Example(text=t) for t in texts), ())
 
-    def observe(self, target: LocalTextData, others: Sequence[LocalTextData], *,
+    def observe(self, target: LocalData, others: Sequence[LocalData], *,
                 batch_size: int, local_steps: int, protected: bool, seed: int) -> Observation:
         """Train and return the coordinator's view of ``target`` in one grid cell."""
         from kernels.causal_lm_data import token_blocks
@@ -175,7 +177,7 @@ class Scenario:
         updates = [self._update(trainer, start, data, instruction)
                    for data in cohort[: self.safeguards.cohort if protected else 1]]
         own = self.client_data(target, batch_size, trainer.tokenizer)
-        truth = token_blocks(trainer.tokenizer, own.train, self.seq_len)  # (B, S)
+        truth = token_blocks(trainer.tokenizer, own.train_texts, self.seq_len)  # (B, S)
         norm = _norm(updates[0])
         if protected:
             rng = np.random.default_rng([seed, 104729])  # the clients' noise: not the attacker's
@@ -188,7 +190,7 @@ class Scenario:
                            instruction=instruction, truth=truth, protected=protected,
                            cohort=len(updates), target_norm=norm)
 
-    def _update(self, trainer: Any, start: Tensors, data: LocalTextData,
+    def _update(self, trainer: Any, start: Tensors, data: LocalData,
                 instruction: TrainInstruction) -> Tensors:
         """One client's raw update, memoised: with FFA-LoRA in both views the target's
         unprotected update is also its contribution to the protected sum."""

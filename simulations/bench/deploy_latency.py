@@ -158,7 +158,7 @@ def measure(inputs: Any, *, kind: ClientKind, warm: bool, nodes: int, link: str,
     devices = [DaemonConfig(
         address=link, state_dir=work / label / f"node-{i}", runtime_port=_free_port(),
         name=f"node-{i}", root_ca=certs / "ca.pem", private_key=certs / "nodes" / f"node-{i}.key",
-        kind=kind, partitions_file=inputs.split.partitions_file, partition_id=i,
+        kind=kind, path=inputs.devices.folder(i), partition_id=i,
         cache_dir=inputs.cache_dir, edge_export=inputs.edge_export,
         manifest_public_key=inputs.manifest_public_key, require_secagg=False,
         warm_clientapp=warm) for i in range(nodes)]

@@ -15,9 +15,10 @@ Bounded in count and time, loopback only: at most :data:`MAX_NODES` devices, at 
 ``--timeout`` seconds of wall clock for the whole script; on expiry, Ctrl-C, SIGTERM or an
 error every process started here is stopped (by PID, with its process tree) and what was
 measured so far is still reported. The model is a tiny random-init Llama built on the fly
-(or ``--model DIR``), the data a synthetic play with one role per device, and the devices
-are edge clients (ONNX Runtime, no torch): with 50 SuperNodes on two cores, a torch import
-per ClientApp process (~30 s CPU) would measure the host, not the federation.
+(or ``--model DIR``), the data a synthetic play with one role per device (each daemon's
+``[data] path`` is that role's simulated device folder), and the devices are edge clients
+(ONNX Runtime, no torch): with 50 SuperNodes on two cores, a torch import per ClientApp
+process (~30 s CPU) would measure the host, not the federation.
 
 Memory is sampled every ``--interval`` seconds from ``/proc``: RSS summed over each process
 tree (one scan of ``/proc/*/stat`` per sample for all trees). RSS counts pages shared
@@ -194,7 +195,7 @@ def run_config(args: argparse.Namespace, model_dir: Path) -> Any:
 
     return RunConfig.from_nested({
         "model": {"source": str(model_dir)},
-        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
         "train": {"rounds": args.rounds, "clients_per_round": args.clients_per_round,
                   "local_steps": 2, "batch_size": 2, "seq_len": 16, "learning_rate": 0.01},
@@ -220,10 +221,11 @@ def free_ports(count: int) -> list[int]:
 
 
 def daemon_toml(*, name: str, address: str, ca: Path, key: Path, state_dir: Path,
-                runtime_port: int, partitions: Path, partition_id: int, cache_dir: Path,
+                runtime_port: int, data: Path, partition_id: int, cache_dir: Path,
                 edge_export: Path, manifest_key: str, require_secagg: bool,
                 warm_clientapp: bool | None = None) -> str:
-    """One device's ``fedtune client`` config (the layout of ``client.node.daemon``'s docstring)."""
+    """One device's ``fedtune client`` config (the layout of ``client.node.daemon``'s docstring);
+    ``data`` is the device's own data (here: its simulated device folder)."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     warm = [] if warm_clientapp is None else [
         f"warm_clientapp = {'true' if warm_clientapp else 'false'}"]
@@ -231,7 +233,7 @@ def daemon_toml(*, name: str, address: str, ca: Path, key: Path, state_dir: Path
         "[superlink]", f"address = {q(address)}", f"root_ca = {q(str(ca))}",
         "[node]", f"name = {q(name)}", f"private_key = {q(str(key))}", 'kind = "edge"',
         f"runtime_port = {runtime_port}", f"state_dir = {q(str(state_dir))}", *warm,
-        "[data]", f"partitions_file = {q(str(partitions))}", f"partition_id = {partition_id}",
+        "[data]", f"path = {q(str(data))}", f"partition_id = {partition_id}",
         f"cache_dir = {q(str(cache_dir))}", f"edge_export = {q(str(edge_export))}",
         "[privacy]", f"manifest_public_key = {q(manifest_key)}",
         f"require_secagg = {'true' if require_secagg else 'false'}", ""])
@@ -265,10 +267,12 @@ def prepare(args: argparse.Namespace, root: Path) -> Workspace:
     (texts / "loadtest_gut.txt").write_text(play)
     model = args.model.resolve() if args.model else build_tiny_model(root / "model", play)
     config = run_config(args, model)
-    inputs = check_inputs(config, cache)  # partitions, signed base, signed ONNX export
-    if inputs.split.num_clients != args.nodes or inputs.edge_export is None:
-        raise RuntimeError(f"the synthetic play gave {inputs.split.num_clients} partitions "
-                           f"for {args.nodes} nodes (edge export: {inputs.edge_export})")
+    inputs = check_inputs(config, cache)  # device folders, signed base, signed ONNX export
+    simulated = inputs.devices
+    assert simulated is not None
+    if simulated.num_clients != args.nodes or inputs.edge_export is None:
+        raise RuntimeError(f"the synthetic play gave {simulated.num_clients} devices for "
+                           f"{args.nodes} nodes (edge export: {inputs.edge_export})")
     run_toml = root / "run.toml"
     run_toml.write_text(to_toml(config))
     certs = root / "certs"
@@ -283,7 +287,7 @@ def prepare(args: argparse.Namespace, root: Path) -> Workspace:
         path.write_text(daemon_toml(
             name=name, address=f"127.0.0.1:{port}", ca=tls.ca_cert, key=keys.private_key,
             state_dir=root / "devices" / name, runtime_port=runtime_port,
-            partitions=inputs.split.partitions_file, partition_id=i, cache_dir=cache,
+            data=simulated.folder(i), partition_id=i, cache_dir=cache,
             edge_export=inputs.edge_export, manifest_key=inputs.manifest_public_key,
             require_secagg=args.secagg, warm_clientapp=args.warm_clientapp))
         devices[name] = path

@@ -193,12 +193,9 @@ def _spawn(args: argparse.Namespace, run: dict[str, Path], sides: list[str], *,
 def _eval_blocks(args: argparse.Namespace, tokenizer: Any, eos: int | None) -> Path:
     from kernels.edge_runtime import token_blocks
     from protocols.run_config import DataSection
-    from simulations.paths import partitions_dir, shakespeare_texts_dir
-    from simulations.shakespeare_split import prepare_split
+    from simulations.devices import central_eval_texts, prepare_devices
 
-    split = prepare_split(shakespeare_texts_dir(args.cache), DataSection(),
-                          partitions_dir(args.cache))
-    texts = json.loads(split.eval_file.read_text(encoding="utf-8"))["texts"]
+    texts = central_eval_texts(prepare_devices(DataSection(), args.cache))
     blocks = token_blocks(tokenizer, texts, args.seq, eos_token_id=eos)
     pick = np.unique(np.linspace(0, len(blocks) - 1, num=args.eval_blocks).astype(int))
     fd, name = tempfile.mkstemp(prefix="edge-bench-", suffix=".npy")

@@ -11,9 +11,10 @@ Each side runs in its own process, so peak RSS (``ru_maxrss``) is that side's al
 * torch: :class:`client.torch_trainer.TorchLoraTrainer` (PEFT LoRA, AdamW, backprop), the
   GPU client's code on this CPU.
 
-Both train the same adapter (FFA-LoRA, r = 8) on the same role's speeches. Also reported:
-the upload of one round of each, encoded exactly as the client sends it (seed/scalar pairs
-vs dense fp32 B tensors). Ratios are edge / torch from the same run.
+Both train the same adapter (FFA-LoRA, r = 8) on the same simulated device's own data folder
+(a role's speeches with the default ``[data]``). Also reported: the upload of one round of
+each, encoded exactly as the client sends it (seed/scalar pairs vs dense fp32 B tensors).
+Ratios are edge / torch from the same run.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import json, resource, sys, time
 from pathlib import Path
 side, export, model = sys.argv[1:4]
 steps, batch, seq = map(int, sys.argv[4:7])
-from client.local_data import load_partition
+from client.local_data import DeviceDataSource, load_device_data
 from client.trainer import TrainInstruction
 from protocols.run_config import LoraSection
-data = load_partition(Path(sys.argv[7]), int(sys.argv[8]))
+data = load_device_data(DeviceDataSource(Path(sys.argv[7])), sys.argv[8])
 lora = LoraSection.from_mapping(json.loads(sys.argv[9]))
 t0 = time.perf_counter()
 if side == "edge":
@@ -75,10 +76,11 @@ print(json.dumps({"side": side, "load_s": load_s, "step_s": wall / steps,
 
 
 def _side(side: str, args: argparse.Namespace, export: Path, model: Path,
-          partitions: Path, lora: LoraSection) -> dict[str, Any]:
+          device: tuple[Path, str], lora: LoraSection) -> dict[str, Any]:
+    """One side in its own process, on ``device``: a simulated device's (folder, name)."""
+    folder, name = device
     cmd = [sys.executable, "-c", WORKER, side, str(export), str(model), str(args.steps),
-           str(args.batch), str(args.seq), str(partitions), str(args.partition),
-           json.dumps(lora.to_mapping())]
+           str(args.batch), str(args.seq), str(folder), name, json.dumps(lora.to_mapping())]
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--partition", type=int, default=0, help="which role's data")
+    parser.add_argument("--partition", type=int, default=0,
+                        help="which simulated device's data (a role's, for Shakespeare)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     add_config_arguments(parser)  # --config / --set: e.g. model.source=DIR for another model
     args = parser.parse_args(argv)
@@ -113,8 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     inputs = check_inputs(config, cache)
     export = ensure_edge_export(inputs.model_dir, cache, config)
-    rows = [_side(side, args, export, inputs.model_dir, inputs.split.partitions_file,
-                  config.lora) for side in ("edge", "torch")]
+    devices = inputs.devices
+    assert devices is not None
+    if not 0 <= args.partition < devices.num_clients:
+        parser.error(f"--partition {args.partition}: the data makes {devices.num_clients} "
+                     "devices")
+    device = (devices.folder(args.partition), devices.names[args.partition])
+    rows = [_side(side, args, export, inputs.model_dir, device, config.lora)
+            for side in ("edge", "torch")]
     edge, torch = rows
     print(f"{'side':>6} {'step s':>8} {'peak RSS MB':>12} {'upload bytes':>13} {'load s':>7} "
           f"{'torch imported':>15}")

@@ -24,7 +24,6 @@ Variants are ``mode[:g=N][:asym][:LAYER=MODE]``, e.g. ``int4:g=32:asym`` or
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -307,11 +306,16 @@ def perplexity(args: argparse.Namespace, variants: list[Variant]) -> None:
 
     from kernels.base_model import load_causal_lm
     from kernels.causal_lm_data import token_blocks
+    from kernels.data.formats import read_examples
     from kernels.lm_eval import mean_token_loss
     from kernels.quant_linear import QuantLinear, dequantize
 
     eval_file = args.eval_file or _default_eval_file(args.cache)
-    texts = json.loads(eval_file.read_text(encoding="utf-8"))["texts"]
+    examples, _ = read_examples(eval_file)
+    texts = [e.text for e in examples if e.text is not None]
+    if not texts:
+        raise SystemExit(f"{eval_file}: no plain documents to score (conversations are left "
+                         "out); give --eval-file a text dataset")
     print(f"\n[perplexity] {args.model.name} on {eval_file.name}: {args.ppl_blocks} blocks x "
           f"{args.ppl_seq} tokens (spread over the file, as server/central_eval.py)")
     print(f"{'variant':<26} {'perplexity':>10} {'vs none':>8} {'weights MB':>11} "
@@ -345,11 +349,9 @@ def perplexity(args: argparse.Namespace, variants: list[Variant]) -> None:
 
 def _default_eval_file(cache: Path) -> Path:
     from protocols.run_config import DataSection
-    from simulations.paths import partitions_dir, shakespeare_texts_dir
-    from simulations.shakespeare_split import prepare_split
+    from simulations.devices import prepare_devices
 
-    split = prepare_split(shakespeare_texts_dir(cache), DataSection(), partitions_dir(cache))
-    return split.eval_file
+    return prepare_devices(DataSection(), cache).eval_file
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -389,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-blocks", type=int, default=24)
     parser.add_argument("--ppl-seq", type=int, default=64)
     parser.add_argument("--eval-file", type=Path, default=None,
-                        help="JSON {'texts': [...]} (default: the prepared held-out speeches)")
+                        help="held-out documents: a data file or folder (e.g. JSONL with a "
+                             "'text' column; docs/data.md) (default: the central evaluation "
+                             "set of the default simulation, its held-out speeches)")
     args = parser.parse_args(argv)
     args.cache = cache
     cuda = args.device == "cuda"

@@ -35,8 +35,10 @@ import numpy.typing as npt
 from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 
-from client.local_data import PARTITIONS_FORMAT, LocalTextData
+from client.local_data import LocalData, simulated_device_folder
 from client.trainer import EvalOutcome, TrainInstruction, TrainOutcome
+from kernels.data.examples import Example
+from kernels.data.formats import write_jsonl
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import to_record
@@ -63,7 +65,7 @@ class RandomUpdateTrainer:
     def __init__(self, trainable: frozenset[str]) -> None:
         self.trainable = trainable
 
-    def train(self, adapter: Mapping[str, npt.NDArray[Any]], data: LocalTextData,
+    def train(self, adapter: Mapping[str, npt.NDArray[Any]], data: LocalData,
               instruction: TrainInstruction) -> TrainOutcome:
         rng = np.random.default_rng(instruction.seed)
         tensors = {k: (adapter[k] + UPDATE_STD * rng.standard_normal(adapter[k].shape))
@@ -71,7 +73,7 @@ class RandomUpdateTrainer:
         return TrainOutcome(tensors, num_examples=instruction.local_steps
                             * instruction.batch_size)
 
-    def evaluate(self, adapter: Mapping[str, npt.NDArray[Any]], data: LocalTextData, *,
+    def evaluate(self, adapter: Mapping[str, npt.NDArray[Any]], data: LocalData, *,
                  seq_len: int, batch_size: int) -> EvalOutcome:
         raise NotImplementedError("the benchmark runs no federated evaluation")
 
@@ -87,12 +89,14 @@ def fedtune_client_app(spec: AdapterSpec, clients: int) -> Iterator[ClientApp]:
 
     trainer = RandomUpdateTrainer(frozenset(spec.trainable_keys))
     with tempfile.TemporaryDirectory(prefix="fedtune-secagg-bench-") as tmp:
-        partitions = Path(tmp) / "partitions.json"  # the data path stays the real one
-        partitions.write_text(json.dumps({"format": PARTITIONS_FORMAT, "clients": [
-            {"client_id": f"client-{i}", "train": ["synthetic"], "heldout": []}
-            for i in range(clients)]}))
+        devices = Path(tmp) / "devices"  # the data path stays the real one: a folder each
+        for i in range(clients):
+            folder = simulated_device_folder(devices, i)
+            folder.mkdir(parents=True)
+            for part in ("train", "heldout"):
+                write_jsonl(folder / f"{part}.jsonl", [Example(text="synthetic")])
         flat = {**RunConfig().to_flat(),
-                **PathsSection(cache_dir=Path(tmp), partitions_file=partitions).to_flat()}
+                **PathsSection(cache_dir=Path(tmp), devices_dir=devices).to_flat()}
         with mock.patch.object(client_app, "_trainer", lambda _flat, edge=False: trainer):
             yield client_app.make_client_app(flat)
 

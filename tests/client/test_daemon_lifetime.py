@@ -80,9 +80,11 @@ def test_a_daemon_whose_port_is_taken_says_so_and_exits(
         orphan.bind(("127.0.0.1", 0))
         orphan.listen()
         port = orphan.getsockname()[1]
+        (tmp_path / "notes.txt").write_text("a device's own text")
         config = parse_config({"superlink": {"address": "127.0.0.1:9093", "insecure": True},
                                "node": {"state_dir": "s", "runtime_port": port,
-                                        "warm_clientapp": False}}, tmp_path)
+                                        "warm_clientapp": False},
+                               "data": {"path": "notes.txt"}}, tmp_path)
         started = time.monotonic()
         with caplog.at_level(logging.ERROR, logger="client.node.daemon"):
             assert run_daemon(config, threading.Event()) == EXIT_PORT_TAKEN

@@ -17,7 +17,7 @@ import torch
 
 from client import app as client_app
 from client.dp_sgd import DpSgdSettings, dp_train, epsilon
-from client.local_data import LocalTextData
+from client.local_data import LocalData
 from client.torch_trainer import TorchLoraTrainer
 from client.trainer import TrainInstruction
 from kernels.causal_lm_data import token_blocks
@@ -29,7 +29,7 @@ from tests.measured import THREADS, within
 
 torch.set_num_threads(THREADS)
 
-DATA = LocalTextData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
+DATA = LocalData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
 SEQ = 16
 
 
@@ -77,7 +77,7 @@ def test_each_block_gradient_is_its_own_and_clipped_before_the_sum(tiny_model_di
                                                                    ) -> None:
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
     model, params = trainer.model, _trainable(trainer.model)
-    blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
+    blocks = token_blocks(trainer.tokenizer, DATA.train_texts, SEQ)
     start = _random_b(model)
     set_adapter(model, start)
 
@@ -126,7 +126,7 @@ def test_each_block_gradient_is_its_own_and_clipped_before_the_sum(tiny_model_di
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
 def test_other_opacus_modes_give_the_hooks_update(tiny_model_dir: Path, mode: str) -> None:
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
-    blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
+    blocks = token_blocks(trainer.tokenizer, DATA.train_texts, SEQ)
     start = _random_b(trainer.model)
     updates = []
     for grad_sample_mode in ("hooks", mode):
@@ -143,7 +143,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(tiny_model_dir: Path) -> None:
     # Zero-gradient trick: with A = B = 0 every LoRA gradient is exactly 0 (dA ~ B^T...,
     # dB ~ ...(Ax)^T), so one SGD(lr=1) step moves the adapter by -noise/E alone.
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=8, freeze_a=False))
-    blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
+    blocks = token_blocks(trainer.tokenizer, DATA.train_texts, SEQ)
     set_adapter(trainer.model, {k: np.zeros_like(v) for k, v in get_adapter(trainer.model).items()})
     grads_seen: list[float] = []
     sigma, clip, batch_size = 0.7, 0.5, 4
@@ -167,7 +167,7 @@ def test_reported_epsilon_is_the_accountants_for_this_clients_steps(tiny_model_d
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False), dpsgd=settings)
     start = get_adapter(trainer.model)
     steps, batch = 3, 4
-    q = batch / len(token_blocks(trainer.tokenizer, DATA.train, SEQ))
+    q = batch / len(token_blocks(trainer.tokenizer, DATA.train_texts, SEQ))
 
     def independent(total_steps: int) -> float:
         from opacus.accountants import PRVAccountant
@@ -184,7 +184,7 @@ def test_reported_epsilon_is_the_accountants_for_this_clients_steps(tiny_model_d
         assert metrics[keys.DPSGD_DELTA] == 1e-5
         assert keys.TRAIN_LOSS not in metrics  # the raw loss is not covered by epsilon
     assert reported[1][keys.DPSGD_EPSILON] > reported[0][keys.DPSGD_EPSILON] > 0
-    other = LocalTextData("mini/OTHER", train=DATA.train, heldout=())
+    other = LocalData("mini/OTHER", train=DATA.train, heldout=())
     fresh = trainer.train(start, other, _instruction(steps, 2, batch)).metrics
     assert abs(fresh[keys.DPSGD_EPSILON] - independent(steps)) < 1e-6
     assert trainer.dpsgd_ledger.history("mini/ALL") == [(1.0, q, 2 * steps)]
@@ -226,14 +226,14 @@ def test_adapter_keys_frozen_a_and_hooks_survive_dp_rounds(tiny_model_dir: Path)
     assert type(trainer.model) is model_type
     assert _hook_count(trainer.model) == hooks
     assert _opacus_leftovers(trainer.model) == []
-    held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
+    held = LocalData("mini/ALL", train=(), heldout=DATA.train)
     assert math.isfinite(trainer.evaluate(adapter, held, seq_len=SEQ, batch_size=8).loss)
 
 
 def test_hooks_are_removed_when_a_step_fails(tiny_model_dir: Path) -> None:
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
     hooks = _hook_count(trainer.model)
-    blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)
+    blocks = token_blocks(trainer.tokenizer, DATA.train_texts, SEQ)
 
     def fail(*_: Any) -> None:
         raise RuntimeError("boom")
@@ -247,7 +247,7 @@ def test_hooks_are_removed_when_a_step_fails(tiny_model_dir: Path) -> None:
 
 def test_empty_poisson_batches_still_take_a_noise_step(tiny_model_dir: Path) -> None:
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))
-    blocks = token_blocks(trainer.tokenizer, DATA.train, SEQ)[:40]
+    blocks = token_blocks(trainer.tokenizer, DATA.train_texts, SEQ)[:40]
     start = get_adapter(trainer.model)
     run = dp_train(trainer.model, blocks, torch.optim.SGD(_trainable(trainer.model), lr=1.0),
                    settings=_settings(), batch_size=1, steps=12, seed=3)
@@ -266,7 +266,7 @@ def test_noise_is_not_derived_from_the_coordinators_seed(tiny_model_dir: Path) -
 
 @pytest.mark.measured
 def test_dp_training_still_lowers_the_loss(tiny_model_dir: Path) -> None:
-    held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
+    held = LocalData("mini/ALL", train=(), heldout=DATA.train)
     drops = []
     for seed in (1, 2, 3):
         trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.local_data import LocalTextData
+from client.local_data import LocalData
 from client.torch_trainer import TorchLoraTrainer
 from client.trainer import TrainInstruction
 from kernels.lora import get_adapter
@@ -18,7 +18,7 @@ from tests.measured import THREADS, within
 
 torch.set_num_threads(THREADS)
 
-DATA = LocalTextData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
+DATA = LocalData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
 
 
 def _instruction(steps: int, round_: int = 1, seed: int = 3) -> TrainInstruction:
@@ -31,7 +31,7 @@ def test_training_lowers_the_loss_on_its_own_data(tiny_model_dir: Path) -> None:
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False),  # plain LoRA
                                threads=THREADS)
     start = get_adapter(trainer.model)
-    held = LocalTextData("mini/ALL", train=(), heldout=DATA.train)
+    held = LocalData("mini/ALL", train=(), heldout=DATA.train)
     before = trainer.evaluate(start, held, seq_len=16, batch_size=8).loss
     drops = []
     for seed in (3, 4, 5):

@@ -352,3 +352,36 @@ def test_edge_runtime_works_without_torch(export_dir: Path, edge: EdgeModel) -> 
     assert result["loaded"] == []
     np.testing.assert_allclose(np.array(result["nll"], dtype=np.float32),
                                edge.token_nll(ids, _random_adapter(edge, seed=8)), atol=1e-6)
+
+
+def test_chat_data_is_scored_on_the_answers_alike_on_torch_and_edge(
+        tiny_model_dir: Path, export_dir: Path, edge: EdgeModel) -> None:
+    """The response-only loss: the same blocks and mask on both kinds of device, the loss
+    the masked mean of the per-token loss, and a different number from the all-token loss."""
+    from client.edge_trainer import EdgeMeZOTrainer
+    from client.local_data import LocalData
+    from client.torch_trainer import TorchLoraTrainer
+    from kernels.data.examples import chat
+
+    data = LocalData("chat", train=(), heldout=tuple(
+        chat(("user", f"what did PROSPERO say {i}?"), ("assistant", "the isle is full of "
+                                                                    f"noises {i}"))
+        for i in range(6)))
+    torch_trainer = TorchLoraTrainer(tiny_model_dir, LORA, threads=THREADS)
+    edge_trainer = EdgeMeZOTrainer(edge, LORA)
+    blocks = torch_trainer.blocks.get(data, "heldout", 192)
+    edge_blocks = edge_trainer.blocks.get(data, "heldout", 192)
+    np.testing.assert_array_equal(blocks.ids, edge_blocks.ids)
+    np.testing.assert_array_equal(blocks.scored, edge_blocks.scored)
+    assert 0 < blocks.scored_tokens < blocks.ids[:, 1:].size  # prompts are not scored
+    adapter = _random_adapter(edge, seed=7)
+    on_torch = torch_trainer.evaluate(adapter, data, seq_len=192, batch_size=4)
+    on_edge = edge_trainer.evaluate(adapter, data, seq_len=192, batch_size=4)
+    nll = _torch_nll(tiny_model_dir, adapter, blocks.ids)  # (B, S-1)
+    answers_only = float(nll[blocks.scored[:, 1:]].mean())
+    assert on_torch.tokens == on_edge.tokens == blocks.scored_tokens
+    assert on_torch.loss == pytest.approx(answers_only, rel=1e-5)
+    assert on_edge.loss == pytest.approx(answers_only, rel=1e-4)
+    assert abs(answers_only - float(nll.mean())) > 1e-3
+    assert edge.mean_loss(blocks.ids[:2], adapter, scored=blocks.scored[:2]) == pytest.approx(
+        float(nll[:2][blocks.scored[:2, 1:]].mean()), rel=1e-4)

@@ -273,13 +273,13 @@ def test_bad_quantize_config_is_named(raw: dict[str, object], message: str) -> N
 
 
 def test_torch_client_trains_on_a_quantized_base(tiny_model_dir: Path) -> None:
-    from client.local_data import LocalTextData
+    from client.local_data import LocalData
     from client.torch_trainer import TorchLoraTrainer
     from client.trainer import TrainInstruction
     from protocols import keys
     from tests.conftest import mini_play
 
-    data = LocalTextData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
+    data = LocalData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
     plain = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4))
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4),
                                model_section=ModelSection(quantize="int4"))
@@ -299,13 +299,13 @@ def test_dp_sgd_runs_on_a_quantized_base_through_peft_s_own_lora_path(
 ) -> None:
     """Opacus hooks PEFT's lora_A / lora_B modules, so DP-SGD must not use the fused node."""
     from client.dp_sgd import DpSgdSettings
-    from client.local_data import LocalTextData
+    from client.local_data import LocalData
     from client.torch_trainer import TorchLoraTrainer
     from client.trainer import TrainInstruction
     from protocols import keys
     from tests.conftest import mini_play
 
-    data = LocalTextData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
+    data = LocalData("mini/ALL", train=tuple(mini_play().split("\n\n")), heldout=())
     settings = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, seed=0)
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4), dpsgd=settings,
                                model_section=ModelSection(quantize="int8"))

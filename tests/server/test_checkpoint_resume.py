@@ -53,7 +53,7 @@ def flat(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path) -> dict[str, An
 
     config = RunConfig.from_nested({
         "model": {"source": str(tiny_model_dir)},
-        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
         "train": {"rounds": 3, "clients_per_round": 3, "local_steps": 2, "batch_size": 2,
                   "seq_len": 16, "learning_rate": 0.01},

@@ -109,7 +109,7 @@ def test_run_coordinator_samples_with_ours_during_its_rounds_only(
 
     config = RunConfig.from_nested({
         "model": {"source": str(tiny_model_dir)},
-        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
         "train": {"rounds": 2, "clients_per_round": 3, "local_steps": 1, "batch_size": 2,
                   "seq_len": 16, "learning_rate": 0.01},

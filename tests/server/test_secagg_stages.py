@@ -48,14 +48,14 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     (texts / "miniature_gut.txt").write_text(mini_play())
     config = RunConfig.from_nested({
         "model": {"source": str(tiny_model_dir)},
-        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
         "train": {"local_steps": 2, "batch_size": 2, "seq_len": 16, "learning_rate": 0.01},
         "security": {"verify_manifest": False},
     })
     inputs = check_inputs(config, cache)
     flat = {**config.to_flat(), "paths.cache_dir": str(cache),
-            "paths.partitions_file": str(inputs.split.partitions_file)}
+            "paths.devices_dir": str(inputs.devices.root)}  # type: ignore[union-attr]
     trainer = _trainer(flat)
     adapter = get_adapter(trainer.model)  # type: ignore[attr-defined]
     frozen = frozenset(k for k in adapter if config.lora.is_frozen(k))

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.local_data import LocalTextData
+from client.local_data import LocalData
 from kernels.causal_lm_data import token_blocks
-from protocols.run_config import LoraSection
+from kernels.data.examples import Example
+from protocols.run_config import DataSection, LoraSection
 from simulations.audit import metrics
 from simulations.audit.attacks import (
     OptimizationSettings,
@@ -27,7 +28,7 @@ from simulations.audit.attacks import (
     top_k,
 )
 from simulations.audit.models import tiny_model
-from simulations.audit.run import main
+from simulations.audit.run import build_parser, main
 from simulations.audit.scenario import AuditError, Safeguards, Scenario, exact_blocks, secure_sum
 from tests.measured import THREADS, within
 
@@ -37,15 +38,15 @@ COHORT = 6
 SEQ_LEN = 16
 
 
-def _clients(n: int = 12, speeches: int = 30) -> list[LocalTextData]:
+def _clients(n: int = 12, speeches: int = 30) -> list[LocalData]:
     """``n`` clients speaking a seeded pseudo-language with a few hundred distinct words."""
     rng = np.random.default_rng(0)
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
     words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(300)]
     return [
-        LocalTextData(f"play/ROLE{i}", tuple(
-            " ".join(rng.choice(words, size=rng.integers(6, 14))).capitalize() + "."
-            for _ in range(speeches)), ())
+        LocalData(f"play/ROLE{i}", tuple(
+            Example(text=" ".join(rng.choice(words, size=rng.integers(6, 14))).capitalize()
+                    + ".") for _ in range(speeches)), ())
         for i in range(n)
     ]
 
@@ -55,7 +56,7 @@ CLIENTS = _clients()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model([t for c in CLIENTS for t in c.train],
+    return tiny_model([t for c in CLIENTS for t in c.train_texts],
                       tmp_path_factory.mktemp("audit") / "tiny")
 
 
@@ -72,7 +73,7 @@ def _public_tokens(scenario: Scenario, victim: int) -> np.ndarray:
     """Token ids of every other client's text: what the attacker may know beforehand."""
     tokenizer = scenario.trainer(False)[0].tokenizer
     return np.concatenate([tokenizer(t, add_special_tokens=False)["input_ids"]
-                           for i, c in enumerate(CLIENTS) if i != victim for t in c.train])
+                           for i, c in enumerate(CLIENTS) if i != victim for t in c.train_texts])
 
 
 def _bag_recalls(scenario: Scenario, victim: int, *, protected: bool) -> tuple[float, float]:
@@ -169,11 +170,11 @@ def test_optimization_attack_beats_the_frequency_prior_and_a_decoy(scenario: Sce
 
 def test_client_gets_exactly_batch_blocks(scenario: Scenario) -> None:
     tokenizer = scenario.trainer(False)[0].tokenizer
-    texts = exact_blocks(tokenizer, CLIENTS[0].train, batch_size=3, seq_len=SEQ_LEN,
+    texts = exact_blocks(tokenizer, CLIENTS[0].train_texts, batch_size=3, seq_len=SEQ_LEN,
                          client_id="x")
     assert token_blocks(tokenizer, texts, SEQ_LEN).shape == (3, SEQ_LEN)
     with pytest.raises(AuditError, match="do not make 1000 blocks"):
-        exact_blocks(tokenizer, CLIENTS[0].train, batch_size=1000, seq_len=SEQ_LEN,
+        exact_blocks(tokenizer, CLIENTS[0].train_texts, batch_size=1000, seq_len=SEQ_LEN,
                      client_id="x")
 
 
@@ -208,11 +209,14 @@ def test_residual_writer_keys_pick_the_last_layers() -> None:
 
 
 def test_main_writes_json_table_and_plot(tmp_path: Path, model_dir: Path) -> None:
-    partitions = tmp_path / "clients.json"
-    partitions.write_text(json.dumps({"format": "fedtune-partitions/1", "clients": [
-        {"client_id": c.client_id, "train": list(c.train), "heldout": []} for c in CLIENTS]}))
+    """``--data``: a folder with one JSONL file per client, one device per file."""
+    data = tmp_path / "clients"
+    data.mkdir()
+    for i, c in enumerate(CLIENTS):
+        (data / f"client{i:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in c.train_texts))
     out = tmp_path / "out"
-    rc = main(["--model", str(model_dir), "--partitions-file", str(partitions), "--cache-dir",
+    rc = main(["--model", str(model_dir), "--data", str(data), "--cache-dir",
                str(tmp_path / "cache"), "--batch-sizes", "1,2", "--local-steps", "1,2",
                "--opt-iters", "2", "--cohort", "3", "--out-dir", str(out), "--no-progress"])
     assert rc == 0
@@ -221,9 +225,30 @@ def test_main_writes_json_table_and_plot(tmp_path: Path, model_dir: Path) -> Non
     assert len(doc["measurements"]) == 2 * 2 * 2 * 2  # batch x steps x safeguards x attacks
     assert {r["attack"] for r in doc["summary"]} == {"bag", "opt"}
     assert doc["settings"]["safeguards"]["cohort"] == 3
+    assert doc["settings"]["data"]["source"] == str(data)
+    devices = Path(doc["settings"]["devices_dir"])
+    assert devices.parent == tmp_path / "cache" / "devices"
+    assert len(list(devices.glob("0*/train.jsonl"))) == len(CLIENTS)
     table = (out / "audit.md").read_text()
     assert "| bag-of-tokens (analytic) | 1 | 1 | off |" in table
     assert (out / "audit.png").stat().st_size > 0
+
+
+def test_data_option_replaces_the_configs_source(tmp_path: Path) -> None:
+    from simulations.audit.cli_args import audit_data
+
+    parser = build_parser()
+    assert audit_data(parser.parse_args([])) == DataSection()
+    folder = tmp_path / "texts"
+    got = audit_data(parser.parse_args(["--data", str(folder)]))
+    assert (got.source, got.partition, got.partition_by) == (str(folder), "natural", "file")
+    config = tmp_path / "run.toml"
+    config.write_text('[data]\nsource = "elsewhere"\npartition = "iid"\nnum_devices = 3\n'
+                      'min_examples = 2\n')
+    got = audit_data(parser.parse_args(["--data", str(folder), "--config", str(config)]))
+    assert (got.partition, got.partition_by, got.num_devices, got.min_examples) == (
+        "iid", "", 3, 2), "the config's partitioning applies"
+    assert audit_data(parser.parse_args(["--data", "chatterbot"])).partition_by == ""
 
 
 def test_main_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:

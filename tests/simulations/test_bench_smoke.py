@@ -85,7 +85,7 @@ def assert_finite(values: Sequence[float], *, positive: bool = False,
 @pytest.fixture(scope="module")
 def play_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache whose corpus is a miniature play with enough speeches per role for the
-    default ``data.min_speeches`` (the benchmarks that build their split with the defaults)."""
+    default ``data.min_examples`` (the benchmarks that build their split with the defaults)."""
     cache = tmp_path_factory.mktemp("bench-cache")
     texts = cache / "data" / "shakespeare" / "texts"
     texts.mkdir(parents=True)
@@ -196,8 +196,9 @@ def test_quant_lora_perplexity(tiny_model_dir: Path, tmp_path: Path,
     """BENCHMARKS.md: format | perplexity | vs fp32 | projection weights MB."""
     from simulations.bench import quant_lora
 
-    eval_file = tmp_path / "eval.json"
-    eval_file.write_text(json.dumps({"texts": mini_play(4).split("\n\n")}))
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": t}) + "\n"
+                                 for t in mini_play(4).split("\n\n") if t.strip()))
     assert quant_lora.main(["--perplexity", "--model", str(tiny_model_dir), "--eval-file",
                             str(eval_file), "--ppl-blocks", "4", "--ppl-seq", "16",
                             "--ppl-variants", "none,int8,int4:g=32:asym"]) == 0
@@ -224,7 +225,7 @@ def test_edge_step(tiny_model_dir: Path, mini_cache: Path,
 
     assert edge_step.main(["--cache-dir", str(mini_cache), "--steps", "1", "--batch", "2",
                            "--seq", "16", "--set", f"model.source={tiny_model_dir}",
-                           "--set", "data.min_speeches=5"]) == 0
+                           "--set", "data.min_examples=5"]) == 0
 
     text = capsys.readouterr().out
     rows = table(text, ["side", "step s", "peak RSS MB", "upload bytes", "load s",
@@ -278,7 +279,7 @@ def test_edge_forward(tiny_model_dir: Path, play_cache: Path, tmp_path: Path,
 
 
 def _tiny_run_overrides(tiny_model_dir: Path) -> list[str]:
-    return [f"model.source={tiny_model_dir}", "data.min_speeches=5",
+    return [f"model.source={tiny_model_dir}", "data.min_examples=5",
             "data.heldout_fraction=0.25", "lora.r=4", "train.rounds=1",
             "train.clients_per_round=2", "train.local_steps=1", "train.batch_size=2",
             "train.seq_len=16", "eval.max_blocks=4", "eval.batch_size=4"]
@@ -343,6 +344,36 @@ def test_ffa_vs_lora_dp(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
     assert re.search(r"final perplexity FFA-LoRA / LoRA = [\d.]+", text)
     assert (tmp_path / "runs" / "ffa_vs_lora_dp.png").is_file()
     got = json.loads((tmp_path / "runs" / "ffa_vs_lora_dp.json").read_text())
+    assert [r["round"] for r in got["rounds"]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_chat_federation(tiny_model_dir: Path, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: model | answer ppl | ROUGE-L for base, federated, centralized, on the
+    real chatterbot corpus (the tiny model has no chat template: Alpaca-rendered)."""
+    from simulations.bench import chat_federation
+
+    argv = ["--rounds", "1", "--clients-per-round", "2", "--local-steps", "1",
+            "--seq-len", "160", "--min-examples", "40", "--prompts", "2",
+            "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "--prefix", "smoke"]
+    for item in [f"model.source={tiny_model_dir}", "lora.r=4", "train.batch_size=2",
+                 "eval.max_blocks=4", "eval.batch_size=4", "eval.max_new_tokens=4",
+                 "security.secagg=false"]:
+        argv += ["--set", item]
+    assert chat_federation.main(argv) == 0
+
+    text = capsys.readouterr().out
+    rows = table(text, ["model", "answer ppl", "ROUGE-L"])
+    assert [r[0] for r in rows] == ["base", "federated", "centralized"]
+    for row in rows:
+        assert_finite([_number(row[1])], positive=True)
+        assert 0.0 <= _number(row[2]) <= 1.0
+    assert re.search(r"answer perplexity federated / base = [\d.]+, federated / centralized "
+                     r"= [\d.]+", text)
+    assert re.search(r"ROUGE-L federated - base = [-+][\d.]+ on 2 held-out prompts", text)
+    got = json.loads((tmp_path / "runs" / "chat_federation.json").read_text())
     assert [r["round"] for r in got["rounds"]] == [0, 1]
 
 

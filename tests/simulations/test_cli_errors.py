@@ -62,9 +62,9 @@ def test_too_few_clients(
 ) -> None:
     line = _simulate(capsys, tmp_path, "--cache-dir", str(mini_cache),
                      "--set", f"model.source={tiny_model_dir}",
-                     "--set", "data.min_speeches=5", "--set", "train.clients_per_round=9")
-    assert "train.clients_per_round = 9 but only 4 roles have >= 5 speeches" in line
-    assert "lower train.clients_per_round or data.min_speeches" in line
+                     "--set", "data.min_examples=5", "--set", "train.clients_per_round=9")
+    assert "train.clients_per_round = 9 but only 4 devices have >= 5 examples" in line
+    assert "lower train.clients_per_round or data.min_examples" in line
 
 
 def test_missing_model_package(monkeypatch: pytest.MonkeyPatch) -> None:

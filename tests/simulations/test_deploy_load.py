@@ -121,7 +121,7 @@ def test_synthetic_play_gives_one_client_per_node(tmp_path: Path) -> None:
 
     (tmp_path / "loadtest_gut.txt").write_text(dl.synthetic_play(30))
 
-    clients = split_roles(load_speeches(tmp_path), DataSection(min_speeches=5,
+    clients = split_roles(load_speeches(tmp_path), DataSection(min_examples=5,
                                                                heldout_fraction=0.25))
 
     assert len(clients) == 30
@@ -135,24 +135,26 @@ def test_device_config_is_what_the_daemon_accepts(tmp_path: Path) -> None:
 
     tls = make_tls(tmp_path / "certs")
     keys = make_node_keys(tmp_path / "certs", "node-3")
-    partitions = tmp_path / "p.json"
-    partitions.write_text("{}")
+    data = tmp_path / "device-3"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "a"}\n')
     text = dl.daemon_toml(
         name="node-3", address="127.0.0.1:9999", ca=tls.ca_cert, key=keys.private_key,
-        state_dir=tmp_path / "n3", runtime_port=9100, partitions=partitions, partition_id=3,
+        state_dir=tmp_path / "n3", runtime_port=9100, data=data, partition_id=3,
         cache_dir=tmp_path / "cache", edge_export=tmp_path / "cache" / "edge",
         manifest_key="ab" * 32, require_secagg=False)
 
     config = parse_config(tomllib.loads(text), tmp_path)
 
     assert config.kind == "edge" and config.partition_id == 3 and config.runtime_port == 9100
+    assert config.path == data
     assert config.private_key == keys.private_key and config.root_ca == tls.ca_cert
     assert config.node_config()["fedtune-edge-export"] == str(tmp_path / "cache" / "edge")
     assert "warm_clientapp" not in text, "unset: the daemon's own default applies"
     cold = text.replace("\n[data]", "\nwarm_clientapp = false\n[data]")
     assert cold == dl.daemon_toml(
         name="node-3", address="127.0.0.1:9999", ca=tls.ca_cert, key=keys.private_key,
-        state_dir=tmp_path / "n3", runtime_port=9100, partitions=partitions, partition_id=3,
+        state_dir=tmp_path / "n3", runtime_port=9100, data=data, partition_id=3,
         cache_dir=tmp_path / "cache", edge_export=tmp_path / "cache" / "edge",
         manifest_key="ab" * 32, require_secagg=False, warm_clientapp=False)
     assert parse_config(tomllib.loads(cold), tmp_path).warm_clientapp is False

@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,7 +297,7 @@ def test_the_fab_carries_the_signed_manifest_a_device_checks_its_own_copy_agains
     coordinator_model = tmp_path / "coordinator-model"
     shutil.copytree(tiny_model_dir, coordinator_model)
     config = RunConfig.from_nested({"model": {"source": str(coordinator_model)},
-                                    "data": {"min_speeches": 5}})
+                                    "data": {"min_examples": 5}})
     inputs = check_inputs(config, mini_cache)
     assert inputs.signed_manifest and inputs.manifest_public_key
     write_app(tmp_path / "app", flower_run_config(inputs, tmp_path / "run"), version="0.1.0")
@@ -398,11 +399,13 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
         "superlink": {"address": "127.0.0.1:9093", "root_ca": "certs/ca.pem"},
         "node": {"name": "n0", "private_key": "certs/nodes/n0.key", "state_dir": "state",
                  "runtime_port": 9100},
-        "data": {"partition_id": 3, "cache_dir": "cache"},
+        "data": {"path": "mine.jsonl", "format": "chat", "partition_id": 3,
+                 "cache_dir": "cache"},
         "privacy": {"manifest_public_key": "cd" * 32, "require_secagg": True},
         "resources": {"threads": 2},
     }
 
+    (tmp_path / "mine.jsonl").write_text('{"messages": []}\n')
     config = parse_config(raw, tmp_path)
 
     assert config.root_ca == tls.ca_cert and config.private_key == keys.private_key
@@ -410,6 +413,8 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
     assert config.node_config() == {
         "partition-id": 3, "fedtune-client-kind": "gpu", "fedtune-client-threads": 2,
         "fedtune-require-manifest": True, "fedtune-require-secagg": True,
+        "fedtune-data-path": str(tmp_path / "mine.jsonl"), "fedtune-data-format": "chat",
+        "fedtune-data-heldout-fraction": 0.2, "fedtune-data-seed": 0,
         "fedtune-cache-dir": str(tmp_path / "cache"),
         "fedtune-manifest-public-key": "cd" * 32,
     }
@@ -531,7 +536,8 @@ def test_superlink_admits_only_registered_nodes_which_survive_its_restart(
     daemon_cfg.write_text(
         f'[superlink]\naddress = "{spec.address}"\nroot_ca = "{tls.ca_cert}"\n'
         f'[node]\nname = "member"\nprivate_key = "{member.private_key}"\n'
-        f'state_dir = "{tmp_path / "member"}"\nruntime_port = {_free_port()}\n')
+        f'state_dir = "{tmp_path / "member"}"\nruntime_port = {_free_port()}\n'
+        f'[data]\npath = "{tmp_path}"\n')
     t0 = time.perf_counter()
     daemon = ManagedProcess(
         "daemon", [sys.executable, "-m", "client.node.daemon", str(daemon_cfg)],
@@ -617,22 +623,30 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
     round 2 the coordinator (SuperLink, SuperExec, ServerApp) is SIGKILLed; the killed
     device comes back, and ``fedtune coordinator --resume`` waits for all three and runs
     round 3 from the checkpoint with the device that rejoined. Every round is counted once
-    in the metrics, the checkpoint and the privacy ledger."""
+    in the metrics, the checkpoint and the privacy ledger.
+
+    Each device trains on its own files, in its own folder and its own format (a folder of
+    .txt files, a JSONL file, a CSV file), named only in its own config; the coordinator
+    runs from a cache holding no device data, scores on a file it owns (eval.path), and
+    afterwards no file the coordinator side wrote holds a device's secret line."""
     from safetensors.numpy import load_file
 
+    from client.shakespeare import parse_play
     from protocols.config_file import to_toml
     from protocols.privacy.ledger import load_ledger
     from server.checkpoint import load_checkpoint
-    from simulations.runner import check_inputs
+    from server.service.inputs import check_coordinator_inputs
+    from tests.conftest import mini_play
 
     rounds = 3
     config = RunConfig.from_nested({
         "model": {"source": str(tiny_model_dir)},
-        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
         "train": {"rounds": rounds, "clients_per_round": 3, "local_steps": 2, "batch_size": 2,
                   "seq_len": 16, "learning_rate": 0.01},
-        "eval": {"max_blocks": 4, "batch_size": 4, "fraction_clients": 0.0},
+        "eval": {"max_blocks": 4, "batch_size": 4, "fraction_clients": 0.0,
+                 "path": str(tmp_path / "coordinator-eval.txt")},
         # Each message is a fresh ClientApp process; SecAgg's three extra stages per round
         # would add minutes on a 2-core runner (docs/deploy.md has the measured cost). The
         # coordinator adds the DP noise (trusted coordinator), so a privacy ledger is kept.
@@ -642,7 +656,28 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
         # answers for it once its heartbeats stop (~45 s); the timeout is only a backstop.
         "federation": {"round_timeout_s": 400.0},
     })
-    inputs = check_inputs(config, mini_cache)  # signs the base; devices pin the key below
+    (tmp_path / "coordinator-eval.txt").write_text(  # public text the coordinator owns
+        "O gentle night, that hides the weary town, let every lamp and every care lie down;\n"
+        "the river keeps its counsel, cold and deep, and all the bells are silent in their "
+        "sleep.\n" * 4)
+    speeches = [s.text for s in parse_play(mini_play(), "miniature")]
+    secrets = [f"canary{i} {uuid.uuid4().hex} sings" for i in range(3)]
+    for i in range(3):  # each device's own data, in its own folder and format
+        mine = [*speeches[i::3], *[secrets[i]] * 4]
+        folder = tmp_path / f"node-{i}" / "data"
+        folder.mkdir(parents=True)
+        if i == 0:
+            for j, text in enumerate(mine):
+                (folder / f"note-{j:02d}.txt").write_text(text)
+        elif i == 1:
+            (folder / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                        for t in mine))
+        else:
+            (folder / "notes.csv").write_text("text\n" + "".join(
+                '"' + t.replace('"', '""') + '"\n' for t in mine))
+    coordinator_cache = tmp_path / "coordinator-cache"  # no corpus, no device data
+    # Signs the base; devices pin the key below.
+    inputs = check_coordinator_inputs(config, coordinator_cache)
     config_file = tmp_path / "run.toml"
     config_file.write_text(to_toml(config))
     certs = tmp_path / "certs"
@@ -657,7 +692,8 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
         return ManagedProcess(
             "coordinator",
             [sys.executable, "-m", "server.service.coordinator", "--state-dir", str(state),
-             "--certs-dir", str(certs), "--port", str(port), "--cache-dir", str(mini_cache),
+             "--certs-dir", str(certs), "--port", str(port), "--cache-dir",
+             str(coordinator_cache),
              "--runs-dir", str(runs), "--nodes-timeout", "180", "--run-timeout", "900", *args],
             env=dict(os.environ), log_path=tmp_path / "coordinator.out")
 
@@ -667,7 +703,7 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
             f'[superlink]\naddress = "127.0.0.1:{port}"\nroot_ca = "{tls.ca_cert}"\n'
             f'[node]\nname = "node-{i}"\nprivate_key = "{keys[i].private_key}"\n'
             f'state_dir = "{tmp_path / f"node-{i}"}"\nruntime_port = {_free_port()}\n'
-            f'[data]\npartitions_file = "{inputs.split.partitions_file}"\n'
+            f'[data]\npath = "{tmp_path / f"node-{i}" / "data"}"\nheldout_fraction = 0.25\n'
             f'partition_id = {i}\ncache_dir = "{mini_cache}"\n'
             f'[privacy]\nmanifest_public_key = "{inputs.manifest_public_key}"\n'
             'require_secagg = false\n')
@@ -727,6 +763,7 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
         assert row["rejected"] == 0
         assert 0 < row["bytes_up"] < row["bytes_down"]
     by_round = {r["round"]: r for r in rows}
+    assert all(np.isfinite(r["perplexity"]) for r in rows)  # scored on eval.path
     assert by_round[1]["clients"] == 3 and by_round[1]["failed"] == 0
     # the round the device died in completed with the other two; the killed device's
     # message came back as an error (SuperLink: node unavailable) or never (round timeout)
@@ -769,6 +806,16 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
           "dropped/timed out:", [r["sampled"] - r["clients"] - r["failed"] for r in rows[1:]])
     time.sleep(1.0)
     assert not _processes_using(tmp_path), "Flower processes outlived the test"
+    # The coordinator side never held device data: nothing it wrote (its SuperLink state,
+    # app bundles, logs, run folder, cache) contains any device's secret line, and its run
+    # config names no device file.
+    assert not (coordinator_cache / "devices").exists()
+    for root in (state, runs, coordinator_cache):
+        for file in (f for f in root.rglob("*") if f.is_file()):
+            content = file.read_bytes()
+            for secret in secrets:
+                assert secret.split()[1].encode() not in content, f"{secret} in {file}"
+            assert b"node-0/data" not in content, f"a device's data path in {file}"
 
 
 def _processes_using(folder: Path) -> list[int]:

@@ -54,7 +54,7 @@ def _config(tiny_model_dir: Path) -> RunConfig:
     return RunConfig.from_nested(
         {
             "model": {"source": str(tiny_model_dir)},
-            "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+            "data": {"min_examples": 5, "heldout_fraction": 0.25},
             "lora": {"r": 4},
             "train": {"rounds": 2, "clients_per_round": 3, "local_steps": 3, "batch_size": 2,
                       "seq_len": 16, "learning_rate": 0.01},
@@ -67,6 +67,7 @@ def _config(tiny_model_dir: Path) -> RunConfig:
 def test_federated_simulation_end_to_end(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
 ) -> None:
+    from client.local_data import DeviceDataSource, load_device_data
     from kernels.base_model import load_causal_lm
     from kernels.causal_lm_data import token_blocks
     from simulations.runner import check_inputs, run_federated
@@ -74,7 +75,7 @@ def test_federated_simulation_end_to_end(
     captured = tmp_path / "captured"
     captured.mkdir()
     inputs = check_inputs(_config(tiny_model_dir), mini_cache)
-    assert inputs.split.num_clients == 4
+    assert inputs.num_clients == 4
 
     run_dir = run_federated(inputs, tmp_path / "runs", name="e2e",
                             client_mods=[CaptureReplies(captured)])
@@ -103,7 +104,9 @@ def test_federated_simulation_end_to_end(
     secagg_files = [f for f in files if f.name.startswith("query.secagg_")]
     # 3 clients x 2 rounds train, answer 3 SecAgg stages each; 4 clients evaluate twice
     assert len(train_files) == 6 and len(secagg_files) == 18 and len(files) == 6 + 18 + 8
-    clients = json.loads(inputs.split.partitions_file.read_text())["clients"]
+    assert inputs.devices is not None
+    clients = [load_device_data(DeviceDataSource(inputs.devices.folder(i)), str(i))
+               for i in range(inputs.num_clients)]
     tokenizer = load_causal_lm(tiny_model_dir).tokenizer
     for file in files:
         got: dict[str, Any] = pickle.loads(file.read_bytes())
@@ -120,7 +123,7 @@ def test_federated_simulation_end_to_end(
 
         wire: bytes = got["wire"]
         client = clients[got["partition"]]
-        texts = client["train"] + client["heldout"]
+        texts = [e.text for e in client.train + client.heldout if e.text is not None]
         assert texts
         for text in texts:
             for line in text.splitlines():
@@ -130,6 +133,101 @@ def test_federated_simulation_end_to_end(
         for block in blocks:
             for dtype in (np.int64, np.int32):
                 assert block.astype(dtype).tobytes() not in wire, "token ids on the wire"
+
+
+CHATML = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n"
+          "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.measured
+def test_chat_data_simulation_scores_answers_and_sends_no_text(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A user's own chat data (JSONL, one device per user via Flower Datasets' natural-id
+    partitioner), rendered with the model's chat template, trained and scored on the
+    answers only; the captured replies hold none of the chats' text or token ids."""
+    import shutil
+
+    from client.local_data import DeviceDataSource, load_device_data
+    from kernels.data.blocks import encode_blocks
+    from kernels.data.templates import PromptTemplate
+    from simulations.runner import check_inputs, run_federated
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "tiny-chat"))
+    (model_dir / "chat_template.jinja").write_text(CHATML)
+    rows = [{"user": f"user{u}", "messages": [
+        {"role": "user", "content": f"who speaks line {k} to user{u}?"},
+        {"role": "assistant", "content": f"PROSPERO speaks it, secret{u}x{k}, my lord"}]}
+        for u in range(4) for k in range(8)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RunConfig.from_nested({
+        "model": {"source": str(model_dir)},
+        "data": {"source": str(data), "partition_by": "user", "min_examples": 4,
+                 "heldout_fraction": 0.25},
+        "lora": {"r": 4},
+        "train": {"rounds": 2, "clients_per_round": 2, "local_steps": 3, "batch_size": 2,
+                  "seq_len": 96, "learning_rate": 0.02},
+        "eval": {"max_blocks": 8, "batch_size": 4, "fraction_clients": 1.0},
+        "security": {"secagg": False},
+    })
+    captured = tmp_path / "captured"
+    captured.mkdir()
+    inputs = check_inputs(config, tmp_path / "cache")
+    assert inputs.devices is not None and inputs.devices.layout == "chat"
+    assert inputs.devices.names == ("user0", "user1", "user2", "user3")
+    run_dir = run_federated(inputs, tmp_path / "runs", name="chat",
+                            client_mods=[CaptureReplies(captured)])
+    rows_out = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows_out] == [0, 1, 2]
+    assert all(np.isfinite(r["perplexity"]) for r in rows_out)
+    assert all(r["fed_eval_devices"] == 4 for r in rows_out[1:])
+    within("chat round-2 / round-0 answer perplexity",
+           rows_out[-1]["perplexity"] / rows_out[0]["perplexity"], below=1.0)
+
+    # Raw data never leaves a device, chat data included: no text, no token ids.
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    template = PromptTemplate.for_tokenizer(model_dir)
+    files = sorted(captured.glob("*.pkl"))
+    assert files
+    for file in files:
+        got: dict[str, Any] = pickle.loads(file.read_bytes())
+        wire: bytes = got["wire"]
+        device = load_device_data(DeviceDataSource(inputs.devices.folder(got["partition"])),
+                                  "d")
+        examples = device.train + device.heldout
+        for example in examples:
+            for turn in example.turns:
+                assert turn.content.encode() not in wire, f"chat text on the wire: {turn}"
+        blocks = encode_blocks(tokenizer, examples, template, 96, eos_token_id=0)
+        for row in blocks.ids:  # the head of every block this device trains or scores on
+            for dtype in (np.int64, np.int32):
+                assert row[:24].astype(dtype).tobytes() not in wire, "token ids on the wire"
+
+
+def test_a_device_with_unreadable_data_fails_its_round_and_nothing_else(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    """Bad input on one device (an undecodable line in its own file) is that device's error
+    reply: the coordinator counts it as failed, names the file and line in its log, the
+    others' updates are aggregated and the run finishes."""
+    from simulations.runner import check_inputs, run_federated
+
+    nested = _config(tiny_model_dir).to_nested()
+    nested["train"].update(rounds=1, clients_per_round=4)
+    nested["eval"].update(fraction_clients=0.0)
+    nested["security"] = {"secagg": False}
+    inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
+    assert inputs.devices is not None
+    broken = inputs.devices.folder(1) / "train.jsonl"
+    broken.write_text(broken.read_text() + '{"text": "half a line\n')
+    run_dir = run_federated(inputs, tmp_path / "runs", name="bad-device")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["sampled"] == 4 and rows[1]["failed"] == 1 and rows[1]["clients"] == 3
+    log = (run_dir / "run.log").read_text()
+    assert "train.jsonl, line" in log and "not valid JSON" in log
 
 
 @pytest.mark.parametrize("secagg", [True, False], ids=["distributed-noise", "server-noise"])

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def _config(tiny_model_dir: Path, **security: object) -> RunConfig:
     return RunConfig.from_nested({
         "model": {"source": str(tiny_model_dir)},
-        "data": {"min_speeches": 5, "heldout_fraction": 0.25},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
         "lora": {"r": 4},
         "train": {"rounds": 2, "clients_per_round": 4, "local_steps": 3, "batch_size": 2,
                   "seq_len": 16, "learning_rate": 0.01},

@@ -1,18 +1,19 @@
-"""The role split and the TOML config loader."""
+"""The role split, the simulated devices' folders and the TOML config loader."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from client.local_data import LocalDataError, load_partition
-from client.shakespeare import Speech
+from client.local_data import DeviceDataSource, load_device_data
+from client.shakespeare import Speech, load_speeches
 from protocols.config_file import load_config, to_toml
 from protocols.run_config import ConfigError, DataSection, RunConfig
 from simulations.default_config import DEFAULT_TOML, HEADER
-from simulations.shakespeare_split import prepare_split, split_roles
+from simulations.devices import DataNotAvailable, central_eval_texts, prepare_devices
+from simulations.shakespeare_split import split_roles
+from tests.conftest import ROLES
 
 
 def _speeches() -> list[Speech]:
@@ -23,48 +24,96 @@ def _speeches() -> list[Speech]:
 
 
 def test_split_keeps_roles_with_enough_speeches_and_holds_out_a_share() -> None:
-    clients = split_roles(_speeches(), DataSection(min_speeches=5, heldout_fraction=0.2))
+    clients = split_roles(_speeches(), DataSection(min_examples=5, heldout_fraction=0.2))
     assert [c["client_id"] for c in clients] == ["p/A", "q/A"]
     first = clients[0]
     assert len(first["heldout"]) == 2 and len(first["train"]) == 8  # type: ignore[arg-type]
     assert set(first["train"]).isdisjoint(first["heldout"])  # type: ignore[arg-type]
     assert sorted(first["train"] + first["heldout"]) == sorted(f"a{i}" for i in range(10))  # type: ignore[operator]
-    again = split_roles(_speeches(), DataSection(min_speeches=5, heldout_fraction=0.2))
+    again = split_roles(_speeches(), DataSection(min_examples=5, heldout_fraction=0.2))
     assert again == clients, "the split must be deterministic"
 
 
 def test_max_clients_keeps_the_largest_roles() -> None:
-    clients = split_roles(_speeches(), DataSection(min_speeches=2, max_clients=2))
+    clients = split_roles(_speeches(), DataSection(min_examples=2, max_clients=2))
     assert [c["client_id"] for c in clients] == ["p/A", "q/A"]
 
 
-def test_prepared_split_files(mini_cache: Path, tmp_path: Path) -> None:
-    texts = mini_cache / "data" / "shakespeare" / "texts"
-    split = prepare_split(texts, DataSection(min_speeches=5), tmp_path / "parts")
-    assert split.num_clients == 4
-    heldout = json.loads(split.eval_file.read_text())["texts"]
-    assert len(heldout) == split.heldout_speeches
-    data = load_partition(split.partitions_file, 1)
-    assert data.client_id == "miniature/MIRANDA"
-    assert set(data.heldout) <= set(heldout) and not set(data.train) & set(heldout)
-    with pytest.raises(LocalDataError, match="partition-id 4 is out of range"):
-        load_partition(split.partitions_file, 4)
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_new_parser_version_prepares_a_new_split(
-    mini_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_prepared_device_folders(mini_cache: Path) -> None:
+    """One folder per role with its own train/heldout files, read back by the device's own
+    loader; central_eval.jsonl is every held-out speech, in device order."""
+    data = DataSection(min_examples=5)
+    devices = prepare_devices(data, mini_cache)
+
+    assert devices.root.parent == mini_cache / "devices"
+    assert devices.root.name.startswith("shakespeare-")
+    assert devices.names == tuple(f"miniature/{role}" for role in ROLES)
+    assert devices.num_clients == 4 and devices.layout == "text"
+    assert sorted(p.name for p in devices.root.iterdir()) == [
+        "00000", "00001", "00002", "00003", "central_eval.jsonl", "index.json"]
+    roles = split_roles(load_speeches(mini_cache / "data" / "shakespeare" / "texts"), data)
+    for i, role in enumerate(roles):
+        folder = devices.folder(i)
+        assert folder == devices.root / f"{i:05d}"
+        assert sorted(p.name for p in folder.iterdir()) == ["heldout.jsonl", "train.jsonl"]
+        local = load_device_data(DeviceDataSource(folder), devices.names[i])
+        assert local.client_id == role["client_id"] == devices.names[i]
+        assert list(local.train_texts) == role["train"]
+        assert [e.text for e in local.heldout] == role["heldout"]
+    heldout = central_eval_texts(devices)
+    assert heldout == [t for role in roles for t in role["heldout"]]  # type: ignore[attr-defined]
+    assert len(heldout) == devices.heldout_examples
+    trained = {t for role in roles for t in role["train"]}  # type: ignore[attr-defined]
+    assert devices.train_examples == len(trained) and not trained & set(heldout)
+
+
+def test_prepared_devices_are_cached(mini_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = prepare_devices(DataSection(min_examples=5), mini_cache)
+    files = _files(first.root)
+    import simulations.devices as devices_module
+
+    def no_rebuild(*_args: object) -> None:
+        raise AssertionError("the cached folders were rebuilt")
+
+    monkeypatch.setattr(devices_module, "_parts", no_rebuild)
+    again = prepare_devices(DataSection(min_examples=5), mini_cache)
+    assert again == first and _files(again.root) == files
+
+
+def test_the_cache_key_follows_the_data_section(mini_cache: Path) -> None:
+    base = prepare_devices(DataSection(min_examples=5), mini_cache)
+    other_seed = prepare_devices(DataSection(min_examples=5, seed=1), mini_cache)
+    other_share = prepare_devices(DataSection(min_examples=5, heldout_fraction=0.4),
+                                  mini_cache)
+    assert len({base.root, other_seed.root, other_share.root}) == 3
+    assert other_seed.names == base.names
+    assert _files(other_seed.root) != _files(base.root), "another seed, another split"
+    assert other_share.heldout_examples > base.heldout_examples
+
+
+def test_a_new_parser_version_prepares_new_folders(
+    mini_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cached split from an older parser must not be reused (it silently changed every
-    run's data once)."""
-    import simulations.shakespeare_split as split_module
+    """Folders from an older parser must not be reused (a cached split silently changed
+    every run's data once)."""
+    import client.shakespeare as parser
 
-    texts = mini_cache / "data" / "shakespeare" / "texts"
-    first = prepare_split(texts, DataSection(min_speeches=5), tmp_path / "parts")
-    monkeypatch.setattr(split_module, "PARSER_VERSION", split_module.PARSER_VERSION + 1)
-    second = prepare_split(texts, DataSection(min_speeches=5), tmp_path / "parts")
+    first = prepare_devices(DataSection(min_examples=5), mini_cache)
+    monkeypatch.setattr(parser, "PARSER_VERSION", parser.PARSER_VERSION + 1)
+    second = prepare_devices(DataSection(min_examples=5), mini_cache)
 
-    assert second.partitions_file != first.partitions_file
-    assert second.partitions_file.read_bytes() == first.partitions_file.read_bytes()
+    assert second.root != first.root
+    assert _files(second.root) == _files(first.root)
+
+
+def test_a_missing_corpus_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DataNotAvailable, match="fedtune prepare"):
+        prepare_devices(DataSection(), tmp_path / "empty-cache")
 
 
 def test_default_config_file_is_the_schemas_defaults(tmp_path: Path) -> None:

@@ -537,7 +537,7 @@ def test_a_refused_request_runs_cold(start_server: Callable[..., Server]) -> Non
 
 def _daemon_raw(**node: Any) -> dict[str, Any]:
     return {"superlink": {"address": "127.0.0.1:9093", "insecure": True},
-            "node": {"state_dir": "s", **node}}
+            "node": {"state_dir": "s", **node}, "data": {"path": "."}}
 
 
 def test_the_daemon_puts_the_shim_first_on_the_supernodes_path(tmp_path: Path) -> None:
