@@ -93,9 +93,10 @@ class CentralModel:
         with torch.no_grad():
             for prompt in prompts:
                 ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-                out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          max_new_tokens=max_new_tokens, do_sample=False,
-                                          eos_token_id=eos, pad_token_id=eos)
-                answers.append(self.tokenizer.decode(out[0, ids.shape[1]:],
-                                                     skip_special_tokens=True).strip())
+                out = self.model.generate(  # type: ignore[no-untyped-call]
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                    pad_token_id=eos)
+                answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                answers.append(str(answer).strip())
         return answers
