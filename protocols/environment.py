@@ -18,6 +18,9 @@ DEFAULTS = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
+    # Ray's C++ failure-signal handler turns a SIGTERM to `fedtune simulate` into SIGABRT and
+    # a stack dump before Python sees it; without it, the run stops like Ctrl-C (resumable).
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -175,8 +175,8 @@ class EvalSection(Section):
     max_blocks: int = setting(24, "held-out blocks in the central evaluation", ge=1)
     batch_size: int = setting(8, "blocks per forward pass in evaluation", ge=1)
     fraction_clients: float = setting(
-        0.0, "share of the devices that evaluate on their own held-out data each round; 0 = "
-        "none, unless the coordinator has no evaluation data: then every sampled device",
+        0.0, "share of the connected devices that evaluate on their own held-out data each "
+        "round; 0 = none, unless the coordinator has no evaluation data: then all of them",
         ge=0, le=1)
     generate: int = setting(
         16, "after the run, chat and instruction data: greedy answers to this many held-out "

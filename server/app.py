@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +43,7 @@ _SAMPLE_EXACTLY_MIN = 1e-12
 
 def federated_eval_fraction(config: RunConfig, *, central: bool) -> float:
     """Share of the devices asked to evaluate on their own held-out data each round:
-    ``eval.fraction_clients``, or every sampled device when the coordinator has no
+    ``eval.fraction_clients``, or every connected device when the coordinator has no
     evaluation data of its own — except under client-level DP, where a device's held-out
     loss is a number the DP guarantee does not cover."""
     if config.eval.fraction_clients > 0 or central:
@@ -52,7 +53,7 @@ def federated_eval_fraction(config: RunConfig, *, central: bool) -> float:
                     "devices' held-out losses are not covered by DP, so nothing is evaluated; "
                     "set eval.path to a file this coordinator owns")
         return 0.0
-    log.info("no eval.path: the global adapter is evaluated on every sampled device's own "
+    log.info("no eval.path: the global adapter is evaluated on every connected device's own "
              "held-out data each round (federated evaluation)")
     return 1.0
 
@@ -171,7 +172,10 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     strategy, dp = build_strategy(config, spec, ledger=ledger, ledger_path=ledger_path,
                                   eval_fraction=federated_eval_fraction(config,
                                                                         central=central_on))
-    outer = OffsetRounds(dp or strategy, point.first_round - 1)
+    # Seeded sampling repeats runs (round by round, so a resumed run too); under client-level
+    # DP the sample must be secret.
+    sampler = node_sampler(config.train.seed, secret=config.privacy.client_dp)
+    outer = OffsetRounds(dp or strategy, point.first_round - 1, on_round=sampler.begin_round)
     recorder = RoundRecorder(run_dir, central=central if central_on else None,
                              strategy=strategy, dp=dp, point=point)
     train_config, eval_config = instructions(config)
@@ -179,9 +183,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     final: TensorsView = point.adapter if point.adapter is not None else central.initial_adapter
     remaining = config.train.rounds - point.done
     if remaining > 0:
-        # Seeded sampling repeats runs; under client-level DP the sample must be secret.
-        with flower_samples_with(node_sampler(config.train.seed,
-                                              secret=config.privacy.client_dp)):
+        with flower_samples_with(sampler):
             result = outer.start(
                 grid=grid,
                 initial_arrays=strategy.publish(final),
@@ -209,8 +211,10 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose settings are ``run_config`` over Flower's own run config."""
+def make_server_app(run_config: Mapping[str, Any] | None = None, *,
+                    stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp whose settings are ``run_config`` over Flower's own run config; setting
+    ``stop`` ends its waits for replies (a simulation stopped in its main thread)."""
     baked = dict(run_config or {})
     app = ServerApp()
 
@@ -218,7 +222,7 @@ def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         flat = {**dict(context.run_config), **baked}
         interval = RunConfig.from_flat(flat).federation.poll_interval_s
-        run_coordinator(PollingGrid(grid, interval), flat)
+        run_coordinator(PollingGrid(grid, interval, stop=stop), flat)
 
     return app
 

@@ -98,15 +98,23 @@ def resume_point(run_dir: Path, last_spent_round: int = 0) -> ResumePoint:
 
 
 class OffsetRounds(Strategy):
-    """Runs ``strategy`` with every round number shifted by ``offset`` (resumed runs)."""
+    """Runs ``strategy`` with every round number shifted by ``offset`` (resumed runs).
 
-    def __init__(self, strategy: Strategy, offset: int) -> None:
+    ``on_round(server_round)`` is called with the run's own round number before each round
+    is configured (the device sampler reseeds there, so a resumed round samples as the
+    uninterrupted run did)."""
+
+    def __init__(self, strategy: Strategy, offset: int,
+                 on_round: Callable[[int], None] | None = None) -> None:
         self.strategy = strategy
         self.offset = offset
+        self.on_round = on_round
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.on_round is not None:
+            self.on_round(server_round + self.offset)
         return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
 
     def aggregate_train(

@@ -11,10 +11,12 @@ Flower 1.41's strategies sample with ``random.sample`` on the process-global ``r
   subsampling (rate ``q``), which holds only if the sample is a secret random draw; one that
   every participant can recompute from the run config's seed gives no such amplification.
 
-So the sampler is ours: ``random.Random`` seeded by ``train.seed`` by default (runs repeat
-exactly), the operating system's generator (``random.SystemRandom``) when client-level DP
-is on. :func:`server.flower_patches.flower_samples_with` puts it behind ``sample_nodes``
-for the rounds of one run, and puts Flower's back when the run ends.
+So the sampler is ours: a :class:`RoundSampler` seeded by ``train.seed`` and the round
+number by default — each round's sample depends on nothing but them, so a run resumed after
+round ``k`` samples round ``k + 1`` exactly as the uninterrupted run did —, the operating
+system's generator (``random.SystemRandom``) when client-level DP is on.
+:func:`server.flower_patches.flower_samples_with` puts it behind ``sample_nodes`` for the
+rounds of one run, and puts Flower's back when the run ends.
 """
 
 from __future__ import annotations
@@ -22,6 +24,24 @@ from __future__ import annotations
 import random
 
 
-def node_sampler(seed: int, *, secret: bool) -> random.Random:
+class RoundSampler(random.Random):
+    """``random.Random`` reseeded at the start of every round from (seed, round)."""
+
+    def __init__(self, seed: int) -> None:
+        self.run_seed = seed
+        super().__init__(f"fedtune-sampling|{seed}")
+
+    def begin_round(self, server_round: int) -> None:
+        self.seed(f"fedtune-sampling|{self.run_seed}|{server_round}")
+
+
+class SecretSampler(random.SystemRandom):
+    """The operating system's generator; rounds change nothing (there is no state)."""
+
+    def begin_round(self, server_round: int) -> None:
+        """Nothing to reseed: every draw is fresh OS entropy."""
+
+
+def node_sampler(seed: int, *, secret: bool) -> RoundSampler | SecretSampler:
     """The generator a run's rounds sample devices with (see the module docstring)."""
-    return random.SystemRandom() if secret else random.Random(f"fedtune-sampling|{seed}")
+    return SecretSampler() if secret else RoundSampler(seed)

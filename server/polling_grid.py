@@ -11,6 +11,7 @@ everything and re-implements only the wait, through the public ``push_messages``
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 
@@ -20,14 +21,24 @@ from flwr.serverapp import Grid
 DEFAULT_POLL_INTERVAL_S = 0.25
 
 
-class PollingGrid(Grid):
-    """Delegates to ``grid``; :meth:`send_and_receive` pulls every ``interval`` seconds."""
+class RunStopped(RuntimeError):
+    """The process running the ServerApp was stopped (Ctrl-C, SIGTERM) mid-run."""
 
-    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL_INTERVAL_S) -> None:
+
+class PollingGrid(Grid):
+    """Delegates to ``grid``; :meth:`send_and_receive` pulls every ``interval`` seconds.
+
+    ``stop``, when set, ends a wait with :class:`RunStopped`: a simulation interrupted in
+    its main thread sets it, so the ServerApp thread does not wait out the round timeout
+    for replies that will never come (and keep the process alive)."""
+
+    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL_INTERVAL_S, *,
+                 stop: threading.Event | None = None) -> None:
         if not interval > 0:
             raise ValueError(f"poll interval must be > 0 seconds, got {interval}")
         self.grid = grid
         self.interval = interval
+        self.stop = stop or threading.Event()
 
     def set_run(self, run: object) -> None:
         self.grid.set_run(run)  # type: ignore[arg-type]
@@ -64,6 +75,8 @@ class PollingGrid(Grid):
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
+            if self.stop.is_set():
+                raise RunStopped("the run was stopped while waiting for replies")
             got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)

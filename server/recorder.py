@@ -68,6 +68,7 @@ class RoundRecorder:
                 client_train_s=stats.client_train_seconds,
                 rejections=stats.rejections,
                 dropped=stats.dropped,
+                abandoned=stats.abandoned,
                 secagg_s=stats.protocol_seconds,
                 bytes_up_by_kind=stats.bytes_up_by_kind,
                 clients_by_kind=stats.clients_by_kind,

@@ -42,8 +42,8 @@ def new_run_dir(
         if left.exists():  # an interrupted run: never overwrite what it kept
             raise FileExistsError(
                 f"an interrupted run named {name!r} is in {left}; resume it (`fedtune "
-                f"coordinator --resume {name}` for a deployed run), move it away, or pick "
-                "another --name")
+                f"simulate --resume {name}`, or `fedtune coordinator --resume {name}` for a "
+                "deployed run), move it away, or pick another --name")
     work.mkdir(parents=True, exist_ok=False)
     (work / "config.toml").write_text(to_toml(config))
     info: dict[str, Any] = {

@@ -199,6 +199,7 @@ class SecAggFedAvg(AdapterFedAvg):
         stats.bytes_down += sum(content_nbytes(RecordDict({wire.RECORD: i.to_record()}))
                                 for i in rnd.instruction.values())
         stats.sampled = len(nodes)
+        stats.sent = messages
         stats.protocol_seconds += time.perf_counter() - started
         self._secagg = rnd
         return messages
@@ -218,8 +219,10 @@ class SecAggFedAvg(AdapterFedAvg):
         self._secagg = None  # a late second call must not unmask again
         masked: dict[int, np.ndarray] = {}
         metrics: dict[int, MetricRecord] = {}
+        replies = list(replies)
+        stats.fail_silent(server_round, replies)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = stats.node_of(msg)
             if (stale := stale_reply(msg, server_round)) is not None:
                 stats.reject(server_round, node, stale)
                 continue
@@ -310,11 +313,13 @@ class SecAggFedAvg(AdapterFedAvg):
                             group_id=str(server_round)) for n, c in requests.items()]
         stats.bytes_down += sum(content_nbytes(c) for c in requests.values())
         out: dict[int, RecordDict] = {}
-        for reply in self._grid.send_and_receive(messages, timeout=self.stage_timeout_s):
-            node = reply.metadata.src_node_id
+        replies = list(self._grid.send_and_receive(messages, timeout=self.stage_timeout_s))
+        stage = message_type.rsplit(".", 1)[-1]
+        stats.fail_silent(server_round, replies, messages, stage=stage)
+        for reply in replies:
+            node = stats.node_of(reply, messages)
             if reply.has_error():
-                log.warning("round %d: node %d failed in %s: %s", server_round, node,
-                            message_type, reply.error.reason)
+                stats.fail(server_round, node, f"{stage}: {reply.error.reason}")
                 continue
             if node in requests:
                 stats.bytes_up += content_nbytes(reply.content)
@@ -335,6 +340,8 @@ class SecAggFedAvg(AdapterFedAvg):
     def _enough(self, rnd: _Round, count: int, server_round: int, what: str) -> bool:
         if count >= rnd.threshold:
             return True
+        self.stats[server_round].abandoned = (
+            f"only {count} nodes {what}, below the threshold {rnd.threshold}")
         log.warning("round %d: only %d nodes %s, below the SecAgg threshold %d; the round is "
                     "abandoned and the global adapter is unchanged", server_round, count, what,
                     rnd.threshold)

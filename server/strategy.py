@@ -70,11 +70,29 @@ class RoundStats:
         self.clients_by_kind[kind] = self.clients_by_kind.get(kind, 0) + 1
 
     rejections: list[str] = field(default_factory=list)
+    abandoned: str | None = None  # why a secure-aggregation round ended without a sum
+    sent: list[Message] = field(default_factory=list)  # the round's train messages
 
     def fail(self, server_round: int, node: int, reason: str | None) -> None:
-        """A client that answered with an error (or not at all, for Flower)."""
+        """A client that answered with an error, or not at all."""
         self.failed += 1
         log.warning("round %d: node %d failed: %s", server_round, node, reason)
+
+    def node_of(self, reply: Message, sent: Iterable[Message] | None = None) -> int:
+        """The node a reply answers for: the destination of the message it replies to.
+        (An error reply the SuperLink writes for an unreachable node does not carry that
+        node as its source.) Message ids exist once Flower pushed the messages."""
+        ids = {m.metadata.message_id: m.metadata.dst_node_id
+               for m in (self.sent if sent is None else sent) if m.metadata.message_id}
+        return ids.get(reply.metadata.reply_to_message_id or "", reply.metadata.src_node_id)
+
+    def fail_silent(self, server_round: int, replies: Iterable[Message],
+                    sent: Iterable[Message] | None = None, *, stage: str = "train") -> None:
+        """Count every node that was sent a message and never answered as failed."""
+        sent = list(self.sent if sent is None else sent)
+        answered = {self.node_of(r, sent) for r in replies}
+        for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
+            self.fail(server_round, node, f"no {stage} reply before the timeout")
 
     def reject(self, server_round: int, node: int, reason: str) -> None:
         """A reply that broke the protocol or failed validation: one log line naming the
@@ -297,6 +315,7 @@ class AdapterFedAvg(FedAvg):
             sampled=len(messages),
             bytes_down=record_nbytes(packed) * len(messages),
             started=time.perf_counter(),
+            sent=messages,
         )
         return messages
 
@@ -327,8 +346,10 @@ class AdapterFedAvg(FedAvg):
         stats.replies_at = time.perf_counter()
         accepted: list[tuple[Tensors, int]] = []
         accepted_metrics: list[MetricRecord] = []
+        replies = list(replies)
+        stats.fail_silent(server_round, replies)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = stats.node_of(msg)
             if (stale := stale_reply(msg, server_round)) is not None:
                 stats.reject(server_round, node, stale)
                 continue

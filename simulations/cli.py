@@ -7,12 +7,14 @@ Heavy modules (torch, transformers, Flower's engine) are imported inside the com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from protocols.cache_dir import add_cache_dir_argument
 from protocols.config_file import add_config_arguments
@@ -92,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--runs-dir", type=Path, default=Path("runs"),
                      help="where run folders are written (default: ./runs)")
     sim.add_argument("--name", default=None, help="run folder name (default: timestamp-kind)")
+    sim.add_argument("--resume", default=None, metavar="NAME",
+                     help="continue the interrupted federated run NAME (runs/NAME.partial or "
+                          ".failed, left by Ctrl-C, SIGTERM, SIGHUP or a kill) after its last "
+                          "completed round, with the config saved in it")
     sim.add_argument("--no-progress", action="store_true", help="plain log output only")
     _common(sim)
 
@@ -144,47 +150,42 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from protocols.cache_dir import default_cache_dir
     from protocols.config_file import load_config
-    from simulations.runner import check_inputs, follow_metrics, run_centralized, run_federated
+    from protocols.run_config import ConfigError
+    from server.progress import round_progress
+    from server.run_summary import EXIT_DEGRADED, record_outcome
+    from simulations.runner import check_inputs, run_centralized, run_federated
 
-    config = load_config(args.config, args.overrides)
+    if args.resume is not None:
+        from server.run_dir import unfinished_run_dir
+
+        if args.config or args.overrides or args.name or args.centralized:
+            raise ConfigError("--resume continues a run with the config saved in its folder; "
+                              "drop --config/--set/--name/--centralized")
+        config = load_config(unfinished_run_dir(args.runs_dir, args.resume) / "config.toml")
+    else:
+        config = load_config(args.config, args.overrides)
     inputs = check_inputs(config, args.cache_dir or default_cache_dir())
     kind = "centralized" if args.centralized else "federated"
     log.info("%s run: %d clients available, %d per round, %d rounds", kind,
              inputs.num_clients, config.train.clients_per_round, config.train.rounds)
     run = run_centralized if args.centralized else run_federated
-    box: list[Path] = []
-    stop = threading.Event()
-    follower = None
-    progress = None
-    if not args.no_progress and sys.stderr.isatty():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total} rounds"),
-                            TimeElapsedColumn(), transient=False)
-        task = progress.add_task(f"{kind}: starting", total=config.train.rounds)
-
-        def update(row: dict[str, Any]) -> None:
-            ppl = row.get("perplexity")
-            text = f"{kind}: round {row['round']}" + (f", perplexity {ppl:.1f}" if ppl else "")
-            progress.update(task, completed=row["round"], description=text)
-
-        follower = threading.Thread(
-            target=follow_metrics, args=(box, config.train.rounds + 1, stop, update), daemon=True
-        )
-        progress.start()
-        follower.start()
-    try:
-        run_dir = run(inputs, args.runs_dir, name=args.name, on_start=box.append)
-    finally:
-        stop.set()
-        if follower:
-            follower.join(timeout=2)
-        if progress:
-            progress.stop()
+    with round_progress(kind, config.train.rounds, enabled=not args.no_progress) as box:
+        if args.resume is not None:
+            run_dir = run_federated(inputs, args.runs_dir, name=args.resume,
+                                    on_start=box.append, resume=True)
+        else:
+            run_dir = run(inputs, args.runs_dir, name=args.name, on_start=box.append)
     print(f"run folder: {run_dir}")
     print(f"report:     {run_dir / 'report.html'}")
     print(f"adapter:    {run_dir / 'adapter'}")
+    if args.centralized:
+        return 0
+    summary = record_outcome(run_dir)
+    print(f"rounds:     {summary.line()}")
+    if summary.degraded:
+        print(f"fedtune simulate: degraded run (exit status {EXIT_DEGRADED}): "
+              f"{summary.line()}", file=sys.stderr)
+        return EXIT_DEGRADED
     return 0
 
 
@@ -245,25 +246,62 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedtune {argv[0]}: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            return _interrupted(argv[0])
+            return _interrupted(argv[0], signal.SIGINT)
     args = build_parser().parse_args(argv)
     configure_environment()
     setup_logging(getattr(args, "verbose", False))
+    with _stop_on_termination() as stopped:
+        try:
+            return COMMANDS[args.command](args)
+        except user_errors() as err:
+            print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return _interrupted(args.command, stopped[0] if stopped else signal.SIGINT)
+        except SystemExit as exit_:
+            # ray.init replaces our SIGTERM handler with one that calls sys.exit(SIGTERM).
+            if args.command == "simulate" and exit_.code == signal.SIGTERM:
+                return _interrupted(args.command, signal.SIGTERM)
+            raise
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C: the run stops and its folder is kept."""
+
+
+@contextlib.contextmanager
+def _stop_on_termination() -> Iterator[list[int]]:
+    """Within this scope SIGTERM and SIGHUP (a service manager, a closed terminal) stop a
+    command the way Ctrl-C does: one line, the run folder kept for ``--resume``. Yields the
+    list that records which signal arrived; the previous handlers are put back on exit.
+    Only the main thread can install handlers; elsewhere nothing changes."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        got.append(signum)
+        raise _Stopped()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return COMMANDS[args.command](args)
-    except user_errors() as err:
-        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return _interrupted(args.command)
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _interrupted(command: str) -> int:
-    """Ctrl-C: one line, not a traceback; 130 as a shell reports SIGINT. A run folder that
-    was started is kept as ``<name>.failed`` (see server/run_dir.py)."""
-    print(f"fedtune {command}: interrupted; an unfinished run folder is kept as "
-          "<name>.failed", file=sys.stderr)
-    return 130
+def _interrupted(command: str, signum: int) -> int:
+    """Ctrl-C, SIGTERM, SIGHUP: one line, not a traceback; 128 + the signal as a shell
+    reports it. A run folder that was started is kept as ``<name>.failed`` (see
+    server/run_dir.py), and ``fedtune simulate --resume <name>`` continues it."""
+    name = signal.Signals(signum).name
+    hint = ("; resume it with `fedtune simulate --resume <name>`" if command == "simulate"
+            else "")
+    print(f"fedtune {command}: interrupted ({name}); an unfinished run folder is kept as "
+          f"<name>.failed{hint}", file=sys.stderr)
+    return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 from protocols import keys
 from protocols.run_config import ConfigError, RunConfig
-from server.run_dir import log_to_file, new_run_dir
+from server.run_dir import log_to_file, new_run_dir, reopened_run_dir
 from server.service.inputs import (
     CoordinatorInputs,
     check_coordinator_inputs,
@@ -77,15 +77,22 @@ def run_federated(
     name: str | None = None,
     on_start: Callable[[Path], None] | None = None,
     client_mods: list[Any] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Run the federated simulation; return the finished run folder.
 
     ``client_mods`` are Flower client mods wrapped around every ClientApp handler.
+    ``resume=True`` continues the interrupted run ``name`` in its own folder: the ServerApp
+    starts after its last checkpointed round, with its adapter, privacy ledger and metrics
+    (:mod:`server.checkpoint`); rounds sample devices and batches from (seed, round), so the
+    rest of the run is the one the interrupted run would have trained.
     """
     config = inputs.config
-    with new_run_dir(runs_dir, "federated", config, name) as run_dir, log_to_file(
-        run_dir / "run.log"
-    ):
+    if resume and name is None:
+        raise ValueError("resume needs the name of the interrupted run")
+    opened = (reopened_run_dir(runs_dir, name) if resume and name is not None
+              else new_run_dir(runs_dir, "federated", config, name))
+    with opened as run_dir, log_to_file(run_dir / "run.log"):
         if on_start:
             on_start(run_dir)
         flat = flower_run_config(inputs, run_dir)
@@ -108,22 +115,29 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
     from server.app import make_server_app
 
     config = inputs.config
-    run_simulation(
-        server_app=make_server_app(flat),
-        client_app=make_client_app(flat, mods=client_mods),
-        num_supernodes=inputs.num_clients,
-        backend_config={
-            "client_resources": {
-                "num_cpus": config.federation.client_cpus,
-                "num_gpus": 0.0,
+    stop = threading.Event()
+    try:
+        run_simulation(
+            server_app=make_server_app(flat, stop=stop),
+            client_app=make_client_app(flat, mods=client_mods),
+            num_supernodes=inputs.num_clients,
+            backend_config={
+                "client_resources": {
+                    "num_cpus": config.federation.client_cpus,
+                    "num_gpus": 0.0,
+                },
+                "init_args": {
+                    "num_cpus": os.cpu_count() or 1,
+                    "include_dashboard": False,
+                    "log_to_driver": True,
+                },
             },
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "include_dashboard": False,
-                "log_to_driver": True,
-            },
-        },
-    )
+        )
+    except BaseException:
+        # Ctrl-C lands in this (main) thread; Flower's ServerApp thread would otherwise wait
+        # out the round timeout for replies that never come, and keep the process alive.
+        stop.set()
+        raise
 
 
 def run_centralized(
@@ -197,20 +211,3 @@ def _finish(run_dir: Path) -> None:
     from server.report import write_report
 
     write_report(run_dir, runs_dir=run_dir.parent)
-
-
-def follow_metrics(run_dir_box: list[Path], total: int, stop: threading.Event,
-                   update: Callable[[dict[str, Any]], None]) -> None:
-    """Poll ``metrics.jsonl`` of the run in progress and report each new row."""
-    from server.metrics_log import read_metrics
-
-    seen = 0
-    while not stop.is_set():
-        if run_dir_box:
-            rows = read_metrics(run_dir_box[0])
-            for row in rows[seen:]:
-                update(row)
-            seen = len(rows)
-            if seen >= total:
-                return
-        stop.wait(1.0)

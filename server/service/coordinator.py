@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 from protocols.cache_dir import add_cache_dir_argument
 from protocols.config_file import add_config_arguments
 from protocols.processes import ManagedProcess, wait_for
+from server.progress import round_progress
 from server.service.certs import DEFAULT_HOSTS, make_tls, tls_files
 from server.service.fab import write_app
 from server.service.flwr_cli import FlwrCli, FlwrCliError
@@ -167,6 +169,7 @@ def run_deployed(
     run_timeout: float = 24 * 3600.0,
     on_start: Callable[[Path], None] | None = None,
     resume: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Run fedtune on the Deployment Engine; return the finished run folder.
 
@@ -215,8 +218,11 @@ def run_deployed(
             timings.mark("submit_s")
             log.info("submitted run %d to the SuperLink at %s", run_id, address)
             _save(run_dir, run_id, address, timings, status="running", earlier=earlier)
-            status = wait_for_run(cli, run_id, timeout=run_timeout,
-                                  log_path=run_dir / "serverapp.log")
+            # The ServerApp logs into serverapp.log; the terminal gets one line per round.
+            with round_progress("deployed", config.train.rounds, enabled=progress) as box:
+                box.append(run_dir)
+                status = wait_for_run(cli, run_id, timeout=run_timeout,
+                                      log_path=run_dir / "serverapp.log")
             timings.mark("run_s")
             _save(run_dir, run_id, address, timings, status=status, earlier=earlier)
             if status != "finished:completed":
@@ -337,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="use a running SuperLink instead of starting one")
     parser.add_argument("--root-ca", type=Path, default=None,
                         help="CA certificate of the SuperLink given to --attach")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no per-round lines in the terminal (they are in the run folder's "
+                             "metrics.jsonl and serverapp.log anyway)")
     parser.add_argument("--serve", action="store_true",
                         help="only start the SuperLink and keep it up until SIGTERM")
     parser.add_argument("--insecure", action="store_true",
@@ -367,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocols.cache_dir import default_cache_dir
     from protocols.config_file import load_config
     from server.run_dir import unfinished_run_dir
+    from server.run_summary import EXIT_DEGRADED, record_outcome
 
     runs_dir = args.runs_dir.resolve()
     if args.resume is not None:
@@ -380,9 +390,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       (args.cache_dir or default_cache_dir()).resolve())
     run_dir = run_deployed(inputs, runs_dir, options, name=args.resume or args.name,
                            min_nodes=args.min_nodes, nodes_timeout=args.nodes_timeout,
-                           run_timeout=args.run_timeout, resume=args.resume is not None)
+                           run_timeout=args.run_timeout, resume=args.resume is not None,
+                           progress=not args.no_progress)
     print(f"run folder: {run_dir}")
     print(f"adapter:    {run_dir / 'adapter'}")
+    summary = record_outcome(run_dir)
+    print(f"rounds:     {summary.line()}")
+    if summary.degraded:
+        print(f"fedtune-coordinator: degraded run (exit status {EXIT_DEGRADED}): "
+              f"{summary.line()}", file=sys.stderr)
+        return EXIT_DEGRADED
     return 0
 
 
@@ -401,6 +418,4 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(cli())

@@ -152,3 +152,27 @@ def test_an_update_beyond_the_norm_bound_is_rejected(caplog: pytest.LogCaptureFi
     assert arrays is not None
     np.testing.assert_allclose(from_record(arrays)[B], near[B])
     assert "node 2: update norm 3.464 exceeds the coordinator's bound 2" in caplog.text
+
+
+def test_failures_are_counted_under_the_real_node_ids(caplog: pytest.LogCaptureFixture) -> None:
+    """A node that answers with an error, as the SuperLink answers for an unreachable node
+    (the reply's source is not the node), and a node that never answers are both counted as
+    failed, each logged with the id of the node that was asked."""
+    from server.strategy import RoundStats
+
+    strategy = _strategy()
+    sent = [Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
+            for node in (11, 22, 33)]
+    for i, msg in enumerate(sent):  # what a grid's push does
+        msg.metadata.__dict__["_message_id"] = f"id-{i}"
+    strategy.stats[1] = RoundStats(sampled=3, sent=sent)
+    unreachable = Message(Error(code=3, reason="node unavailable"), reply_to=sent[1])
+    unreachable.metadata.__dict__["_src_node_id"] = 0  # written by the SuperLink, not node 22
+    good = _reply(11, {**_global(), B: np.ones((3, 2), np.float32)}, 4)
+    good.metadata.__dict__["_reply_to_message_id"] = "id-0"
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        arrays, _ = strategy.aggregate_train(1, [good, unreachable])
+    stats = strategy.stats[1]
+    assert arrays is not None and stats.accepted == 1 and stats.failed == 2
+    assert "node 22 failed: node unavailable" in caplog.text
+    assert "node 33 failed: no train reply before the timeout" in caplog.text

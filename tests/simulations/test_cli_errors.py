@@ -3,6 +3,9 @@ run folder left behind."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -97,8 +100,29 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setitem(cli.COMMANDS, "report", interrupted)
     assert cli.main(["report", "somewhere"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fedtune report: interrupted; an unfinished run folder is kept as "
+    assert err == ["fedtune report: interrupted (SIGINT); an unfinished run folder is kept as "
                    "<name>.failed"]
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_stop_a_simulation_like_ctrl_c(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sig: int,
+        status: int) -> None:
+    from simulations import cli
+
+    def stopped(_: object) -> int:
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the command")
+
+    before = signal.getsignal(sig)
+    monkeypatch.setitem(cli.COMMANDS, "simulate", stopped)
+    assert cli.main(["simulate"]) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedtune simulate: interrupted ({signal.Signals(sig).name}); an unfinished "
+                   "run folder is kept as <name>.failed; resume it with `fedtune simulate "
+                   "--resume <name>`"]
+    assert signal.getsignal(sig) == before, "the handler is put back"
 
 
 def test_run_folder_names_survive_stops_and_reruns(tmp_path: Path) -> None:

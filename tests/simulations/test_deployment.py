@@ -764,6 +764,10 @@ def test_deployment_end_to_end_survives_killed_coordinator_and_client(
         assert 0 < row["bytes_up"] < row["bytes_down"]
     by_round = {r["round"]: r for r in rows}
     assert all(np.isfinite(r["perplexity"]) for r in rows)  # scored on eval.path
+    # The coordinator's terminal (a file here, so plain lines) shows every round's progress.
+    out = (tmp_path / "coordinator.out").read_text()
+    assert re.search(r"^deployed: round 3/3: 3 clients, 0 failed, 0 rejected, perplexity "
+                     r"[\d.]+, epsilon [\d.e+-]+, \d+ s$", out, re.MULTILINE), out[-2000:]
     assert by_round[1]["clients"] == 3 and by_round[1]["failed"] == 0
     # the round the device died in completed with the other two; the killed device's
     # message came back as an error (SuperLink: node unavailable) or never (round timeout)

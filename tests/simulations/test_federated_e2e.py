@@ -230,6 +230,37 @@ def test_a_device_with_unreadable_data_fails_its_round_and_nothing_else(
     assert "train.jsonl, line" in log and "not valid JSON" in log
 
 
+def test_a_run_whose_rounds_train_nothing_says_so_and_exits_3(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every device fails (its data is unreadable): the run still ends with an adapter, but
+    ``fedtune simulate`` prints what happened and exits with the degraded status — never a
+    silent success — and the run folder records it."""
+    from protocols.config_file import to_toml
+    from simulations.cli import main
+    from simulations.runner import check_inputs
+
+    nested = _config(tiny_model_dir).to_nested()
+    nested["train"].update(rounds=1, clients_per_round=3)
+    nested["eval"].update(fraction_clients=0.0)
+    config = RunConfig.from_nested(nested)
+    inputs = check_inputs(config, mini_cache)  # the device folders, as the run will find them
+    assert inputs.devices is not None
+    for i in range(inputs.num_clients):
+        (inputs.devices.folder(i) / "train.jsonl").write_text("not json\n")
+    (tmp_path / "run.toml").write_text(to_toml(config))
+    code = main(["simulate", "--no-progress", "--config", str(tmp_path / "run.toml"),
+                 "--cache-dir", str(mini_cache), "--runs-dir", str(tmp_path / "runs"),
+                 "--name", "idle"])
+    out, err = capsys.readouterr()
+    assert code == 3
+    assert "rounds:     0 of 1 rounds trained; 3 client failures, 0 rejected updates; rounds [1]" \
+        " trained nothing" in out
+    assert err.strip().splitlines()[-1].startswith("fedtune simulate: degraded run (exit status 3)")
+    info = json.loads((tmp_path / "runs" / "idle" / "run_info.json").read_text())
+    assert info["degraded"] == {"idle_rounds": [1], "failed": 3}
+
+
 @pytest.mark.parametrize("secagg", [True, False], ids=["distributed-noise", "server-noise"])
 def test_client_dp_simulation_spends_and_stops_at_the_budget(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path, secagg: bool
