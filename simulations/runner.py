@@ -122,9 +122,16 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
             client_app=make_client_app(flat, mods=client_mods),
             num_supernodes=inputs.num_clients,
             backend_config={
+                # Flower passes these to Ray's actor options. A ClientApp worker that dies
+                # (Ray's out-of-memory killer, a crash) is restarted instead of leaving the
+                # pool for good, which had every later round fail at once; a task on it is
+                # retried up to twice (a message that keeps killing its worker becomes an
+                # error reply, counted as a failed client), also while it restarts.
                 "client_resources": {
                     "num_cpus": config.federation.client_cpus,
                     "num_gpus": 0.0,
+                    "max_restarts": -1,
+                    "max_task_retries": 2,
                 },
                 "init_args": {
                     "num_cpus": os.cpu_count() or 1,

@@ -261,6 +261,49 @@ def test_a_run_whose_rounds_train_nothing_says_so_and_exits_3(
     assert info["degraded"] == {"idle_rounds": [1], "failed": 3}
 
 
+class KillWorkerInRound:
+    """A client mod that kills the Ray worker running it when a train message of ``round``
+    arrives — what Ray's out-of-memory killer does to a ClientApp actor mid-task."""
+
+    def __init__(self, server_round: int) -> None:
+        self.server_round = server_round
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        import os
+        import signal
+
+        config = msg.content.config_records.get("config")
+        if (msg.metadata.message_type == "train" and config is not None
+                and config["server-round"] == self.server_round):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return call_next(msg, context)
+
+
+def test_lost_workers_are_recreated_and_the_lost_round_is_counted(
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+) -> None:
+    """Every ClientApp worker is killed in round 1 (real Ray): round 1 is counted as failed
+    by every sampled client and trains nothing; the workers come back, rounds 2 and 3 train
+    with every sampled client, and the run's summary says round 1 was lost."""
+    from server.run_summary import summarize
+    from simulations.runner import check_inputs, run_federated
+
+    nested = _config(tiny_model_dir).to_nested()
+    nested["train"].update(rounds=3, clients_per_round=2)
+    nested["eval"].update(fraction_clients=0.0)
+    nested["security"] = {"secagg": False}
+    inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
+    run_dir = run_federated(inputs, tmp_path / "runs", name="lost-workers",
+                            client_mods=[KillWorkerInRound(1)])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_round = {r["round"]: r for r in rows}
+    assert by_round[1]["clients"] == 0 and by_round[1]["failed"] == 2
+    for later in (2, 3):
+        assert by_round[later]["clients"] == 2 and by_round[later]["failed"] == 0
+    summary = summarize(run_dir)
+    assert summary.idle == (1,) and summary.trained == (2, 3) and summary.failed == 2
+
+
 @pytest.mark.parametrize("secagg", [True, False], ids=["distributed-noise", "server-noise"])
 def test_client_dp_simulation_spends_and_stops_at_the_budget(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path, secagg: bool
