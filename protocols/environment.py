@@ -26,6 +26,9 @@ DEFAULTS = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
+    # Library progress bars (Flower Datasets' partitioners, model shard writing) say nothing
+    # a user needs and fill logs with carriage returns; fedtune shows its own progress.
+    "TQDM_DISABLE": "1",
 }
 
 

@@ -377,6 +377,32 @@ def test_chat_federation(tiny_model_dir: Path, tmp_path: Path,
     assert [r["round"] for r in got["rounds"]] == [0, 1]
 
 
+@pytest.mark.slow
+def test_faults(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: fault | runs | rounds lost | repeated | double-counted | privacy 2x |
+    failed clients | = reference. At toy size one power cut (the whole session SIGKILLed
+    mid-run, then --resume); the worker kill and SIGHUP paths have their own tests."""
+    from simulations.bench import faults
+
+    argv = ["--faults", "kill", "--runs", "1", "--rounds", "3", "--jitter-s", "0",
+            "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+            "--prefix", "smoke", "--timeout", "600"]
+    for item in _tiny_run_overrides(tiny_model_dir):
+        if not item.startswith("train.rounds="):
+            argv += ["--set", item]
+    assert faults.main(argv) == 0
+
+    rows = table(capsys.readouterr().out, ["fault", "runs", "rounds lost", "repeated",
+                                           "double-counted", "privacy 2x", "failed clients",
+                                           "= reference"])
+    assert [r for r in rows if r[0] in faults.FAULTS] == [
+        ["kill", "1", "0", "0", "0", "0", "0", "1/1"]]
+    got = json.loads((tmp_path / "runs" / "smoke.json").read_text())
+    assert [r["fault"] for r in got["runs"]] == ["kill"]
+    assert (tmp_path / "runs" / "smoke-kill-0" / "adapter").is_dir()
+
+
 # --- deployment engine: real SuperLink / SuperNode processes ---------------------------------
 
 
