@@ -228,6 +228,10 @@ class FederationSection(Section):
                          choices=_torch_codecs)
     client_threads: int = setting(1, "torch / ONNX Runtime threads per client", ge=1)
     client_cpus: float = setting(1.0, "CPUs a simulation reserves per client", gt=0)
+    client_memory_gb: float = setting(
+        2.0, "memory a simulated client may need at its peak (a SmolLM2 torch client: 1.6 GB, "
+        "2 GB with DP-SGD, BENCHMARKS.md); a simulation runs no more clients at once than "
+        "fit in 80 % of the available memory; 0 = no limit", ge=0)
     round_timeout_s: float = setting(
         3600.0, "how long the coordinator waits for a round's replies", gt=0)
     poll_interval_s: float = setting(

@@ -115,6 +115,8 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
     from server.app import make_server_app
 
     config = inputs.config
+    cpus = os.cpu_count() or 1
+    parallel = parallel_clients(config, cpus, available_memory_bytes())
     stop = threading.Event()
     try:
         run_simulation(
@@ -128,13 +130,15 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
                 # retried up to twice (a message that keeps killing its worker becomes an
                 # error reply, counted as a failed client), also while it restarts.
                 "client_resources": {
-                    "num_cpus": config.federation.client_cpus,
+                    # Flower sizes its pool of workers by CPUs alone: the CPU share is what
+                    # also keeps the number of clients at once within memory.
+                    "num_cpus": cpus / parallel,
                     "num_gpus": 0.0,
                     "max_restarts": -1,
                     "max_task_retries": 2,
                 },
                 "init_args": {
-                    "num_cpus": os.cpu_count() or 1,
+                    "num_cpus": cpus,
                     "include_dashboard": False,
                     "log_to_driver": True,
                 },
@@ -145,6 +149,32 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
         # out the round timeout for replies that never come, and keep the process alive.
         stop.set()
         raise
+
+
+def parallel_clients(config: RunConfig, cpus: int, available_bytes: int | None) -> int:
+    """How many simulated clients train at once: as many as ``federation.client_cpus``
+    allows, and no more than ``federation.client_memory_gb`` each fit in 80 % of the
+    available memory (Ray's out-of-memory killer otherwise takes workers mid-round)."""
+    by_cpu = max(1, int(cpus / config.federation.client_cpus))
+    if config.federation.client_memory_gb <= 0 or available_bytes is None:
+        return by_cpu
+    by_memory = max(1, int(0.8 * available_bytes // (config.federation.client_memory_gb * 2**30)))
+    if by_memory < by_cpu:
+        log.warning("%d clients at once (not %d): each may need %.1f GB and %.1f GB is "
+                    "available (federation.client_memory_gb)", by_memory, by_cpu,
+                    config.federation.client_memory_gb, available_bytes / 2**30)
+    return min(by_cpu, by_memory)
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def run_centralized(

@@ -165,3 +165,18 @@ def test_seeded_node_ids_make_simulated_sampling_repeat() -> None:
     assert first == again
     assert set(other_seed) != set(first)
     assert not set(unseeded) & set(first), "Flower's own random ids again outside the context"
+
+
+def test_clients_at_once_are_bounded_by_cpus_and_memory() -> None:
+    """Ray's out-of-memory killer took workers when more clients trained at once than fit:
+    the pool is sized by memory too."""
+    from simulations.runner import parallel_clients
+
+    gb = 2**30
+    config = RunConfig.from_nested({"federation": {"client_cpus": 1.0, "client_memory_gb": 2.0}})
+    assert parallel_clients(config, 2, 18 * gb) == 2  # CPUs bound it (this box)
+    assert parallel_clients(config, 16, 10 * gb) == 4  # 0.8 * 10 GB / 2 GB
+    assert parallel_clients(config, 16, 1 * gb) == 1  # never fewer than one
+    assert parallel_clients(config, 16, None) == 16  # memory unknown: CPUs only
+    no_limit = RunConfig.from_nested({"federation": {"client_memory_gb": 0.0}})
+    assert parallel_clients(no_limit, 8, 1 * gb) == 8
