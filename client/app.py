@@ -30,7 +30,13 @@ from client.local_data import (
     load_device_data,
     simulated_device_folder,
 )
-from client.node_policy import device_data_source, is_edge_client, node_settings_mod, partition_id
+from client.node_policy import (
+    device_data_source,
+    is_deployed,
+    is_edge_client,
+    node_settings_mod,
+    partition_id,
+)
 from client.secagg_client import handle_setup, handle_share_keys, handle_unmask, mask_update
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
@@ -137,7 +143,10 @@ def _local_data(flat: Mapping[str, Any], context: Context) -> LocalData:
     source = device_data_source(context.node_config)
     pid = partition_id(context)
     if source is None:
-        devices_dir = PathsSection.from_flat(flat).devices_dir
+        # Only a simulated node (no device settings at all) reads the folder a simulation
+        # wrote for it; a device never reads data the coordinator's run config names.
+        devices_dir = (None if is_deployed(context.node_config)
+                       else PathsSection.from_flat(flat).devices_dir)
         if devices_dir is None:
             raise LocalDataError("this device's config names no data: set [data] path in its "
                                  "`fedtune client` config (a file or folder of its own data)")

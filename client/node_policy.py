@@ -44,8 +44,9 @@ from typing import Any, Literal, get_args
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.local_data import DeviceDataSource
-from kernels.data.formats import DATA_FORMATS
+from client.local_data import DeviceDataSource, LocalDataError
+from kernels.data.formats import DATA_FORMATS, DataFormatError
+from kernels.data.templates import TemplateError
 from protocols.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,12 @@ def check_node_policy(flat: Mapping[str, Any], node_config: Mapping[str, Any],
             )
 
 
+def is_deployed(node_config: Mapping[str, Any]) -> bool:
+    """A device run by ``fedtune client`` (its node config carries ``fedtune-*`` keys); a
+    simulated node has none."""
+    return any(str(key).startswith("fedtune-") for key in node_config)
+
+
 def node_settings_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: the device's settings over the run config, then its policy.
 
@@ -145,14 +152,22 @@ def node_settings_mod(msg: Message, context: Context, call_next: ClientAppCallab
     fedtune's work (``handler``: torch import, base-model load and check, training).
     """
     node_config = dict(context.node_config)
-    if not any(str(key).startswith("fedtune-") for key in node_config):
+    if not is_deployed(node_config):
         return call_next(msg, context)  # a simulated node: no device settings, no policy
     started = time.perf_counter()
     startup = _process_age_s()
     _log_to_stderr()
     context.run_config = apply_node_settings(context.run_config, node_config)
     check_node_policy(context.run_config, node_config, context)
-    reply = call_next(msg, context)
+    try:
+        reply = call_next(msg, context)
+    except (LocalDataError, DataFormatError, TemplateError) as err:
+        # The details name this device's files and may quote its data: they stay in the
+        # device's log; the coordinator's error reply says only what kind of problem it is.
+        log.error("%s message: this device's data cannot be used: %s",
+                  msg.metadata.message_type, err)
+        raise LocalDataError(f"the device's data cannot be used ({type(err).__name__}); the "
+                             "device's log says which file and what to fix") from None
     log.info("%s message: process start-up %s s, handler %.1f s", msg.metadata.message_type,
              "?" if startup is None else f"{startup:.1f}", time.perf_counter() - started)
     return reply

@@ -27,7 +27,7 @@ from server.checkpoint import OffsetRounds, resume_point
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter
 from server.flower_patches import flower_samples_with
-from server.metrics_log import truncate_metrics
+from server.metrics_log import read_metrics, truncate_metrics
 from server.node_sampling import node_sampler
 from server.polling_grid import PollingGrid
 from server.recorder import RoundRecorder
@@ -43,10 +43,11 @@ _SAMPLE_EXACTLY_MIN = 1e-12
 
 def federated_eval_fraction(config: RunConfig, *, central: bool) -> float:
     """Share of the devices asked to evaluate on their own held-out data each round:
-    ``eval.fraction_clients``, or every connected device when the coordinator has no
-    evaluation data of its own — except under client-level DP, where a device's held-out
-    loss is a number the DP guarantee does not cover."""
-    if config.eval.fraction_clients > 0 or central:
+    ``eval.fraction_clients``; or, when ``eval.central`` asks for evaluation but the
+    coordinator has no evaluation data of its own (``eval.path``), every connected device,
+    except under client-level DP, where a device's held-out loss is a number the DP
+    guarantee does not cover."""
+    if config.eval.fraction_clients > 0 or central or not config.eval.central:
         return config.eval.fraction_clients
     if config.privacy.client_dp:
         log.warning("no central evaluation data (eval.path) and client-level DP is on: the "
@@ -168,7 +169,10 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     if point.done:
         log.info("resuming after round %d (%d of %d rounds done); next round is %d",
                  point.last_round, point.done, config.train.rounds, point.first_round)
-        truncate_metrics(run_dir, point.last_round)
+    # A reopened run keeps only the rows of checkpointed rounds (and its round 0): a round
+    # logged but not checkpointed runs again.
+    truncate_metrics(run_dir, point.last_round)
+    base_logged = any(r.get("round") == 0 for r in read_metrics(run_dir))
     strategy, dp = build_strategy(config, spec, ledger=ledger, ledger_path=ledger_path,
                                   eval_fraction=federated_eval_fraction(config,
                                                                         central=central_on))
@@ -191,7 +195,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
                 timeout=config.federation.round_timeout_s,
                 train_config=train_config,
                 evaluate_config=eval_config,
-                evaluate_fn=outer.shift(recorder),
+                evaluate_fn=outer.shift(recorder, skip_initial=base_logged),
             )
         if result.arrays:
             final = strategy.global_tensors(result.arrays)

@@ -28,6 +28,15 @@ from protocols.run_config import RunConfig
 log = logging.getLogger(__name__)
 
 
+def evaluation_examples(path: Path) -> tuple[Example, ...]:
+    """The examples of the coordinator's evaluation data: any format fedtune reads; of data
+    that brings a train/held-out split, the held-out part."""
+    from kernels.data.formats import read_dataset
+
+    dataset = read_dataset(path)
+    return dataset.heldout if dataset.heldout is not None else dataset.train
+
+
 class CentralModel:
     """The base model with an adapter slot, loaded once on the coordinator."""
 
@@ -53,10 +62,9 @@ class CentralModel:
         """Read the evaluation data (any format fedtune reads) and keep ``max_blocks`` of
         its blocks, spread over the whole file; return how many."""
         from kernels.data.blocks import encode_blocks
-        from kernels.data.formats import read_examples
 
-        examples, _ = read_examples(path)
-        self.examples = tuple(examples)
+        self.examples = evaluation_examples(path)
+        examples = self.examples
         blocks = encode_blocks(self.tokenizer.backend_tokenizer, examples, self.template,
                                seq_len, eos_token_id=self.tokenizer.eos_token_id)
         if len(blocks) == 0:

@@ -136,12 +136,14 @@ class OffsetRounds(Strategy):
         self.strategy.summary()
 
     def shift(
-        self, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None]
+        self, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None], *,
+        skip_initial: bool = False,
     ) -> Callable[[int, ArrayRecord], MetricRecord | None]:
         """The evaluate callback with the same shift; round 0 (the starting adapter) keeps
-        its number when nothing ran before, and is skipped on a resume (already logged)."""
+        its number when nothing ran before, and is skipped on a resume or when
+        ``skip_initial`` (already logged: a run stopped before its first checkpoint)."""
         def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0 and self.offset:
+            if server_round == 0 and (self.offset or skip_initial):
                 return None
             return evaluate_fn(server_round + self.offset if server_round else 0, arrays)
         return shifted

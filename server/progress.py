@@ -57,7 +57,12 @@ def _report_new(run_dir_box: list[Path], update: Callable[[dict[str, Any]], None
                 seen: list[int]) -> None:
     if not run_dir_box:
         return
-    rows = read_metrics(run_dir_box[0])
+    folder = run_dir_box[0]
+    finished = folder.with_name(folder.name.removesuffix(".partial"))
+    try:  # the run folder loses ".partial" when it finishes; a line may be half written
+        rows = read_metrics(folder if folder.is_dir() else finished)
+    except (OSError, ValueError):
+        return
     for row in rows[seen[0]:]:
         update(row)
     seen[0] = max(seen[0], len(rows))

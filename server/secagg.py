@@ -267,7 +267,8 @@ class SecAggFedAvg(AdapterFedAvg):
         b_by_owner: dict[int, dict[int, bytes]] = {v: {} for v in survivors}
         s_by_owner: dict[int, dict[int, bytes]] = {d: {} for d in dropped}
         for holder, content in self._exchange(
-            stats, {n: request for n in survivors}, wire.UNMASK, server_round
+            stats, {n: request for n in survivors}, wire.UNMASK, server_round,
+            count_failures=False,
         ).items():
             try:
                 shares = wire.UnmaskShares.from_record(content)
@@ -306,8 +307,13 @@ class SecAggFedAvg(AdapterFedAvg):
     # -- helpers ----------------------------------------------------------------------------
     def _exchange(
         self, stats: RoundStats, requests: Mapping[int, RecordDict], message_type: str,
-        server_round: int,
+        server_round: int, *, count_failures: bool = True,
     ) -> dict[int, RecordDict]:
+        """Send one stage's requests and collect the answers. A node that answers with an
+        error or not at all is a failed client — except in the unmask stage
+        (``count_failures=False``), whose nodes already count as clients of the round: a
+        missing share there is only logged (the threshold decides whether the sum is
+        recovered)."""
         assert self._grid is not None, "configure_train stores the grid first"
         messages = [Message(content=c, dst_node_id=n, message_type=message_type,
                             group_id=str(server_round)) for n, c in requests.items()]
@@ -315,11 +321,16 @@ class SecAggFedAvg(AdapterFedAvg):
         out: dict[int, RecordDict] = {}
         replies = list(self._grid.send_and_receive(messages, timeout=self.stage_timeout_s))
         stage = message_type.rsplit(".", 1)[-1]
-        stats.fail_silent(server_round, replies, messages, stage=stage)
+        if count_failures:
+            stats.fail_silent(server_round, replies, messages, stage=stage)
         for reply in replies:
             node = stats.node_of(reply, messages)
             if reply.has_error():
-                stats.fail(server_round, node, f"{stage}: {reply.error.reason}")
+                if count_failures:
+                    stats.fail(server_round, node, f"{stage}: {reply.error.reason}")
+                else:
+                    log.warning("round %d: node %d failed in %s: %s", server_round, node,
+                                stage, reply.error.reason)
                 continue
             if node in requests:
                 stats.bytes_up += content_nbytes(reply.content)

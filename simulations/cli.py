@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from protocols.cache_dir import add_cache_dir_argument
 from protocols.config_file import add_config_arguments
@@ -156,12 +157,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import check_inputs, run_centralized, run_federated
 
     if args.resume is not None:
-        from server.run_dir import unfinished_run_dir
+        from server.run_dir import read_run_info, unfinished_run_dir
 
         if args.config or args.overrides or args.name or args.centralized:
             raise ConfigError("--resume continues a run with the config saved in its folder; "
                               "drop --config/--set/--name/--centralized")
-        config = load_config(unfinished_run_dir(args.runs_dir, args.resume) / "config.toml")
+        folder = unfinished_run_dir(args.runs_dir, args.resume)
+        kind = read_run_info(folder).get("kind")
+        if kind != "federated":
+            raise ConfigError(f"run {args.resume!r} is a {kind} run; only federated runs "
+                              "resume (rerun the centralized baseline under a new --name)")
+        config = load_config(folder / "config.toml")
     else:
         config = load_config(args.config, args.overrides)
     inputs = check_inputs(config, args.cache_dir or default_cache_dir())
@@ -257,12 +263,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            return _interrupted(args.command, stopped[0] if stopped else signal.SIGINT)
+            return _interrupted(args.command, stopped[0] if stopped else signal.SIGINT,
+                                resumable=_resumable(args))
         except SystemExit as exit_:
             # ray.init replaces our SIGTERM handler with one that calls sys.exit(SIGTERM).
             if args.command == "simulate" and exit_.code == signal.SIGTERM:
-                return _interrupted(args.command, signal.SIGTERM)
+                return _interrupted(args.command, signal.SIGTERM, resumable=_resumable(args))
             raise
+
+
+def _resumable(args: argparse.Namespace) -> bool:
+    return args.command == "simulate" and not getattr(args, "centralized", False)
 
 
 class _Stopped(KeyboardInterrupt):
@@ -282,9 +293,13 @@ def _stop_on_termination() -> Iterator[list[int]]:
 
     def stop(signum: int, _frame: object) -> None:
         got.append(signum)
+        for sig in previous:  # a second signal must not break the clean-up under way
+            signal.signal(sig, signal.SIG_IGN)
         raise _Stopped()
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, stop)
     try:
         yield got
     finally:
@@ -292,13 +307,12 @@ def _stop_on_termination() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def _interrupted(command: str, signum: int) -> int:
+def _interrupted(command: str, signum: int, *, resumable: bool = False) -> int:
     """Ctrl-C, SIGTERM, SIGHUP: one line, not a traceback; 128 + the signal as a shell
     reports it. A run folder that was started is kept as ``<name>.failed`` (see
     server/run_dir.py), and ``fedtune simulate --resume <name>`` continues it."""
     name = signal.Signals(signum).name
-    hint = ("; resume it with `fedtune simulate --resume <name>`" if command == "simulate"
-            else "")
+    hint = "; resume it with `fedtune simulate --resume <name>`" if resumable else ""
     print(f"fedtune {command}: interrupted ({name}); an unfinished run folder is kept as "
           f"<name>.failed{hint}", file=sys.stderr)
     return 128 + int(signum)

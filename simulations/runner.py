@@ -8,6 +8,7 @@ this module only checks inputs, prepares the split, and starts Flower's engine.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -132,7 +133,8 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
                 "client_resources": {
                     # Flower sizes its pool of workers by CPUs alone: the CPU share is what
                     # also keeps the number of clients at once within memory.
-                    "num_cpus": cpus / parallel,
+                    # (rounded down: Flower takes int(cpus / num_cpus), and 9 / (9 / 7) < 7)
+                    "num_cpus": math.floor(cpus / parallel * 1e4) / 1e4,
                     "num_gpus": 0.0,
                     "max_restarts": -1,
                     "max_task_retries": 2,

@@ -59,10 +59,6 @@ class Example:
         return {"messages": [{"role": t.role, "content": t.content} for t in self.turns]}
 
 
-def document(text: str) -> Example:
-    return Example(text=text)
-
-
 def chat(*turns: tuple[str, str]) -> Example:
     """``chat(("user", "hi"), ("assistant", "hello"))``: a conversation, roles checked."""
     return Example(turns=tuple(Turn(role, content) for role, content in turns))  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ folders); parquet is read with pyarrow, which ``datasets`` installs.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,7 +177,10 @@ def _rows(file: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
         raise DataFormatError(f"{file}: not UTF-8 text (byte {err.start}); save it as UTF-8"
                               ) from None
     if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines() would also split at U+2028/U+0085, which
+        # JSON leaves unescaped inside strings.
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -196,7 +200,8 @@ def _rows(file: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
         for index, row in enumerate(doc):
             yield f"item {index}", _as_row(file, f"item {index}", row)
     else:  # .csv
-        reader = csv.DictReader(text.splitlines())
+        # newline="" semantics: quoted fields keep their line breaks.
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         for number, row in enumerate(reader, start=2):  # line 1 is the header
             if None in row:
                 raise DataFormatError(f"{file}, row {number}: more fields than the header has; "
@@ -302,6 +307,10 @@ def _turns(file: Path, where: str, messages: Any) -> tuple[Turn, ...]:
             raise DataFormatError(f"{file}, {where}: message {index} ({role}) has no text "
                                   "content")
         turns.append(Turn(role, content))
+    first = next((t.role for t in turns if t.role != "system"), None)
+    if first == "assistant":
+        raise DataFormatError(f"{file}, {where}: the conversation starts with an assistant "
+                              "turn; the first turn after any system turn must be the user's")
     if not any(t.role == "assistant" for t in turns):
         raise DataFormatError(f"{file}, {where}: the conversation has no assistant turn, so "
                               "nothing would be trained on it")
@@ -310,8 +319,15 @@ def _turns(file: Path, where: str, messages: Any) -> tuple[Turn, ...]:
 
 def _explicit_split(folder: Path) -> tuple[Path, Path] | None:
     """``(train, heldout)`` entries of a folder that brings its own split, else None."""
-    entries = {p.stem.lower() if p.is_file() else p.name.lower(): p
-               for p in folder.iterdir() if not p.name.startswith(".")}
+    entries: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        key = entry.stem.lower() if entry.is_file() else entry.name.lower()
+        if key in entries and key in TRAIN_NAMES + HELDOUT_NAMES:
+            raise DataFormatError(f"{folder}: both {entries[key].name} and {entry.name} would be "
+                                  f"the '{key}' part; keep one")
+        entries[key] = entry
     train = next((entries[n] for n in TRAIN_NAMES if n in entries), None)
     held = next((entries[n] for n in HELDOUT_NAMES if n in entries), None)
     if train is None or held is None:

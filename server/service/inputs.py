@@ -33,9 +33,18 @@ def check_coordinator_inputs(config: RunConfig, cache_dir: Path) -> CoordinatorI
     from kernels.base_model import resolve_model_dir
 
     model_dir = resolve_model_dir(config.model.source, cache_dir)
-    if config.eval.path is not None and not config.eval.path.exists():
-        raise ConfigError(f"eval.path = {str(config.eval.path)!r} does not exist; name a file "
-                          "or folder of evaluation data this coordinator owns, or remove it")
+    if config.eval.path is not None:
+        from kernels.data.formats import DataFormatError
+        from server.central_eval import evaluation_examples
+
+        if not config.eval.path.exists():
+            raise ConfigError(f"eval.path = {str(config.eval.path)!r} does not exist; name a "
+                              "file or folder of evaluation data this coordinator owns, or "
+                              "remove it")
+        try:
+            evaluation_examples(config.eval.path)  # read now, not after the run started
+        except DataFormatError as err:
+            raise ConfigError(f"eval.path: {err}") from None
     public_key = signed_manifest = ""
     if config.security.verify_manifest:
         from server.signing import ensure_signed

@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds any one run may take")
     args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2: a fault hits after a round's checkpoint, "
+                     "inside a later round")
     unknown = sorted(set(args.faults) - set(FAULTS))
     if unknown:
         parser.error(f"unknown fault(s) {unknown}; choose from {list(FAULTS)}")

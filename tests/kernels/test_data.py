@@ -228,3 +228,32 @@ def test_smollm2_chat_blocks_score_exactly_the_answers() -> None:
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert int(np.argmax(blocks.scored[0])) == len(tokenizer.encode(
         template.prompt(example.prompt_turns), add_special_tokens=False).ids)
+
+
+def test_unusual_line_breaks_survive_a_round_trip(tmp_path: Path) -> None:
+    """JSON leaves U+2028 unescaped in strings; CSV keeps line breaks in quoted fields."""
+    from kernels.data.formats import write_jsonl
+
+    example = chat(("user", "a\u2028b\u0085c"), ("assistant", "line one\nline two"))
+    write_jsonl(tmp_path / "x.jsonl", [example])
+    assert read_examples(tmp_path / "x.jsonl")[0] == [example]
+    (tmp_path / "y.csv").write_text('prompt,response\n"two\nlines",ok\n', encoding="utf-8")
+    assert read_examples(tmp_path / "y.csv")[0] == [chat(("user", "two\nlines"),
+                                                         ("assistant", "ok"))]
+
+
+def test_a_conversation_must_open_with_the_user_and_a_split_name_is_unique(
+        tmp_path: Path) -> None:
+    _jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "assistant", "content": "hi"},
+                                                {"role": "user", "content": "q"}]}])
+    with pytest.raises(DataFormatError, match=r"c\.jsonl, line 1: the conversation starts "
+                                              r"with an assistant turn"):
+        read_dataset(tmp_path / "c.jsonl")
+    split = tmp_path / "split"
+    split.mkdir()
+    _jsonl(split / "train.jsonl", [{"text": "a"}])
+    (split / "train.csv").write_text("text\nb\n")
+    _jsonl(split / "test.jsonl", [{"text": "c"}])
+    with pytest.raises(DataFormatError, match=r"both train\.csv and train\.jsonl would be the "
+                                              r"'train' part"):
+        read_dataset(split)

@@ -48,3 +48,18 @@ def test_progress_can_be_switched_off(tmp_path: Path) -> None:
         box.append(tmp_path)
         append_metrics(tmp_path, {"round": 0, "perplexity": 1.0})
     assert stream.getvalue() == ""
+
+
+def test_devices_evaluate_only_when_asked_or_when_nothing_else_can() -> None:
+    from protocols.run_config import RunConfig
+    from server.app import federated_eval_fraction
+
+    def config(**eval_: object) -> RunConfig:
+        privacy = {"client_dp": bool(eval_.pop("dp", False))}
+        return RunConfig.from_nested({"eval": eval_, "privacy": privacy})
+
+    assert federated_eval_fraction(config(), central=True) == 0.0  # eval.path scores it
+    assert federated_eval_fraction(config(), central=False) == 1.0  # no eval.path
+    assert federated_eval_fraction(config(central=False), central=False) == 0.0  # off
+    assert federated_eval_fraction(config(fraction_clients=0.25), central=True) == 0.25
+    assert federated_eval_fraction(config(dp=True), central=False) == 0.0  # not under DP

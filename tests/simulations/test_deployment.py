@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from client.local_data import LocalDataError
 from client.node.daemon import DaemonConfigError, parse_config
 from client.node.supernode import SuperNodeSpec, node_config_arg
 from client.node_policy import NodePolicyError, apply_node_settings, check_node_policy
@@ -332,6 +334,38 @@ def test_the_fab_carries_the_signed_manifest_a_device_checks_its_own_copy_agains
 class _Ctx:
     def __init__(self, node_config: dict[str, Any]) -> None:
         self.node_config = node_config
+
+
+def test_a_device_data_error_reaches_the_coordinator_without_its_details() -> None:
+    """The details of a data error name the device's files and may quote its data: they go
+    to the device's log; the error reply (what the coordinator sees) only names the kind."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.node_policy import node_settings_mod
+    from kernels.data.formats import DataFormatError
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def handler(msg: Message, context: Context) -> Message:
+        raise DataFormatError("/home/ann/diary.jsonl, line 3: message 0 has role 'dear diary'")
+
+    node = {"partition-id": 0, "fedtune-client-threads": 1}
+    context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
+                      run_config=RunConfig().to_flat())
+    msg = Message(RecordDict(), dst_node_id=5, message_type="train")
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("client.node_policy")  # the device's log (its own handler)
+    keep = logging.Handler()
+    keep.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(keep)
+    try:
+        with pytest.raises(LocalDataError) as raised:
+            node_settings_mod(msg, context, handler)
+    finally:
+        logger.removeHandler(keep)
+    assert "diary" not in str(raised.value) and "DataFormatError" in str(raised.value)
+    assert any("/home/ann/diary.jsonl, line 3" in r.getMessage() for r in records)
 
 
 def test_device_settings_win_over_the_run_config() -> None:
