@@ -152,3 +152,17 @@ def test_run_folder_names_survive_stops_and_reruns(tmp_path: Path) -> None:
     with reopened_run_dir(tmp_path, "r") as work:
         assert work == tmp_path / "r.partial"
     assert (tmp_path / "r").is_dir()
+
+
+def test_only_federated_runs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from protocols.config_file import to_toml
+    from protocols.run_config import RunConfig
+
+    folder = tmp_path / "base.failed"
+    folder.mkdir()
+    (folder / "config.toml").write_text(to_toml(RunConfig()))
+    (folder / "run_info.json").write_text('{"kind": "centralized", "name": "base"}')
+    assert main(["simulate", "--resume", "base", "--runs-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fedtune simulate: error: run 'base' is a centralized run; only federated runs resume "
+        "(rerun the centralized baseline under a new --name)")
