@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -318,5 +319,24 @@ def _interrupted(command: str, signum: int, *, resumable: bool = False) -> int:
     return 128 + int(signum)
 
 
+#: Exit statuses of a command stopped by Ctrl-C, SIGTERM or SIGHUP (128 + the signal).
+STOPPED = frozenset(128 + int(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+
+
+def entry() -> None:
+    """The ``fedtune`` console script (and ``python -m simulations.cli``): :func:`main`,
+    then exit. A stopped simulation exits at once once its run folder is kept: threads that
+    Flower and Ray leave waiting on workers that are going away (measured: a stopped run's
+    process could stay up after it printed its one line) must not hold the shell, and Ray's
+    daemons die with this process (they share its fate)."""
+    code = main()
+    if code in STOPPED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
