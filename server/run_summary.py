@@ -9,6 +9,7 @@ round produced no update, and record it in the run folder's ``run_info.json``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,3 +64,15 @@ def record_outcome(run_dir: Path) -> RunSummary:
         info["degraded"] = {"idle_rounds": list(summary.idle), "failed": summary.failed}
         write_json_atomic(run_dir / RUN_INFO, info, indent=2)
     return summary
+
+
+def report_outcome(run_dir: Path, prog: str) -> int:
+    """Print the run's summary line (and, if degraded, one line on stderr); return the
+    command's exit status: 0, or :data:`EXIT_DEGRADED`."""
+    summary = record_outcome(run_dir)
+    print(f"rounds:     {summary.line()}")
+    if summary.degraded:
+        print(f"{prog}: degraded run (exit status {EXIT_DEGRADED}): {summary.line()}",
+              file=sys.stderr)
+        return EXIT_DEGRADED
+    return 0

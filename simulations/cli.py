@@ -154,7 +154,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from protocols.config_file import load_config
     from protocols.run_config import ConfigError
     from server.progress import round_progress
-    from server.run_summary import EXIT_DEGRADED, record_outcome
+    from server.run_summary import report_outcome
     from simulations.runner import check_inputs, run_centralized, run_federated
 
     if args.resume is not None:
@@ -187,13 +187,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"adapter:    {run_dir / 'adapter'}")
     if args.centralized:
         return 0
-    summary = record_outcome(run_dir)
-    print(f"rounds:     {summary.line()}")
-    if summary.degraded:
-        print(f"fedtune simulate: degraded run (exit status {EXIT_DEGRADED}): "
-              f"{summary.line()}", file=sys.stderr)
-        return EXIT_DEGRADED
-    return 0
+    return report_outcome(run_dir, "fedtune simulate")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -70,14 +70,19 @@ class Dataset:
     source: Path
 
 
+def _checked_source(path: Path, format: DataFormat) -> Path:
+    """The data path, once the format is known and the path exists."""
+    if format not in DATA_FORMATS:
+        raise DataFormatError(f"data format {format!r}: must be one of {list(DATA_FORMATS)}")
+    if not Path(path).exists():
+        raise DataFormatError(f"{path}: no such file or folder; check the data path")
+    return Path(path)
+
+
 def read_dataset(path: Path, format: DataFormat = "auto") -> Dataset:
     """Read a file or folder (see the module doc); raise :class:`DataFormatError` on any
     problem, naming what is wrong and where."""
-    path = Path(path)
-    if format not in DATA_FORMATS:
-        raise DataFormatError(f"data format {format!r}: must be one of {list(DATA_FORMATS)}")
-    if not path.exists():
-        raise DataFormatError(f"{path}: no such file or folder; check the data path")
+    path = _checked_source(path, format)
     if path.is_dir() and _is_saved_dataset(path):
         return _read_saved(path, format)
     if path.is_dir():
@@ -405,11 +410,7 @@ def read_rows(path: Path, format: DataFormat = "auto", columns: Sequence[str] = 
     a folder of ``.txt`` files, one document each and no other column, can be partitioned
     one device per file or per sub-folder. A column that is not there raises
     :class:`UnknownColumnError` naming those that are."""
-    path = Path(path)
-    if format not in DATA_FORMATS:
-        raise DataFormatError(f"data format {format!r}: must be one of {list(DATA_FORMATS)}")
-    if not path.exists():
-        raise DataFormatError(f"{path}: no such file or folder; check the data path")
+    path = _checked_source(path, format)
     if path.is_dir() and _is_saved_dataset(path):
         return _saved_rows(path, format, columns)
     if path.is_dir():

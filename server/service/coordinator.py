@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocols.cache_dir import default_cache_dir
     from protocols.config_file import load_config
     from server.run_dir import unfinished_run_dir
-    from server.run_summary import EXIT_DEGRADED, record_outcome
+    from server.run_summary import report_outcome
 
     runs_dir = args.runs_dir.resolve()
     if args.resume is not None:
@@ -394,13 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            progress=not args.no_progress)
     print(f"run folder: {run_dir}")
     print(f"adapter:    {run_dir / 'adapter'}")
-    summary = record_outcome(run_dir)
-    print(f"rounds:     {summary.line()}")
-    if summary.degraded:
-        print(f"fedtune-coordinator: degraded run (exit status {EXIT_DEGRADED}): "
-              f"{summary.line()}", file=sys.stderr)
-        return EXIT_DEGRADED
-    return 0
+    return report_outcome(run_dir, "fedtune-coordinator")
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
