@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,22 +221,31 @@ def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> 
 
 
 def make_client_app(
-    run_config: Mapping[str, Any] | None = None, *, mods: list[Mod] | None = None
+    run_config: Mapping[str, Any] | None = None, *, mods: list[Mod] | None = None,
+    late_settings: Callable[[Context], Mapping[str, Any]] | None = None,
 ) -> ClientApp:
     """A ClientApp whose settings are ``run_config`` over Flower's own run config.
 
     ``mods`` wrap every handler (Flower's mechanism for DP clipping, size checks, capture).
+    ``late_settings`` adds settings known only once a message arrives (under ``flwr run``,
+    the paths the simulation's ServerApp prepared); Flower's run config itself is read-only.
     """
     baked = dict(run_config or {})
     app = ClientApp(mods=mods)
 
+    def settings(context: Context) -> dict[str, Any]:
+        merged = _settings(context, baked)
+        if late_settings is not None:
+            merged.update(late_settings(context))
+        return merged
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, _settings(context, baked))
+        return handle_train(msg, context, settings(context))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, _settings(context, baked))
+        return handle_evaluate(msg, context, settings(context))
 
     register_secagg_stages(app)
     return app

@@ -127,7 +127,10 @@ def log_to_file(path: Path) -> Iterator[None]:
 
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(), logging.getLogger("flwr")]
+    flower = logging.getLogger("flwr")
+    # Flower's logger writes through its own handler; where it also propagates to the root
+    # logger (Flower's own launcher, `flwr run`), the root handler alone sees each record.
+    loggers = [logging.getLogger()] + ([] if flower.propagate else [flower])
     for logger in loggers:
         logger.addHandler(handler)
     try:

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set overrides applied) as TOML with each key's help as a comment. With no "
         "options this is simulations/configs/default.toml.")
     add_config_arguments(conf)
+    conf.add_argument("--flwr-app", action="store_true",
+                      help="print the [tool.flwr.app] tables of pyproject.toml instead (the "
+                           "Flower App `flwr run .` runs, with every key's default)")
 
     rep = sub.add_parser("report", help="(re)write a run's HTML report",
                          description="Regenerate report.html and plots for a finished run, "
@@ -225,8 +228,14 @@ def cmd_export_edge(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from protocols.config_file import load_config, to_toml
-    from simulations.default_config import HEADER
+    from protocols.run_config import ConfigError
+    from simulations.default_config import HEADER, flwr_app_toml
 
+    if args.flwr_app:
+        if args.config or args.overrides:
+            raise ConfigError("--flwr-app prints the defaults; drop --config/--set")
+        print(flwr_app_toml(), end="")
+        return 0
     print(HEADER + to_toml(load_config(args.config, args.overrides), comments=True), end="")
     return 0
 

@@ -79,6 +79,7 @@ def run_federated(
     on_start: Callable[[Path], None] | None = None,
     client_mods: list[Any] | None = None,
     resume: bool = False,
+    engine: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run the federated simulation; return the finished run folder.
 
@@ -87,6 +88,8 @@ def run_federated(
     starts after its last checkpointed round, with its adapter, privacy ledger and metrics
     (:mod:`server.checkpoint`); rounds sample devices and batches from (seed, round), so the
     rest of the run is the one the interrupted run would have trained.
+    ``engine`` runs the coordinator with the prepared run config instead of starting
+    Flower's engine here (``flwr run``, where Flower has started it already).
     """
     config = inputs.config
     if resume and name is None:
@@ -97,8 +100,11 @@ def run_federated(
         if on_start:
             on_start(run_dir)
         flat = flower_run_config(inputs, run_dir)
-        with seeded_node_ids(config.train.seed):  # same partitions sampled on every rerun
-            _run_simulation(flat, inputs, client_mods)
+        if engine is not None:
+            engine(flat)
+        else:
+            with seeded_node_ids(config.train.seed):  # same partitions sampled on every rerun
+                _run_simulation(flat, inputs, client_mods)
         if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
             raise RuntimeError(
                 f"the simulation ended without a final adapter in {run_dir}; "
