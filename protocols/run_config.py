@@ -234,6 +234,10 @@ class FederationSection(Section):
         "fit in 80 % of the available memory; 0 = no limit", ge=0)
     round_timeout_s: float = setting(
         3600.0, "how long the coordinator waits for a round's replies", gt=0)
+    round_retries: int = setting(
+        2, "times a round that trained nothing because its devices failed (errors, no reply, "
+        "secure aggregation below its threshold) runs again with devices sampled afresh, "
+        "under the same round number; every failure is still counted", ge=0)
     poll_interval_s: float = setting(
         0.25, "how often the coordinator pulls replies (Flower's deployment grid waits a "
         "fixed 3 s)", gt=0)

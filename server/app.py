@@ -31,6 +31,7 @@ from server.metrics_log import read_metrics, truncate_metrics
 from server.node_sampling import node_sampler
 from server.polling_grid import PollingGrid
 from server.recorder import RoundRecorder
+from server.round_retry import RetryFailedRounds
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
 
@@ -179,7 +180,11 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     # Seeded sampling repeats runs (round by round, so a resumed run too); under client-level
     # DP the sample must be secret.
     sampler = node_sampler(config.train.seed, secret=config.privacy.client_dp)
-    outer = OffsetRounds(dp or strategy, point.first_round - 1, on_round=sampler.begin_round)
+    retrying = RetryFailedRounds(dp or strategy, strategy,
+                                 retries=config.federation.round_retries,
+                                 timeout=config.federation.round_timeout_s,
+                                 on_attempt=sampler.begin_round)
+    outer = OffsetRounds(retrying, point.first_round - 1, on_round=sampler.begin_round)
     recorder = RoundRecorder(run_dir, central=central if central_on else None,
                              strategy=strategy, dp=dp, point=point)
     train_config, eval_config = instructions(config)

@@ -31,14 +31,17 @@ class RoundSampler(random.Random):
         self.run_seed = seed
         super().__init__(f"fedtune-sampling|{seed}")
 
-    def begin_round(self, server_round: int) -> None:
-        self.seed(f"fedtune-sampling|{self.run_seed}|{server_round}")
+    def begin_round(self, server_round: int, attempt: int = 0) -> None:
+        """Reseed for a round (``attempt`` > 0: a retry of a round whose devices all failed,
+        :mod:`server.round_retry`, which samples afresh but just as reproducibly)."""
+        suffix = f"|retry{attempt}" if attempt else ""
+        self.seed(f"fedtune-sampling|{self.run_seed}|{server_round}{suffix}")
 
 
 class SecretSampler(random.SystemRandom):
     """The operating system's generator; rounds change nothing (there is no state)."""
 
-    def begin_round(self, server_round: int) -> None:
+    def begin_round(self, server_round: int, attempt: int = 0) -> None:
         """Nothing to reseed: every draw is fresh OS entropy."""
 
 

@@ -27,6 +27,8 @@ def describe_round(row: dict[str, Any], total: int) -> str:
     else:
         parts = [f"round {row['round']}/{total}: {row.get('clients', 0)} clients, "
                  f"{row.get('failed', 0)} failed, {row.get('rejected', 0)} rejected"]
+        if row.get("retries"):
+            parts.append(f"{row['retries']} retr{'y' if row['retries'] == 1 else 'ies'}")
     if "perplexity" in row:
         parts.append(f"perplexity {row['perplexity']:.1f}")
     elif "fed_eval_loss_weighted" in row:

@@ -59,6 +59,7 @@ class RoundRecorder:
                 sampled=stats.sampled,
                 rejected=stats.rejected,
                 failed=stats.failed,
+                retries=stats.retries,
                 bytes_up=stats.bytes_up,
                 bytes_down=stats.bytes_down,
                 train_loss=stats.train_loss,

@@ -53,6 +53,7 @@ class RoundStats:
     bytes_down: int = 0
     bytes_up: int = 0
     clipped: int = 0  # accepted updates that client-level DP's clipping scaled down
+    retries: int = 0  # attempts added because every device of the round failed
     started: float = 0.0
     replies_at: float = 0.0
     aggregated_at: float = 0.0

@@ -254,19 +254,24 @@ def test_a_run_whose_rounds_train_nothing_says_so_and_exits_3(
                  "--name", "idle"])
     out, err = capsys.readouterr()
     assert code == 3
-    assert "rounds:     0 of 1 rounds trained; 3 client failures, 0 rejected updates; rounds [1]" \
+    # the round ran three times (federation.round_retries = 2), every failure counted
+    assert "rounds:     0 of 1 rounds trained; 9 client failures, 0 rejected updates; rounds [1]" \
         " trained nothing" in out
     assert err.strip().splitlines()[-1].startswith("fedtune simulate: degraded run (exit status 3)")
     info = json.loads((tmp_path / "runs" / "idle" / "run_info.json").read_text())
-    assert info["degraded"] == {"idle_rounds": [1], "failed": 3}
+    assert info["degraded"] == {"idle_rounds": [1], "failed": 9}
+    rows = [json.loads(line) for line in
+            (tmp_path / "runs" / "idle" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["retries"] == 2 and rows[1]["sampled"] == 9
 
 
 class KillWorkerInRound:
     """A client mod that kills the Ray worker running it when a train message of ``round``
-    arrives — what Ray's out-of-memory killer does to a ClientApp actor mid-task."""
+    arrives — what Ray's out-of-memory killer does to a ClientApp actor mid-task — the first
+    ``kills`` times (counted with files in ``marks``, since a killed worker forgets)."""
 
-    def __init__(self, server_round: int) -> None:
-        self.server_round = server_round
+    def __init__(self, server_round: int, kills: int, marks: Path) -> None:
+        self.server_round, self.kills, self.marks = server_round, kills, marks
 
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         import os
@@ -275,16 +280,22 @@ class KillWorkerInRound:
         config = msg.content.config_records.get("config")
         if (msg.metadata.message_type == "train" and config is not None
                 and config["server-round"] == self.server_round):
-            os.kill(os.getpid(), signal.SIGKILL)
+            for i in range(self.kills):
+                try:
+                    (self.marks / f"kill-{i}").open("x").close()
+                except FileExistsError:
+                    continue
+                os.kill(os.getpid(), signal.SIGKILL)
         return call_next(msg, context)
 
 
-def test_lost_workers_are_recreated_and_the_lost_round_is_counted(
+def test_lost_workers_are_recreated_and_the_lost_round_runs_again(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
 ) -> None:
-    """Every ClientApp worker is killed in round 1 (real Ray): round 1 is counted as failed
-    by every sampled client and trains nothing; the workers come back, rounds 2 and 3 train
-    with every sampled client, and the run's summary says round 1 was lost."""
+    """Both ClientApp workers of round 1 are killed on every try Ray makes (the task and its
+    two retries, each on a restarted worker: real Ray): the round trains nothing, so it runs
+    again with a fresh sample; its row counts both failures and the retry, and every round of
+    the run trains."""
     from server.run_summary import summarize
     from simulations.runner import check_inputs, run_federated
 
@@ -294,14 +305,17 @@ def test_lost_workers_are_recreated_and_the_lost_round_is_counted(
     nested["security"] = {"secagg": False}
     inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
     run_dir = run_federated(inputs, tmp_path / "runs", name="lost-workers",
-                            client_mods=[KillWorkerInRound(1)])
+                            client_mods=[KillWorkerInRound(1, kills=6, marks=tmp_path)])
+    assert len(list(tmp_path.glob("kill-*"))) == 6
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_round = {r["round"]: r for r in rows}
-    assert by_round[1]["clients"] == 0 and by_round[1]["failed"] == 2
+    assert by_round[1]["clients"] == 2 and by_round[1]["failed"] == 2
+    assert by_round[1]["retries"] == 1 and by_round[1]["sampled"] == 4
     for later in (2, 3):
         assert by_round[later]["clients"] == 2 and by_round[later]["failed"] == 0
+        assert by_round[later]["retries"] == 0
     summary = summarize(run_dir)
-    assert summary.idle == (1,) and summary.trained == (2, 3) and summary.failed == 2
+    assert summary.idle == () and summary.trained == (1, 2, 3) and summary.failed == 2
 
 
 @pytest.mark.parametrize("secagg", [True, False], ids=["distributed-noise", "server-noise"])
