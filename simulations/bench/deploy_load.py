@@ -370,15 +370,19 @@ class LoadRun:
             self.remaining()
             time.sleep(1.0)
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, *, resume: bool = False) -> None:
+        """Start ``fedtune coordinator`` (``resume``: continue the run after a kill, with
+        the config saved in its folder)."""
         left = f"{self.remaining():.0f}"
         ws = self.ws
+        run = (["--resume", RUN_NAME] if resume
+               else ["--config", str(ws.run_toml), "--name", RUN_NAME])
         self.coordinator = ManagedProcess(
             "coordinator",
-            [sys.executable, "-m", "server.service.coordinator", "--config",
-             str(ws.run_toml), "--state-dir", str(ws.state_dir), "--certs-dir",
+            [sys.executable, "-m", "server.service.coordinator", *run,
+             "--state-dir", str(ws.state_dir), "--certs-dir",
              str(ws.certs_dir), "--port", str(ws.port), "--cache-dir", str(ws.cache_dir),
-             "--runs-dir", str(ws.runs_dir), "--name", RUN_NAME,
+             "--runs-dir", str(ws.runs_dir),
              "--min-nodes", str(self.args.nodes), "--nodes-timeout", left,
              "--run-timeout", left],
             env=self.env, log_path=ws.root / "coordinator.out")

@@ -12,15 +12,25 @@ benchmark), hit once at a random moment after a random round's checkpoint (seede
   out-of-memory killer does; the run goes on by itself;
 - ``sighup``: SIGHUP of ``fedtune simulate`` (a closed terminal); resumed with ``--resume``;
 - ``kill``: SIGKILL of ``fedtune simulate`` with its whole process group (a power cut);
-  resumed with ``--resume``.
+  resumed with ``--resume``;
+- ``daemon``: on the Deployment Engine (``fedtune coordinator`` and one ``fedtune client``
+  daemon per device, real processes on loopback with TLS and node authentication, edge
+  devices on a tiny model: :mod:`simulations.bench.deploy_load`'s set-up), SIGKILL of one
+  device's daemon, which is started again at once (its SuperNode and ClientApps died with
+  it); the run goes on by itself;
+- ``coordinator``: on the same deployment, SIGKILL of the coordinator with its SuperLink and
+  ServerApp (a power cut on the coordinator host); resumed with ``fedtune coordinator
+  --resume`` while the devices stay up.
 
-Per fault it reports rounds lost (a round missing from ``metrics.jsonl``, or one that trained
-nothing), rounds repeated (a round logged twice), updates double-counted (a round whose
-accepted + failed + rejected clients exceed the sampled ones, or, for the faults that a
-resume makes invisible, a final adapter that differs from the reference), and privacy
-spend double-counted (a round in the ε ledger twice; the runs use client-level DP only with
-``--dp``, where sampling is secret and adapters cannot be compared). All should be zero; a
-worker kill costs at most the one client's update of the round it hit (counted as failed).
+Per fault it reports rounds lost (fewer rounds that trained than were asked for: a round
+missing from ``metrics.jsonl``, or one that trained nothing even after its retries),
+rounds repeated (a round logged twice), updates double-counted (a round whose accepted +
+failed + rejected clients exceed the sampled ones, or, for the simulations a resume makes
+invisible, a final adapter that differs from the reference), and privacy spend
+double-counted (a round in the ε ledger twice; simulated runs use client-level DP only with
+``--dp``, where sampling is secret and adapters cannot be compared; deployed runs have no
+DP). All should be zero; a kill costs at most the updates of the devices it hit in the round
+it hit (counted as failed), and the exit status is 1 otherwise.
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
-FAULTS = ("worker", "sighup", "kill")
-RESUMED = ("sighup", "kill")
+FAULTS = ("worker", "sighup", "kill", "daemon", "coordinator")
+RESUMED = ("sighup", "kill")  # simulations resumed from a checkpoint: adapters comparable
+DEPLOYED = ("daemon", "coordinator")
 
 
 @dataclass
@@ -151,6 +164,51 @@ def _run_with_fault(args: argparse.Namespace, fault: str, name: str, after: int,
     return outcome
 
 
+def _deployed_run_with_fault(args: argparse.Namespace, fault: str, name: str, after: int,
+                             rng: np.random.Generator) -> tuple[Outcome, Path]:
+    """A deployed run (coordinator + ``--nodes`` device daemons) hit once after round
+    ``after`` is checkpointed; return the outcome and the finished run folder."""
+    from simulations.bench import deploy_load
+
+    outcome = Outcome(fault, after)
+    setup = argparse.Namespace(
+        nodes=args.nodes, rounds=args.rounds, clients_per_round=min(2, args.nodes),
+        edge_steps=2, secagg=False, round_timeout=300.0, model=None, warm_clientapp=None,
+        interval=1.0, max_starting=args.nodes, timeout=args.timeout)
+    # A short folder of its own: Unix socket paths (the warm launcher's) allow 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix=f"fedtune-{fault}-"))
+    ws = deploy_load.prepare(setup, root)
+    run = deploy_load.LoadRun(setup, ws, time.monotonic() + args.timeout)
+    partial = ws.runs_dir / f"{deploy_load.RUN_NAME}.partial"
+    try:
+        run.start_coordinator()
+        run.wait_until(run.keys_registered, "the coordinator to register the device keys",
+                       limit=deploy_load.REGISTER_WAIT_S + 3.0 * args.nodes)
+        run.start_devices()
+        run.wait_until(lambda: _checkpointed(partial) >= after, f"round {after}'s checkpoint")
+        time.sleep(float(rng.uniform(0.0, args.jitter_s)))  # somewhere inside the next round
+        assert run.coordinator is not None
+        if fault == "daemon":
+            victim = str(rng.choice(sorted(run.devices)))
+            outcome.notes.append(f"killed {victim}'s daemon")
+            run.devices[victim].kill()
+            run.start_device(victim)
+        else:
+            run.coordinator.kill()
+            run.start_coordinator(resume=True)
+        code = run.coordinator.popen.wait(timeout=run.remaining())
+        if code not in (0, 3):
+            raise RuntimeError(f"{name}: the coordinator exited {code} (processes' logs in "
+                               f"{root}): {run.coordinator.log_tail(2000)}")
+    finally:
+        run.stop_all()
+    run_dir = args.runs_dir / name
+    shutil.move(ws.runs_dir / deploy_load.RUN_NAME, run_dir)
+    shutil.move(ws.root / "coordinator.out", run_dir / "coordinator.out")
+    shutil.rmtree(root, ignore_errors=True)
+    return outcome, run_dir
+
+
 def check(outcome: Outcome, run_dir: Path, rounds: int, reference: Path | None) -> Outcome:
     """Fill in the counts from the finished run folder (and the reference run's)."""
     from protocols.privacy.ledger import load_ledger
@@ -160,7 +218,8 @@ def check(outcome: Outcome, run_dir: Path, rounds: int, reference: Path | None) 
     numbers = [r["round"] for r in rows]
     outcome.rounds_repeated = len(numbers) - len(set(numbers))
     trained = {r["round"] for r in rows if r.get("clients", 0) > 0}
-    outcome.rounds_lost = sum(1 for n in range(1, rounds + 1) if n not in trained)
+    # (a resumed deployment may number its rounds past a gap: count, not numbers)
+    outcome.rounds_lost = max(0, rounds - len(trained))
     outcome.failed_clients = sum(int(r.get("failed", 0)) for r in rows)
     outcome.double_counted = sum(
         1 for r in rows if r["round"] > 0
@@ -187,7 +246,8 @@ def _same_adapter(a: Path, b: Path) -> bool:
 def run_benchmark(args: argparse.Namespace) -> list[Outcome]:
     rng = np.random.default_rng(args.seed)
     reference = None
-    if not args.dp:  # with secret sampling there is nothing to compare adapters with
+    simulated = [f for f in args.faults if f not in DEPLOYED]
+    if simulated and not args.dp:  # with secret sampling there is nothing to compare with
         done = subprocess.run(_simulate(args, "--name", f"{args.prefix}-reference"),
                               capture_output=True, text=True, env=_env(), timeout=args.timeout)
         if done.returncode != 0:
@@ -198,8 +258,12 @@ def run_benchmark(args: argparse.Namespace) -> list[Outcome]:
         for i in range(args.runs):
             name = f"{args.prefix}-{fault}-{i}"
             after = int(rng.integers(1, args.rounds))  # hit inside rounds 2..R
-            outcome = _run_with_fault(args, fault, name, after, rng)
-            outcomes.append(check(outcome, args.runs_dir / name, args.rounds, reference))
+            if fault in DEPLOYED:
+                outcome, run_dir = _deployed_run_with_fault(args, fault, name, after, rng)
+            else:
+                outcome = _run_with_fault(args, fault, name, after, rng)
+                run_dir = args.runs_dir / name
+            outcomes.append(check(outcome, run_dir, args.rounds, reference))
             print(f"{name}: hit after round {after}: {_line(outcome)}", file=sys.stderr)
     return outcomes
 
@@ -212,7 +276,7 @@ def _line(o: Outcome) -> str:
 
 
 def render(outcomes: list[Outcome]) -> str:
-    head = (f"{'fault':<7} {'runs':>4} {'rounds lost':>11} {'repeated':>8} "
+    head = (f"{'fault':<11} {'runs':>4} {'rounds lost':>11} {'repeated':>8} "
             f"{'double-counted':>14} {'privacy 2x':>10} {'failed clients':>14} "
             f"{'= reference':>11}")
     lines = [head, "-" * len(head)]
@@ -220,7 +284,7 @@ def render(outcomes: list[Outcome]) -> str:
         mine = [o for o in outcomes if o.fault == fault]
         same = [o.equal_to_reference for o in mine if o.equal_to_reference is not None]
         lines.append(
-            f"{fault:<7} {len(mine):>4} {sum(o.rounds_lost for o in mine):>11} "
+            f"{fault:<11} {len(mine):>4} {sum(o.rounds_lost for o in mine):>11} "
             f"{sum(o.rounds_repeated for o in mine):>8} "
             f"{sum(o.double_counted for o in mine):>14} "
             f"{sum(o.privacy_double_spent for o in mine):>10} "
@@ -232,13 +296,16 @@ def render(outcomes: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.bench.faults",
-        description="Simulations hit by random faults (worker kill, SIGHUP, power cut), "
-        "resumed automatically and checked against an uninterrupted run.")
+        description="Runs hit by random faults (simulations: worker kill, SIGHUP, power cut; "
+        "deployments: device daemon kill, coordinator power cut), resumed automatically and "
+        "checked for lost, repeated and double-counted rounds and privacy spend.")
     parser.add_argument("--faults", default=",".join(FAULTS),
                         type=lambda s: [f for f in s.split(",") if f],
                         help=f"comma-separated, of {', '.join(FAULTS)}")
     parser.add_argument("--runs", type=int, default=2, help="runs per fault")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--nodes", type=int, default=3,
+                        help="devices of a deployed run (daemon and coordinator faults)")
     parser.add_argument("--seed", type=int, default=0, help="fixes when each fault hits")
     parser.add_argument("--jitter-s", type=float, default=3.0,
                         help="the fault hits up to this long after the round's checkpoint")
@@ -246,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="client-level DP on: check the privacy ledger (sampling is "
                              "secret then, so adapters are not compared)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override for every run (e.g. a smaller model)")
+                        help="config override for every simulated run (e.g. a smaller "
+                             "model); deployed runs use deploy_load's tiny edge set-up")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--prefix", default="faults")
     parser.add_argument("--cache-dir", type=Path, default=None)
@@ -256,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: a fault hits after a round's checkpoint, "
                      "inside a later round")
+    if set(args.faults) & set(DEPLOYED) and not 2 <= args.nodes <= 20:
+        parser.error("--nodes must be in 2..20 for the deployed faults (a round trains two "
+                     "devices; each device is a daemon, a SuperNode and ClientApp processes)")
     unknown = sorted(set(args.faults) - set(FAULTS))
     if unknown:
         parser.error(f"unknown fault(s) {unknown}; choose from {list(FAULTS)}")
@@ -267,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.runs_dir / f"{args.prefix}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
-    bad = sum(o.rounds_repeated + o.double_counted + o.privacy_double_spent for o in outcomes)
-    bad += sum(o.rounds_lost for o in outcomes if o.fault in RESUMED)
+    bad = sum(o.rounds_lost + o.rounds_repeated + o.double_counted + o.privacy_double_spent
+              for o in outcomes)
     return 1 if bad else 0
 
 
