@@ -82,8 +82,10 @@ class DpSgdSettings:
     )
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        # 0 (no noise: clipping only, epsilon infinite) exists for the correctness tests; the
+        # run config's privacy.dpsgd_noise_multiplier must be > 0.
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if not 0 < self.delta < 1:

@@ -123,6 +123,52 @@ def test_each_block_gradient_is_its_own_and_clipped_before_the_sum(tiny_model_di
     assert abs(moved - float(clipped.sum(0).norm()) / batch_size) <= noise_bound / batch_size
 
 
+@pytest.mark.parametrize("freeze_a", [True, False], ids=["ffa-lora", "lora"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch"])
+def test_without_noise_or_clipping_dp_sgd_is_the_non_private_step(
+    tiny_model_dir: Path, mode: str, freeze_a: bool
+) -> None:
+    """σ = 0 and a clip no gradient reaches: one DP-SGD step must be exactly the ordinary
+    backprop step on the same batch (Opacus with PEFT has silently corrupted LoRA
+    gradients: a missing per-sample hook, a frozen A mistaken for a trained one). The
+    reference is Hugging Face's own ``labels=`` loss, no Opacus; the DP step divides the sum
+    by the *expected* batch E, so the reference loss is scaled by the drawn n / E."""
+    trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=freeze_a))
+    model, params = trainer.model, _trainable(trainer.model)
+    blocks = token_blocks(trainer.tokenizer, DATA.train_texts, SEQ)
+    start = _random_b(model)
+    set_adapter(model, start)
+    seen: dict[str, torch.Tensor] = {}
+    batch_size, lr = 8, 0.5
+
+    def capture(_: Any, batch: torch.Tensor) -> None:
+        seen["batch"] = batch.clone()
+
+    dp_train(model, blocks, torch.optim.SGD(params, lr=lr),
+             settings=_settings(0.0, 1e9, grad_sample_mode=mode), batch_size=batch_size,
+             steps=1, seed=7, on_step=capture)
+    private = get_adapter(model)
+
+    set_adapter(model, start)
+    model.train()
+    batch = seen["batch"]
+    assert len(batch) > 0
+    optimizer = torch.optim.SGD(params, lr=lr)
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=batch, labels=batch).loss * (len(batch) / batch_size)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimizer.step()
+    model.eval()
+    plain = get_adapter(model)
+
+    assert set(private) == set(plain)
+    moved = [k for k in plain if not np.array_equal(plain[k], start[k])]
+    assert moved and all(".lora_B." in k for k in moved) == freeze_a  # A moves only in LoRA
+    for key in plain:
+        np.testing.assert_allclose(private[key], plain[key], rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{mode}: {key}")
+
+
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
 def test_other_opacus_modes_give_the_hooks_update(tiny_model_dir: Path, mode: str) -> None:
     trainer = TorchLoraTrainer(tiny_model_dir, LoraSection(r=4, freeze_a=False))

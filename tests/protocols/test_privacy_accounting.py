@@ -259,3 +259,17 @@ def test_privacy_modules_work_without_torch() -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_pld_refuses_a_noise_multiplier_whose_grid_would_not_fit_in_memory() -> None:
+    """σ = 1e-3 would make dp_accounting allocate a ~1e10-point grid (tens of GB): refused
+    at once, naming the value and the way out; RDP still answers."""
+    from protocols.privacy.accounting import MAX_PLD_POINTS, pld_grid_points, prv_epsilon
+
+    with pytest.raises(ValueError, match=r"noise_multiplier = 0\.001 is too small for the "
+                                         r"'pld' accountant.*use accountant 'rdp'"):
+        prv_epsilon(noise_multiplier=1e-3, sample_rate=0.1, steps=10, delta=1e-5)
+    assert pld_grid_points(1e-3, 1e-4) > 100 * MAX_PLD_POINTS
+    assert pld_grid_points(0.5, 1e-4) < MAX_PLD_POINTS / 10  # the usual range is untouched
+    assert math.isfinite(rdp_epsilon(noise_multiplier=1e-3, sample_rate=0.1, steps=10,
+                                     delta=1e-5))
