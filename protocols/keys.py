@@ -19,6 +19,9 @@ LEARNING_RATE: Final = "learning-rate"
 SEQ_LEN: Final = "seq-len"
 SEED: Final = "seed"
 CODEC: Final = "codec"
+# Set (true) when the round is under client-level DP: the device then reports no number of its
+# own in the clear (no loss, example count or timing; DP covers only the update).
+CLIENT_DP: Final = "client-dp"
 # ... and for edge (forward-only) clients, when the federation has some
 EDGE_LEARNING_RATE: Final = "edge-learning-rate"
 EDGE_LOCAL_STEPS: Final = "edge-local-steps"

@@ -259,6 +259,21 @@ class PrivacySection(Section):
         0.0, "stop training before epsilon would exceed it; 0 = no budget", ge=0)
     accountant: Literal["rdp", "pld"] = setting(
         "rdp", "'rdp' (Renyi DP) or 'pld' (privacy loss distributions: tighter, slower)")
+    client_sampling: Literal["auto", "poisson", "fixed"] = setting(
+        "auto", "how a round samples devices under client_dp: 'poisson' (each connected "
+        "device joins independently with probability clients_per_round / N, the sampling the "
+        "accountant assumes; the cohort size varies, 0 included), 'fixed' (exactly "
+        "clients_per_round, the usual approximation) or 'auto': poisson with the "
+        "coordinator's noise, fixed under secure aggregation (which needs two devices in a "
+        "round, and whose coordinator samples and so knows the cohort). Secret either way")
+
+    def poisson_sampling(self, *, secagg: bool) -> bool:
+        """Whether rounds take a Poisson sample (only under client_dp)."""
+        if not self.client_dp:
+            return False
+        if self.client_sampling == "auto":
+            return not secagg
+        return self.client_sampling == "poisson"
     dpsgd: bool = setting(False, "sample-level DP-SGD (Opacus) on torch clients")
     dpsgd_noise_multiplier: float = setting(1.0, "DP-SGD: noise std / max_grad_norm", gt=0)
     dpsgd_max_grad_norm: float = setting(1.0, "DP-SGD: per-sample gradient clip", gt=0)
@@ -308,6 +323,14 @@ class RunConfig:
     edge: EdgeSection = field(default_factory=EdgeSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     security: SecuritySection = field(default_factory=SecuritySection)
+
+    def __post_init__(self) -> None:
+        # Settings of two sections that only make sense together.
+        if self.privacy.client_dp and self.eval.fraction_clients > 0:
+            raise ConfigError(
+                "eval.fraction_clients > 0 asks devices for their held-out loss, a number "
+                "privacy.client_dp does not cover; under client-level DP evaluate on the "
+                "coordinator's own data (eval.path) and set eval.fraction_clients = 0")
 
     @classmethod
     def sections(cls) -> dict[str, type[Section]]:

@@ -130,6 +130,8 @@ def instructions(config: RunConfig) -> tuple[ConfigRecord, ConfigRecord]:
             keys.SEED: config.train.seed,
         }
     )
+    if config.privacy.client_dp:  # devices then report no number of their own in clear
+        train[keys.CLIENT_DP] = True
     if config.edge.fraction > 0:  # what edge (forward-only) clients use instead
         train[keys.EDGE_LOCAL_STEPS] = config.edge.local_steps
         train[keys.EDGE_LEARNING_RATE] = config.edge.learning_rate
@@ -179,7 +181,9 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
                                                                         central=central_on))
     # Seeded sampling repeats runs (round by round, so a resumed run too); under client-level
     # DP the sample must be secret.
-    sampler = node_sampler(config.train.seed, secret=config.privacy.client_dp)
+    sampler = node_sampler(config.train.seed, secret=config.privacy.client_dp,
+                           poisson=config.privacy.poisson_sampling(
+                               secagg=config.security.secagg))
     retrying = RetryFailedRounds(dp or strategy, strategy,
                                  retries=config.federation.round_retries,
                                  timeout=config.federation.round_timeout_s,

@@ -1,12 +1,22 @@
 """Client-level differential privacy on the coordinator, with an ε ledger and a budget.
 
 Each round, every client's update (the delta it uploaded) is clipped to L2 norm ``C``; the
-clipped updates are averaged with equal weights; Gaussian noise of std
-``σ·C/m`` is added to the mean of ``m`` updates (``σ·C`` on their sum), and the round is
-recorded in a :class:`~protocols.privacy.ledger.PrivacyLedger` as one step of the
-subsampled Gaussian mechanism with ``q = clients_per_round / available clients``
-(McMahan et al. 2018, DP-FedAvg). A configured ε budget is checked *before* a round is
-started: a round that would exceed it is not run.
+clipped updates are summed, Gaussian noise of std ``σ·C`` is added to the sum, and the sum is
+divided by the *expected* cohort size ``m = clients_per_round`` — a fixed number, never the
+count of updates that arrived (dropouts and rejections depend on the devices and their data;
+McMahan et al. 2018's fixed-denominator estimator, as in Flower's and TensorFlow Federated's
+DP aggregators). The round is recorded in a :class:`~protocols.privacy.ledger.PrivacyLedger`
+as one step of the subsampled Gaussian mechanism with ``q = clients_per_round / available
+clients``, which with ``privacy.client_sampling = "poisson"`` is exactly how the round sampled
+(:mod:`server.node_sampling`). A configured ε budget is checked *before* a round is started: a
+round that would exceed it is not run.
+
+Every round the accountant counts releases an update, also when no device's update was
+accepted (an empty Poisson sample, all sampled devices failed): the noise alone is then
+added. Skipping such a round would tell whoever sees the global adapter that the sample was
+empty, which the mechanism's analysis does not allow for. Under secure aggregation
+(``distributed``) the devices add the noise, so a round that recovered no sum releases
+nothing and spends nothing; the coordinator there knows the sample anyway.
 
 Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: in Flower 1.41 it pairs
 reply arrays with the global ones by position, so it breaks when clients upload a subset
@@ -57,6 +67,8 @@ class ClientLevelDP(Strategy):
             raise ValueError("client-level DP needs the inner strategy to average with "
                              "weighting='uniform'; example weights change the sensitivity")
         self.strategy = strategy
+        # The sum is divided by the expected cohort size, never by how many updates arrived.
+        strategy.denominator = clients_per_round
         if not distributed:
             # The inner strategy clips each validated delta (server.strategy): clipping
             # belongs after validation, and there each reply is decoded once.
@@ -106,26 +118,35 @@ class ClientLevelDP(Strategy):
         if server_round not in self._rates:
             return None, None  # the round was not run
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        stats = self.strategy.stats[server_round]
-        if arrays is None or stats.accepted == 0:
-            return None, None  # nothing released, nothing spent
+        stats = self.strategy.stats.get(server_round)
+        accepted = stats.accepted if stats is not None else 0
+        if self.distributed and (arrays is None or accepted == 0):
+            return None, None  # no sum recovered: nothing released, nothing spent
         # Every delta was clipped to C (by the inner strategy, or under SecAgg by each client
         # before masking, with its share of the noise: the sum then carries at least std
-        # sigma*C, see server/secagg.py); the mean of m of them gets std sigma*C/m.
-        std = self.noise_multiplier * self.clip_norm / stats.accepted
+        # sigma*C, see server/secagg.py); the sum divided by m gets std sigma*C/m.
+        std = self.noise_multiplier * self.clip_norm / self.clients_per_round
         if not self.distributed:
-            mean = dict(self.strategy.global_tensors(arrays))  # decoded once, by the strategy
+            # The inner strategy's mean (sum / m), or the round's global adapter when no
+            # update was accepted: the noise alone is released then.
+            base = (self.strategy.global_tensors(arrays) if arrays is not None
+                    else self.strategy.current_global)
+            mean = dict(base)
             for key in self.strategy.spec.trainable_keys:
                 noise = self._rng.normal(0.0, std, size=mean[key].shape)
                 mean[key] = (mean[key].astype(np.float64) + noise).astype(np.float32)
             arrays = self.strategy.publish(mean)
-            self.clip_fractions[server_round] = stats.clipped / stats.accepted
+            if stats is not None and accepted:
+                self.clip_fractions[server_round] = stats.clipped / accepted
+            else:
+                log.warning("round %d: no update accepted; the noise alone is released (the "
+                            "accountant counts every round)", server_round)
         self.ledger.record(server_round, noise_multiplier=self.noise_multiplier,
                            sample_rate=self._rates[server_round])
         if self.ledger_path is not None:
             save_ledger(self.ledger_path, self.ledger)
-        log.info("round %d: DP noise std %.3g on the mean of %d clipped updates; "
-                 "epsilon %.3f (delta %g)", server_round, std, stats.accepted,
+        log.info("round %d: DP noise std %.3g on the sum of %d clipped updates / %d; "
+                 "epsilon %.3f (delta %g)", server_round, std, accepted, self.clients_per_round,
                  self.ledger.epsilon(), self.ledger.delta)
         return arrays, metrics
 

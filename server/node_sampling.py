@@ -14,7 +14,8 @@ Flower 1.41's strategies sample with ``random.sample`` on the process-global ``r
 So the sampler is ours: a :class:`RoundSampler` seeded by ``train.seed`` and the round
 number by default — each round's sample depends on nothing but them, so a run resumed after
 round ``k`` samples round ``k + 1`` exactly as the uninterrupted run did —, the operating
-system's generator (``random.SystemRandom``) when client-level DP is on.
+system's generator (``random.SystemRandom``) when client-level DP is on — by default as a
+Poisson sample (:class:`PoissonSampler`, ``privacy.client_sampling``).
 :func:`server.flower_patches.flower_samples_with` puts it behind ``sample_nodes`` for the
 rounds of one run, and puts Flower's back when the run ends.
 """
@@ -22,6 +23,10 @@ rounds of one run, and puts Flower's back when the run ends.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class RoundSampler(random.Random):
@@ -45,6 +50,28 @@ class SecretSampler(random.SystemRandom):
         """Nothing to reseed: every draw is fresh OS entropy."""
 
 
-def node_sampler(seed: int, *, secret: bool) -> RoundSampler | SecretSampler:
-    """The generator a run's rounds sample devices with (see the module docstring)."""
+class PoissonSampler(SecretSampler):
+    """Poisson sampling, secret: asked for ``k`` of ``N`` nodes, every node joins
+    independently with probability ``q = k / N`` (the cohort size varies, may be 0). The
+    subsampled Gaussian mechanism the privacy accountant composes assumes exactly this;
+    a fixed-size sample is only its usual approximation."""
+
+    def sample(self, population: Sequence[T], k: int, *, counts: object = None) -> list[T]:
+        if counts is not None:
+            raise ValueError("Poisson sampling takes no counts")
+        members = list(population)
+        if not members:
+            return []
+        q = min(1.0, k / len(members))
+        return [m for m in members if self.random() < q]
+
+
+def node_sampler(seed: int, *, secret: bool, poisson: bool = False
+                 ) -> RoundSampler | SecretSampler:
+    """The generator a run's rounds sample devices with (see the module docstring):
+    ``poisson`` (secret only) for client-level DP's Poisson sampling."""
+    if poisson and not secret:
+        raise ValueError("Poisson sampling is for client-level DP, whose sample is secret")
+    if poisson:
+        return PoissonSampler()
     return SecretSampler() if secret else RoundSampler(seed)

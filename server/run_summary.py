@@ -4,7 +4,8 @@ A run whose rounds trained nothing — every sampled device failed, a secure-agg
 round was abandoned, a simulation's workers were lost — still ends with an adapter, so
 success cannot be read from the exit of the strategy loop. Both ``fedtune simulate`` and
 ``fedtune coordinator`` print this summary and exit with :data:`EXIT_DEGRADED` when a
-round produced no update, and record it in the run folder's ``run_info.json``.
+round produced no update, and record it in the run folder's ``run_info.json``. A round whose
+Poisson sample (client-level DP) drew no device at all is not a failure: it is counted apart.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class RunSummary:
     failed: int
     rejected: int
     abandoned: tuple[int, ...] = field(default=())  # SecAgg rounds below the threshold
+    empty: tuple[int, ...] = field(default=())  # Poisson samples that drew no device
 
     @property
     def degraded(self) -> bool:
@@ -43,6 +45,9 @@ class RunSummary:
                      + (f" (secure aggregation abandoned in {list(self.abandoned)})"
                         if self.abandoned else "")
                      + ": see metrics.jsonl and run.log")
+        if self.empty:
+            text += (f"; rounds {list(self.empty)} sampled no device (Poisson sampling "
+                     "under client-level DP: the noise alone was released)")
         return text
 
 
@@ -50,7 +55,8 @@ def summarize(run_dir: Path) -> RunSummary:
     rows = [r for r in read_metrics(run_dir) if r.get("round", 0) > 0 and "clients" in r]
     return RunSummary(
         trained=tuple(r["round"] for r in rows if r["clients"] > 0),
-        idle=tuple(r["round"] for r in rows if r["clients"] == 0),
+        idle=tuple(r["round"] for r in rows if r["clients"] == 0 and r.get("sampled", 1) > 0),
+        empty=tuple(r["round"] for r in rows if r["clients"] == 0 and r.get("sampled") == 0),
         failed=sum(int(r.get("failed", 0)) for r in rows),
         rejected=sum(int(r.get("rejected", 0)) for r in rows),
         abandoned=tuple(r["round"] for r in rows if r.get("abandoned")))

@@ -250,7 +250,8 @@ class SecAggFedAvg(AdapterFedAvg):
         if total is None:
             stats.aggregated_at = time.perf_counter()
             return None, None
-        merged = apply_delta(self._global, self._split(total / len(masked)))
+        merged = apply_delta(self._global,
+                             self._split(total / (self.denominator or len(masked))))
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(metrics[n] for n in masked)
 

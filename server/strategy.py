@@ -226,6 +226,7 @@ class AdapterFedAvg(FedAvg):
         max_abs_scalar: float = 1e3,
         max_update_norm: float = 0.0,
         clip_norm: float = 0.0,
+        denominator: int = 0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -238,6 +239,11 @@ class AdapterFedAvg(FedAvg):
         would otherwise dominate a small cohort's mean. ``clip_norm > 0`` scales every
         accepted delta to at most that L2 norm (client-level DP's clipping: after
         validation, so a NaN or an oversized update is rejected, not clipped).
+        ``denominator > 0`` divides the *sum* of the (uniformly weighted) deltas by that fixed
+        number instead of by the count of accepted ones: client-level DP's expected cohort
+        size (McMahan et al. 2018's fixed-denominator estimator). The count of accepted
+        updates depends on the data (dropouts, rejections); dividing by it would let them
+        scale what the noise, calibrated to the denominator, protects.
 
         The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
         record keys are fedtune's wire keys.
@@ -254,6 +260,9 @@ class AdapterFedAvg(FedAvg):
             raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
         if clip_norm < 0:
             raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        if denominator < 0 or (denominator and weighting != "uniform"):
+            raise ValueError(f"denominator must be >= 0 and needs uniform weighting, got "
+                             f"{denominator} with {weighting!r}")
         get_codec(codec)  # fail at start-up, not in round 1
         self.spec = spec
         self.codec_name = codec
@@ -261,6 +270,7 @@ class AdapterFedAvg(FedAvg):
         self.max_abs_scalar = max_abs_scalar
         self.max_update_norm = max_update_norm
         self.clip_norm = clip_norm
+        self.denominator = denominator
         self.stats: dict[int, RoundStats] = {}
         self.evaluations: dict[int, FederatedEval] = {}
         self._global: TensorsView = {}
@@ -374,9 +384,14 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             stats.aggregated_at = time.perf_counter()
             return None, None
-        if self.weighting == "uniform":
-            accepted = [(delta, 1) for delta, _ in accepted]
-        merged = apply_delta(self._global, weighted_average(accepted))
+        if self.denominator:
+            total = summed(delta for delta, _ in accepted)
+            merged = apply_delta(self._global,
+                                 {k: v / self.denominator for k, v in total.items()})
+        else:
+            if self.weighting == "uniform":
+                accepted = [(delta, 1) for delta, _ in accepted]
+            merged = apply_delta(self._global, weighted_average(accepted))
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(accepted_metrics)
 
@@ -402,6 +417,18 @@ class AdapterFedAvg(FedAvg):
         if norm > self.max_update_norm:
             raise InvalidUpdate(f"update norm {norm:.4g} exceeds the coordinator's bound "
                                 f"{self.max_update_norm:.4g} (security.max_update_norm)")
+
+
+def summed(updates: Iterable[TensorsView]) -> dict[str, np.ndarray]:
+    """The sum of each tensor over the updates, in float64 (rounded once, when applied)."""
+    out: dict[str, np.ndarray] = {}
+    for tensors in updates:
+        for key, value in tensors.items():
+            if key in out:
+                out[key] += value
+            else:
+                out[key] = value.astype(np.float64)
+    return out
 
 
 def weighted_average(updates: list[tuple[Tensors, int]]) -> Tensors:

@@ -159,3 +159,24 @@ def test_edge_quantization_choices_mirror_the_kernels_registry() -> None:
     assert DEFAULT_QUANTIZATION in QUANTIZATIONS
     with pytest.raises(ConfigError, match=r"edge.quantization = 'int3': must be one of \["):
         RunConfig.from_nested({"edge": {"quantization": "int3"}})
+
+
+def test_client_dp_refuses_asking_devices_for_their_held_out_loss() -> None:
+    with pytest.raises(ConfigError, match=r"eval\.fraction_clients > 0 asks devices"):
+        RunConfig.from_nested({"privacy": {"client_dp": True},
+                               "eval": {"fraction_clients": 0.5}})
+    RunConfig.from_nested({"privacy": {"client_dp": True}})  # the default (0) is fine
+
+
+@pytest.mark.parametrize(("client_dp", "sampling", "secagg", "poisson"), [
+    (False, "poisson", False, False),  # no DP: the seeded fixed-size sample
+    (True, "auto", False, True),       # the coordinator's noise: what the accountant assumes
+    (True, "auto", True, False),       # secure aggregation: two devices at least, cohort known
+    (True, "poisson", True, True),
+    (True, "fixed", False, False),
+])
+def test_client_sampling_resolves_per_mode(client_dp: bool, sampling: str, secagg: bool,
+                                           poisson: bool) -> None:
+    config = RunConfig.from_nested({"privacy": {"client_dp": client_dp,
+                                                "client_sampling": sampling}})
+    assert config.privacy.poisson_sampling(secagg=secagg) is poisson

@@ -58,7 +58,9 @@ def flat(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path) -> dict[str, An
         "train": {"rounds": 3, "clients_per_round": 3, "local_steps": 2, "batch_size": 2,
                   "seq_len": 16, "learning_rate": 0.01},
         "eval": {"max_blocks": 4, "batch_size": 4},
-        "privacy": {"client_dp": True, "clip_norm": 0.05, "noise_multiplier": 0.5},
+        # a fixed-size sample: the test counts the rounds' clients
+        "privacy": {"client_dp": True, "clip_norm": 0.05, "noise_multiplier": 0.5,
+                    "client_sampling": "fixed"},
     })
     inputs = check_inputs(config, mini_cache)
     run_dir = tmp_path / "run"

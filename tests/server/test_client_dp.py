@@ -67,7 +67,8 @@ def test_a_huge_update_moves_the_adapter_by_at_most_c() -> None:
     arrays, _ = dp.aggregate_train(1, [_reply(1, np.full(SHAPE_B, 100.0, np.float32))])
     assert arrays is not None
     moved = from_record(arrays)[B] - _global()[B]
-    assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.5, rel=1e-5)
+    # clipped to C = 0.5, then divided by the expected cohort (4), not by the 1 that arrived
+    assert np.linalg.norm(moved.astype(np.float64)) == pytest.approx(0.5 / 4, rel=1e-5)
     assert dp.clip_fractions[1] == 1.0
 
 
@@ -89,13 +90,30 @@ def test_noise_std_matches_calibration() -> None:
     np.testing.assert_array_equal(from_record(arrays)[A], _global()[A])  # frozen A
 
 
-def test_weights_are_uniform_under_dp() -> None:
+def test_weights_are_uniform_and_the_sum_is_divided_by_the_expected_cohort() -> None:
+    """Two of the four expected updates arrive: their sum is divided by 4, not 2 (the count
+    that arrived depends on the devices; DP's noise is calibrated to the fixed 4)."""
     dp = _dp(sigma=0.0, clip=1e9)
     assert _start(dp, 1)
     arrays, _ = dp.aggregate_train(1, [_reply(1, np.full(SHAPE_B, 1.0, np.float32), 1),
                                        _reply(2, np.full(SHAPE_B, 3.0, np.float32), 1000)])
     assert arrays is not None
-    np.testing.assert_allclose(from_record(arrays)[B], 2.0)
+    np.testing.assert_allclose(from_record(arrays)[B], (1.0 + 3.0) / 4)
+
+
+@pytest.mark.measured
+def test_fewer_accepted_than_sampled_keeps_the_noise_of_the_expected_cohort() -> None:
+    """Noise std sigma*C/m with m the expected cohort (4), also when only one of the
+    sampled updates was accepted (a data-dependent count must not set the noise)."""
+    sigma, clip = 1.3, 0.8
+    dp = _dp(sigma=sigma, clip=clip)
+    assert _start(dp, 1)
+    bad = np.full(SHAPE_B, np.nan, np.float32)
+    arrays, _ = dp.aggregate_train(1, [_reply(1, np.zeros(SHAPE_B, np.float32)),
+                                       _reply(2, bad), _reply(3, bad)])
+    assert arrays is not None and dp.strategy.stats[1].accepted == 1
+    noise = from_record(arrays)[B].astype(np.float64)
+    within("|noise std / sigma C/4 - 1|", abs(noise.std() / (sigma * clip / 4) - 1), below=0.02)
 
 
 def test_ledger_records_each_round_and_persists(tmp_path: object) -> None:
@@ -111,8 +129,27 @@ def test_ledger_records_each_round_and_persists(tmp_path: object) -> None:
     assert load_ledger(path).epsilon() == pytest.approx(expected, rel=1e-9)
 
 
-def test_rejected_round_spends_nothing() -> None:
-    dp = _dp(sigma=1.0, clip=1.0)
+@pytest.mark.measured
+def test_a_round_with_no_accepted_update_releases_the_noise_alone_and_spends() -> None:
+    """Every update rejected (or an empty Poisson sample): the round still releases the
+    global adapter plus noise and is accounted for — skipping it would tell an observer the
+    sample was empty, which the subsampled Gaussian analysis does not allow for."""
+    sigma, clip = 1.0, 1.0
+    dp = _dp(sigma=sigma, clip=clip)
+    assert _start(dp, 1)
+    bad = np.full(SHAPE_B, np.nan, np.float32)
+    arrays, _ = dp.aggregate_train(1, [_reply(1, bad)])
+    assert arrays is not None
+    moved = from_record(arrays)[B].astype(np.float64) - _global()[B]
+    within("|noise std / sigma C/4 - 1|", abs(moved.std() / (sigma * clip / 4) - 1), below=0.02)
+    assert [e.round for e in dp.ledger.history] == [1]
+    np.testing.assert_array_equal(from_record(arrays)[A], _global()[A])
+
+
+def test_distributed_dp_round_without_a_sum_spends_nothing() -> None:
+    """Under secure aggregation the devices add the noise: a round that recovered no sum
+    has nothing to release and spends nothing."""
+    dp = _dp(sigma=1.0, clip=1.0, distributed=True)
     assert _start(dp, 1)
     bad = np.full(SHAPE_B, np.nan, np.float32)
     assert dp.aggregate_train(1, [_reply(1, bad)]) == (None, None)
@@ -149,5 +186,5 @@ def test_an_update_beyond_the_coordinators_bound_is_rejected_not_clipped() -> No
     stats = dp.strategy.stats[1]
     assert (stats.accepted, stats.rejected) == (1, 1)
     assert "exceeds the coordinator's bound 5" in stats.rejections[0]
-    out = from_record(arrays)[B]  # only the honest update, clipped to C = 1
-    assert np.linalg.norm(out) == pytest.approx(1.0, rel=1e-5)
+    out = from_record(arrays)[B]  # only the honest update, clipped to C = 1, over m = 4
+    assert np.linalg.norm(out) == pytest.approx(1.0 / 4, rel=1e-5)
