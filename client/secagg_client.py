@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from protocols.records import get_int
 from protocols.secagg import (
     InconsistentRequest,
     check_unmask_request,
@@ -54,6 +55,8 @@ from protocols.secagg.wire import (
 log = logging.getLogger(__name__)
 
 STATE_KEY = "secagg-state"
+#: The highest SecAgg round id this node has started, kept apart from the round's secrets.
+LAST_ROUND_KEY = "secagg-last-round"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class RoundSecrets:
     round_id: int
     salt: str
     threshold: int
+    num_nodes: int  # the count announced at setup: no later key list may exceed it
     seal_sk: str
     mask_sk: str
     b: str
@@ -99,12 +103,21 @@ class RoundSecrets:
 
 def handle_setup(content: RecordDict, context: Context) -> RecordDict:
     """Stage 0: fresh key pairs and self-mask seed for this round; advertise the public keys."""
-    req = SetupRequest.from_record(content)
+    req = SetupRequest.from_record(content)  # refuses a threshold of two thirds or less
+    record = context.state.config_records.get(LAST_ROUND_KEY)
+    last = get_int(record, "round-id") if record is not None else None
+    if last is not None and req.round_id <= last:
+        raise SecAggProtocolError(
+            f"setup for SecAgg round {req.round_id}, but this node already started round "
+            f"{last}; refusing a stale or repeated setup (it would overwrite the secrets of "
+            "the round in progress)")
+    context.state.config_records[LAST_ROUND_KEY] = ConfigRecord({"round-id": req.round_id})
     seal_sk, seal_pk = generate_keypair()
     mask_sk, mask_pk = generate_keypair()
     RoundSecrets(
         round_id=req.round_id, salt=req.salt.hex(), threshold=req.threshold,
-        seal_sk=private_bytes(seal_sk).hex(), mask_sk=private_bytes(mask_sk).hex(),
+        num_nodes=req.num_nodes, seal_sk=private_bytes(seal_sk).hex(),
+        mask_sk=private_bytes(mask_sk).hex(),
         b=new_seed().hex(),
     ).save(context)
     return KeyAdvert(public_bytes(seal_pk), public_bytes(mask_pk)).to_record()
@@ -128,6 +141,11 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
         raise SecAggProtocolError(
             f"only {len(req.adverts)} nodes advertised keys, below the threshold "
             f"{state.threshold}"
+        )
+    if len(req.adverts) > state.num_nodes:
+        raise SecAggProtocolError(
+            f"{len(req.adverts)} nodes in the key list but {state.num_nodes} were announced at "
+            f"setup; refusing (more nodes would lower the threshold below two thirds of them)"
         )
     ids = list(req.adverts)
     b_shares = split(bytes.fromhex(state.b), threshold=state.threshold, share_ids=ids)

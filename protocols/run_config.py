@@ -296,8 +296,10 @@ class SecuritySection(Section):
     secagg: bool = setting(
         True, "secure aggregation: the coordinator sees only the sum of updates")
     secagg_threshold: float = setting(
-        0.66, "Shamir threshold as a share of the round's clients (t = ceil(x * n), at least "
-        "2): the sum survives up to n - t dropouts", gt=0, le=1)
+        0.66, "Shamir threshold as a share of the round's clients (t = ceil(x * n)), never "
+        "two thirds of them or fewer (at least floor(2n/3) + 1 and 2: devices refuse less, as "
+        "a lying coordinator could then unmask one device); the sum survives n - t "
+        "dropouts", gt=0, le=1)
     secagg_range: float = setting(
         0.5, "each coordinate of an update is clipped to [-x, x] before the fixed-point "
         "encoding (widened by the DP noise when client_dp is on)", gt=0)

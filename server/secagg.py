@@ -52,6 +52,7 @@ from protocols.errors import InvalidUpdate
 from protocols.secagg import (
     decode_sum,
     dropped_pair_seeds,
+    min_threshold,
     reconstruct_secrets,
     remove_masks,
     sum_masked,
@@ -61,12 +62,16 @@ from server.strategy import AdapterFedAvg, RoundStats, reply_metrics, stale_repl
 
 log = logging.getLogger(__name__)
 
+#: SecAgg round ids are ``ROUND_ID_STRIDE * server_round + attempt``.
+ROUND_ID_STRIDE = 1000
+
 
 @dataclass
 class _Round:
     """The coordinator's view of one SecAgg round in progress."""
 
-    round_id: int
+    round_id: int  # unique per attempt: a retried round (server.round_retry) gets a new one
+    server_round: int
     salt: bytes
     threshold: int
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
@@ -120,11 +125,21 @@ class SecAggFedAvg(AdapterFedAvg):
         self.dp_noise_multiplier = dp_noise_multiplier
         self._grid: Grid | None = None
         self._secagg: _Round | None = None
+        self._last_round_id = 0
         self._layout = [(k, spec.tensors[k].shape) for k in sorted(spec.trainable_keys)]
         self.vector_length = sum(int(np.prod(shape)) for _, shape in self._layout)
 
     def threshold(self, num_nodes: int) -> int:
-        return max(2, math.ceil(self.threshold_fraction * num_nodes))
+        """``ceil(threshold_fraction * n)``, but never two thirds of the nodes or fewer: the
+        clients refuse that (:func:`protocols.secagg.min_threshold`)."""
+        return max(min_threshold(num_nodes), math.ceil(self.threshold_fraction * num_nodes))
+
+    def next_round_id(self, server_round: int) -> int:
+        """A SecAgg round id for an attempt at ``server_round``: ``1000 * round + attempt``,
+        always above the last one (devices refuse a setup for a round they already
+        started, and a retried round runs the stages again)."""
+        self._last_round_id = max(self._last_round_id + 1, ROUND_ID_STRIDE * server_round)
+        return self._last_round_id
 
     # -- stages 0-1, then the train messages --------------------------------------------
     def configure_train(
@@ -142,7 +157,8 @@ class SecAggFedAvg(AdapterFedAvg):
             log.warning("round %d: secure aggregation needs >= 2 clients, %d sampled; "
                         "round skipped", server_round, len(nodes))
             return []
-        rnd = _Round(round_id=server_round, salt=os.urandom(wire.SALT_BYTES),
+        rnd = _Round(round_id=self.next_round_id(server_round), server_round=server_round,
+                     salt=os.urandom(wire.SALT_BYTES),
                      threshold=self.threshold(len(nodes)))
         setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, len(nodes))
         for node, content in self._exchange(
@@ -211,7 +227,7 @@ class SecAggFedAvg(AdapterFedAvg):
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.replies_at = time.perf_counter()
         rnd = self._secagg
-        if rnd is None or rnd.round_id != server_round:
+        if rnd is None or rnd.server_round != server_round:
             log.warning("round %d: no secure-aggregation round in progress; replies ignored",
                         server_round)
             stats.aggregated_at = time.perf_counter()

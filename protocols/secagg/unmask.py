@@ -41,6 +41,17 @@ class InconsistentRequest(ValueError):
         self.reason = reason
 
 
+def min_threshold(num_nodes: int) -> int:
+    """The smallest Shamir threshold a client accepts for ``num_nodes`` nodes: more than two
+    thirds, and at least 2 (Bonawitz et al. 2017, §6: the bound of the active-adversary
+    model). A coordinator that sends different survivor lists to different clients ("split
+    unmask requests") needs ``t`` holders to release a node's self-mask shares and another
+    ``t`` to release its mask-key shares, and no holder answers both for one node; with
+    ``t > 2n/3`` two such groups cannot exist among the ``n`` nodes, even with up to a third
+    of them colluding with the coordinator."""
+    return max(2, (2 * num_nodes) // 3 + 1)
+
+
 def check_unmask_request(
     *,
     survivors: AbstractSet[int],

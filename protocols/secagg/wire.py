@@ -34,6 +34,7 @@ import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from protocols.secagg.fixed_point import uint_dtype
+from protocols.secagg.unmask import min_threshold
 
 RECORD = "secagg"
 MASKED = "masked"
@@ -135,10 +136,13 @@ class SetupRequest:
                   _get(rec, "threshold", int), _get(rec, "num-nodes", int))
         if len(req.salt) != SALT_BYTES:
             raise SecAggProtocolError(f"`salt`: expected {SALT_BYTES} bytes")
-        if not 2 <= req.threshold <= req.num_nodes:
+        low = min_threshold(req.num_nodes)
+        if not low <= req.threshold <= req.num_nodes:
             raise SecAggProtocolError(
-                f"threshold {req.threshold} must be in [2, num-nodes={req.num_nodes}]: "
-                f"a threshold below 2 lets the coordinator unmask one client alone"
+                f"threshold {req.threshold} of {req.num_nodes} nodes must be in [{low}, "
+                f"{req.num_nodes}]: more than two thirds of the nodes (at least 2), or a "
+                "coordinator sending different survivor lists to different clients could "
+                "collect both kinds of shares of one node and unmask its update"
             )
         return req
 

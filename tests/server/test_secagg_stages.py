@@ -20,7 +20,7 @@ from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import from_record, to_record
 from protocols.run_config import RunConfig
 from protocols.secagg import error_bound, wire
-from server.secagg import SecAggFedAvg
+from server.secagg import ROUND_ID_STRIDE, SecAggFedAvg
 from server.strategy import AdapterFedAvg
 from simulations.loopback_grid import LoopbackGrid
 from tests.measured import within
@@ -125,21 +125,22 @@ def test_secure_mean_equals_plain_mean(setup: dict[str, Any]) -> None:
 def test_dropouts_after_sharing_keys_still_give_the_survivors_mean(
     setup: dict[str, Any], stage: str
 ) -> None:
-    """Two clients gone after sharing keys (train) or after masking (unmask): n − t = 1…"""
-    secure, plain = _strategies(setup["spec"], threshold_fraction=0.6)  # t = 3 of 5
+    """A client gone after sharing keys (train) or after masking (unmask): n − t = 1 of 5
+    (t = 4: more than two thirds, whatever threshold_fraction asks for)."""
+    secure, plain = _strategies(setup["spec"], threshold_fraction=0.6)
     grid = _grid(setup["flat"])
     reference = _grid(setup["flat"])
-    gone = set(NODES[:2])
+    gone = set(NODES[:1])
     grid.drop[stage] |= gone
     if stage == "train":
         reference.drop["train"] |= gone
     got = _round(secure, grid, setup["adapter"])
     want = _round(plain, reference, setup["adapter"])
     assert got is not None and want is not None
-    n = 3 if stage == "train" else 5
+    n = 4 if stage == "train" else 5
     scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
     _assert_same_mean(got, want, setup["spec"], scale, n)
-    assert secure.stats[1].dropped == (2 if stage == "train" else 0)
+    assert secure.stats[1].dropped == (1 if stage == "train" else 0)
 
 
 def test_too_many_dropouts_abandon_the_round_and_keep_the_adapter(
@@ -182,7 +183,7 @@ def test_clients_refuse_out_of_order_and_inconsistent_instructions(
     from client.secagg_client import handle_setup, handle_share_keys, handle_unmask
 
     ctx = {n: _context(n) for n in (1, 2, 3)}
-    setup_req = wire.SetupRequest(5, b"s" * 16, 2, 3).to_record()
+    setup_req = wire.SetupRequest(5, b"s" * 16, 3, 3).to_record()
     adverts = {n: wire.KeyAdvert.from_record(handle_setup(setup_req, ctx[n])) for n in ctx}
 
     with pytest.raises(wire.SecAggProtocolError, match="stage out of order"):
@@ -191,6 +192,7 @@ def test_clients_refuse_out_of_order_and_inconsistent_instructions(
         handle_share_keys(wire.ShareKeysRequest(6, adverts).to_record(), ctx[1])
     swapped = dict(adverts)
     swapped[1] = wire.KeyAdvert.from_record(handle_setup(setup_req, _context(9)))
+    # (the substituted list is refused before anything is kept: node 1 can still share)
     with pytest.raises(wire.SecAggProtocolError, match="own public keys"):
         handle_share_keys(wire.ShareKeysRequest(5, swapped).to_record(), ctx[1])
     with pytest.raises(wire.SecAggProtocolError, match="threshold"):
@@ -217,9 +219,11 @@ def test_a_node_named_survivor_and_dropped_is_refused(setup: dict[str, Any]) -> 
     }
     for reason, (survivors, dropped) in crooked.items():
         with pytest.raises(wire.SecAggProtocolError, match=reason):
-            handle_unmask(wire.UnmaskRequest(1, survivors, dropped).to_record(), ctx)
+            handle_unmask(wire.UnmaskRequest(ROUND_ID_STRIDE, survivors, dropped).to_record(),
+                          ctx)
     # a refused request reveals nothing and leaves the node able to answer a sound one
-    reply = handle_unmask(wire.UnmaskRequest(1, tuple(NODES), ()).to_record(), ctx)
+    reply = handle_unmask(wire.UnmaskRequest(ROUND_ID_STRIDE, tuple(NODES), ()).to_record(),
+                          ctx)
     assert len(wire.UnmaskShares.from_record(reply).b_shares) == 5
 
 
@@ -261,3 +265,100 @@ def test_wire_records_round_trip() -> None:
         wire.unpack_ids(b"123", "nodes")
     assert json.dumps(wire.unpack_ids(wire.pack_ids([1, 2**64 - 1]), "x")) == \
         f"[1, {2**64 - 1}]"
+
+
+# -- a lying coordinator against the real client stages (issue 14) ------------------------
+
+
+def test_a_threshold_of_two_thirds_or_less_is_refused_before_any_key_is_made() -> None:
+    """The coordinator announces t = 2 of 5 (what made split unmask requests work): the
+    client refuses the setup and keeps no secret of the round."""
+    from client.secagg_client import STATE_KEY, handle_setup
+
+    ctx = _context(1)
+    for threshold, nodes in ((2, 5), (2, 3), (6, 9)):
+        with pytest.raises(wire.SecAggProtocolError, match="more than two thirds"):
+            handle_setup(wire.SetupRequest(7, b"s" * 16, threshold, nodes).to_record(), ctx)
+    assert STATE_KEY not in ctx.state.config_records
+    handle_setup(wire.SetupRequest(7, b"s" * 16, 4, 5).to_record(), ctx)  # 4 of 5 is fine
+    assert STATE_KEY in ctx.state.config_records
+
+
+def test_a_stale_or_repeated_setup_is_refused_and_the_round_goes_on() -> None:
+    """A setup for an earlier (or the same) round, sent mid-round, would overwrite the
+    round's secrets: refused, and the round in progress still completes its next stage."""
+    from client.secagg_client import handle_setup, handle_share_keys
+
+    ctx = {n: _context(n) for n in (1, 2, 3)}
+    fresh = wire.SetupRequest(8, b"s" * 16, 3, 3).to_record()
+    adverts = {n: wire.KeyAdvert.from_record(handle_setup(fresh, ctx[n])) for n in ctx}
+    for stale in (wire.SetupRequest(7, b"t" * 16, 3, 3), wire.SetupRequest(8, b"t" * 16, 3, 3)):
+        with pytest.raises(wire.SecAggProtocolError, match="stale or repeated setup"):
+            handle_setup(stale.to_record(), ctx[1])
+    sealed = wire.SealedShares.from_record(
+        handle_share_keys(wire.ShareKeysRequest(8, adverts).to_record(), ctx[1]))
+    assert set(sealed.ciphertexts) == {2, 3}
+    handle_setup(wire.SetupRequest(9, b"u" * 16, 3, 3).to_record(), ctx[1])  # the next round
+
+
+def test_a_key_list_longer_than_announced_is_refused() -> None:
+    """Setup announced 3 nodes (t = 3); the key list then carries 4, fake nodes included,
+    which would bring the threshold to 3 of 4: refused, no share sealed."""
+    from client.secagg_client import handle_setup, handle_share_keys
+
+    ctx = {n: _context(n) for n in (1, 2, 3, 4)}
+    req = wire.SetupRequest(5, b"s" * 16, 3, 3).to_record()
+    adverts = {n: wire.KeyAdvert.from_record(handle_setup(req, ctx[n])) for n in ctx}
+    with pytest.raises(wire.SecAggProtocolError, match="4 nodes in the key list but 3"):
+        handle_share_keys(wire.ShareKeysRequest(5, adverts).to_record(), ctx[1])
+
+
+def test_split_unmask_requests_cannot_unmask_any_node(setup: dict[str, Any]) -> None:
+    """A real round of 5 up to masking (t = 4, the bound), then the coordinator splits the
+    other four clients into a group told node X survived (they release X's self-mask
+    share, as X itself does) and a group told X dropped (they release X's mask-key share).
+    Every request is consistent on its own, so every client answers — and for every split
+    the coordinator holds fewer than t shares of one of X's two secrets: X's update stays
+    masked. (With t = 2 of 5, refused now at setup, the split recovered it exactly.)"""
+    from itertools import combinations
+
+    from client.secagg_client import handle_unmask
+    from protocols.secagg import reconstruct_secrets
+
+    secure, _ = _strategies(setup["spec"], threshold_fraction=0.5)  # asks 3, gets 4
+    grid = _grid(setup["flat"])
+    config = ConfigRecord({"local-steps": 1, "batch-size": 2, "learning-rate": 0.01,
+                           "seq-len": 16, "seed": 0})
+    messages = secure.configure_train(1, to_record(setup["adapter"]), config,
+                                      grid)  # type: ignore[arg-type]
+    assert secure._secagg is not None and secure._secagg.threshold == 4
+    grid.send_and_receive(messages)
+    x, others = NODES[0], NODES[1:]
+    rid = secure._secagg.round_id
+    for size in range(len(others) + 1):
+        for told_survived in combinations(others, size):
+            b_shares: dict[int, bytes] = {}
+            s_shares: dict[int, bytes] = {}
+            for node in NODES:
+                fresh = _snapshot(grid.contexts[node])
+                if node == x or node in told_survived:
+                    request = wire.UnmaskRequest(rid, tuple(NODES), ())
+                else:
+                    request = wire.UnmaskRequest(rid, tuple(n for n in NODES if n != x), (x,))
+                shares = wire.UnmaskShares.from_record(handle_unmask(request.to_record(), fresh))
+                if x in shares.b_shares:
+                    b_shares[node] = shares.b_shares[x]
+                if x in shares.s_shares:
+                    s_shares[node] = shares.s_shares[x]
+            assert len(b_shares) < 4 or len(s_shares) < 4, told_survived
+            short = b_shares if len(b_shares) < 4 else s_shares
+            with pytest.raises(ValueError):
+                reconstruct_secrets({x: short}, threshold=4)
+
+
+def _snapshot(context: Context) -> Context:
+    """A copy of a node's context (its round secrets), so each split starts from the same
+    state: a node answers one unmask request per round."""
+    state = RecordDict({k: ConfigRecord(dict(v)) for k, v in context.state.config_records.items()})
+    return Context(run_id=context.run_id, node_id=context.node_id,
+                   node_config=dict(context.node_config), state=state, run_config={})
