@@ -138,6 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     attack.add_argument("--drop-components", type=int, default=1,
                         help="leading shared embedding directions removed before scoring "
                              "(default: %(default)s)")
+    attack.add_argument("--non-members", type=int, default=128,
+                        help="blocks of devices outside the cohort: the membership attack's "
+                             "non-members and the frequency prior's public text "
+                             "(default: %(default)s)")
     out = parser.add_argument_group("output")
     out.add_argument("--out-dir", type=Path, default=None,
                      help="where audit.json/.md/.png go (default: runs/audit-<time>)")
@@ -166,6 +170,7 @@ def configure(args: argparse.Namespace) -> AuditConfig:
         seeds=args.seeds,
         bag_layers=args.bag_layers,
         drop_components=args.drop_components,
+        non_members=args.non_members,
         off_freeze_a=(run_config.lora.freeze_a if args.off_adapter == "config"
                       else args.off_adapter == "ffa"),
         lora=run_config.lora,
