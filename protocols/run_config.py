@@ -296,10 +296,11 @@ class SecuritySection(Section):
     secagg: bool = setting(
         True, "secure aggregation: the coordinator sees only the sum of updates")
     secagg_threshold: float = setting(
-        0.66, "Shamir threshold as a share of the round's clients (t = ceil(x * n)), never "
-        "two thirds of them or fewer (at least floor(2n/3) + 1 and 2: devices refuse less, as "
-        "a lying coordinator could then unmask one device); the sum survives n - t "
-        "dropouts", gt=0, le=1)
+        0.66, "Shamir threshold as a share of the round's clients: t = ceil(x * n), but at "
+        "least floor(2n/3) + 1 and 2, since devices refuse two thirds or fewer (a lying "
+        "coordinator could then unmask one device); at 2/3 or below (the default) that bound "
+        "decides. The sum survives n - t dropouts (none at n = 3, 1 at n = 5, 3 at n = 10)",
+        gt=0, le=1)
     secagg_range: float = setting(
         0.5, "each coordinate of an update is clipped to [-x, x] before the fixed-point "
         "encoding (widened by the DP noise when client_dp is on)", gt=0)
@@ -328,6 +329,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         # Settings of two sections that only make sense together.
+        if (self.privacy.client_dp and self.security.secagg
+                and self.privacy.client_sampling == "poisson"):
+            raise ConfigError(
+                "privacy.client_sampling = 'poisson' with security.secagg: a Poisson sample is "
+                "often smaller than the two devices secure aggregation needs, and such rounds "
+                "would train nothing; use 'auto' (a fixed-size sample under secure "
+                "aggregation) or 'fixed', or turn secure aggregation off")
         if self.privacy.client_dp and self.eval.fraction_clients > 0:
             raise ConfigError(
                 "eval.fraction_clients > 0 asks devices for their held-out loss, a number "

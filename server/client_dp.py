@@ -12,11 +12,14 @@ clients``, which with ``privacy.client_sampling = "poisson"`` is exactly how the
 round that would exceed it is not run.
 
 Every round the accountant counts releases an update, also when no device's update was
-accepted (an empty Poisson sample, all sampled devices failed): the noise alone is then
-added. Skipping such a round would tell whoever sees the global adapter that the sample was
-empty, which the mechanism's analysis does not allow for. Under secure aggregation
-(``distributed``) the devices add the noise, so a round that recovered no sum releases
-nothing and spends nothing; the coordinator there knows the sample anyway.
+accepted because the Poisson sample was empty or every update was rejected: the noise alone
+is then added. Skipping such a round would tell whoever sees the global adapter that the
+sample was empty, which the mechanism's analysis does not allow for. A round in which
+sampled devices *failed* (lost workers, devices offline) releases and spends nothing: it
+runs again with a fresh, independent sample (:mod:`server.round_retry`), and only the
+attempt that releases is accounted. Under secure aggregation (``distributed``) the devices
+add the noise, so a round that recovered no sum releases nothing and spends nothing; the
+coordinator there knows the sample anyway.
 
 Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: in Flower 1.41 it pairs
 reply arrays with the global ones by position, so it breaks when clients upload a subset
@@ -39,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from protocols.privacy.ledger import PrivacyLedger, save_ledger
+from server.round_retry import devices_failed
 from server.strategy import AdapterFedAvg
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,11 @@ class ClientLevelDP(Strategy):
         accepted = stats.accepted if stats is not None else 0
         if self.distributed and (arrays is None or accepted == 0):
             return None, None  # no sum recovered: nothing released, nothing spent
+        if devices_failed(stats):
+            # Sampled devices failed (lost workers, offline): nothing is released or spent,
+            # and the round may run again with a fresh, independent sample
+            # (server.round_retry); only the attempt that releases is accounted.
+            return None, None
         # Every delta was clipped to C (by the inner strategy, or under SecAgg by each client
         # before masking, with its share of the noise: the sum then carries at least std
         # sigma*C, see server/secagg.py); the sum divided by m gets std sigma*C/m.

@@ -60,7 +60,8 @@ class RetryFailedRounds(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         result = self.strategy.aggregate_train(server_round, replies)
         attempt = 0
-        while result[0] is None and attempt < self.retries and self._devices_failed(server_round):
+        failed = devices_failed(self.averaging.stats.get(server_round))
+        while result[0] is None and attempt < self.retries and failed:
             assert self._configured is not None
             arrays, config, grid = self._configured
             before = self.averaging.stats[server_round]
@@ -75,12 +76,9 @@ class RetryFailedRounds(Strategy):
                 break  # the strategy declined to run the round (e.g. a DP budget stop)
             replies = grid.send_and_receive(messages, timeout=self.timeout) if messages else []
             result = self.strategy.aggregate_train(server_round, replies)
+            failed = devices_failed(after)  # this attempt's own counts, before merging
             carry_over(before, after, attempt)
         return result
-
-    def _devices_failed(self, server_round: int) -> bool:
-        stats = self.averaging.stats.get(server_round)
-        return stats is not None and stats.accepted == 0 and stats.failed > 0
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -96,6 +94,12 @@ class RetryFailedRounds(Strategy):
         self.strategy.summary()
 
 
+def devices_failed(stats: RoundStats | None) -> bool:
+    """Whether an attempt trained nothing because devices failed (not because the
+    coordinator rejected what they sent, nor because it sampled nobody)."""
+    return stats is not None and stats.accepted == 0 and stats.failed > 0
+
+
 def carry_over(before: RoundStats, after: RoundStats, attempt: int) -> None:
     """Count the earlier attempts of a round in the stats of its last attempt: every failure,
     rejection and byte, and the time since the round first started."""
@@ -107,5 +111,12 @@ def carry_over(before: RoundStats, after: RoundStats, attempt: int) -> None:
     after.dropped += before.dropped
     after.bytes_down += before.bytes_down
     after.bytes_up += before.bytes_up
+    for kind, nbytes in before.bytes_up_by_kind.items():
+        after.bytes_up_by_kind[kind] = after.bytes_up_by_kind.get(kind, 0) + nbytes
+    for kind, count in before.clients_by_kind.items():
+        after.clients_by_kind[kind] = after.clients_by_kind.get(kind, 0) + count
+    after.client_train_seconds[:0] = before.client_train_seconds
+    if after.accepted == 0 and after.abandoned is None:
+        after.abandoned = before.abandoned  # still says why the round trained nothing
     after.protocol_seconds += before.protocol_seconds
     after.started = before.started

@@ -38,7 +38,8 @@ class RunSummary:
         return bool(self.idle)
 
     def line(self) -> str:
-        text = (f"{len(self.trained)} of {len(self.trained) + len(self.idle)} rounds trained; "
+        total = len(self.trained) + len(self.idle) + len(self.empty)
+        text = (f"{len(self.trained)} of {total} rounds trained; "
                 f"{self.failed} client failures, {self.rejected} rejected updates")
         if self.idle:
             text += (f"; rounds {list(self.idle)} trained nothing"

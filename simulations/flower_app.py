@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,23 @@ def check_nodes(nodes: int, num_devices: int, per_round: int) -> None:
                  nodes, nodes - 1, num_devices, num_devices)
 
 
+def settled_node_count(grid: Grid, at_least: int, *, timeout_s: float = 120.0,
+                       stable_s: float = 1.0) -> int:
+    """The federation's SuperNode count once it stops changing. Flower's launcher starts the
+    ServerApp before the Simulation Engine has registered every SuperNode, so one early
+    look can see none or some of them."""
+    deadline = time.monotonic() + timeout_s
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif count >= at_least and time.monotonic() - since >= stable_s:
+            return count
+        time.sleep(0.2)
+    return max(count, 0)
+
+
 server_app = ServerApp()
 
 
@@ -112,7 +130,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     log.info("fedtune under `flwr run`: cache %s, run folders in %s", cache_dir,
              RUNS_DIR.resolve())
     inputs = check_inputs(config, cache_dir)
-    check_nodes(len(list(grid.get_node_ids())), inputs.num_clients,
+    check_nodes(settled_node_count(grid, config.train.clients_per_round), inputs.num_clients,
                 config.train.clients_per_round)
     published: list[Path] = []
 

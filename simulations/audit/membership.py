@@ -10,8 +10,9 @@ with confidence (Carlini et al. 2022, "Membership Inference Attacks From First P
 
 The fine-tuned adapter is the coordinator's: safeguards off, the target's own (global +
 its update, which the coordinator sees); safeguards on, the next global adapter (global +
-the noised secure sum over the cohort / m). Members are the target's training blocks,
-non-members blocks of devices outside the cohort, from the same corpus.
+the noised secure sum over the cohort / m). Members are the target's training blocks;
+non-members the target's own blocks it did not train on (same speaker, so the score
+measures membership and not who is speaking) and, for comparison, other devices' blocks.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ ATTACKS = {"bag": "bag-of-tokens (analytic)", "opt": "optimization (TAG/DLG)",
            "mia": "membership inference (loss ratio)"}
 #: The figures averaged over seeds per grid cell.
 SUMMARY_FIELDS = ("recovery", "recovery_prior", "recovery_decoy", "recovery_chance", "recall",
-                  "recall_prior", "recall_decoy", "recall_chance", "auc", "tpr_at_1pct_fpr")
+                  "recall_prior", "recall_decoy", "recall_chance", "auc", "tpr_at_1pct_fpr",
+                  "auc_other_devices", "members", "non_members")
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class Measurement:
     recovery_decoy: float | None = None  # the attack's output scored on another device
     recall_prior: float | None = None  # as many of the most frequent public tokens
     recall_decoy: float | None = None
-    auc: float | None = None  # membership inference: ROC AUC (0.5 = guessing)
+    auc: float | None = None  # membership inference vs the target's own unused blocks
     tpr_at_1pct_fpr: float | None = None
+    auc_other_devices: float | None = None  # vs blocks of devices outside the cohort
     members: int = 0
     non_members: int = 0
 
@@ -102,14 +104,16 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
             f"{_pct(row['recall_decoy'])} | {_pct(row['recall_chance'])} |")
     mia = [r for r in summary if r["attack"] == "mia"]
     if mia:
-        lines += ["", "| membership inference | batch | local steps | safeguards | ROC AUC "
-                      "| TPR at 1 % FPR |",
-                  "|---|---:|---:|---|---:|---:|"]
+        lines += ["", "| membership inference | batch | local steps | safeguards | members "
+                      "| non-members (own) | ROC AUC | TPR at 1 % FPR | AUC vs other devices |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
         for row in mia:
+            auc = "–" if row["auc"] is None else f"{row['auc']:.3f}"
             lines.append(
                 f"| loss ratio | {row['batch_size']} | {row['local_steps']} | "
-                f"{'on' if row['safeguards'] else 'off'} | {row['auc']:.3f} | "
-                f"{_pct(row['tpr_at_1pct_fpr'])} |")
+                f"{'on' if row['safeguards'] else 'off'} | {row['members']:.0f} | "
+                f"{row['non_members']:.0f} | {auc} | {_pct(row['tpr_at_1pct_fpr'])} | "
+                f"{row['auc_other_devices']:.3f} |")
     return "\n".join(lines)
 
 
@@ -140,10 +144,12 @@ def write_markdown(path: Path, *, summary: Sequence[dict[str, Any]], settings: d
         "leaks only where it beats prior and decoy.",
         "",
         "Membership inference: blocks scored by loss(fine-tuned adapter) / loss(adapter "
-        "before the round); members = the target's training blocks, non-members = blocks of "
-        "devices outside the cohort. The fine-tuned adapter is the target's own with "
-        "safeguards off, the next global adapter (noised secure mean) with them on. ROC AUC "
-        "0.5 = guessing.",
+        "before the round); members = the target's training blocks, non-members = the "
+        "target's own blocks it did not train on (same speaker: the primary figure), and, "
+        "for comparison, blocks of devices outside the cohort (which also measures telling "
+        "speakers apart). The fine-tuned adapter is the target's own with safeguards off, "
+        "the next global adapter (the secure mean; noise-free with --noise-at coordinator) "
+        "with them on. ROC AUC 0.5 = guessing; few members make the figures coarse.",
         "",
         markdown_table(summary),
         "",
@@ -206,7 +212,8 @@ def _membership_panel(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
     for steps, guarded in sorted({(r["local_steps"], r["safeguards"]) for r in rows}):
         sel = sorted((r for r in rows if (r["local_steps"], r["safeguards"]) ==
                       (steps, guarded)), key=lambda r: r["batch_size"])
-        ax.plot([r["batch_size"] for r in sel], [r["auc"] for r in sel], marker="o",
+        ax.plot([r["batch_size"] for r in sel],
+                [r["auc"] if r["auc"] is not None else float("nan") for r in sel], marker="o",
                 linestyle="--" if guarded else "-",
                 label=f"{steps} step{'s' if steps > 1 else ''}, safeguards "
                       f"{'on' if guarded else 'off'}")

@@ -142,7 +142,9 @@ def run_audit(model_dir: Path, pool: Sequence[LocalData], config: AuditConfig, *
             bag, opt = _attack(obs, bases[id(obs.model)], config, seed=seed,
                                client=clients[0].client_id, train_seconds=time.perf_counter()
                                - start, decoy=decoy, public=outsiders.blocks)
-            mia = _membership(obs, outsiders.blocks, seed=seed, client=clients[0].client_id)
+            unused = outsiders.unused_blocks(clients[0], batch, config.non_members)
+            mia = _membership(obs, unused, outsiders.blocks, seed=seed,
+                              client=clients[0].client_id)
             rows += [bag, opt, mia]
             log.info("%s: bag recall %.3f (prior %.3f, decoy %.3f), recovery %.3f (prior %.3f, "
                      "decoy %.3f), membership AUC %.3f", label, bag.recall or 0.0,
@@ -182,6 +184,21 @@ class Outsiders:
         raise AuditError(f"devices outside the cohort hold {count} blocks of {seq_len} tokens; "
                          f"{blocks} are needed as non-members (lower --non-members or the "
                          "cohort, or give a larger corpus)")
+
+    def unused_blocks(self, target: LocalData, batch_size: int, limit: int
+                      ) -> npt.NDArray[np.int64]:
+        """Blocks of the target's own text it did not train on in a cell (its other
+        speeches and its held-out ones): non-members from the same speaker, so membership
+        inference is not scored on telling speakers apart."""
+        from kernels.causal_lm_data import token_blocks
+
+        used = set(exact_blocks(self.tokenizer, target.train_texts, batch_size=batch_size,
+                                seq_len=self.seq_len, client_id=target.client_id))
+        heldout = tuple(e.text for e in target.heldout if e.text is not None)
+        rest = [t for t in (*target.train_texts, *heldout) if t not in used]
+        if not rest:
+            return np.zeros((0, self.seq_len), dtype=np.int64)
+        return token_blocks(self.tokenizer, rest, self.seq_len)[:limit]
 
     def decoy_truth(self, decoy: LocalData, batch_size: int) -> npt.NDArray[np.int64]:
         """The decoy device's blocks for a cell: as many as the target trained on."""
@@ -241,9 +258,11 @@ def _attack(obs: Observation, basis: TokenBasis, config: AuditConfig, *, seed: i
     return bag, opt
 
 
-def _membership(obs: Observation, non_members: npt.NDArray[np.int64], *, seed: int,
-                client: str) -> Measurement:
-    """The loss-ratio membership attack on the adapter the coordinator ends up with."""
+def _membership(obs: Observation, unused: npt.NDArray[np.int64],
+                other_devices: npt.NDArray[np.int64], *, seed: int, client: str) -> Measurement:
+    """The loss-ratio membership attack on the adapter the coordinator ends up with:
+    members (the blocks the target trained on) against the target's own unused blocks
+    (the primary figure: same speaker) and against other devices' blocks."""
     from protocols.codecs import apply_delta
     from simulations.audit import membership
 
@@ -252,15 +271,19 @@ def _membership(obs: Observation, non_members: npt.NDArray[np.int64], *, seed: i
                                                   for k, v in obs.update.items()}
     tuned = apply_delta(obs.global_adapter, step)
     members = membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, obs.truth)
-    others = membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, non_members)
+    others = membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, other_devices)
+    own = (membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, unused)
+           if len(unused) else np.zeros(0))
     return Measurement(
         attack="mia", batch_size=obs.instruction.batch_size,
         local_steps=obs.instruction.local_steps, safeguards=obs.protected, seed=seed,
         client=client, recovery=None, recovery_chance=None, recall=None, recall_chance=None,
         distinct_tokens=len(metrics.distinct(obs.truth)), target_norm=obs.target_norm,
-        seconds=time.perf_counter() - start, auc=membership.roc_auc(members, others),
-        tpr_at_1pct_fpr=membership.tpr_at_fpr(members, others, 0.01),
-        members=len(members), non_members=len(others))
+        seconds=time.perf_counter() - start,
+        auc=membership.roc_auc(members, own) if len(own) else None,
+        tpr_at_1pct_fpr=membership.tpr_at_fpr(members, own, 0.01) if len(own) else None,
+        auc_other_devices=membership.roc_auc(members, others),
+        members=len(members), non_members=len(own))
 
 
 # -- command line ---------------------------------------------------------------------

@@ -193,6 +193,8 @@ def _deployed_run_with_fault(args: argparse.Namespace, fault: str, name: str, af
             outcome.notes.append(f"killed {victim}'s daemon")
             run.devices[victim].kill()
             run.start_device(victim)
+        elif not run.coordinator.alive():
+            outcome.notes.append("the run finished before the kill")
         else:
             run.coordinator.kill()
             run.start_coordinator(resume=True)
@@ -218,8 +220,11 @@ def check(outcome: Outcome, run_dir: Path, rounds: int, reference: Path | None) 
     numbers = [r["round"] for r in rows]
     outcome.rounds_repeated = len(numbers) - len(set(numbers))
     trained = {r["round"] for r in rows if r.get("clients", 0) > 0}
-    # (a resumed deployment may number its rounds past a gap: count, not numbers)
-    outcome.rounds_lost = max(0, rounds - len(trained))
+    # A Poisson sample that drew no device (client-level DP) is not lost; a resumed
+    # deployment may number its rounds past a gap: count, not numbers.
+    empty = {r["round"] for r in rows if r.get("round", 0) > 0 and "clients" in r
+             and r["clients"] == 0 and r.get("sampled") == 0}
+    outcome.rounds_lost = max(0, rounds - len(trained) - len(empty))
     outcome.failed_clients = sum(int(r.get("failed", 0)) for r in rows)
     outcome.double_counted = sum(
         1 for r in rows if r["round"] > 0

@@ -172,11 +172,18 @@ def test_client_dp_refuses_asking_devices_for_their_held_out_loss() -> None:
     (False, "poisson", False, False),  # no DP: the seeded fixed-size sample
     (True, "auto", False, True),       # the coordinator's noise: what the accountant assumes
     (True, "auto", True, False),       # secure aggregation: two devices at least, cohort known
-    (True, "poisson", True, True),
+    (True, "poisson", False, True),
     (True, "fixed", False, False),
 ])
 def test_client_sampling_resolves_per_mode(client_dp: bool, sampling: str, secagg: bool,
                                            poisson: bool) -> None:
     config = RunConfig.from_nested({"privacy": {"client_dp": client_dp,
-                                                "client_sampling": sampling}})
+                                                "client_sampling": sampling},
+                                    "security": {"secagg": secagg}})
     assert config.privacy.poisson_sampling(secagg=secagg) is poisson
+
+
+def test_poisson_sampling_under_secure_aggregation_is_refused() -> None:
+    with pytest.raises(ConfigError, match="often smaller than the two devices"):
+        RunConfig.from_nested({"privacy": {"client_dp": True, "client_sampling": "poisson"},
+                               "security": {"secagg": True}})

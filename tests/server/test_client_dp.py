@@ -12,7 +12,7 @@ from protocols.privacy.accounting import rdp_epsilon
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
 from protocols.validation import clip_update
 from server.client_dp import ClientLevelDP
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, RoundStats
 from tests.measured import within
 
 A = "m.q_proj.lora_A.weight"
@@ -188,3 +188,18 @@ def test_an_update_beyond_the_coordinators_bound_is_rejected_not_clipped() -> No
     assert "exceeds the coordinator's bound 5" in stats.rejections[0]
     out = from_record(arrays)[B]  # only the honest update, clipped to C = 1, over m = 4
     assert np.linalg.norm(out) == pytest.approx(1.0 / 4, rel=1e-5)
+
+
+def test_a_round_whose_devices_failed_releases_and_spends_nothing() -> None:
+    """Sampled devices failed (an error reply: a lost worker, a device offline): nothing is
+    released or accounted, so the round can run again with a fresh sample
+    (server.round_retry) and only the attempt that releases spends epsilon."""
+    from flwr.app import Error
+
+    dp = _dp(sigma=1.0, clip=1.0)
+    assert _start(dp, 1)
+    request = Message(RecordDict(), dst_node_id=1, message_type="train", group_id="1")
+    failed = Message(Error(code=1, reason="worker lost"), reply_to=request)
+    dp.strategy.stats[1] = RoundStats(sampled=1, sent=[request])  # as configure_train does
+    assert dp.aggregate_train(1, [failed]) == (None, None)
+    assert dp.ledger.history == [] and dp.strategy.stats[1].failed == 1
