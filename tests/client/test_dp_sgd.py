@@ -23,7 +23,13 @@ from client.trainer import TrainInstruction
 from kernels.causal_lm_data import token_blocks
 from kernels.lora import get_adapter, set_adapter
 from protocols import keys
-from protocols.run_config import LoraSection, ModelSection, PrivacySection, RunConfig
+from protocols.run_config import (
+    ConfigError,
+    LoraSection,
+    ModelSection,
+    PrivacySection,
+    RunConfig,
+)
 from tests.conftest import mini_play
 from tests.measured import THREADS, within
 
@@ -329,8 +335,11 @@ def test_dp_training_still_lowers_the_loss(tiny_model_dir: Path) -> None:
 
 
 def test_settings_are_checked_and_built_from_the_privacy_section() -> None:
-    with pytest.raises(ValueError, match="noise_multiplier must be > 0, got 0"):
-        DpSgdSettings(noise_multiplier=0, max_grad_norm=1.0, delta=1e-5)
+    with pytest.raises(ValueError, match="noise_multiplier must be >= 0, got -1"):
+        DpSgdSettings(noise_multiplier=-1, max_grad_norm=1.0, delta=1e-5)
+    # σ = 0 exists for the correctness test only: a run config cannot ask for it
+    with pytest.raises(ConfigError, match="dpsgd_noise_multiplier"):
+        PrivacySection(dpsgd=True, dpsgd_noise_multiplier=0.0)
     with pytest.raises(ValueError, match="grad_sample_mode must be one of"):
         _settings(grad_sample_mode="ew")
     with pytest.raises(ValueError, match="accountant must be one of"):
