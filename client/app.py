@@ -191,13 +191,13 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
         ctx = RoundContext(global_adapter=adapter, server_round=instruction.server_round)
         codec = get_codec(get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC))
         upload = pack_record(codec.encode(update, ctx))
-    metrics = MetricRecord({keys.NUM_EXAMPLES: outcome.num_examples,
-                            keys.UPLOAD_BYTES: record_nbytes(upload),
-                            **{k: float(v) for k, v in outcome.metrics.items()}})
-    if cfg.get(keys.CLIENT_DP):
-        # Client-level DP covers the update only: this device's loss, example count and
-        # timing would leave in the clear beside it. It reports one update and its size.
-        metrics = MetricRecord({keys.NUM_EXAMPLES: 1, keys.UPLOAD_BYTES: record_nbytes(upload)})
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 1, keys.UPLOAD_BYTES: record_nbytes(upload)})
+    if not cfg.get(keys.CLIENT_DP):
+        # Under client-level DP, which covers the update only, the device reports one update
+        # and its size: its loss, example count and timing would leave in the clear.
+        metrics[keys.NUM_EXAMPLES] = outcome.num_examples
+        for key, value in outcome.metrics.items():
+            metrics[key] = float(value)
     if edge:
         metrics[keys.EDGE_CLIENT] = 1.0
     return Message(RecordDict({upload_key: upload, keys.METRICS: metrics}), reply_to=msg)

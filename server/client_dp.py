@@ -39,16 +39,15 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from protocols.privacy.ledger import PrivacyLedger, save_ledger
 from server.round_retry import devices_failed
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, StrategyWrapper
 
 log = logging.getLogger(__name__)
 
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(StrategyWrapper[AdapterFedAvg]):
     """DP-FedAvg around an :class:`AdapterFedAvg` with uniform weighting."""
 
     def __init__(
@@ -70,7 +69,7 @@ class ClientLevelDP(Strategy):
         if strategy.weighting != "uniform":
             raise ValueError("client-level DP needs the inner strategy to average with "
                              "weighting='uniform'; example weights change the sensitivity")
-        self.strategy = strategy
+        super().__init__(strategy)
         # The sum is divided by the expected cohort size, never by how many updates arrived.
         strategy.denominator = clients_per_round
         if not distributed:
@@ -159,18 +158,8 @@ class ClientLevelDP(Strategy):
                  self.ledger.epsilon(), self.ledger.delta)
         return arrays, metrics
 
-    # -- everything else passes through ------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
+    # -- evaluation passes through (StrategyWrapper) --------------------------------------
     def summary(self) -> None:
-        self.strategy.summary()
+        super().summary()
         log.info("\t└──> client-level DP: clip %.3g, noise multiplier %.3g, budget %s",
                  self.clip_norm, self.noise_multiplier, self.epsilon_budget or "none")

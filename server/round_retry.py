@@ -28,12 +28,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.strategy import AdapterFedAvg, RoundStats
+from server.strategy import AdapterFedAvg, RoundStats, StrategyWrapper
 
 log = logging.getLogger(__name__)
 
 
-class RetryFailedRounds(Strategy):
+class RetryFailedRounds(StrategyWrapper[Strategy]):
     """``strategy`` with rounds that trained nothing because devices failed run again.
 
     ``averaging`` is the :class:`AdapterFedAvg` at the bottom of ``strategy`` (its per-round
@@ -42,7 +42,7 @@ class RetryFailedRounds(Strategy):
 
     def __init__(self, strategy: Strategy, averaging: AdapterFedAvg, *, retries: int,
                  timeout: float, on_attempt: Callable[[int, int], None] | None = None) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.averaging = averaging
         self.retries = retries
         self.timeout = timeout
@@ -79,19 +79,6 @@ class RetryFailedRounds(Strategy):
             failed = devices_failed(after)  # this attempt's own counts, before merging
             carry_over(before, after, attempt)
         return result
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 def devices_failed(stats: RoundStats | None) -> bool:

@@ -16,11 +16,12 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec, Tensors, TensorsView
@@ -205,6 +206,40 @@ def federated_eval(replies: Iterable[Message]) -> FederatedEval | None:
             losses.append(float(loss))
             tokens.append(int(count))
     return FederatedEval(tuple(losses), tuple(tokens)) if losses else None
+
+
+S = TypeVar("S", bound=Strategy)
+
+
+class StrategyWrapper(Strategy, Generic[S]):
+    """A strategy around another that changes part of its behaviour (client-level DP, round
+    retries): every call it does not override passes through to ``strategy`` unchanged."""
+
+    def __init__(self, strategy: S) -> None:
+        self.strategy = strategy
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
 class AdapterFedAvg(FedAvg):

@@ -215,17 +215,16 @@ def check(outcome: Outcome, run_dir: Path, rounds: int, reference: Path | None) 
     """Fill in the counts from the finished run folder (and the reference run's)."""
     from protocols.privacy.ledger import load_ledger
     from server.metrics_log import read_metrics
+    from server.run_summary import summarize
 
     rows = read_metrics(run_dir)
     numbers = [r["round"] for r in rows]
     outcome.rounds_repeated = len(numbers) - len(set(numbers))
-    trained = {r["round"] for r in rows if r.get("clients", 0) > 0}
-    # A Poisson sample that drew no device (client-level DP) is not lost; a resumed
-    # deployment may number its rounds past a gap: count, not numbers.
-    empty = {r["round"] for r in rows if r.get("round", 0) > 0 and "clients" in r
-             and r["clients"] == 0 and r.get("sampled") == 0}
-    outcome.rounds_lost = max(0, rounds - len(trained) - len(empty))
-    outcome.failed_clients = sum(int(r.get("failed", 0)) for r in rows)
+    # The run's own summary: a Poisson sample that drew no device (client-level DP) is not
+    # lost; a resumed deployment may number its rounds past a gap: count, not numbers.
+    summary = summarize(run_dir)
+    outcome.rounds_lost = max(0, rounds - len(set(summary.trained)) - len(set(summary.empty)))
+    outcome.failed_clients = summary.failed
     outcome.double_counted = sum(
         1 for r in rows if r["round"] > 0
         and r.get("clients", 0) + r.get("failed", 0) + r.get("rejected", 0) > r.get("sampled", 0))
