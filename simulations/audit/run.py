@@ -270,10 +270,10 @@ def _membership(obs: Observation, unused: npt.NDArray[np.int64],
     step = obs.update if not obs.protected else {k: v / obs.cohort
                                                   for k, v in obs.update.items()}
     tuned = apply_delta(obs.global_adapter, step)
-    members = membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, obs.truth)
-    others = membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, other_devices)
-    own = (membership.loss_ratio_scores(obs.model, obs.global_adapter, tuned, unused)
-           if len(unused) else np.zeros(0))
+    # All blocks in one pass per adapter; then members | own unused | other devices.
+    scores = membership.loss_ratio_scores(
+        obs.model, obs.global_adapter, tuned, np.concatenate([obs.truth, unused, other_devices]))
+    members, own, others = np.split(scores, np.cumsum([len(obs.truth), len(unused)]))
     return Measurement(
         attack="mia", batch_size=obs.instruction.batch_size,
         local_steps=obs.instruction.local_steps, safeguards=obs.protected, seed=seed,
