@@ -37,7 +37,14 @@ from client.node_policy import (
     node_settings_mod,
     partition_id,
 )
-from client.secagg_client import handle_setup, handle_share_keys, handle_unmask, mask_update
+from client.secagg_client import (
+    SecAggIdentity,
+    handle_consistency,
+    handle_setup,
+    handle_share_keys,
+    handle_unmask,
+    mask_update,
+)
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
 from protocols.codecs import ClientUpdate, RoundContext, from_record, get_codec, record_nbytes
@@ -247,20 +254,49 @@ def make_client_app(
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, settings(context))
 
-    register_secagg_stages(app)
+    register_secagg_stages(app, settings)
     return app
 
 
-def register_secagg_stages(app: ClientApp) -> None:
+def simulated_identity_key(devices_dir: Path, pid: int) -> Path:
+    """Where a simulation keeps simulated device ``pid``'s identity key: beside its data
+    folder, which holds nothing but data."""
+    return Path(devices_dir) / "identity" / f"{pid:05d}.key"
+
+
+def secagg_identity(flat: Mapping[str, Any], context: Context) -> SecAggIdentity:
+    """The organisation key this device pins and its own identity key, for authenticated
+    secure aggregation. A deployed device's come from its own config only (the node policy
+    drops the coordinator's); a simulated device's key is the simulation's file for it."""
+    from protocols.manifest import load_private_key
+
+    paths = PathsSection.from_flat(flat)
+    key_path = paths.identity_key
+    if key_path is None and not is_deployed(context.node_config) and paths.devices_dir:
+        candidate = simulated_identity_key(paths.devices_dir, partition_id(context))
+        key_path = candidate if candidate.is_file() else None
+    org = bytes.fromhex(paths.roster_public_key) if paths.roster_public_key else b""
+    return SecAggIdentity(org, load_private_key(key_path) if key_path is not None else None)
+
+
+def register_secagg_stages(
+    app: ClientApp, settings: Callable[[Context], Mapping[str, Any]]
+) -> None:
     """The secure-aggregation query handlers (the masked upload itself rides on `train`)."""
 
     @app.query(secagg_wire.SETUP.split(".")[1])
     def secagg_setup(msg: Message, context: Context) -> Message:
-        return Message(handle_setup(msg.content, context), reply_to=msg)
+        identity = secagg_identity(settings(context), context)
+        return Message(handle_setup(msg.content, context, identity), reply_to=msg)
 
     @app.query(secagg_wire.SHARE_KEYS.split(".")[1])
     def secagg_share_keys(msg: Message, context: Context) -> Message:
         return Message(handle_share_keys(msg.content, context), reply_to=msg)
+
+    @app.query(secagg_wire.CONSISTENCY.split(".")[1])
+    def secagg_consistency(msg: Message, context: Context) -> Message:
+        identity = secagg_identity(settings(context), context)
+        return Message(handle_consistency(msg.content, context, identity), reply_to=msg)
 
     @app.query(secagg_wire.UNMASK.split(".")[1])
     def secagg_unmask(msg: Message, context: Context) -> Message:

@@ -21,15 +21,20 @@ Node config keys (set by ``fedtune client`` from its TOML; all optional):
 ``fedtune-cache-dir``              the device's model cache → ``paths.cache_dir``
 ``fedtune-edge-export``            the device's ONNX export → ``paths.edge_export``
 ``fedtune-manifest-public-key``    pinned coordinator key (hex) → ``paths.manifest_public_key``
+``fedtune-roster-public-key``      pinned organisation key (hex) → ``paths.roster_public_key``
+``fedtune-identity-key``           this device's identity key file → ``paths.identity_key``
 ``fedtune-client-threads``         torch/ORT threads → ``federation.client_threads``
 ``fedtune-client-kind``            ``gpu`` or ``edge``: refuse a run that assigns the other
 ``fedtune-require-manifest``       refuse runs with ``security.verify_manifest = false``
 ``fedtune-require-secagg``         refuse runs with ``security.secagg = false``
 =================================  ==========================================================
 
-The base model's signed manifest (``paths.signed_manifest``) is the one run key a device
-never replaces: the coordinator signs it, the device pins the key that checks it
-(:data:`COORDINATOR_ONLY`).
+The base model's signed manifest (``paths.signed_manifest``) and the organisation's signed
+roster (``paths.secagg_roster``) are run keys a device never replaces: the coordinator
+relays them, the device pins the keys that check them (:data:`COORDINATOR_ONLY`). Those
+pinned keys, and the device's identity key, come from the device's own config only
+(:data:`DEVICE_ONLY`): a coordinator that could name them would choose what the device
+trusts.
 """
 
 from __future__ import annotations
@@ -56,10 +61,15 @@ NODE_OVERRIDES = {
     "fedtune-cache-dir": "paths.cache_dir",
     "fedtune-edge-export": "paths.edge_export",
     "fedtune-manifest-public-key": "paths.manifest_public_key",
+    "fedtune-roster-public-key": "paths.roster_public_key",
+    "fedtune-identity-key": "paths.identity_key",
     "fedtune-client-threads": "federation.client_threads",
 }
 #: run config keys only the coordinator's run config provides; no node setting replaces them.
-COORDINATOR_ONLY = frozenset({"paths.signed_manifest"})
+COORDINATOR_ONLY = frozenset({"paths.signed_manifest", "paths.secagg_roster"})
+#: run config keys a deployed device takes from its own config or not at all.
+DEVICE_ONLY = frozenset({"paths.manifest_public_key", "paths.roster_public_key",
+                         "paths.identity_key"})
 if COORDINATOR_ONLY & set(NODE_OVERRIDES.values()):  # a guard for whoever edits the table
     raise RuntimeError(f"NODE_OVERRIDES must not replace {sorted(COORDINATOR_ONLY)}")
 ClientKind = Literal["gpu", "edge"]
@@ -107,6 +117,8 @@ def apply_node_settings(run_config: Mapping[str, Any], node_config: Mapping[str,
                         ) -> dict[str, Any]:
     """The run config this device trains with: the device's settings win."""
     merged = dict(run_config)
+    for run_key in DEVICE_ONLY:
+        merged.pop(run_key, None)  # the coordinator's value: never what the device trusts
     for node_key, run_key in NODE_OVERRIDES.items():
         if node_key in node_config and node_config[node_key] != "":
             merged[run_key] = node_config[node_key]

@@ -7,6 +7,13 @@ stages refuse to run out of order, for another round, or on instructions that wo
 coordinator learn one client's update (Bonawitz et al., CCS 2017, §4; the checks are in
 :mod:`protocols.secagg.unmask`).
 
+A device that pins an organisation key (:class:`SecAggIdentity`) takes part only in
+*authenticated* rounds (§6, the active-adversary variant; :mod:`protocols.secagg.identity`):
+it checks the roster's signature, signs its own advert with its identity key, refuses a key
+list with any advert no roster member signed (substituted keys, sybils), and releases shares
+only after a consistency round in which at least ``t`` survivors signed the very survivor
+list it signed itself.
+
 Torch-free: the edge client runs these stages too.
 """
 
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from protocols.records import get_int
@@ -39,9 +47,19 @@ from protocols.secagg import (
     share_associated_data,
     split,
 )
+from protocols.secagg.identity import (
+    RosterError,
+    SignedRoster,
+    advert_message,
+    consistency_message,
+    identity_public_key,
+    verify_signature,
+)
 from protocols.secagg.keys import SealError
 from protocols.secagg.shamir import SHARE_BYTES
 from protocols.secagg.wire import (
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyAdvert,
     MaskingInstruction,
     SealedShares,
@@ -59,6 +77,25 @@ STATE_KEY = "secagg-state"
 LAST_ROUND_KEY = "secagg-last-round"
 
 
+@dataclass(frozen=True)
+class SecAggIdentity:
+    """What lets a device take part in authenticated rounds.
+
+    ``org_public_key`` is the organisation key the device pins (raw 32 bytes; empty: the
+    device accepts unauthenticated rounds only, the honest-but-curious model);
+    ``identity_key`` is the device's own long-term Ed25519 key (None: it has none)."""
+
+    org_public_key: bytes = b""
+    identity_key: Ed25519PrivateKey | None = None
+
+    @property
+    def required(self) -> bool:
+        return bool(self.org_public_key)
+
+
+NO_IDENTITY = SecAggIdentity()
+
+
 @dataclass
 class RoundSecrets:
     """What one device remembers between the stages of one SecAgg round (hex-encoded)."""
@@ -70,17 +107,26 @@ class RoundSecrets:
     seal_sk: str
     mask_sk: str
     b: str
-    stage: str = "setup"  # setup -> shared -> masked; deleted after unmasking
+    # setup -> shared -> masked (-> signed, authenticated rounds); deleted after unmasking
+    stage: str = "setup"
     mask_pks: dict[str, str] = field(default_factory=dict)  # U1: node -> mask public key
     seal_pks: dict[str, str] = field(default_factory=dict)
     held: dict[str, str] = field(default_factory=dict)  # owner -> b-share | s-share
+    roster_keys: list[str] = field(default_factory=list)  # empty: an unauthenticated round
+    identity_pks: dict[str, str] = field(default_factory=dict)  # U1: node -> identity key
+    signed_survivors: list[int] = field(default_factory=list)  # the list this node signed
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.roster_keys)
 
     def save(self, context: Context) -> None:
         blob = json.dumps(asdict(self)).encode()
         context.state.config_records[STATE_KEY] = ConfigRecord({"json": blob})
 
     @classmethod
-    def load(cls, context: Context, *, round_id: int, stage: str) -> RoundSecrets:
+    def load(cls, context: Context, *, round_id: int, stage: str | None) -> RoundSecrets:
+        """The round's secrets; ``stage`` (when given) is where the node must be."""
         record = context.state.config_records.get(STATE_KEY)
         if record is None:
             raise SecAggProtocolError(
@@ -93,7 +139,7 @@ class RoundSecrets:
                 f"instruction for SecAgg round {round_id}, but this node is in round "
                 f"{state.round_id}; refusing a replayed or crossed message"
             )
-        if state.stage != stage:
+        if stage is not None and state.stage != stage:
             raise SecAggProtocolError(
                 f"stage out of order: expected the node to be at '{stage}', it is at "
                 f"'{state.stage}'"
@@ -101,8 +147,10 @@ class RoundSecrets:
         return state
 
 
-def handle_setup(content: RecordDict, context: Context) -> RecordDict:
-    """Stage 0: fresh key pairs and self-mask seed for this round; advertise the public keys."""
+def handle_setup(content: RecordDict, context: Context,
+                 identity: SecAggIdentity = NO_IDENTITY) -> RecordDict:
+    """Stage 0: fresh key pairs and self-mask seed for this round; advertise the public keys
+    (signed with the device's identity key in an authenticated round)."""
     req = SetupRequest.from_record(content)  # refuses a threshold of two thirds or less
     record = context.state.config_records.get(LAST_ROUND_KEY)
     last = get_int(record, "round-id") if record is not None else None
@@ -111,6 +159,7 @@ def handle_setup(content: RecordDict, context: Context) -> RecordDict:
             f"setup for SecAgg round {req.round_id}, but this node already started round "
             f"{last}; refusing a stale or repeated setup (it would overwrite the secrets of "
             "the round in progress)")
+    roster_keys = _check_roster(req, identity)
     context.state.config_records[LAST_ROUND_KEY] = ConfigRecord({"round-id": req.round_id})
     seal_sk, seal_pk = generate_keypair()
     mask_sk, mask_pk = generate_keypair()
@@ -118,9 +167,48 @@ def handle_setup(content: RecordDict, context: Context) -> RecordDict:
         round_id=req.round_id, salt=req.salt.hex(), threshold=req.threshold,
         num_nodes=req.num_nodes, seal_sk=private_bytes(seal_sk).hex(),
         mask_sk=private_bytes(mask_sk).hex(),
-        b=new_seed().hex(),
+        b=new_seed().hex(), roster_keys=roster_keys,
     ).save(context)
-    return KeyAdvert(public_bytes(seal_pk), public_bytes(mask_pk)).to_record()
+    advert = KeyAdvert(public_bytes(seal_pk), public_bytes(mask_pk))
+    if roster_keys:
+        assert identity.identity_key is not None  # _check_roster made sure
+        signature = identity.identity_key.sign(advert_message(
+            round_id=req.round_id, salt=req.salt, node_id=context.node_id,
+            seal_pk=advert.seal_pk, mask_pk=advert.mask_pk))
+        advert = KeyAdvert(advert.seal_pk, advert.mask_pk,
+                           identity_public_key(identity.identity_key), signature)
+    return advert.to_record()
+
+
+def _check_roster(req: SetupRequest, identity: SecAggIdentity) -> list[str]:
+    """The roster's identity keys (hex) in an authenticated round, [] otherwise; refuses a
+    round that is less authenticated than the device requires or cannot be verified."""
+    if not req.roster:
+        if identity.required:
+            raise SecAggProtocolError(
+                "this device pins an organisation key and takes part only in authenticated "
+                "secure aggregation, but the setup brings no signed roster; refusing (a "
+                "coordinator could otherwise substitute the peers' keys)")
+        return []
+    if not identity.required or identity.identity_key is None:
+        raise SecAggProtocolError(
+            "the round is authenticated (it brings a signed roster) but this device has "
+            + ("no organisation key pinned" if not identity.required else "no identity key")
+            + "; set them in the device's config ([privacy] roster_public_key, [node] "
+            "identity_key)")
+    try:
+        roster = SignedRoster.from_text(req.roster).verify(identity.org_public_key)
+    except RosterError as bad:
+        raise SecAggProtocolError(str(bad)) from None
+    if identity_public_key(identity.identity_key) not in roster.keys:
+        raise SecAggProtocolError(
+            "this device's identity key is not in the organisation's roster; ask the "
+            "organisation to admit it (fedtune roster)")
+    if req.num_nodes > len(roster.members):
+        raise SecAggProtocolError(
+            f"the setup announces {req.num_nodes} nodes but the roster admits only "
+            f"{len(roster.members)} devices; refusing")
+    return sorted(key.hex() for key in roster.keys)
 
 
 def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
@@ -131,12 +219,14 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
     mine = req.adverts.get(me)
     seal_sk = load_private_key(bytes.fromhex(state.seal_sk))
     mask_sk = load_private_key(bytes.fromhex(state.mask_sk))
-    if mine is None or mine != KeyAdvert(public_bytes(seal_sk.public_key()),
-                                         public_bytes(mask_sk.public_key())):
+    if mine is None or mine.round_keys != (public_bytes(seal_sk.public_key()),
+                                           public_bytes(mask_sk.public_key())):
         raise SecAggProtocolError(
             "the coordinator's key list does not carry this node's own public keys; "
             "refusing (a substituted key would let the coordinator open my shares)"
         )
+    if state.authenticated:
+        _check_signed_adverts(req, state)
     if len(req.adverts) < state.threshold:
         raise SecAggProtocolError(
             f"only {len(req.adverts)} nodes advertised keys, below the threshold "
@@ -163,9 +253,36 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
     state.held = {str(me): (b_shares[me] + s_shares[me]).hex()}
     state.mask_pks = {str(n): a.mask_pk.hex() for n, a in req.adverts.items()}
     state.seal_pks = {str(n): a.seal_pk.hex() for n, a in req.adverts.items()}
+    if state.authenticated:
+        state.identity_pks = {str(n): a.identity_pk.hex() for n, a in req.adverts.items()}
     state.stage = "shared"
     state.save(context)
     return SealedShares(sealed).to_record()
+
+
+def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets) -> None:
+    """Every advert signed, for this round and node, by a distinct roster member: a key the
+    coordinator substituted or a node it invented has no such signature."""
+    roster = set(state.roster_keys)
+    seen: dict[str, int] = {}
+    salt = bytes.fromhex(state.salt)
+    for node, advert in req.adverts.items():
+        key = advert.identity_pk.hex()
+        if key not in roster:
+            raise SecAggProtocolError(
+                f"node {node}'s keys are not signed by a device of the organisation's roster; "
+                "refusing to share (substituted keys or a node the coordinator invented)")
+        if key in seen:
+            raise SecAggProtocolError(
+                f"nodes {seen[key]} and {node} advertise one device's identity; refusing (one "
+                "device, one node)")
+        seen[key] = node
+        message = advert_message(round_id=req.round_id, salt=salt, node_id=node,
+                                 seal_pk=advert.seal_pk, mask_pk=advert.mask_pk)
+        if not verify_signature(advert.identity_pk, advert.signature, message):
+            raise SecAggProtocolError(
+                f"node {node}'s advert signature does not verify for this round; refusing "
+                "(substituted or replayed keys)")
 
 
 def mask_update(
@@ -229,10 +346,64 @@ def mask_update(
     return masked
 
 
-def handle_unmask(content: RecordDict, context: Context) -> RecordDict:
-    """Stage 3: reveal b-shares of survivors and s-shares of dropped nodes, never both."""
-    req = UnmaskRequest.from_record(content)
+def handle_consistency(content: RecordDict, context: Context,
+                       identity: SecAggIdentity = NO_IDENTITY) -> RecordDict:
+    """Stage 3a (authenticated rounds): sign the survivor list, once per round."""
+    req = ConsistencyRequest.from_record(content)
     state = RoundSecrets.load(context, round_id=req.round_id, stage="masked")
+    if not state.authenticated or identity.identity_key is None:
+        raise SecAggProtocolError("a consistency check in an unauthenticated round (or "
+                                  "without this device's identity key); refusing")
+    survivors = set(req.survivors)
+    peers = {int(n) for n in state.held}
+    if not survivors <= peers or context.node_id not in survivors:
+        raise SecAggProtocolError(
+            "the survivor list names nodes outside this round's peers, or not this node")
+    if len(survivors) < state.threshold:
+        raise SecAggProtocolError(
+            f"{len(survivors)} survivors, fewer than the threshold {state.threshold}")
+    signature = identity.identity_key.sign(consistency_message(
+        round_id=req.round_id, salt=bytes.fromhex(state.salt), survivors=sorted(survivors)))
+    state.signed_survivors = sorted(survivors)
+    state.stage = "signed"
+    state.save(context)
+    return ConsistencySignature(signature).to_record()
+
+
+def _check_consistency(req: UnmaskRequest, state: RoundSecrets) -> None:
+    """At least ``t`` valid survivor signatures over the very list this node signed: a
+    coordinator that told other clients another story cannot gather them (t > 2n/3)."""
+    if sorted(req.survivors) != state.signed_survivors:
+        raise SecAggProtocolError(
+            "refusing to unmask: the survivor list differs from the one this node signed "
+            "in the consistency check")
+    message = consistency_message(round_id=req.round_id, salt=bytes.fromhex(state.salt),
+                                  survivors=state.signed_survivors)
+    for signer, signature in req.signatures.items():
+        key = state.identity_pks.get(str(signer))
+        if signer not in req.survivors or key is None or not verify_signature(
+                bytes.fromhex(key), signature, message):
+            raise SecAggProtocolError(
+                f"refusing to unmask: node {signer}'s consistency signature does not verify "
+                "over this survivor list")
+    if len(req.signatures) < state.threshold:
+        raise SecAggProtocolError(
+            f"refusing to unmask: {len(req.signatures)} survivors signed the survivor list, "
+            f"fewer than the threshold {state.threshold}")
+
+
+def handle_unmask(content: RecordDict, context: Context) -> RecordDict:
+    """Stage 3b: reveal b-shares of survivors and s-shares of dropped nodes, never both."""
+    req = UnmaskRequest.from_record(content)
+    state = RoundSecrets.load(context, round_id=req.round_id, stage=None)
+    expected = "signed" if state.authenticated else "masked"
+    if state.stage != expected:
+        raise SecAggProtocolError(
+            f"stage out of order: expected the node to be at '{expected}', it is at "
+            f"'{state.stage}'" + (" (an authenticated round unmasks only after the "
+                                  "consistency check)" if state.authenticated else ""))
+    if state.authenticated:
+        _check_consistency(req, state)
     me = context.node_id
     survivors, dropped = set(req.survivors), set(req.dropped)
     try:

@@ -406,6 +406,14 @@ class PathsSection(Section):
     signed_manifest: str = setting(
         "", "the base model's manifest signed by the coordinator key "
         "(protocols.manifest.SignedManifest text); devices check their copy against it")
+    secagg_roster: str = setting(
+        "", "the organisation's signed roster of devices (protocols.secagg.identity."
+        "SignedRoster text): secure aggregation is authenticated when set")
+    roster_public_key: str = setting(
+        "", "hex of the organisation key that signs the roster (pinned by each device)")
+    identity_key: Path | None = setting(
+        None, "this device's Ed25519 identity key, which signs its SecAgg adverts (a "
+        "simulated device keeps its own in its folder)")
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> PathsSection:

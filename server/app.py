@@ -61,13 +61,14 @@ def federated_eval_fraction(config: RunConfig, *, central: bool) -> float:
 
 
 def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedger,
-                   ledger_path: Path, eval_fraction: float | None = None
+                   ledger_path: Path, eval_fraction: float | None = None, roster: str = ""
                    ) -> tuple[AdapterFedAvg, ClientLevelDP | None]:
     """The strategy stack the config asks for: FedAvg over adapter deltas (with secure
     aggregation when ``security.secagg``), wrapped in client-level DP when
     ``privacy.client_dp``. Returns the averaging strategy and the DP wrapper, if any.
     ``eval_fraction`` overrides ``eval.fraction_clients`` (see
-    :func:`federated_eval_fraction`)."""
+    :func:`federated_eval_fraction`); ``roster`` (the organisation's signed roster) makes
+    secure aggregation authenticated."""
     k = config.train.clients_per_round
     fraction_evaluate = (config.eval.fraction_clients if eval_fraction is None
                          else eval_fraction)
@@ -96,8 +97,17 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
             stage_timeout_s=security.secagg_stage_timeout_s,
             dp_clip_norm=privacy.clip_norm if privacy.client_dp else 0.0,
             dp_noise_multiplier=privacy.noise_multiplier if privacy.client_dp else 0.0,
+            roster=roster,
             **sampling,
         )
+        if roster:
+            log.info("secure aggregation is authenticated: devices sign their keys with "
+                     "identity keys of the organisation's roster and the survivor list before "
+                     "unmasking (a lying coordinator cannot substitute keys or split lists)")
+        else:
+            log.warning("secure aggregation is not authenticated (no roster of devices): it "
+                        "protects against a curious coordinator, not one that lies; see the "
+                        "README's threat model")
     else:
         strategy = AdapterFedAvg(
             spec,
@@ -178,7 +188,8 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     base_logged = any(r.get("round") == 0 for r in read_metrics(run_dir))
     strategy, dp = build_strategy(config, spec, ledger=ledger, ledger_path=ledger_path,
                                   eval_fraction=federated_eval_fraction(config,
-                                                                        central=central_on))
+                                                                        central=central_on),
+                                  roster=paths.secagg_roster)
     # Seeded sampling repeats runs (round by round, so a resumed run too); under client-level
     # DP the sample must be secret.
     sampler = node_sampler(config.train.seed, secret=config.privacy.client_dp,

@@ -14,6 +14,13 @@ the strategy (wire formats in :mod:`protocols.secagg.wire`, client side in
 3. ``aggregate_train`` asks the survivors to *unmask*, reconstructs the self masks of the
    survivors and the pairwise masks of the dropped, and decodes the sum.
 
+With a signed roster (``roster``) the round is *authenticated* (the active-adversary variant
+of Bonawitz et al. §6, :mod:`protocols.secagg.identity`): the setup carries the roster, each
+advert the device's identity-key signature (checked here too, so one bad advert is dropped
+instead of making every honest device refuse the key list), and a *consistency* exchange,
+in which the survivors sign the survivor list, precedes unmasking; the unmask request
+carries those signatures. Devices that pin the organisation key refuse anything else.
+
 The aggregate is the uniform mean of the survivors' updates within the fixed-point error
 (``n · 0.5 / scale`` per coordinate): exact aggregation of FFA-LoRA's B (or of any uploaded
 tensors). The coordinator cannot weight updates it cannot see, so averaging is uniform
@@ -58,6 +65,12 @@ from protocols.secagg import (
     sum_masked,
     wire,
 )
+from protocols.secagg.identity import (
+    SignedRoster,
+    advert_message,
+    consistency_message,
+    verify_signature,
+)
 from server.strategy import AdapterFedAvg, RoundStats, reply_metrics, stale_reply
 
 log = logging.getLogger(__name__)
@@ -74,6 +87,7 @@ class _Round:
     server_round: int
     salt: bytes
     threshold: int
+    roster_keys: frozenset[bytes] = frozenset()  # empty: an unauthenticated round
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
     senders: set[int] = field(default_factory=set)  # U2: shared keys
     instruction: dict[int, wire.MaskingInstruction] = field(default_factory=dict)
@@ -110,6 +124,7 @@ class SecAggFedAvg(AdapterFedAvg):
         stage_timeout_s: float = 600.0,
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
+        roster: str = "",
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(spec, weighting="uniform", **fedavg_kwargs)
@@ -123,6 +138,10 @@ class SecAggFedAvg(AdapterFedAvg):
         self.stage_timeout_s = stage_timeout_s
         self.dp_clip_norm = dp_clip_norm
         self.dp_noise_multiplier = dp_noise_multiplier
+        # The coordinator relays the roster; devices check the organisation's signature.
+        self.roster = roster
+        self._roster_keys = (SignedRoster.from_text(roster).unverified().keys if roster
+                             else frozenset())
         self._grid: Grid | None = None
         self._secagg: _Round | None = None
         self._last_round_id = 0
@@ -159,13 +178,17 @@ class SecAggFedAvg(AdapterFedAvg):
             return []
         rnd = _Round(round_id=self.next_round_id(server_round), server_round=server_round,
                      salt=os.urandom(wire.SALT_BYTES),
-                     threshold=self.threshold(len(nodes)))
-        setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, len(nodes))
+                     threshold=self.threshold(len(nodes)), roster_keys=self._roster_keys)
+        setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, len(nodes),
+                                  self.roster.encode())
         for node, content in self._exchange(
             stats, {n: setup.to_record() for n in nodes}, wire.SETUP, server_round
         ).items():
             try:
-                rnd.adverts[node] = wire.KeyAdvert.from_record(content)
+                advert = wire.KeyAdvert.from_record(content)
+                if rnd.roster_keys:
+                    self._check_advert(rnd, node, advert)
+                rnd.adverts[node] = advert
             except wire.SecAggProtocolError as bad:
                 stats.reject(server_round, node, bad.reason)
         if not self._enough(rnd, len(rnd.adverts), server_round, "advertised keys"):
@@ -280,11 +303,19 @@ class SecAggFedAvg(AdapterFedAvg):
         survivors = sorted(masked)
         dropped = sorted(rnd.senders - set(masked))
         stats.dropped = len(dropped)
-        request = wire.UnmaskRequest(rnd.round_id, tuple(survivors), tuple(dropped)).to_record()
+        signatures: dict[int, bytes] = {}
+        if rnd.roster_keys:
+            signatures = self._consistency(rnd, survivors, stats, server_round)
+            if not self._enough(rnd, len(signatures), server_round,
+                                "signed the survivor list"):
+                return None
+        request = wire.UnmaskRequest(rnd.round_id, tuple(survivors), tuple(dropped),
+                                     signatures).to_record()
+        holders = sorted(signatures) if rnd.roster_keys else survivors
         b_by_owner: dict[int, dict[int, bytes]] = {v: {} for v in survivors}
         s_by_owner: dict[int, dict[int, bytes]] = {d: {} for d in dropped}
         for holder, content in self._exchange(
-            stats, {n: request for n in survivors}, wire.UNMASK, server_round,
+            stats, {n: request for n in holders}, wire.UNMASK, server_round,
             count_failures=False,
         ).items():
             try:
@@ -320,6 +351,40 @@ class SecAggFedAvg(AdapterFedAvg):
         log.info("round %d: secure sum of %d updates (%d dropped after sharing keys)",
                  server_round, len(survivors), len(dropped))
         return total.astype(np.float64)
+
+    # -- authentication (rounds with a roster) -----------------------------------------------
+    def _check_advert(self, rnd: _Round, node: int, advert: wire.KeyAdvert) -> None:
+        """Drop an advert no roster member signed for this round and node, or a second
+        node of one device: every honest device would refuse a key list carrying it."""
+        if advert.identity_pk not in rnd.roster_keys:
+            raise wire.SecAggProtocolError("advert not signed by a device of the roster")
+        if any(a.identity_pk == advert.identity_pk for a in rnd.adverts.values()):
+            raise wire.SecAggProtocolError("a second node with one device's identity key")
+        message = advert_message(round_id=rnd.round_id, salt=rnd.salt, node_id=node,
+                                 seal_pk=advert.seal_pk, mask_pk=advert.mask_pk)
+        if not verify_signature(advert.identity_pk, advert.signature, message):
+            raise wire.SecAggProtocolError("advert signature does not verify")
+
+    def _consistency(self, rnd: _Round, survivors: list[int], stats: RoundStats,
+                     server_round: int) -> dict[int, bytes]:
+        """The survivors' valid signatures over the survivor list (Bonawitz §6, round 3)."""
+        request = wire.ConsistencyRequest(rnd.round_id, tuple(survivors)).to_record()
+        message = consistency_message(round_id=rnd.round_id, salt=rnd.salt,
+                                      survivors=survivors)
+        signatures: dict[int, bytes] = {}
+        for node, content in self._exchange(
+            stats, {n: request for n in survivors}, wire.CONSISTENCY, server_round,
+            count_failures=False,
+        ).items():
+            try:
+                signature = wire.ConsistencySignature.from_record(content).signature
+                if not verify_signature(rnd.adverts[node].identity_pk, signature, message):
+                    raise wire.SecAggProtocolError("consistency signature does not verify")
+            except wire.SecAggProtocolError as bad:
+                stats.reject(server_round, node, bad.reason)
+                continue
+            signatures[node] = signature
+        return signatures
 
     # -- helpers ----------------------------------------------------------------------------
     def _exchange(

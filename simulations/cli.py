@@ -31,6 +31,9 @@ DELEGATED = {
               "gradient-inversion attacks against fedtune's own updates (leakage audit)"),
     "certs": ("server.service.certs",
               "make a development CA, TLS certificates and SuperNode keys"),
+    "roster": ("server.service.roster",
+               "identity keys and the organisation's signed roster of devices "
+               "(authenticated secure aggregation)"),
     "coordinator": ("server.service.coordinator",
                     "run fedtune on a Flower SuperLink (TLS, SuperNode authentication; "
                     "also installed as fedtune-coordinator)"),
@@ -54,6 +57,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from kernels.data.templates import TemplateError
     from protocols.manifest import ManifestError, ManifestMismatch
     from protocols.run_config import ConfigError
+    from protocols.secagg.identity import RosterError
     from server.run_dir import ResumeError
     from server.service.flwr_cli import FlwrCliError
     from simulations.devices import DataNotAvailable
@@ -61,7 +65,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, ModelNotAvailable, DataNotAvailable, LocalDataError, DataFormatError,
             TemplateError, ManifestError,
             ManifestMismatch, FileNotFoundError, FileExistsError, DaemonConfigError,
-            FlwrCliError, ResumeError)
+            FlwrCliError, ResumeError, RosterError)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 RUNS_DIR = Path("runs")
 #: Only these keys of the prepared run config travel to the simulated devices.
 _DEVICE_PATHS = ("cache_dir", "devices_dir", "manifest_public_key", "edge_export",
-                 "signed_manifest")
+                 "signed_manifest", "roster_public_key")
 
 
 def run_cache_dir(flat: dict[str, Any]) -> Path:

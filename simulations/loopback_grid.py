@@ -6,7 +6,8 @@ production ones; only delivery is a function call. Messages are round-tripped th
 Flower's own protobuf serialisation, so what arrives is what a wire would deliver, and byte
 counts are real. It also injects failures: a node listed in ``drop[message_type]`` never
 answers that message type (a client that went away), and it records each node's CPU time
-per message type.
+per message type. With ``errors_as_replies`` a handler that raises answers with an error
+reply, as Flower's runtimes do, instead of raising into the caller.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 
 def _wire_copy(msg: Message) -> Message:
@@ -36,9 +38,11 @@ class LoopbackGrid:
         *,
         node_config: Mapping[int, dict[str, int | float | str | bool]] | None = None,
         serialise: bool = True,
+        errors_as_replies: bool = False,
     ) -> None:
         self.app = app
         self.serialise = serialise
+        self.errors_as_replies = errors_as_replies
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config=dict((node_config or {}).get(n, {})),
                        state=RecordDict(), run_config={})
@@ -64,7 +68,14 @@ class LoopbackGrid:
             inbound = _wire_copy(msg) if self.serialise else msg
             self.sent.append(inbound)
             start = time.process_time()
-            reply = self.app(inbound, self.contexts[node])
+            try:
+                reply = self.app(inbound, self.contexts[node])
+            except Exception as exc:
+                if not self.errors_as_replies:
+                    raise
+                reason = f"{type(exc)}:<'{exc}'>"  # Flower's wording (its vce_api)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                reply_to=inbound)
             self.client_cpu_s[kind][node] = (
                 self.client_cpu_s[kind].get(node, 0.0) + time.process_time() - start
             )

@@ -27,6 +27,7 @@ from server.service.inputs import (
 )
 from simulations.devices import SimulatedDevices, prepare_devices
 from simulations.flower_patches import seeded_node_ids
+from simulations.organisation import simulated_organisation
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,19 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
 
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
-    """The run config a simulation starts Flower with: the devices' folders, and (unless
+    """The run config a simulation starts Flower with: the devices' folders, (unless
     ``eval.path`` names one) a sample of their held-out data as the central evaluation set,
-    since the simulating host plays the coordinator too."""
+    since the simulating host plays the coordinator too, and under secure aggregation the
+    simulated organisation's signed roster and key."""
     assert inputs.devices is not None
     flat = coordinator_run_config(inputs, run_dir, devices_dir=inputs.devices.root)
     if inputs.config.eval.path is None:
         flat["eval.path"] = str(inputs.devices.eval_file)
+    if inputs.config.security.secagg:
+        # Authenticated secure aggregation: the simulation plays the organisation too.
+        org = simulated_organisation(inputs.devices, inputs.cache_dir)
+        flat["paths.secagg_roster"] = org.roster_text
+        flat["paths.roster_public_key"] = org.org_public_key
     return flat
 
 

@@ -122,6 +122,13 @@ class DaemonConfig(Section):
     manifest_public_key: str = setting(
         "", "hex of the coordinator key this device trusts for the base model, checked out "
         "of band", table="privacy")
+    roster_public_key: str = setting(
+        "", "hex of the organisation key that signs the roster of devices (`fedtune roster "
+        "org-key`); set: this device takes part only in authenticated secure aggregation",
+        table="privacy")
+    identity_key: Path | None = setting(
+        None, "this device's identity key (`fedtune roster identity`), which signs its "
+        "secure-aggregation keys; needs privacy.roster_public_key", table="node")
     require_manifest: bool = setting(True, "refuse runs that do not verify the base model",
                                      table="privacy")
     require_secagg: bool = setting(False, "refuse runs without secure aggregation",
@@ -144,14 +151,20 @@ class DaemonConfig(Section):
                                     "superlink.insecure = true")
         if self.insecure and self.private_key is not None:
             raise DaemonConfigError("node.private_key needs TLS: set superlink.root_ca")
-        if self.manifest_public_key:
+        for name in ("manifest_public_key", "roster_public_key"):
+            value = getattr(self, name)
             try:
-                if len(bytes.fromhex(self.manifest_public_key)) != 32:
+                if value and len(bytes.fromhex(value)) != 32:
                     raise ValueError
             except ValueError:
-                raise DaemonConfigError("privacy.manifest_public_key: expected 64 hex digits "
-                                        "(a raw Ed25519 public key)") from None
-        for path in (self.root_ca, self.private_key):
+                raise DaemonConfigError(f"privacy.{name}: expected 64 hex digits (a raw "
+                                        "Ed25519 public key)") from None
+        if bool(self.roster_public_key) != (self.identity_key is not None):
+            raise DaemonConfigError(
+                "authenticated secure aggregation needs both privacy.roster_public_key (the "
+                "organisation's key) and node.identity_key (this device's key); set both or "
+                "neither")
+        for path in (self.root_ca, self.private_key, self.identity_key):
             if path is not None and not path.is_file():
                 raise DaemonConfigError(f"{path} does not exist")
         if self.path is None:
@@ -196,7 +209,9 @@ class DaemonConfig(Section):
         optional = {"fedtune-data-path": self.path,
                     "fedtune-cache-dir": self.cache_dir,
                     "fedtune-edge-export": self.edge_export,
-                    "fedtune-manifest-public-key": self.manifest_public_key or None}
+                    "fedtune-manifest-public-key": self.manifest_public_key or None,
+                    "fedtune-roster-public-key": self.roster_public_key or None,
+                    "fedtune-identity-key": self.identity_key}
         values.update({k: str(v) for k, v in optional.items() if v is not None})
         return values
 

@@ -10,8 +10,13 @@ message type          coordinator → client             client → coordinator
 ``query.secagg_setup``       :class:`SetupRequest`           :class:`KeyAdvert`
 ``query.secagg_share_keys``  :class:`ShareKeysRequest`       :class:`SealedShares`
 ``train``                    adapter + :class:`MaskingInstruction`  masked update (``masked``)
+``query.secagg_consistency`` :class:`ConsistencyRequest`     :class:`ConsistencySignature`
 ``query.secagg_unmask``      :class:`UnmaskRequest`          :class:`UnmaskShares`
 ====================  ===============================  =====================================
+
+*Authenticated* rounds (a signed roster in the setup, :mod:`protocols.secagg.identity`) add
+each device's identity key and signature to its advert and the consistency exchange, whose
+signatures ride on the unmask request; unauthenticated rounds skip both.
 
 Every payload is a ``ConfigRecord`` under :data:`RECORD` (the masked update is an
 ``ArrayRecord`` under :data:`MASKED`). Node ids are packed as 8-byte big-endian integers:
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,10 +47,12 @@ MASKED_VECTOR = "vector"
 
 SETUP = "query.secagg_setup"
 SHARE_KEYS = "query.secagg_share_keys"
+CONSISTENCY = "query.secagg_consistency"
 UNMASK = "query.secagg_unmask"
 
 SALT_BYTES = 16
 KEY_BYTES = 32
+SIGNATURE_BYTES = 64
 
 
 class SecAggProtocolError(ValueError):
@@ -116,24 +123,32 @@ def _put_list(record: ConfigRecord, key: str, values: Sequence[bytes]) -> None:
 # -- stage 0: set up -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SetupRequest:
-    """Start a round: every sampled client makes two fresh X25519 key pairs for it."""
+    """Start a round: every sampled client makes two fresh X25519 key pairs for it.
+
+    ``roster`` is the organisation's signed roster (``SignedRoster.to_text()`` as UTF-8) in
+    an authenticated round, empty otherwise."""
 
     round_id: int
     salt: bytes
     threshold: int
     num_nodes: int
+    roster: bytes = b""
 
     def to_record(self) -> RecordDict:
-        return RecordDict({RECORD: ConfigRecord({
+        rec = ConfigRecord({
             "round-id": self.round_id, "salt": self.salt, "threshold": self.threshold,
             "num-nodes": self.num_nodes,
-        })})
+        })
+        if self.roster:
+            rec["roster"] = self.roster
+        return RecordDict({RECORD: rec})
 
     @classmethod
     def from_record(cls, content: RecordDict) -> SetupRequest:
         rec = _record(content)
         req = cls(_get(rec, "round-id", int), _get(rec, "salt", bytes),
-                  _get(rec, "threshold", int), _get(rec, "num-nodes", int))
+                  _get(rec, "threshold", int), _get(rec, "num-nodes", int),
+                  _get(rec, "roster", bytes) if "roster" in rec else b"")
         if len(req.salt) != SALT_BYTES:
             raise SecAggProtocolError(f"`salt`: expected {SALT_BYTES} bytes")
         low = min_threshold(req.num_nodes)
@@ -149,24 +164,48 @@ class SetupRequest:
 
 @dataclass(frozen=True)
 class KeyAdvert:
-    """A client's two public keys: one to seal shares to peers, one to agree mask seeds."""
+    """A client's two public keys: one to seal shares to peers, one to agree mask seeds.
+
+    In an authenticated round it also carries the device's identity public key and its
+    signature over :func:`protocols.secagg.identity.advert_message`."""
 
     seal_pk: bytes
     mask_pk: bytes
+    identity_pk: bytes = b""
+    signature: bytes = b""
+
+    @property
+    def round_keys(self) -> tuple[bytes, bytes]:
+        return self.seal_pk, self.mask_pk
 
     def to_record(self) -> RecordDict:
-        return RecordDict({RECORD: ConfigRecord({"seal-pk": self.seal_pk,
-                                                 "mask-pk": self.mask_pk})})
+        rec = ConfigRecord({"seal-pk": self.seal_pk, "mask-pk": self.mask_pk})
+        if self.identity_pk:
+            rec["identity-pk"] = self.identity_pk
+            rec["signature"] = self.signature
+        return RecordDict({RECORD: rec})
 
     @classmethod
     def from_record(cls, content: RecordDict) -> KeyAdvert:
         rec = _record(content)
-        advert = cls(_get(rec, "seal-pk", bytes), _get(rec, "mask-pk", bytes))
-        if len(advert.seal_pk) != KEY_BYTES or len(advert.mask_pk) != KEY_BYTES:
-            raise SecAggProtocolError(f"public keys must be {KEY_BYTES} bytes")
-        if advert.seal_pk == advert.mask_pk:
-            raise SecAggProtocolError("seal and mask public keys must differ")
+        signed = "identity-pk" in rec or "signature" in rec
+        advert = cls(_get(rec, "seal-pk", bytes), _get(rec, "mask-pk", bytes),
+                     _get(rec, "identity-pk", bytes) if signed else b"",
+                     _get(rec, "signature", bytes) if signed else b"")
+        advert.check()
         return advert
+
+    def check(self) -> None:
+        if len(self.seal_pk) != KEY_BYTES or len(self.mask_pk) != KEY_BYTES:
+            raise SecAggProtocolError(f"public keys must be {KEY_BYTES} bytes")
+        if self.seal_pk == self.mask_pk:
+            raise SecAggProtocolError("seal and mask public keys must differ")
+        signed = bool(self.identity_pk or self.signature)
+        if signed and (len(self.identity_pk) != KEY_BYTES
+                       or len(self.signature) != SIGNATURE_BYTES):
+            raise SecAggProtocolError(
+                f"a signed advert needs a {KEY_BYTES}-byte identity key and a "
+                f"{SIGNATURE_BYTES}-byte signature")
 
 
 # -- stage 1: share keys ---------------------------------------------------------------------
@@ -182,6 +221,9 @@ class ShareKeysRequest:
         rec = ConfigRecord({"round-id": self.round_id, "nodes": pack_ids(nodes)})
         _put_list(rec, "seal-pks", [self.adverts[n].seal_pk for n in nodes])
         _put_list(rec, "mask-pks", [self.adverts[n].mask_pk for n in nodes])
+        if any(a.identity_pk for a in self.adverts.values()):
+            _put_list(rec, "identity-pks", [self.adverts[n].identity_pk for n in nodes])
+            _put_list(rec, "signatures", [self.adverts[n].signature for n in nodes])
         return RecordDict({RECORD: rec})
 
     @classmethod
@@ -193,8 +235,14 @@ class ShareKeysRequest:
         keys = seal + mask
         if len(set(keys)) != len(keys):
             raise SecAggProtocolError("advertised public keys repeat across nodes")
+        if "identity-pks" in rec or "signatures" in rec:
+            ids = _get_bytes_list(rec, "identity-pks", len(nodes), KEY_BYTES)
+            sigs = _get_bytes_list(rec, "signatures", len(nodes), SIGNATURE_BYTES)
+        else:
+            ids = sigs = [b""] * len(nodes)
         return cls(_get(rec, "round-id", int),
-                   {n: KeyAdvert(s, m) for n, s, m in zip(nodes, seal, mask, strict=True)})
+                   {n: KeyAdvert(s, m, i, g)
+                    for n, s, m, i, g in zip(nodes, seal, mask, ids, sigs, strict=True)})
 
 
 @dataclass(frozen=True)
@@ -296,27 +344,76 @@ def read_masked(content: RecordDict, *, length: int, modulus_bits: int) -> npt.N
     return vec
 
 
-# -- stage 3: unmask -------------------------------------------------------------------------
+# -- stage 3a: consistency check (authenticated rounds) ---------------------------------------
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """The survivor list (whose masked inputs arrived): each survivor signs it once."""
+
+    round_id: int
+    survivors: tuple[int, ...]
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({RECORD: ConfigRecord({
+            "round-id": self.round_id, "survivors": pack_ids(self.survivors)})})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> ConsistencyRequest:
+        rec = _record(content)
+        return cls(_get(rec, "round-id", int),
+                   tuple(unpack_ids(_get(rec, "survivors", bytes), "survivors")))
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """A survivor's identity-key signature over the survivor list it was sent."""
+
+    signature: bytes
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({RECORD: ConfigRecord({"signature": self.signature})})
+
+    @classmethod
+    def from_record(cls, content: RecordDict) -> ConsistencySignature:
+        sig = _get(_record(content), "signature", bytes)
+        if len(sig) != SIGNATURE_BYTES:
+            raise SecAggProtocolError(f"`signature` must be {SIGNATURE_BYTES} bytes")
+        return cls(sig)
+
+
+# -- stage 3b: unmask ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Which clients' inputs arrived (reveal their b-shares) and which did not (s-shares)."""
+    """Which clients' inputs arrived (reveal their b-shares) and which did not (s-shares).
+
+    In an authenticated round ``signatures`` holds the survivors' consistency signatures
+    (node -> signature over the survivor list); each client checks them before answering."""
 
     round_id: int
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+    signatures: Mapping[int, bytes] = field(default_factory=dict)
 
     def to_record(self) -> RecordDict:
-        return RecordDict({RECORD: ConfigRecord({
+        rec = ConfigRecord({
             "round-id": self.round_id, "survivors": pack_ids(self.survivors),
             "dropped": pack_ids(self.dropped),
-        })})
+        })
+        if self.signatures:
+            rec["signers"] = pack_ids(list(self.signatures))
+            _put_list(rec, "signatures", list(self.signatures.values()))
+        return RecordDict({RECORD: rec})
 
     @classmethod
     def from_record(cls, content: RecordDict) -> UnmaskRequest:
         rec = _record(content)
+        signatures: dict[int, bytes] = {}
+        if "signers" in rec:
+            signers = unpack_ids(_get(rec, "signers", bytes), "signers")
+            sigs = _get_bytes_list(rec, "signatures", len(signers), SIGNATURE_BYTES)
+            signatures = dict(zip(signers, sigs, strict=True))
         return cls(_get(rec, "round-id", int),
                    tuple(unpack_ids(_get(rec, "survivors", bytes), "survivors")),
-                   tuple(unpack_ids(_get(rec, "dropped", bytes), "dropped")))
+                   tuple(unpack_ids(_get(rec, "dropped", bytes), "dropped")), signatures)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ service, see docs/deploy.md); ``--attach HOST:PORT`` then submits runs to it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -350,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only start the SuperLink and keep it up until SIGTERM")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (testing only)")
+    parser.add_argument("--roster", type=Path, default=None,
+                        help="the organisation's signed roster of devices (`fedtune roster "
+                             "sign`): secure aggregation becomes authenticated, and devices "
+                             "that pin the organisation key take part only then")
     parser.add_argument("--no-node-auth", action="store_true",
                         help="accept any SuperNode (TLS stays on)")
     return parser
@@ -386,8 +391,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(unfinished_run_dir(runs_dir, args.resume) / "config.toml")
     else:
         config = load_config(args.config, args.overrides)
-    inputs = check_coordinator_inputs(config,
-                                      (args.cache_dir or default_cache_dir()).resolve())
+    roster = ""
+    if args.roster is not None:  # checked first: the inputs check may convert a model
+        from server.service.roster import read_roster
+
+        roster = read_roster(args.roster)
+    inputs = dataclasses.replace(
+        check_coordinator_inputs(config, (args.cache_dir or default_cache_dir()).resolve()),
+        secagg_roster=roster)
     run_dir = run_deployed(inputs, runs_dir, options, name=args.resume or args.name,
                            min_nodes=args.min_nodes, nodes_timeout=args.nodes_timeout,
                            run_timeout=args.run_timeout, resume=args.resume is not None,
@@ -403,12 +414,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
     from protocols.entry_point import run_command
     from protocols.manifest import ManifestError, ManifestMismatch
     from protocols.run_config import ConfigError
+    from protocols.secagg.identity import RosterError
     from server.run_dir import ResumeError
     from server.service.flwr_cli import FlwrCliError
 
     return run_command("fedtune-coordinator", main, argv,
                        user_errors=(ConfigError, ManifestError, ManifestMismatch, FlwrCliError,
-                                    ResumeError, FileNotFoundError, FileExistsError))
+                                    ResumeError, FileNotFoundError, FileExistsError,
+                                    RosterError))
 
 
 if __name__ == "__main__":

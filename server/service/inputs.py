@@ -25,6 +25,7 @@ class CoordinatorInputs:
     manifest_public_key: str = ""  # hex of the raw Ed25519 key devices verify the base with
     edge_export: Path | None = None  # the signed ONNX export edge devices run, if any
     signed_manifest: str = ""  # the base model's signed manifest (SignedManifest text)
+    secagg_roster: str = ""  # the organisation's signed roster: authenticated SecAgg
 
 
 def check_coordinator_inputs(config: RunConfig, cache_dir: Path) -> CoordinatorInputs:
@@ -69,6 +70,6 @@ def coordinator_run_config(inputs: CoordinatorInputs, run_dir: Path, *,
     flat.update(PathsSection(
         cache_dir=inputs.cache_dir, devices_dir=devices_dir, run_dir=run_dir,
         manifest_public_key=inputs.manifest_public_key, edge_export=inputs.edge_export,
-        signed_manifest=inputs.signed_manifest,
+        signed_manifest=inputs.signed_manifest, secagg_roster=inputs.secagg_roster,
     ).to_flat())
     return flat

@@ -51,6 +51,7 @@ from typing import Any
 from client.node.supernode import connected_node_id
 from protocols.processes import ManagedProcess, descendants
 from server.service.certs import make_node_keys, make_tls
+from server.service.roster import make_key, sign_roster
 from simulations.bench.proc_memory import MemorySampler, Sample, alive_seen, proc_table
 
 log = logging.getLogger("fedtune.deploy_load")
@@ -223,19 +224,23 @@ def free_ports(count: int) -> list[int]:
 def daemon_toml(*, name: str, address: str, ca: Path, key: Path, state_dir: Path,
                 runtime_port: int, data: Path, partition_id: int, cache_dir: Path,
                 edge_export: Path, manifest_key: str, require_secagg: bool,
-                warm_clientapp: bool | None = None) -> str:
+                warm_clientapp: bool | None = None, identity_key: Path | None = None,
+                roster_key: str = "") -> str:
     """One device's ``fedtune client`` config (the layout of ``client.node.daemon``'s docstring);
     ``data`` is the device's own data (here: its simulated device folder)."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     warm = [] if warm_clientapp is None else [
         f"warm_clientapp = {'true' if warm_clientapp else 'false'}"]
+    identity = [] if identity_key is None else [f"identity_key = {q(str(identity_key))}"]
+    roster = [f"roster_public_key = {q(roster_key)}"] if roster_key else []
     return "\n".join([
         "[superlink]", f"address = {q(address)}", f"root_ca = {q(str(ca))}",
         "[node]", f"name = {q(name)}", f"private_key = {q(str(key))}", 'kind = "edge"',
         f"runtime_port = {runtime_port}", f"state_dir = {q(str(state_dir))}", *warm,
+        *identity,
         "[data]", f"path = {q(str(data))}", f"partition_id = {partition_id}",
         f"cache_dir = {q(str(cache_dir))}", f"edge_export = {q(str(edge_export))}",
-        "[privacy]", f"manifest_public_key = {q(manifest_key)}",
+        "[privacy]", f"manifest_public_key = {q(manifest_key)}", *roster,
         f"require_secagg = {'true' if require_secagg else 'false'}", ""])
 
 
@@ -251,6 +256,7 @@ class Workspace:
     state_dir: Path
     port: int
     devices: dict[str, Path]  # device name -> its daemon config
+    roster: Path | None = None  # the organisation's signed roster (with secure aggregation)
 
 
 def prepare(args: argparse.Namespace, root: Path) -> Workspace:
@@ -279,6 +285,16 @@ def prepare(args: argparse.Namespace, root: Path) -> Workspace:
     tls = make_tls(certs)
     port, *runtime_ports = free_ports(args.nodes + 1)
     devices = {}
+    # With secure aggregation, authenticated: each device makes its identity key, the
+    # organisation (here: this script) signs the roster and every device pins its key.
+    roster_key, roster = "", None
+    identities = {f"node-{i}": root / "devices" / f"node-{i}" / "identity.key"
+                  for i in range(args.nodes)}
+    if args.secagg:
+        roster_key = make_key(certs / "org.key")
+        members = {name: bytes.fromhex(make_key(path)) for name, path in identities.items()}
+        roster = certs / "roster.json"
+        sign_roster(certs / "org.key", members, roster, label="deploy_load")
     for i, runtime_port in enumerate(runtime_ports):
         name = f"node-{i}"
         keys = make_node_keys(certs, name)  # the coordinator registers every nodes/*.pub
@@ -289,10 +305,11 @@ def prepare(args: argparse.Namespace, root: Path) -> Workspace:
             state_dir=root / "devices" / name, runtime_port=runtime_port,
             data=simulated.folder(i), partition_id=i, cache_dir=cache,
             edge_export=inputs.edge_export, manifest_key=inputs.manifest_public_key,
-            require_secagg=args.secagg, warm_clientapp=args.warm_clientapp))
+            require_secagg=args.secagg, warm_clientapp=args.warm_clientapp,
+            identity_key=identities[name] if args.secagg else None, roster_key=roster_key))
         devices[name] = path
     return Workspace(root, run_toml, cache, certs, root / "runs", root / "coordinator", port,
-                     devices)
+                     devices, roster)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -384,7 +401,8 @@ class LoadRun:
              str(ws.certs_dir), "--port", str(ws.port), "--cache-dir", str(ws.cache_dir),
              "--runs-dir", str(ws.runs_dir),
              "--min-nodes", str(self.args.nodes), "--nodes-timeout", left,
-             "--run-timeout", left],
+             "--run-timeout", left,
+             *(["--roster", str(ws.roster)] if ws.roster else [])],
             env=self.env, log_path=ws.root / "coordinator.out")
         self.sampler.roots["coordinator"] = self.coordinator.pid
         self.marks["coordinator_started"] = time.monotonic()

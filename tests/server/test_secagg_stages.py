@@ -60,7 +60,7 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     adapter = get_adapter(trainer.model)  # type: ignore[attr-defined]
     frozen = frozenset(k for k in adapter if config.lora.is_frozen(k))
     spec = AdapterSpec.from_arrays(adapter, {}, frozen=frozen)
-    return {"flat": flat, "adapter": adapter, "spec": spec}
+    return {"flat": flat, "adapter": adapter, "spec": spec, "inputs": inputs, "cache": cache}
 
 
 def _grid(flat: dict[str, Any]) -> LoopbackGrid:
@@ -119,6 +119,67 @@ def test_secure_mean_equals_plain_mean(setup: dict[str, Any]) -> None:
     stats = secure.stats[1]
     assert (stats.accepted, stats.dropped, stats.rejected) == (5, 0, 0)
     assert stats.bytes_up > 0 and stats.protocol_seconds > 0
+
+
+def _authenticated(setup: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The run config with the simulated organisation's roster and key, and the roster."""
+    from simulations.organisation import simulated_organisation
+
+    org = simulated_organisation(setup["inputs"].devices, setup["cache"])
+    return (setup["flat"] | {"paths.secagg_roster": org.roster_text,
+                             "paths.roster_public_key": org.org_public_key}, org.roster_text)
+
+
+@pytest.mark.parametrize("drop", [None, wire.CONSISTENCY])
+def test_an_authenticated_round_gives_the_same_mean(setup: dict[str, Any],
+                                                    drop: str | None) -> None:
+    """Signed roster, signed adverts and the consistency round, through the real ClientApp
+    (each simulated device signs with the identity key in its own folder). A survivor that
+    does not sign the survivor list (t = 3 of 4 still do) is not asked to unmask, and its
+    update is still in the sum."""
+    from client.app import make_client_app
+
+    flat, roster = _authenticated(setup)
+    nodes = NODES[:4]  # one per simulated device: one device, one node
+    sampling = {"fraction_train": 1.0, "min_train_nodes": 2, "min_available_nodes": 2}
+    secure = SecAggFedAvg(setup["spec"], roster=roster, **sampling)
+    grid = LoopbackGrid(make_client_app(flat), nodes,
+                        node_config={n: {"partition-id": i} for i, n in enumerate(nodes)})
+    if drop:
+        grid.drop[drop].add(nodes[0])
+    got = _round(secure, grid, setup["adapter"])
+    plain = AdapterFedAvg(setup["spec"], weighting="uniform", **sampling)
+    want = _round(plain, LoopbackGrid(make_client_app(setup["flat"]), nodes, node_config={
+        n: {"partition-id": i} for i, n in enumerate(nodes)}), setup["adapter"])
+    assert got is not None and want is not None
+    scale = wire.fixed_point_scale(num_clients=4, clip_range=0.5, modulus_bits=32)
+    _assert_same_mean(got, want, setup["spec"], scale, 4)
+    kinds = [m.metadata.message_type for m in grid.received]
+    assert kinds.count(wire.CONSISTENCY) == 4 - (drop is not None)
+    assert kinds.count(wire.UNMASK) == 4 - (drop is not None)
+    setup_replies = [wire.KeyAdvert.from_record(m.content) for m in grid.received
+                     if m.metadata.message_type == wire.SETUP]
+    assert len(setup_replies) == 4 and all(a.identity_pk and a.signature
+                                           for a in setup_replies)
+
+
+def test_devices_that_pin_the_organisation_key_refuse_an_unauthenticated_coordinator(
+    setup: dict[str, Any]
+) -> None:
+    """The coordinator leaves the roster out (the honest-but-curious protocol): every device
+    that pins the organisation key refuses the setup, and the round is abandoned."""
+    from client.app import make_client_app
+
+    flat, _ = _authenticated(setup)
+    nodes = NODES[:4]
+    secure = SecAggFedAvg(setup["spec"], fraction_train=1.0, min_train_nodes=2,
+                          min_available_nodes=2)
+    grid = LoopbackGrid(make_client_app(flat), nodes, errors_as_replies=True,
+                        node_config={n: {"partition-id": i} for i, n in enumerate(nodes)})
+    assert _round(secure, grid, setup["adapter"]) is None
+    assert secure.stats[1].failed == 4
+    assert all("no signed roster" in m.error.reason for m in grid.received if m.has_error())
+    assert not any(m.metadata.message_type == wire.SHARE_KEYS for m in grid.received)
 
 
 @pytest.mark.parametrize("stage", ["train", wire.UNMASK])

@@ -397,6 +397,18 @@ def test_no_device_setting_replaces_the_signed_manifest() -> None:
     assert apply_node_settings(run, node)["paths.signed_manifest"] == "from the coordinator"
 
 
+def test_a_deployed_device_never_trusts_keys_the_coordinator_names() -> None:
+    """The keys that check what the coordinator sends (the base model's manifest key, the
+    roster's organisation key) and the device's identity key come from the device's own
+    config only: a run config naming them is ignored, even when the device sets none."""
+    from client.node_policy import DEVICE_ONLY
+
+    run = {key: "from the coordinator" for key in DEVICE_ONLY} | {"train.rounds": 2}
+    assert apply_node_settings(run, {"partition-id": 0}) == {"train.rounds": 2}
+    pinned = apply_node_settings(run, {"fedtune-roster-public-key": "cc" * 32})
+    assert pinned == {"train.rounds": 2, "paths.roster_public_key": "cc" * 32}
+
+
 @pytest.mark.parametrize(
     ("node", "run", "reason"),
     [
@@ -470,14 +482,16 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
         ({"node": {"state_dir": "s", "kind": "tpu"}}, "node.kind = 'tpu'"),
         ({"node": {"state_dir": "s", "runtime_port": "9094"}}, "expected int"),
         ({"privacy": {"manifest_public_key": "xyz"}}, "64 hex digits"),
+        ({"privacy": {"roster_public_key": "ab" * 31}}, "roster_public_key: expected 64 hex"),
+        ({"privacy": {"roster_public_key": "ab" * 32}}, "set both or neither"),
         ({"node": {}}, "node.state_dir is required"),
         ({"node": {"state_dir": "s", "poll_interval_s": "fast"}},
          "node.poll_interval_s = 'fast': expected float, got str"),
         ({"node": {"state_dir": "s", "poll_interval_s": 10}},
          r"node.poll_interval_s = 10.0: must be in \[0.05, 3\]"),
     ],
-    ids=["unknown-key", "unknown-table", "tls-and-insecure", "kind", "type", "key", "missing",
-         "poll-type", "poll-range"],
+    ids=["unknown-key", "unknown-table", "tls-and-insecure", "kind", "type", "key",
+         "roster-key", "roster-without-identity", "missing", "poll-type", "poll-range"],
 )
 def test_bad_daemon_config_is_refused_by_name(
     tmp_path: Path, patch: dict[str, Any], message: str

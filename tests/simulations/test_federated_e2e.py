@@ -102,8 +102,10 @@ def test_federated_simulation_end_to_end(
     files = sorted(captured.glob("*.pkl"))
     train_files = [f for f in files if f.name.startswith("train")]
     secagg_files = [f for f in files if f.name.startswith("query.secagg_")]
-    # 3 clients x 2 rounds train, answer 3 SecAgg stages each; 4 clients evaluate twice
-    assert len(train_files) == 6 and len(secagg_files) == 18 and len(files) == 6 + 18 + 8
+    # 3 clients x 2 rounds train, answer 4 SecAgg stages each (authenticated: the simulation
+    # plays the organisation that signs the roster); 4 clients evaluate twice
+    assert len(train_files) == 6 and len(secagg_files) == 24 and len(files) == 6 + 24 + 8
+    assert sum("secagg_consistency" in f.name for f in secagg_files) == 6
     assert inputs.devices is not None
     clients = [load_device_data(DeviceDataSource(inputs.devices.folder(i)), str(i))
                for i in range(inputs.num_clients)]

@@ -1,0 +1,277 @@
+"""A lying coordinator against the real client stages of authenticated secure aggregation.
+
+Each test plays the coordinator by hand — it builds the messages an attacker would send —
+against :mod:`client.secagg_client`'s handlers with real keys, a real signed roster and real
+crypto (issue 14, Bonawitz et al. 2017 §6). An attack is stopped when the client raises
+:class:`SecAggProtocolError` naming it *before* it seals or reveals any share.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Context, RecordDict
+
+from client.secagg_client import (
+    STATE_KEY,
+    RoundSecrets,
+    SecAggIdentity,
+    handle_consistency,
+    handle_setup,
+    handle_share_keys,
+    handle_unmask,
+    mask_update,
+)
+from protocols.manifest import public_key_bytes
+from protocols.secagg import generate_keypair, public_bytes, reconstruct_secrets, wire
+from protocols.secagg.identity import (
+    Roster,
+    SignedRoster,
+    advert_message,
+    identity_public_key,
+)
+
+SALT = b"s" * 16
+ROUND = 3000
+DIM = 12
+
+
+@dataclass
+class Device:
+    node: int
+    key: Ed25519PrivateKey
+    context: Context
+
+    def identity(self, org: bytes) -> SecAggIdentity:
+        return SecAggIdentity(org, self.key)
+
+
+class Federation:
+    """Devices admitted by an organisation; the test is the (lying) coordinator."""
+
+    def __init__(self, nodes: list[int], *, extra_roster: int = 0) -> None:
+        self.org = Ed25519PrivateKey.generate()
+        self.org_pk = public_key_bytes(self.org.public_key())
+        self.devices = {n: Device(n, Ed25519PrivateKey.generate(), _context(n)) for n in nodes}
+        self.outsiders = [Ed25519PrivateKey.generate() for _ in range(extra_roster)]
+        members = {f"device-{n}": identity_public_key(d.key) for n, d in self.devices.items()}
+        members |= {f"spare-{i}": identity_public_key(k) for i, k in enumerate(self.outsiders)}
+        self.roster = SignedRoster.sign(Roster.of(members), self.org).to_text().encode()
+
+    def ident(self, node: int) -> SecAggIdentity:
+        return self.devices[node].identity(self.org_pk)
+
+    def setup(self, threshold: int, *, num_nodes: int | None = None,
+              round_id: int = ROUND) -> dict[int, wire.KeyAdvert]:
+        req = wire.SetupRequest(round_id, SALT, threshold, num_nodes or len(self.devices),
+                                self.roster).to_record()
+        return {n: wire.KeyAdvert.from_record(handle_setup(req, d.context, self.ident(n)))
+                for n, d in self.devices.items()}
+
+    def share(self, adverts: dict[int, wire.KeyAdvert]) -> dict[int, dict[int, bytes]]:
+        """Every device seals its shares; returns receiver -> sender -> ciphertext."""
+        request = wire.ShareKeysRequest(ROUND, adverts).to_record()
+        inbox: dict[int, dict[int, bytes]] = {n: {} for n in self.devices}
+        for n, d in self.devices.items():
+            sealed = wire.SealedShares.from_record(handle_share_keys(request, d.context))
+            for receiver, text in sealed.ciphertexts.items():
+                inbox[receiver][n] = text
+        return inbox
+
+    def mask(self, inbox: dict[int, dict[int, bytes]]) -> None:
+        for n, d in self.devices.items():
+            inst = wire.MaskingInstruction(ROUND, inbox[n], 32, 2.0**20, 0.5)
+            mask_update(np.full(DIM, 0.01 * n, np.float32),
+                        RecordDict({wire.RECORD: inst.to_record()}), d.context)
+
+    def through_masking(self, threshold: int) -> dict[int, wire.KeyAdvert]:
+        adverts = self.setup(threshold)
+        self.mask(self.share(adverts))
+        return adverts
+
+
+def _context(node: int) -> Context:
+    return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+
+
+def _stage(device: Device) -> str:
+    return RoundSecrets.load(device.context, round_id=ROUND, stage=None).stage
+
+
+def _forged_advert(node: int, signer: Ed25519PrivateKey | None, *,
+                   identity_pk: bytes | None = None) -> wire.KeyAdvert:
+    """Round keys the coordinator made itself, signed with a key it holds (or unsigned)."""
+    seal_pk = public_bytes(generate_keypair()[0].public_key())
+    mask_pk = public_bytes(generate_keypair()[0].public_key())
+    if signer is None:  # (a list mixing signed and unsigned adverts needs filler fields)
+        return wire.KeyAdvert(seal_pk, mask_pk, b"\0" * 32, b"\0" * 64)
+    sig = signer.sign(advert_message(round_id=ROUND, salt=SALT, node_id=node, seal_pk=seal_pk,
+                                     mask_pk=mask_pk))
+    return wire.KeyAdvert(seal_pk, mask_pk, identity_pk or identity_public_key(signer), sig)
+
+
+# -- the key list: substituted keys and sybils ----------------------------------------------
+
+
+def test_substituted_peer_keys_are_refused_before_any_share_is_sealed() -> None:
+    """The coordinator swaps threshold-many peers' keys for its own (t = 4 of 5): unsigned,
+    signed with its own key, or labelled with the peer's identity but its own signature.
+    The victim refuses each list and keeps its secrets unshared."""
+    fed = Federation([1, 2, 3, 4, 5])
+    adverts = fed.setup(threshold=4)
+    coordinator = Ed25519PrivateKey.generate()
+    victim = fed.devices[1]
+    attacks = {
+        "unsigned": (lambda n: _forged_advert(n, None), "not signed by a device"),
+        "own identity key": (lambda n: _forged_advert(n, coordinator),
+                             "not signed by a device"),
+        "peer's identity, own signature": (
+            lambda n: _forged_advert(n, coordinator,
+                                     identity_pk=adverts[n].identity_pk),
+            "signature does not verify"),
+    }
+    for name, (forge, match) in attacks.items():
+        swapped = dict(adverts)
+        for peer in (2, 3, 4, 5):
+            swapped[peer] = forge(peer)
+        with pytest.raises(wire.SecAggProtocolError, match=match):
+            handle_share_keys(wire.ShareKeysRequest(ROUND, swapped).to_record(), victim.context)
+        assert _stage(victim) == "setup", name  # nothing sealed, nothing kept
+    # the honest list still works afterwards
+    handle_share_keys(wire.ShareKeysRequest(ROUND, adverts).to_record(), victim.context)
+    assert _stage(victim) == "shared"
+
+
+def test_sybil_nodes_are_refused() -> None:
+    """The coordinator announces more nodes and adds nodes of its own; or relabels a real
+    device's advert for a second node id; or a colluding roster device signs adverts for
+    two node ids. All are refused."""
+    fed = Federation([1, 2, 3], extra_roster=1)
+    adverts = fed.setup(threshold=3, num_nodes=4)  # the roster admits 4 devices
+    coordinator = Ed25519PrivateKey.generate()
+    victim = fed.devices[1].context
+    invented = dict(adverts) | {99: _forged_advert(99, coordinator)}
+    with pytest.raises(wire.SecAggProtocolError, match="not signed by a device"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, invented).to_record(), victim)
+    relabelled = dict(adverts) | {99: adverts[2]}
+    with pytest.raises(wire.SecAggProtocolError, match="public keys repeat"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, relabelled).to_record(), victim)
+    colluder = fed.outsiders[0]  # admitted, colluding: signs two nodes' adverts
+    twice = dict(adverts) | {98: _forged_advert(98, colluder), 99: _forged_advert(99, colluder)}
+    with pytest.raises(wire.SecAggProtocolError, match="one device's identity"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, twice).to_record(), victim)
+    assert _stage(fed.devices[1]) == "setup"
+
+
+def test_the_setup_must_bring_the_organisations_roster() -> None:
+    """A device that pins the organisation key refuses a round without a roster, with a
+    roster the coordinator signed, with more nodes than the roster admits, or one that
+    does not list it; it keeps no round secret."""
+    fed = Federation([1, 2, 3])
+    device = fed.devices[1]
+    coordinator = Ed25519PrivateKey.generate()
+    members = {"device-1": identity_public_key(device.key),
+               "fake": identity_public_key(coordinator)}
+    self_signed = SignedRoster.sign(Roster.of(members), coordinator).to_text().encode()
+    without_me = SignedRoster.sign(Roster.of({
+        f"device-{n}": identity_public_key(fed.devices[n].key) for n in (2, 3)}),
+        fed.org).to_text().encode()
+    cases = {
+        "no roster": (wire.SetupRequest(ROUND, SALT, 3, 3), "no signed roster"),
+        "forged roster": (wire.SetupRequest(ROUND, SALT, 3, 3, self_signed),
+                          "not signed by the organisation key"),
+        "more nodes than admitted": (wire.SetupRequest(ROUND, SALT, 4, 4, fed.roster),
+                                     "roster admits only 3"),
+        "device not admitted": (wire.SetupRequest(ROUND, SALT, 2, 2, without_me),
+                                "not in the organisation's roster"),
+    }
+    for name, (request, match) in cases.items():
+        with pytest.raises(wire.SecAggProtocolError, match=match):
+            handle_setup(request.to_record(), device.context, fed.ident(1))
+        assert STATE_KEY not in device.context.state.config_records, name
+    # a device with no pinned key (the honest-but-curious mode) cannot sign for a roster
+    with pytest.raises(wire.SecAggProtocolError, match="no organisation key pinned"):
+        handle_setup(wire.SetupRequest(ROUND, SALT, 3, 3, fed.roster).to_record(), _context(1))
+
+
+def test_an_advert_replayed_from_an_earlier_round_is_refused() -> None:
+    fed = Federation([1, 2, 3])
+    old = fed.setup(threshold=3, round_id=ROUND - 1)
+    adverts = fed.setup(threshold=3)
+    replayed = dict(adverts) | {2: old[2]}
+    with pytest.raises(wire.SecAggProtocolError, match="node 2's advert signature"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, replayed).to_record(),
+                          fed.devices[1].context)
+
+
+# -- unmasking: the consistency round ------------------------------------------------------
+
+
+def test_an_authenticated_round_unmasks_only_after_the_consistency_check() -> None:
+    fed = Federation([1, 2, 3, 4])
+    fed.through_masking(threshold=3)
+    everyone = tuple(fed.devices)
+    with pytest.raises(wire.SecAggProtocolError, match="after the consistency check"):
+        handle_unmask(wire.UnmaskRequest(ROUND, everyone, ()).to_record(),
+                      fed.devices[1].context)
+    signatures = {n: wire.ConsistencySignature.from_record(handle_consistency(
+        wire.ConsistencyRequest(ROUND, everyone).to_record(), d.context, fed.ident(n))).signature
+        for n, d in fed.devices.items()}
+    with pytest.raises(wire.SecAggProtocolError, match="stage out of order"):  # signs once
+        handle_consistency(wire.ConsistencyRequest(ROUND, everyone[:3]).to_record(),
+                           fed.devices[1].context, fed.ident(1))
+    too_few = dict(itertools.islice(signatures.items(), 2))
+    with pytest.raises(wire.SecAggProtocolError, match="fewer than the threshold 3"):
+        handle_unmask(wire.UnmaskRequest(ROUND, everyone, (), too_few).to_record(),
+                      fed.devices[1].context)
+    forged = dict(signatures) | {4: signatures[3]}
+    with pytest.raises(wire.SecAggProtocolError, match="node 4's consistency signature"):
+        handle_unmask(wire.UnmaskRequest(ROUND, everyone, (), forged).to_record(),
+                      fed.devices[1].context)
+    reply = wire.UnmaskShares.from_record(handle_unmask(
+        wire.UnmaskRequest(ROUND, everyone, (), signatures).to_record(),
+        fed.devices[1].context))
+    assert set(reply.b_shares) == set(everyone) and not reply.s_shares
+
+
+def test_split_survivor_lists_reveal_no_node_even_with_a_low_threshold_in_force() -> None:
+    """The coordinator tells one group that X survived and the other that X dropped, in the
+    consistency round and in the unmask requests. Each device signs one list and unmasks
+    only with ``t`` signatures over the list it signed, so for every split the coordinator
+    gathers fewer than ``t`` shares of one of X's two secrets, and an unmask request that
+    shows one group's signatures to the other is refused."""
+    nodes = [1, 2, 3, 4, 5]
+    x, others = 1, nodes[1:]
+    with_x, without_x = tuple(nodes), tuple(others)
+    for size in range(len(others) + 1):
+        for told_survived in itertools.combinations(others, size):
+            fed = Federation(nodes)
+            fed.through_masking(threshold=4)
+            lists = {n: with_x if (n == x or n in told_survived) else without_x for n in nodes}
+            sigs: dict[tuple[int, ...], dict[int, bytes]] = {with_x: {}, without_x: {}}
+            for n, d in fed.devices.items():
+                sigs[lists[n]][n] = wire.ConsistencySignature.from_record(handle_consistency(
+                    wire.ConsistencyRequest(ROUND, lists[n]).to_record(), d.context,
+                    fed.ident(n))).signature
+            b_shares: dict[int, bytes] = {}
+            s_shares: dict[int, bytes] = {}
+            for n, d in fed.devices.items():
+                told = lists[n]
+                dropped = () if told == with_x else (x,)
+                for shown in (sigs[told], sigs[with_x] | sigs[without_x]):
+                    request = wire.UnmaskRequest(ROUND, told, dropped, shown).to_record()
+                    try:
+                        shares = wire.UnmaskShares.from_record(handle_unmask(request, d.context))
+                    except wire.SecAggProtocolError:
+                        continue
+                    b_shares |= {n: shares.b_shares[x]} if x in shares.b_shares else {}
+                    s_shares |= {n: shares.s_shares[x]} if x in shares.s_shares else {}
+                    break
+            assert len(b_shares) < 4 or len(s_shares) < 4, told_survived
+            short = b_shares if len(b_shares) < 4 else s_shares
+            with pytest.raises(ValueError):
+                reconstruct_secrets({x: short}, threshold=4)
