@@ -26,7 +26,6 @@ from protocols.manifest import (
     save_private_key,
 )
 from protocols.secagg.identity import Roster, SignedRoster, identity_public_key
-from simulations.devices import SimulatedDevices
 
 ORG_KEY = Path("simulated-org") / "org.key"
 
@@ -48,13 +47,14 @@ def _ensure_key(path: Path) -> Ed25519PrivateKey:
     return load_private_key(path)
 
 
-def simulated_organisation(devices: SimulatedDevices, cache_dir: Path
+def simulated_organisation(devices_root: Path, num_clients: int, cache_dir: Path
                            ) -> SimulatedOrganisation:
-    """Sign a roster of every simulated device's identity key (making missing keys)."""
+    """Sign a roster of the identity keys of simulated devices ``0 .. num_clients - 1``
+    under ``devices_root`` (making missing keys)."""
     org_key = _ensure_key(cache_dir / ORG_KEY)
     members = {f"device-{pid}": identity_public_key(
-                   _ensure_key(simulated_identity_key(devices.root, pid)))
-               for pid in range(devices.num_clients)}
-    roster = Roster.of(members, label=f"simulated devices of {devices.root.name}")
+                   _ensure_key(simulated_identity_key(devices_root, pid)))
+               for pid in range(num_clients)}
+    roster = Roster.of(members, label=f"simulated devices of {devices_root.name}")
     return SimulatedOrganisation(SignedRoster.sign(roster, org_key).to_text(),
                                  public_key_bytes(org_key.public_key()).hex())

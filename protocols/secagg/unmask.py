@@ -14,8 +14,8 @@ for each survivor and of ``s_u`` (mask private key) for each dropped client, the
 A client must never reveal both shares of one peer: with ``b_u`` and ``s_u`` the coordinator
 could unmask ``u``'s individual input. :func:`check_unmask_request` is the client's refusal.
 It sees only the request addressed to it; a coordinator that tells different clients
-different stories is caught only by Bonawitz's signed consistency round (active adversary
-model), which this module does not implement.
+different stories is caught by Bonawitz's signed consistency round (active adversary
+model), which authenticated rounds run first (:mod:`protocols.secagg.identity`).
 """
 
 from __future__ import annotations

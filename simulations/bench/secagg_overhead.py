@@ -11,7 +11,9 @@ serialisation (:class:`simulations.loopback_grid.LoopbackGrid`). Only the traine
 replaced, by :class:`RandomUpdateTrainer`: a random update of the adapter's trainable size
 (SmolLM2-135M, r = 8 on q/v/o/up/down, FFA-LoRA: B only = 829,440 floats by default).
 Training costs the same with or without SecAgg, so what is measured is the protocol; the
-upload itself is whatever the ClientApp makes of the trained tensors. Reported per round:
+upload itself is whatever the ClientApp makes of the trained tensors. SecAgg runs
+authenticated, as every simulation does (identity keys, a signed roster, signed adverts and
+the consistency round). Reported per round:
 client CPU seconds (mean per client over all its handlers; the client's share of decoding,
 key agreement, Shamir sharing, sealing, PRG masks, unmasking, encoding), coordinator CPU
 seconds (routing, unmasking, Shamir reconstruction, decoding, validation), and payload
@@ -47,6 +49,7 @@ from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg
 from simulations.flower_patches import task_identity
 from simulations.loopback_grid import LoopbackGrid
+from simulations.organisation import simulated_organisation
 
 #: SmolLM2-135M (30 layers, hidden 576, kv 192, mlp 1536), r = 8: rows of B per layer for
 #: q, v, o, up, down; B is (out_features, r).
@@ -79,7 +82,8 @@ class RandomUpdateTrainer:
 
 
 @contextlib.contextmanager
-def fedtune_client_app(spec: AdapterSpec, clients: int) -> Iterator[ClientApp]:
+def fedtune_client_app(spec: AdapterSpec, clients: int
+                       ) -> Iterator[tuple[ClientApp, dict[str, Any]]]:
     """fedtune's own ClientApp for ``clients`` partitions, with its trainer replaced by a
     :class:`RandomUpdateTrainer` while the context lasts (``client.app._trainer`` is the one
     place the ClientApp gets its trainer from; nothing else of it is touched)."""
@@ -95,10 +99,14 @@ def fedtune_client_app(spec: AdapterSpec, clients: int) -> Iterator[ClientApp]:
             folder.mkdir(parents=True)
             for part in ("train", "heldout"):
                 write_jsonl(folder / f"{part}.jsonl", [Example(text="synthetic")])
+        # Authenticated, as every simulation runs it: identity keys, a signed roster.
+        org = simulated_organisation(devices, clients, Path(tmp))
         flat = {**RunConfig().to_flat(),
-                **PathsSection(cache_dir=Path(tmp), devices_dir=devices).to_flat()}
+                **PathsSection(cache_dir=Path(tmp), devices_dir=devices,
+                               secagg_roster=org.roster_text,
+                               roster_public_key=org.org_public_key).to_flat()}
         with mock.patch.object(client_app, "_trainer", lambda _flat, edge=False: trainer):
-            yield client_app.make_client_app(flat)
+            yield client_app.make_client_app(flat), flat
 
 
 def one_round(n: int, dim: int, *, secure: bool, seed: int = 0) -> dict[str, Any]:
@@ -106,13 +114,15 @@ def one_round(n: int, dim: int, *, secure: bool, seed: int = 0) -> dict[str, Any
     spec = AdapterSpec.from_arrays(adapter, {})
     sampling: dict[str, Any] = {"fraction_train": 1.0, "min_train_nodes": n,
                                 "min_available_nodes": n}
-    strategy: AdapterFedAvg = (SecAggFedAvg(spec, **sampling) if secure
-                               else AdapterFedAvg(spec, weighting="uniform", **sampling))
     rng = np.random.default_rng(seed)
     nodes = [int(x) for x in rng.integers(1, 2**63, size=n)]
     config = ConfigRecord({keys.LOCAL_STEPS: 1, keys.BATCH_SIZE: 1, keys.LEARNING_RATE: 0.1,
                            keys.SEQ_LEN: 8, keys.SEED: seed})
-    with fedtune_client_app(spec, n) as app:
+    with fedtune_client_app(spec, n) as (app, flat):
+        roster = PathsSection.from_flat(flat).secagg_roster
+        strategy: AdapterFedAvg = (
+            SecAggFedAvg(spec, roster=roster, **sampling) if secure
+            else AdapterFedAvg(spec, weighting="uniform", **sampling))
         grid = LoopbackGrid(app, nodes,
                             node_config={node: {"partition-id": i}
                                          for i, node in enumerate(nodes)})

@@ -125,7 +125,8 @@ def _authenticated(setup: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The run config with the simulated organisation's roster and key, and the roster."""
     from simulations.organisation import simulated_organisation
 
-    org = simulated_organisation(setup["inputs"].devices, setup["cache"])
+    devices = setup["inputs"].devices
+    org = simulated_organisation(devices.root, devices.num_clients, setup["cache"])
     return (setup["flat"] | {"paths.secagg_roster": org.roster_text,
                              "paths.roster_public_key": org.org_public_key}, org.roster_text)
 

@@ -138,7 +138,8 @@ def test_secagg_overhead(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     # exact, not measured: the masked update is uint32 (as long as float32) plus keys/shares
     assert 4000 < plain["up_bytes_per_client"] < secure["up_bytes_per_client"]
     assert set(secure["stage_client_cpu_s"]) == {
-        "train", "query.secagg_setup", "query.secagg_share_keys", "query.secagg_unmask"}
+        "train", "query.secagg_setup", "query.secagg_share_keys", "query.secagg_consistency",
+        "query.secagg_unmask"}
 
 
 def test_dpsgd_step(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
