@@ -52,6 +52,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.local_data import DeviceDataSource, LocalDataError
 from kernels.data.formats import DATA_FORMATS, DataFormatError
 from kernels.data.templates import TemplateError
+from protocols.entry_point import log_to_stderr
 from protocols.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def node_settings_mod(msg: Message, context: Context, call_next: ClientAppCallab
         return call_next(msg, context)  # a simulated node: no device settings, no policy
     started = time.perf_counter()
     startup = _process_age_s()
-    _log_to_stderr()
+    log_to_stderr(("client", "kernels", "protocols", __name__))
     context.run_config = apply_node_settings(context.run_config, node_config)
     check_node_policy(context.run_config, node_config, context)
     try:
@@ -193,17 +194,3 @@ def _process_age_s() -> float | None:
         return float(Path("/proc/uptime").read_text().split()[0]) - started
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _log_to_stderr() -> None:
-    """A deployed ClientApp process has no logging set up; Flower shows its stderr in the
-    SuperNode's log, so fedtune's client-side records go there (once per process)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("client", "kernels", __name__):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
-

@@ -23,6 +23,23 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("flwr").propagate = False
 
 
+def log_to_stderr(names: Sequence[str]) -> None:
+    """Send the named loggers' INFO records to stderr, once per process, unless logging is
+    set up already (a root handler: ``fedtune simulate``). Flower's app processes (a
+    deployed ServerApp or ClientApp) set up only Flower's own logger and capture their
+    stderr into the run's log stream, where fedtune's records then appear too."""
+    if logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()  # sys.stderr as it is now: Flower may have redirected it
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in names:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 def run_command(prog: str, command: Callable[[list[str]], int], argv: Sequence[str] | None,
                 *, user_errors: tuple[type[BaseException], ...]) -> int:
     """Run ``command(argv)`` as the program ``prog``; return its exit status."""

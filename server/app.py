@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec, TensorsView
 from protocols.atomic_write import write_json_atomic
+from protocols.entry_point import log_to_stderr
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
 from protocols.run_config import PathsSection, RunConfig
 from server.checkpoint import OffsetRounds, resume_point
@@ -244,6 +245,7 @@ def make_server_app(run_config: Mapping[str, Any] | None = None, *,
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        log_to_stderr(("server", "kernels", "protocols"))  # deployed: into serverapp.log
         flat = {**dict(context.run_config), **baked}
         interval = RunConfig.from_flat(flat).federation.poll_interval_s
         run_coordinator(PollingGrid(grid, interval, stop=stop), flat)

@@ -448,15 +448,17 @@ def test_deploy_load(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     from simulations.bench import deploy_load
 
     out = tmp_path / "load.json"
-    code = deploy_load.main(["--nodes", "1", "--rounds", "1", "--timeout", "300",
+    # Two devices under authenticated secure aggregation: each pins the organisation key
+    # and signs with its identity key; the coordinator relays the signed roster (--roster).
+    code = deploy_load.main(["--nodes", "2", "--rounds", "1", "--secagg", "--timeout", "300",
                              "--interval", "0.5", "--workdir", str(tmp_path / "work"),
-                             "--out", str(out)])
+                             "--out", str(out), "--keep"])  # the run's logs, checked below
     text = capsys.readouterr().out
     assert code == 0, text
 
     rows = table(text, ["round", "round s", "clients s", "aggr s", "ok/sampled", "failed",
                         "rejected", "up KB", "down KB"])
-    assert len(rows) == 1 and rows[0][0] == "1" and rows[0][4] == "1/1", rows
+    assert len(rows) == 1 and rows[0][0] == "1" and rows[0][4] == "2/2", rows
     assert_finite(numbers(rows[0]), nonnegative=True)
     result = json.loads(out.read_text())
     assert result["outcome"] == "completed" and result["all_accepted"]
@@ -469,6 +471,11 @@ def test_deploy_load(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert result["samples"] > 0
     assert coord["rss_peak"] >= coord["rss_mean"] > 0
     assert coord["pss_peak"] >= 0  # PSS is read every 10th sample: maybe none in a toy run
-    assert dev["rss_mean"] > 0 and dev["devices_sampled"] == 1
+    assert dev["rss_mean"] > 0 and dev["devices_sampled"] == 2
+    (server_log,) = (tmp_path / "work" / "runs").glob("*/serverapp.log")  # fedtune's lines too
+    assert "secure aggregation is authenticated" in server_log.read_text()
+    for device in ("node-0", "node-1"):  # both signed the survivor list before unmasking
+        log = (tmp_path / "work" / "devices" / device / "client.log").read_text()
+        assert "query.secagg_consistency message: process start-up" in log, device
     assert re.search(r"coordinator tree RSS: peak \d+ MB, mean \d+ MB \(PSS peak \d+ MB\)",
                      text), text
