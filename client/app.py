@@ -77,14 +77,14 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     model_dir = resolve_model_dir(config.model.source, paths.required("cache_dir"))
     dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
     key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd,
-           config.data.template)
+           config.data.template, config.client)
     if key not in _TRAINERS:
         if config.security.verify_manifest:
             verify_base_model(model_dir, paths.manifest_public_key, paths.signed_manifest)
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
             model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd,
-            model_section=config.model, template=config.data.template,
+            model_section=config.model, template=config.data.template, client=config.client,
         )
     return _TRAINERS[key]
 

@@ -224,7 +224,8 @@ def dp_train(
     q = poisson_sample_rate(batch_size, len(blocks))
     # Divisor of the noisy sum: the expected batch q*N, never the drawn size (data-dependent).
     expected_batch = min(batch_size, len(blocks))
-    sampler_rng, noise_rng = _generators(seed)
+    device = trainable[0].device  # one device: _check_model made sure
+    sampler_rng, noise_rng = _generators(seed, noise_device=device)
     loader = DPDataLoader(torch.utils.data.TensorDataset(*columns),
                           sample_rate=q, generator=sampler_rng)
     mode = settings.grad_sample_mode
@@ -256,7 +257,8 @@ def dp_train(
                     # The mechanism still releases sum(nothing) + noise, as accounted for.
                     _empty_step(trainable, ghost=ghost)
                 else:
-                    losses = per_sample_loss(model, batch, *labels)  # (B,)
+                    losses = per_sample_loss(model, batch.to(device),
+                                             *(t.to(device) for t in labels))  # (B,)
                     if ghost:
                         # Two backward passes: norms, then the clipped-weighted loss.
                         dp_loss = DPTensorFastGradientClipping(hooks, dp_optimizer, losses, "sum")
@@ -329,8 +331,10 @@ def _check_model(model: torch.nn.Module, trainable: Sequence[torch.nn.Parameter]
         )
 
 
-def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
-    """Independent generators for the batch draws and the noise."""
+def _generators(seed: int | None, *, noise_device: torch.device | None = None
+                ) -> tuple[torch.Generator, torch.Generator]:
+    """Independent generators for the batch draws (on the CPU, where the loader samples)
+    and the noise (on the parameters' device, where Opacus draws it)."""
     import torch
 
     if seed is None:
@@ -338,8 +342,8 @@ def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
     else:
         states = [int(s) for s in np.random.SeedSequence(seed).generate_state(2, np.uint64)]
     out = []
-    for state in states:
-        gen = torch.Generator()
+    for state, device in zip(states, ("cpu", noise_device or "cpu"), strict=True):
+        gen = torch.Generator(device=device)
         gen.manual_seed(state)
         out.append(gen)
     return out[0], out[1]

@@ -24,6 +24,7 @@ Node config keys (set by ``fedtune client`` from its TOML; all optional):
 ``fedtune-roster-public-key``      pinned organisation key (hex) → ``paths.roster_public_key``
 ``fedtune-identity-key``           this device's identity key file → ``paths.identity_key``
 ``fedtune-client-threads``         torch/ORT threads → ``federation.client_threads``
+``fedtune-client-device``          where torch trains (auto/cpu/cuda:N) → ``client.device``
 ``fedtune-client-kind``            ``gpu`` or ``edge``: refuse a run that assigns the other
 ``fedtune-require-manifest``       refuse runs with ``security.verify_manifest = false``
 ``fedtune-require-secagg``         refuse runs with ``security.secagg = false``
@@ -65,6 +66,7 @@ NODE_OVERRIDES = {
     "fedtune-roster-public-key": "paths.roster_public_key",
     "fedtune-identity-key": "paths.identity_key",
     "fedtune-client-threads": "federation.client_threads",
+    "fedtune-client-device": "client.device",
 }
 #: run config keys only the coordinator's run config provides; no node setting replaces them.
 COORDINATOR_ONLY = frozenset({"paths.signed_manifest", "paths.secagg_roster"})

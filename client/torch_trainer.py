@@ -1,4 +1,11 @@
-"""Backprop LoRA training with torch + PEFT on a frozen base (the "GPU client")."""
+"""Backprop LoRA training with torch + PEFT on a frozen base (the "GPU client").
+
+It trains where ``client.device`` says (``auto``: CUDA when present), optionally with the
+frozen base in bfloat16 under autocast and with gradient checkpointing; a quantized base
+(``model.quantize``) runs the fused Triton kernels on CUDA and the torch reference on the
+CPU. Whatever the device and precision, the adapter leaves as float32 numpy arrays, so the
+codec sees exactly what a CPU client would produce for the same values.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +24,11 @@ from client.trainer import DeviceBlocks, EvalOutcome, TrainInstruction, TrainOut
 from kernels.base_model import load_causal_lm
 from kernels.data.blocks import Blocks
 from kernels.data.templates import PromptTemplate, TemplateChoice
+from kernels.device import autocast
 from kernels.lm_eval import mean_token_loss
 from kernels.lora import attach_lora, get_adapter, set_adapter
 from protocols import keys
-from protocols.run_config import LoraSection, ModelSection
+from protocols.run_config import ClientSection, LoraSection, ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +54,29 @@ class TorchLoraTrainer:
         dpsgd: DpSgdSettings | None = None,
         model_section: ModelSection | None = None,
         template: TemplateChoice = "auto",
+        client: ClientSection | None = None,
     ) -> None:
         import torch
 
+        from kernels.device import resolve_device, torch_dtype
+
+        client = client or ClientSection()
         torch.set_num_threads(threads)
-        # opacus#820: the base is materialised on CPU here and LoRA is attached afterwards,
-        # on the same device; nothing moves the model later (dp_train checks it).
+        self.device = resolve_device(client.device)
+        self.dtype = torch_dtype(client.dtype)
+        # opacus#820: the base is materialised, cast and moved to its device first and LoRA
+        # is attached afterwards, on that device; nothing moves the model later (dp_train
+        # checks it). PEFT keeps the adapter in float32 over a bfloat16 base.
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
-        self.model = attach_lora(loaded.model, lora)
+        base = loaded.model
+        torch.nn.Module.to(base, device=self.device, dtype=self.dtype)  # in place
+        if client.gradient_checkpointing:
+            # Non-reentrant: gradients reach the adapter although the base's inputs need none.
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={  # type: ignore[no-untyped-call]
+                "use_reentrant": False})
+            base.config.use_cache = False
+        self.model = attach_lora(base, lora)
         self.quant_report = None
         if model_section is not None and model_section.quantize != "none":
             from kernels.quantize_model import quantize_base
@@ -92,17 +114,20 @@ class TorchLoraTrainer:
         order = _batch_order(len(blocks), instruction)
         self.model.train()
         losses = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         loop_start = time.perf_counter()
         for step in range(instruction.local_steps):
             idx = order[step * instruction.batch_size : (step + 1) * instruction.batch_size]
             batch = blocks.take(idx)
             # Labels are -100 off the scored tokens (prompts, padding): response-only loss.
-            loss = self.model(input_ids=torch.from_numpy(batch.ids),  # (B, T)
-                              labels=torch.from_numpy(batch.labels())).loss
+            with autocast(self.device, self.dtype):
+                loss = self.model(input_ids=torch.from_numpy(batch.ids).to(self.device),
+                                  labels=torch.from_numpy(batch.labels()).to(self.device)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # (a sync: the step's time is its own)
         self.model.eval()
         # Only trained tensors leave the device: frozen ones (FFA-LoRA's A) are the
         # coordinator's own and sending them back would only cost bytes.
@@ -164,7 +189,8 @@ class TorchLoraTrainer:
     ) -> EvalOutcome:
         set_adapter(self.model, adapter)
         blocks = self.blocks.get(data, "heldout", seq_len)
-        loss, tokens = mean_token_loss(self.model, blocks, batch_size)
+        with autocast(self.device, self.dtype):
+            loss, tokens = mean_token_loss(self.model, blocks, batch_size)
         return EvalOutcome(loss=loss, tokens=tokens)
 
 

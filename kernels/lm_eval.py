@@ -29,14 +29,15 @@ def mean_token_loss(
     if len(blocks) == 0:
         raise ValueError("no evaluation blocks: the held-out text is shorter than one block")
     total, tokens = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             batch = blocks.take(slice(i, i + batch_size))
             n = batch.scored_tokens  # HF's loss is the mean over them
             if n == 0:
                 continue
-            loss = model(input_ids=torch.from_numpy(batch.ids),  # (B, T)
-                         labels=torch.from_numpy(batch.labels())).loss
+            loss = model(input_ids=torch.from_numpy(batch.ids).to(device),  # (B, T)
+                         labels=torch.from_numpy(batch.labels()).to(device)).loss
             total += float(loss) * n
             tokens += n
     return total / tokens, tokens

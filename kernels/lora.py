@@ -80,7 +80,11 @@ def set_adapter(model: PeftModel, tensors: Mapping[str, npt.NDArray[Any]]) -> No
             f"adapter keys do not match the model: missing {sorted(expected - got)[:3]}, "
             f"unexpected {sorted(got - expected)[:3]}"
         )
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tensors.items()}
+    # On the adapter's device: PEFT copies into the existing parameters either way, but a
+    # CUDA model would otherwise copy host tensors one small transfer at a time.
+    device = next(p.device for n, p in model.named_parameters() if ".lora_" in n)
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(device)
+             for k, v in tensors.items()}
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

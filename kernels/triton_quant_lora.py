@@ -57,7 +57,7 @@ def require_triton() -> None:
     if triton is None:
         raise TritonUnavailable(
             "the 'triton' quantized-linear backend needs the triton package "
-            "(`pip install triton==3.9.0`) and a CUDA GPU; use backend='torch' (the pure "
+            "(`pip install 'fedtune[gpu]'`) and a CUDA GPU; use backend='torch' (the pure "
             f"torch reference) otherwise. Import error: {_IMPORT_ERROR}"
         )
 

@@ -11,6 +11,7 @@ every side; ``simulations/configs/default.toml`` is generated from them.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,15 @@ from typing import Any, Literal, get_type_hints
 from protocols.config_schema import ConfigError, Scalar, Section, setting, to_scalar
 
 __all__ = ["ConfigError", "RunConfig", "Scalar"]
+
+#: A torch device name: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(key: str, value: str) -> None:
+    """Refuse a device name torch would not take (or ``auto``), naming the key."""
+    if not DEVICE_NAME.fullmatch(value):
+        raise ConfigError(f"{key} = {value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 def _torch_codecs() -> list[str]:
@@ -183,6 +193,12 @@ class EvalSection(Section):
         "prompts, base vs tuned, scored with ROUGE-L (0 = off)", ge=0)
     max_new_tokens: int = setting(48, "longest generated answer, in tokens", ge=1)
     samples: int = setting(4, "side-by-side answers (base vs tuned) shown in the report", ge=0)
+    device: str = setting(
+        "auto", "where the coordinator's central evaluation runs: auto (CUDA when present), "
+        "cpu, cuda or cuda:N")
+
+    def check(self) -> None:
+        check_device_name("eval.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,25 @@ class EdgeSection(Section):
 
 
 @dataclass(frozen=True)
+class ClientSection(Section):
+    """Where and how torch clients compute (a device's own config may override the device)."""
+
+    NAME = "client"
+    device: str = setting(
+        "auto", "where torch clients train and evaluate: auto (CUDA when present), cpu, cuda "
+        "or cuda:N; a device's own config can override it")
+    dtype: Literal["float32", "bfloat16"] = setting(
+        "float32", "bfloat16: the frozen base is held in bfloat16 and the forward runs under "
+        "autocast; the adapter, its optimizer state and the update stay float32")
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in backward instead of keeping them: less memory, "
+        "about a third more compute")
+
+    def check(self) -> None:
+        check_device_name("client.device", self.device)
+
+
+@dataclass(frozen=True)
 class FederationSection(Section):
     """How updates travel and how a simulation places its clients."""
 
@@ -228,6 +263,9 @@ class FederationSection(Section):
                          choices=_torch_codecs)
     client_threads: int = setting(1, "torch / ONNX Runtime threads per client", ge=1)
     client_cpus: float = setting(1.0, "CPUs a simulation reserves per client", gt=0)
+    client_gpus: float = setting(
+        0.0, "share of a GPU a simulation reserves per torch client (0.25: four clients share "
+        "one GPU); 0 = none. Needs CUDA", ge=0, le=8)
     client_memory_gb: float = setting(
         2.0, "memory a simulated client may need at its peak (a SmolLM2 torch client: 1.6 GB, "
         "2 GB with DP-SGD, BENCHMARKS.md); a simulation runs no more clients at once than "
@@ -322,6 +360,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    client: ClientSection = field(default_factory=ClientSection)
     federation: FederationSection = field(default_factory=FederationSection)
     edge: EdgeSection = field(default_factory=EdgeSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
@@ -336,6 +375,12 @@ class RunConfig:
                 "often smaller than the two devices secure aggregation needs, and such rounds "
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
+        if self.privacy.dpsgd and (self.client.dtype != "float32"
+                                   or self.client.gradient_checkpointing):
+            raise ConfigError(
+                "privacy.dpsgd runs in float32 without gradient checkpointing (Opacus's "
+                "per-sample hooks would see autocast or recomputed activations): set "
+                "client.dtype = 'float32' and client.gradient_checkpointing = false")
         if self.privacy.client_dp and self.eval.fraction_clients > 0:
             raise ConfigError(
                 "eval.fraction_clients > 0 asks devices for their held-out loss, a number "

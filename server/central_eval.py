@@ -44,11 +44,14 @@ class CentralModel:
         import torch
 
         from kernels.base_model import load_causal_lm, portable_model_name
+        from kernels.device import resolve_device
         from kernels.lora import attach_lora, get_adapter, peft_config_dict
 
         torch.set_num_threads(threads)
+        self.device = resolve_device(config.eval.device, key="eval.device")
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
+        torch.nn.Module.to(loaded.model, self.device)  # in place, before the adapter
         self.model = attach_lora(loaded.model, config.lora)
         self.initial_adapter = get_adapter(self.model)
         self.peft_config = peft_config_dict(
@@ -100,7 +103,8 @@ class CentralModel:
         answers = []
         with torch.no_grad():
             for prompt in prompts:
-                ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+                ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]],
+                                   device=self.device)
                 out = self.model.generate(  # type: ignore[no-untyped-call]
                     input_ids=ids, attention_mask=torch.ones_like(ids),
                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,

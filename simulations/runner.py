@@ -56,9 +56,26 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
             f"{devices.num_clients} devices have >= {config.data.min_examples} examples; lower "
             "train.clients_per_round or data.min_examples"
         )
+    if config.federation.client_gpus > 0:
+        check_gpus_for_simulation(config.federation.client_gpus)
     coordinator = check_coordinator_inputs(config, cache_dir)
     return Inputs(**{f.name: getattr(coordinator, f.name) for f in fields(coordinator)},
                   devices=devices)
+
+
+def check_gpus_for_simulation(client_gpus: float) -> None:
+    """Refuse GPU shares on a machine without CUDA: Ray would wait for ever for a GPU to
+    place the clients on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"federation.client_gpus = {client_gpus} but torch sees no CUDA device on this "
+            "machine; set it to 0 (clients then train on the CPU)")
+    if client_gpus > torch.cuda.device_count():
+        raise ConfigError(
+            f"federation.client_gpus = {client_gpus}: more GPUs per client than the "
+            f"{torch.cuda.device_count()} this machine has")
 
 
 def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
@@ -148,7 +165,8 @@ def _run_simulation(flat: dict[str, Any], inputs: Inputs, client_mods: list[Any]
                     # also keeps the number of clients at once within memory.
                     # (rounded down: Flower takes int(cpus / num_cpus), and 9 / (9 / 7) < 7)
                     "num_cpus": math.floor(cpus / parallel * 1e4) / 1e4,
-                    "num_gpus": 0.0,
+                    # Ray packs 1 / client_gpus clients onto each GPU it detects.
+                    "num_gpus": config.federation.client_gpus,
                     "max_restarts": -1,
                     "max_task_retries": 2,
                 },

@@ -63,6 +63,7 @@ from client.node_policy import ClientKind
 from protocols.config_file import read_toml, toml_value
 from protocols.config_schema import REQUIRED, ConfigError, Section, describe, is_path, setting
 from protocols.processes import ManagedProcess
+from protocols.run_config import check_device_name
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ class DaemonConfig(Section):
     require_secagg: bool = setting(False, "refuse runs without secure aggregation",
                                    table="privacy")
     threads: int = setting(1, "torch / ONNX Runtime threads", table="resources", ge=1)
+    device: str = setting(
+        "", "where a gpu-kind device trains: auto (CUDA when present), cpu, cuda or cuda:N; "
+        "empty: the run's client.device", table="resources")
     warm_clientapp: bool = setting(True, "fork ClientApp processes from a preloaded server",
                                    table="node")
     poll_interval_s: float = setting(
@@ -167,6 +171,8 @@ class DaemonConfig(Section):
         for path in (self.root_ca, self.private_key, self.identity_key):
             if path is not None and not path.is_file():
                 raise DaemonConfigError(f"{path} does not exist")
+        if self.device:
+            check_device_name("resources.device", self.device)
         if self.path is None:
             raise DaemonConfigError("data.path is not set: name this device's own data (a "
                                     "file or folder; see docs/data.md)")
@@ -211,7 +217,8 @@ class DaemonConfig(Section):
                     "fedtune-edge-export": self.edge_export,
                     "fedtune-manifest-public-key": self.manifest_public_key or None,
                     "fedtune-roster-public-key": self.roster_public_key or None,
-                    "fedtune-identity-key": self.identity_key}
+                    "fedtune-identity-key": self.identity_key,
+                    "fedtune-client-device": self.device or None}
         values.update({k: str(v) for k, v in optional.items() if v is not None})
         return values
 

@@ -236,25 +236,32 @@ def model_step(args: argparse.Namespace, variants: list[Variant]) -> None:
 # --- CUDA: the Triton kernels against cuBLAS -------------------------------------------------
 
 
-def gpu_kernels(shapes: list[tuple[int, int, int]], variants: list[Variant], rank: int) -> None:
+def kernel_rows(shapes: list[tuple[int, int, int]], variants: list[Variant], rank: int,
+                *, timed: bool = True) -> list[dict[str, Any]]:
+    """Each Triton kernel (base only and with the LoRA term, forward and input gradient)
+    against the pure-torch reference, and with ``timed`` against cuBLAS on a bf16 weight of
+    the same shape. On CUDA in bf16; without CUDA in float32 under Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before the kernels were imported), correctness only."""
     import torch
     import torch.nn.functional as F
-    from triton.testing import do_bench
 
     from kernels import triton_quant_lora as tq
     from kernels.quant_linear import quantize, reference_grad_input, reference_linear
 
     tq.require_triton()
-    print("\n[kernel] Triton fused kernels vs cuBLAS bf16 (median ms; ratio = cuBLAS time / "
-          "kernel time, >= 0.8 is the goal; LoRA variants include the rank-r GEMMs)")
-    print(f"{'M x N x K':<20} {'variant':<18} {'op':<12} {'ms':>8} {'cuBLAS':>8} {'ratio':>6} "
-          f"{'TFLOP/s':>8} {'weight x bf16':>13} {'max rel err':>11}")
-    dev = torch.device("cuda")
+    cuda = torch.cuda.is_available() and not tq.interpreting()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # numpy (the interpreter) has no bf16
+    if timed and not cuda:
+        raise ValueError("kernel timings need CUDA")
+    if timed:
+        from triton.testing import do_bench
+    rows: list[dict[str, Any]] = []
     for m, n, k in shapes:
         gen = torch.Generator(device=dev).manual_seed(0)
-        w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).bfloat16()
-        x = torch.randn(m, k, device=dev, generator=gen).bfloat16()
-        g = torch.randn(m, n, device=dev, generator=gen).bfloat16()
+        w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(dtype)
+        x = torch.randn(m, k, device=dev, generator=gen).to(dtype)
+        g = torch.randn(m, n, device=dev, generator=gen).to(dtype)
         a = torch.randn(rank, k, device=dev, generator=gen) * 0.01  # fp32, as PEFT keeps it
         b = torch.randn(n, rank, device=dev, generator=gen) * 0.01
         cublas: dict[str, Callable[[], Any]] = {
@@ -263,7 +270,8 @@ def gpu_kernels(shapes: list[tuple[int, int, int]], variants: list[Variant], ran
             "grad_x": partial(torch.matmul, g, w),
             "grad_x+lora": partial(_dense_lora_grad_input, g, w, a, b, 2.0),
         }
-        base_ms = {op: float(do_bench(fn, return_mode="median")) for op, fn in cublas.items()}
+        base_ms = ({op: float(do_bench(fn, return_mode="median")) for op, fn in cublas.items()}
+                   if timed else {})
         for v in variants:
             if v.mode == "none":
                 continue
@@ -282,12 +290,27 @@ def gpu_kernels(shapes: list[tuple[int, int, int]], variants: list[Variant], ran
             }
             for op, (kernel, ref) in ops.items():
                 want = ref().float()
-                err = float((kernel().float() - want).norm() / want.norm())
-                ms = float(do_bench(kernel, return_mode="median"))
-                tflops = 2 * m * n * k / (ms * 1e-3) / 1e12
-                print(f"{f'{m}x{n}x{k}':<20} {v.spec:<18} {op:<12} {ms:>8.3f} "
-                      f"{base_ms[op]:>8.3f} {base_ms[op] / ms:>6.2f} {tflops:>8.1f} "
-                      f"{qw.nbytes / (w.numel() * 2):>13.3f} {err:>11.2e}")
+                row: dict[str, Any] = {
+                    "shape": f"{m}x{n}x{k}", "variant": v.spec, "op": op,
+                    "rel_err": float((kernel().float() - want).norm() / want.norm()),
+                    "weight_vs_bf16": qw.nbytes / (w.numel() * 2), "dtype": str(dtype)}
+                if timed:
+                    ms = float(do_bench(kernel, return_mode="median"))
+                    row |= {"ms": ms, "cublas_ms": base_ms[op], "ratio": base_ms[op] / ms,
+                            "tflops": 2 * m * n * k / (ms * 1e-3) / 1e12}
+                rows.append(row)
+    return rows
+
+
+def gpu_kernels(shapes: list[tuple[int, int, int]], variants: list[Variant], rank: int) -> None:
+    print("\n[kernel] Triton fused kernels vs cuBLAS bf16 (median ms; ratio = cuBLAS time / "
+          "kernel time, >= 0.8 is the goal; LoRA variants include the rank-r GEMMs)")
+    print(f"{'M x N x K':<20} {'variant':<18} {'op':<12} {'ms':>8} {'cuBLAS':>8} {'ratio':>6} "
+          f"{'TFLOP/s':>8} {'weight x bf16':>13} {'max rel err':>11}")
+    for r in kernel_rows(shapes, variants, rank):
+        print(f"{r['shape']:<20} {r['variant']:<18} {r['op']:<12} {r['ms']:>8.3f} "
+              f"{r['cublas_ms']:>8.3f} {r['ratio']:>6.2f} {r['tflops']:>8.1f} "
+              f"{r['weight_vs_bf16']:>13.3f} {r['rel_err']:>11.2e}")
 
 
 def _fused_with_lora(kernel: Callable[..., Any], inp: Any, qw: Any, a: Any, b: Any,

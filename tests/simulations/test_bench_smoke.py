@@ -142,6 +142,39 @@ def test_secagg_overhead(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
         "query.secagg_unmask"}
 
 
+def test_gpu_check(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """BENCHMARKS.md, GPU check: part | setting | measured | baseline | ratio | note. Here
+    (no CUDA) the kernels run in Triton's interpreter against the reference and the LoRA
+    step on the CPU in each precision; every GPU row says it is unmeasured."""
+    import subprocess
+    import sys
+
+    import torch
+
+    # A process of its own, as a person runs it: Triton's interpreter is chosen when
+    # triton is first imported, which this test process may have done already.
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, "-m", "simulations.bench.gpu_check", "--toy",
+                           "--model", str(tiny_model_dir), "--threads", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    parts = {r["part"] for r in rows}
+    assert {"kernels", "goal", "LoRA step"} <= parts and "part  " in text
+    kernels = [r for r in rows if r["part"] == "kernels"]
+    assert len(kernels) == 12 or kernels[0]["measured"] == "not run"
+    assert all(": ok (bound" in r["note"] for r in kernels if r["measured"] != "not run")
+    steps = {r["setting"]: r for r in rows if r["part"] == "LoRA step"}
+    if not torch.cuda.is_available():
+        assert {"cpu fp32", "cpu bf16", "cpu fp32 int8", "cpu fp32 int4"} <= set(steps)
+        assert all(steps[f"cuda {s}"]["measured"] == "unmeasured"
+                   for s in ("fp32", "bf16", "fp32 int8", "fp32 int4"))
+        for name in ("cpu bf16", "cpu fp32 int8", "cpu fp32 int4"):
+            assert_finite([float(steps[name]["ratio"].rstrip("x"))], positive=True)
+    assert_finite([float(steps["cpu fp32"]["measured"].split()[0])], positive=True)
+
+
 def test_dpsgd_step(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """BENCHMARKS.md: variant | wall s/step | × no-DP | CPU s/step | × no-DP."""
     from simulations.bench import dpsgd_step

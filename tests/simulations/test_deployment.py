@@ -484,6 +484,7 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
         ({"privacy": {"manifest_public_key": "xyz"}}, "64 hex digits"),
         ({"privacy": {"roster_public_key": "ab" * 31}}, "roster_public_key: expected 64 hex"),
         ({"privacy": {"roster_public_key": "ab" * 32}}, "set both or neither"),
+        ({"resources": {"device": "gpu"}}, "resources.device = 'gpu'"),
         ({"node": {}}, "node.state_dir is required"),
         ({"node": {"state_dir": "s", "poll_interval_s": "fast"}},
          "node.poll_interval_s = 'fast': expected float, got str"),
@@ -491,7 +492,8 @@ def test_daemon_config_resolves_paths_and_builds_node_config(tmp_path: Path) -> 
          r"node.poll_interval_s = 10.0: must be in \[0.05, 3\]"),
     ],
     ids=["unknown-key", "unknown-table", "tls-and-insecure", "kind", "type", "key",
-         "roster-key", "roster-without-identity", "missing", "poll-type", "poll-range"],
+         "roster-key", "roster-without-identity", "device", "missing", "poll-type",
+         "poll-range"],
 )
 def test_bad_daemon_config_is_refused_by_name(
     tmp_path: Path, patch: dict[str, Any], message: str
