@@ -103,8 +103,11 @@ def main() -> None:
         run(bin_dir / "ruff", "check", ".")
         say("mypy (strict for protocols/ and server/)")
         run(bin_dir / "mypy")
-        say("pytest")
-        run(venv_python(), "-m", "pytest", *args.rest, env=env)
+        # Two workers unless the caller chose (-n N; -n 0 runs serially in one process).
+        workers = [] if any(a.startswith(("-n", "--numprocesses")) for a in args.rest) \
+            else ["-n", "2"]
+        say(f"pytest {' '.join(workers)}".rstrip())
+        run(venv_python(), "-m", "pytest", *workers, *args.rest, env=env)
 
 
 if __name__ == "__main__":
