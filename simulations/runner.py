@@ -56,16 +56,24 @@ def check_inputs(config: RunConfig, cache_dir: Path) -> Inputs:
             f"{devices.num_clients} devices have >= {config.data.min_examples} examples; lower "
             "train.clients_per_round or data.min_examples"
         )
-    if config.federation.client_gpus > 0:
-        check_gpus_for_simulation(config.federation.client_gpus)
+    check_gpus_for_simulation(config)
     coordinator = check_coordinator_inputs(config, cache_dir)
     return Inputs(**{f.name: getattr(coordinator, f.name) for f in fields(coordinator)},
                   devices=devices)
 
 
-def check_gpus_for_simulation(client_gpus: float) -> None:
-    """Refuse GPU shares on a machine without CUDA: Ray would wait for ever for a GPU to
-    place the clients on."""
+def check_gpus_for_simulation(config: RunConfig) -> None:
+    """Refuse GPU shares on a machine without CUDA (Ray would wait for ever for a GPU to
+    place the clients on), and clients pinned to CUDA without a share of a GPU (Ray hides
+    the GPUs from a client that reserved none)."""
+    client_gpus = config.federation.client_gpus
+    if client_gpus == 0:
+        if config.client.device.startswith("cuda"):
+            raise ConfigError(
+                f"client.device = {config.client.device!r} in a simulation needs "
+                "federation.client_gpus > 0 (e.g. 0.25: four clients share a GPU); Ray gives "
+                "a simulated client a GPU only for its reserved share")
+        return
     import torch
 
     if not torch.cuda.is_available():

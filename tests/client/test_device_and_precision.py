@@ -73,13 +73,18 @@ def test_the_config_names_bad_device_and_precision_settings() -> None:
             RunConfig.from_nested({"client": client, "privacy": {"dpsgd": True}})
 
 
-def test_a_simulation_refuses_gpu_shares_without_a_gpu() -> None:
+def test_a_simulation_refuses_gpu_settings_it_cannot_place() -> None:
     from simulations.runner import check_gpus_for_simulation
 
+    pinned = RunConfig.from_nested({"client": {"device": "cuda:0"}})
+    with pytest.raises(ConfigError, match=re.escape("needs federation.client_gpus > 0")):
+        check_gpus_for_simulation(pinned)
+    check_gpus_for_simulation(RunConfig())  # the defaults: no GPU asked for, nothing to check
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    shared = RunConfig.from_nested({"federation": {"client_gpus": 0.25}})
     with pytest.raises(ConfigError, match=re.escape("client_gpus = 0.25 but torch sees no")):
-        check_gpus_for_simulation(0.25)
+        check_gpus_for_simulation(shared)
 
 
 # -- precision and memory options --------------------------------------------------------------
