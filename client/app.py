@@ -23,6 +23,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.error_feedback import encode_with_feedback
 from client.local_data import (
     DeviceDataSource,
     LocalData,
@@ -195,9 +196,15 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
         upload = secagg_wire.masked_record(mask_update(flat_delta, msg.content, context))
     else:
         upload_key = keys.ARRAYS
-        ctx = RoundContext(global_adapter=adapter, server_round=instruction.server_round)
+        ctx = RoundContext(global_adapter=adapter, server_round=instruction.server_round,
+                           seed=seeded.seed)
         codec = get_codec(get_str(cfg, keys.EDGE_CODEC if edge else keys.CODEC))
-        upload = pack_record(codec.encode(update, ctx))
+        if codec.lossy and RunConfig.from_flat(flat).federation.error_feedback:
+            # What this upload loses stays on the device and joins the next one.
+            record = encode_with_feedback(codec, update, ctx, context)
+        else:
+            record = codec.encode(update, ctx)
+        upload = pack_record(record)
     metrics = MetricRecord({keys.NUM_EXAMPLES: 1, keys.UPLOAD_BYTES: record_nbytes(upload)})
     if not cfg.get(keys.CLIENT_DP):
         # Under client-level DP, which covers the update only, the device reports one update

@@ -46,6 +46,7 @@ class RoundContext:
     learning_rate: float = 0.0  # the step size the coordinator sent (seed replay)
     max_steps: int = 0  # the step count the coordinator sent (seed replay)
     max_abs_scalar: float = 1e3  # the coordinator's bound on one projected gradient
+    seed: int = 0  # the device's draws for stochastic rounding (the round's seed + device)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class UpdateCodec(Protocol):
     """Turns a client's update into a wire record and back, within one round."""
 
     name: str
+    lossy: bool  # decode(encode(u)) != u: the client keeps the difference (error feedback)
 
     def encode(self, update: ClientUpdate, ctx: RoundContext) -> ArrayRecord: ...
 
@@ -101,6 +103,7 @@ class Fp32Codec:
     """Identity codec: the delta as little-endian float32, exactly as computed."""
 
     name = "fp32"
+    lossy = False
 
     def encode(self, update: ClientUpdate, ctx: RoundContext) -> ArrayRecord:
         return to_record(update.delta)
@@ -189,7 +192,19 @@ def load_npy_exact(key: str, array: Array) -> npt.NDArray[Any]:
     return np.asarray(value)
 
 
-_CODECS: dict[str, Callable[[], UpdateCodec]] = {"fp32": Fp32Codec, "seed-scalar": _seed_scalar}
+def _lossy(name: str) -> Callable[[], UpdateCodec]:
+    def factory() -> UpdateCodec:
+        from protocols.lossy_codecs import LOSSY_CODECS  # imports this module: load lazily
+
+        codec: UpdateCodec = LOSSY_CODECS[name]()
+        return codec
+    return factory
+
+
+_CODECS: dict[str, Callable[[], UpdateCodec]] = {
+    "fp32": Fp32Codec, "seed-scalar": _seed_scalar,
+    **{name: _lossy(name) for name in ("fp16", "bf16", "int8", "int4", "sign1")},
+}
 
 
 def get_codec(name: str) -> UpdateCodec:

@@ -259,8 +259,14 @@ class FederationSection(Section):
     """How updates travel and how a simulation places its clients."""
 
     NAME = "federation"
-    codec: str = setting("fp32", "torch clients' update codec on the uplink",
-                         choices=_torch_codecs)
+    codec: str = setting(
+        "fp32", "torch clients' update codec on the uplink: fp32 (exact), fp16 / bf16 (16 "
+        "bits), int8 / int4 (blockwise, stochastic rounding), sign1 (a sign bit and a scale "
+        "per block of 128); plaintext uploads only (secure aggregation sends masked "
+        "fixed-point integers)", choices=_torch_codecs)
+    error_feedback: bool = setting(
+        True, "with a lossy codec, each device keeps what its upload lost and adds it to its "
+        "next update (the residual never leaves the device)")
     client_threads: int = setting(1, "torch / ONNX Runtime threads per client", ge=1)
     client_cpus: float = setting(1.0, "CPUs a simulation reserves per client", gt=0)
     client_gpus: float = setting(
@@ -375,6 +381,13 @@ class RunConfig:
                 "often smaller than the two devices secure aggregation needs, and such rounds "
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
+        if self.security.secagg and self.federation.codec != "fp32":
+            raise ConfigError(
+                f"federation.codec = {self.federation.codec!r} compresses plaintext uploads; "
+                "under security.secagg (the default) every upload is the masked fixed-point "
+                "vector, so the codec would do nothing: set security.secagg = false to use "
+                "it, or keep codec = 'fp32' (compression inside secure aggregation is not "
+                "implemented yet)")
         if self.privacy.dpsgd and (self.client.dtype != "float32"
                                    or self.client.gradient_checkpointing):
             raise ConfigError(

@@ -329,6 +329,7 @@ class SeedScalarCodec:
     """
 
     name = SEED_CODEC_NAME
+    lossy = False  # the coordinator replays the steps exactly
 
     def encode(self, update: ClientUpdate, ctx: RoundContext) -> ArrayRecord:
         if update.seed_update is None:

@@ -1,0 +1,96 @@
+"""Lossy codecs through fedtune's real ClientApp and strategy, delivered in-process: the
+coordinator's mean of int4 / sign1 uploads stays near the exact mean, in far fewer bytes,
+and each device keeps its residual in its own Flower state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+
+from client.error_feedback import RESIDUAL_KEY
+from protocols.adapter_spec import AdapterSpec
+from protocols.codecs import from_record, to_record
+from protocols.run_config import RunConfig
+from server.strategy import AdapterFedAvg
+from simulations.loopback_grid import LoopbackGrid
+
+NODES = [11, 22, 33, 44]
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from client.app import _trainer
+    from kernels.lora import get_adapter
+    from simulations.runner import check_inputs
+    from tests.conftest import mini_play
+
+    cache = tmp_path_factory.mktemp("cache")
+    texts = cache / "data" / "shakespeare" / "texts"
+    texts.mkdir(parents=True)
+    (texts / "miniature_gut.txt").write_text(mini_play())
+    config = RunConfig.from_nested({
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"min_examples": 5, "heldout_fraction": 0.25},
+        "lora": {"r": 4},
+        "train": {"local_steps": 2, "batch_size": 2, "seq_len": 16, "learning_rate": 0.05},
+        "security": {"verify_manifest": False, "secagg": False},
+    })
+    inputs = check_inputs(config, cache)
+    flat = {**config.to_flat(), "paths.cache_dir": str(cache),
+            "paths.devices_dir": str(inputs.devices.root)}  # type: ignore[union-attr]
+    adapter = get_adapter(_trainer(flat).model)  # type: ignore[attr-defined]
+    frozen = frozenset(k for k in adapter if config.lora.is_frozen(k))
+    return {"flat": flat, "adapter": adapter,
+            "spec": AdapterSpec.from_arrays(adapter, {}, frozen=frozen)}
+
+
+def _round(setup: dict[str, Any], codec: str, server_round: int = 1,
+           grid: LoopbackGrid | None = None) -> tuple[dict[str, np.ndarray], Any, LoopbackGrid]:
+    from client.app import make_client_app
+
+    strategy = AdapterFedAvg(setup["spec"], codec=codec, weighting="uniform",
+                             fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    grid = grid or LoopbackGrid(make_client_app(setup["flat"]), NODES,
+                                node_config={n: {"partition-id": i} for i, n in enumerate(NODES)})
+    config = ConfigRecord({"local-steps": 2, "batch-size": 2, "learning-rate": 0.05,
+                           "seq-len": 16, "seed": 0})
+    messages = strategy.configure_train(server_round, to_record(setup["adapter"]), config,
+                                        grid)  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+    assert arrays is not None, strategy.stats[server_round].rejections
+    return from_record(arrays), strategy.stats[server_round], grid
+
+
+@pytest.mark.measured
+@pytest.mark.parametrize(("codec", "bytes_below", "error_below"),
+                         # the tiny model's tensors are small: the packed record's index
+                         # (a name, dtype and shape per array) weighs here, not at SmolLM2 size
+                         [("int4", 0.5, 0.15), ("sign1", 0.4, 0.9)])
+def test_a_lossy_round_lands_near_the_exact_mean_in_fewer_bytes(
+        setup: dict[str, Any], codec: str, bytes_below: float, error_below: float) -> None:
+    exact, exact_stats, _ = _round(setup, "fp32")
+    got, stats, grid = _round(setup, codec)
+    assert stats.accepted == 4 and stats.rejected == 0
+    start = setup["adapter"]
+    trained = [k for k in setup["spec"].trainable_keys]
+    want = np.concatenate([(exact[k] - start[k]).ravel() for k in trained])
+    mean = np.concatenate([(got[k] - start[k]).ravel() for k in trained])
+    rel = float(np.linalg.norm(mean - want) / np.linalg.norm(want))
+    assert rel < error_below, rel  # int4: stochastic rounding of 4 updates; sign1: 1 bit
+    assert stats.bytes_up < bytes_below * exact_stats.bytes_up, (stats.bytes_up,
+                                                                 exact_stats.bytes_up)
+    for node in NODES:  # the residual stays in each device's own state
+        assert RESIDUAL_KEY in grid.contexts[node].state.array_records
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert sent and all(RESIDUAL_KEY not in m.content.array_records for m in grid.received)
