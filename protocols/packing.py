@@ -41,7 +41,7 @@ MAGIC: Final = b"FTPK"
 VERSION: Final = 1
 _PREFIX = struct.Struct("<4sB3xI")
 #: Dtypes a packed tensor may have: what our codecs put on the wire, little-endian only.
-DTYPES: Final = frozenset({"<f4", "<f2", "<f8", "<i8", "<u8", "<i4", "<u4", "|u1", "|i1"})
+DTYPES: Final = frozenset({"<f4", "<f2", "<f8", "<i8", "<u8", "<i4", "<u4", "<u2", "|u1", "|i1"})
 MAX_INDEX_BYTES: Final = 1 << 20
 MAX_TENSORS: Final = 10_000
 MAX_RANK: Final = 8

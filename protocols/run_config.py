@@ -32,11 +32,12 @@ def check_device_name(key: str, value: str) -> None:
 
 
 def _torch_codecs() -> list[str]:
-    """Codecs a torch client can send: every registered one but the edge-only seed codec."""
+    """Codecs a torch client can send: every registered one but the edge-only seed codec,
+    and ``auto`` (the coordinator picks the most precise one that fits the budget)."""
     from protocols.codecs import codec_names
     from protocols.seed_updates import SEED_CODEC_NAME
 
-    return [name for name in codec_names() if name != SEED_CODEC_NAME]
+    return ["auto", *(name for name in codec_names() if name != SEED_CODEC_NAME)]
 
 
 @dataclass(frozen=True)
@@ -262,8 +263,13 @@ class FederationSection(Section):
     codec: str = setting(
         "fp32", "torch clients' update codec on the uplink: fp32 (exact), fp16 / bf16 (16 "
         "bits), int8 / int4 (blockwise, stochastic rounding), sign1 (a sign bit and a scale "
-        "per block of 128); plaintext uploads only (secure aggregation sends masked "
-        "fixed-point integers)", choices=_torch_codecs)
+        "per block of 128), auto (the most precise that fits max_upload_bytes); plaintext "
+        "uploads only (secure aggregation sends masked fixed-point integers)",
+        choices=_torch_codecs)
+    max_upload_bytes: int = setting(
+        0, "most bytes one device may upload in one round (its packed update as it travels); "
+        "a reply over it is refused, and codec = 'auto' picks the most precise codec that "
+        "fits; 0 = no limit", ge=0)
     error_feedback: bool = setting(
         True, "with a lossy codec, each device keeps what its upload lost and adds it to its "
         "next update (the residual never leaves the device)")
@@ -381,7 +387,7 @@ class RunConfig:
                 "often smaller than the two devices secure aggregation needs, and such rounds "
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
-        if self.security.secagg and self.federation.codec != "fp32":
+        if self.security.secagg and self.federation.codec not in ("fp32", "auto"):
             raise ConfigError(
                 f"federation.codec = {self.federation.codec!r} compresses plaintext uploads; "
                 "under security.secagg (the default) every upload is the masked fixed-point "

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,7 +24,7 @@ from protocols.adapter_spec import AdapterSpec, TensorsView
 from protocols.atomic_write import write_json_atomic
 from protocols.entry_point import log_to_stderr
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
-from protocols.run_config import PathsSection, RunConfig
+from protocols.run_config import ConfigError, PathsSection, RunConfig
 from server.checkpoint import OffsetRounds, resume_point
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter
@@ -61,6 +62,36 @@ def federated_eval_fraction(config: RunConfig, *, central: bool) -> float:
     return 1.0
 
 
+def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
+    """The codec torch clients upload with, checked against the per-device budget
+    (``federation.max_upload_bytes``) before round 1: ``auto`` picks the most precise one
+    that fits; a codec that can never fit, or a masked SecAgg upload over the budget, is
+    refused here rather than by rejecting every reply."""
+    from protocols.upload_budget import choose_codec, upload_size
+
+    budget, codec = config.federation.max_upload_bytes, config.federation.codec
+    shapes = {k: spec.tensors[k].shape for k in sorted(spec.trainable_keys)}
+    if config.security.secagg:  # the upload is the masked fixed-point vector
+        masked = sum(int(np.prod(s)) for s in shapes.values()) * (
+            config.security.secagg_modulus_bits // 8)
+        if budget and masked > budget:
+            raise ConfigError(
+                f"federation.max_upload_bytes = {budget}, but a masked secure-aggregation "
+                f"upload of this adapter is {masked} bytes (compression inside secure "
+                "aggregation is not implemented yet); raise the budget, train fewer "
+                "coordinates, or turn security.secagg off to use a lossy codec")
+        return "fp32"
+    if codec == "auto":
+        codec = choose_codec(budget, shapes)
+        log.info("federation.codec = 'auto': %s (%d bytes per upload%s)", codec,
+                 upload_size(codec, shapes), f", budget {budget}" if budget else "")
+    elif budget and (size := upload_size(codec, shapes)) > budget:
+        raise ConfigError(
+            f"federation.codec = {codec!r} uploads {size} bytes per device, over "
+            f"federation.max_upload_bytes = {budget}; choose a smaller codec or 'auto'")
+    return codec
+
+
 def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedger,
                    ledger_path: Path, eval_fraction: float | None = None, roster: str = ""
                    ) -> tuple[AdapterFedAvg, ClientLevelDP | None]:
@@ -77,12 +108,14 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
     sampling: dict[str, Any] = dict(
         max_abs_scalar=config.edge.max_abs_scalar,
         max_update_norm=security.max_update_norm,
+        max_upload_bytes=config.federation.max_upload_bytes,
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
         fraction_evaluate=fraction_evaluate,
         min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
     )
+    codec = upload_codec(config, spec)
     strategy: AdapterFedAvg
     if security.secagg:
         if security.max_update_norm:
@@ -91,7 +124,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
                         "bounds each coordinate instead")
         strategy = SecAggFedAvg(
             spec,
-            codec=config.federation.codec,
+            codec=codec,
             threshold_fraction=security.secagg_threshold,
             clip_range=security.secagg_range,
             modulus_bits=security.secagg_modulus_bits,
@@ -112,7 +145,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
     else:
         strategy = AdapterFedAvg(
             spec,
-            codec=config.federation.codec,
+            codec=codec,
             weighting="uniform" if privacy.client_dp else "examples",
             **sampling,
         )

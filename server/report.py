@@ -165,6 +165,7 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
         plots.append(("Held-out perplexity per device, first and last round evaluated",
                       "devices.png"))
     train_rows = [r for r in fed if r["round"] > 0 and "bytes_up" in r]
+    budget = _upload_budget(run_dir)
     if info["kind"] == "federated" and train_rows:
         def draw_bytes(ax: Any) -> None:
             rounds = [r["round"] for r in train_rows]
@@ -172,9 +173,14 @@ def write_report(run_dir: Path, *, runs_dir: Path | None = None) -> Path:
                    width=0.4, label="down (coordinator → clients)")
             ax.bar([x + 0.2 for x in rounds], [r["bytes_up"] / 1e6 for r in train_rows],
                    width=0.4, label="up (clients → coordinator)")
+            top = max(max(r["bytes_down"], r["bytes_up"]) for r in train_rows) / 1e6
+            if budget:  # the budget of every device sampled that round
+                allowed = [budget * r.get("sampled", r["clients"]) / 1e6 for r in train_rows]
+                ax.step([x + 0.2 for x in rounds], allowed, where="mid", color="tab:red",
+                        linestyle="--", label="upload budget (max_upload_bytes × sampled)")
+                top = max(top, *allowed)
             ax.set_xlabel("round")
             ax.set_ylabel("MB per round")
-            top = max(max(r["bytes_down"], r["bytes_up"]) for r in train_rows) / 1e6
             ax.set_ylim(0, top * 1.4 or 1)  # room for the legend above the bars
             ax.legend(loc="upper right")
 
@@ -331,6 +337,17 @@ def _generation_section(gen: dict[str, Any], kind: str, other_kind: str,
             "</table>",
         ]
     return part
+
+
+def _upload_budget(run_dir: Path) -> int:
+    """The run's ``federation.max_upload_bytes`` (0: none, or no readable config)."""
+    from protocols.config_file import load_config
+    from protocols.run_config import ConfigError
+
+    try:
+        return load_config(run_dir / "config.toml").federation.max_upload_bytes
+    except (ConfigError, OSError):
+        return 0
 
 
 def _rows_text(rows: list[dict[str, Any]]) -> str:

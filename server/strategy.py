@@ -262,6 +262,7 @@ class AdapterFedAvg(FedAvg):
         max_update_norm: float = 0.0,
         clip_norm: float = 0.0,
         denominator: int = 0,
+        max_upload_bytes: int = 0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -279,6 +280,8 @@ class AdapterFedAvg(FedAvg):
         size (McMahan et al. 2018's fixed-denominator estimator). The count of accepted
         updates depends on the data (dropouts, rejections); dividing by it would let them
         scale what the noise, calibrated to the denominator, protects.
+        ``max_upload_bytes > 0`` refuses a reply whose packed upload is larger (the
+        communication budget, ``federation.max_upload_bytes``), before it is parsed.
 
         The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
         record keys are fedtune's wire keys.
@@ -306,6 +309,9 @@ class AdapterFedAvg(FedAvg):
         self.max_update_norm = max_update_norm
         self.clip_norm = clip_norm
         self.denominator = denominator
+        if max_upload_bytes < 0:
+            raise ValueError(f"max_upload_bytes must be >= 0, got {max_upload_bytes}")
+        self.max_upload_bytes = max_upload_bytes
         self.stats: dict[int, RoundStats] = {}
         self.evaluations: dict[int, FederatedEval] = {}
         self._global: TensorsView = {}
@@ -438,10 +444,14 @@ class AdapterFedAvg(FedAvg):
         if keys.ARRAYS not in content.array_records:
             raise InvalidUpdate(f"no ArrayRecord under `{keys.ARRAYS}`")
         record = content.array_records[keys.ARRAYS]
+        size = record_nbytes(record)
+        if self.max_upload_bytes and size > self.max_upload_bytes:
+            raise InvalidUpdate(f"upload of {size} bytes is over the budget of "
+                                f"{self.max_upload_bytes} (federation.max_upload_bytes)")
         delta = decode_upload(unpack_record(record), self._context, self._codecs)
         validate_update(delta, self.spec)
         self.check_norm(delta)
-        return delta, metrics, record_nbytes(record)
+        return delta, metrics, size
 
     def check_norm(self, delta: TensorsView) -> None:
         """Raise if the delta's L2 norm exceeds :attr:`max_update_norm`; without a bound

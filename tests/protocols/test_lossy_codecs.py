@@ -170,3 +170,23 @@ def test_the_config_offers_every_lossy_codec_for_plaintext_uploads_only() -> Non
         assert config.federation.codec == name and config.federation.error_feedback
     with pytest.raises(ConfigError, match=r"under security\.secagg .* the codec would do nothing"):
         RunConfig.from_nested({"federation": {"codec": "int4"}})
+
+
+def test_upload_sizes_are_exact_and_auto_picks_the_most_precise_that_fits() -> None:
+    from protocols.packing import pack_record
+    from protocols.run_config import ConfigError
+    from protocols.upload_budget import choose_codec, upload_size
+
+    shapes = {k: v.shape for k, v in GLOBAL.items()}
+    sizes = {}
+    for name in ("fp32", *NAMES):
+        sizes[name] = upload_size(name, shapes)
+        real = get_codec(name).encode(ClientUpdate(_delta(seed=3)), _ctx())
+        assert record_nbytes(pack_record(real)) == sizes[name], name  # values never matter
+    assert choose_codec(0, shapes) == "fp32"
+    assert choose_codec(sizes["fp32"], shapes) == "fp32"
+    assert choose_codec(sizes["fp32"] - 1, shapes) == "bf16"
+    assert choose_codec(sizes["int4"], shapes) == "int4"
+    assert choose_codec(sizes["sign1"], shapes) == "sign1"
+    with pytest.raises(ConfigError, match=r"below every codec's upload .*sign1, \d+ bytes"):
+        choose_codec(sizes["sign1"] - 1, shapes)

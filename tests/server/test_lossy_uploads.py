@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord
 from client.error_feedback import RESIDUAL_KEY
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import from_record, to_record
-from protocols.run_config import RunConfig
+from protocols.run_config import ConfigError, RunConfig
 from server.strategy import AdapterFedAvg
 from simulations.loopback_grid import LoopbackGrid
 
@@ -76,7 +76,7 @@ def _round(setup: dict[str, Any], codec: str, server_round: int = 1,
 @pytest.mark.parametrize(("codec", "bytes_below", "error_below"),
                          # the tiny model's tensors are small: the packed record's index
                          # (a name, dtype and shape per array) weighs here, not at SmolLM2 size
-                         [("int4", 0.5, 0.15), ("sign1", 0.4, 0.9)])
+                         [("bf16", 0.6, 0.01), ("int4", 0.5, 0.15), ("sign1", 0.4, 0.9)])
 def test_a_lossy_round_lands_near_the_exact_mean_in_fewer_bytes(
         setup: dict[str, Any], codec: str, bytes_below: float, error_below: float) -> None:
     exact, exact_stats, _ = _round(setup, "fp32")
@@ -94,3 +94,37 @@ def test_a_lossy_round_lands_near_the_exact_mean_in_fewer_bytes(
         assert RESIDUAL_KEY in grid.contexts[node].state.array_records
     sent = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert sent and all(RESIDUAL_KEY not in m.content.array_records for m in grid.received)
+
+
+def test_replies_over_the_budget_are_refused_and_auto_fits_it(setup: dict[str, Any]) -> None:
+    from protocols.upload_budget import upload_size
+    from server.app import upload_codec
+    from server.strategy import RoundStats
+
+    shapes = {k: setup["spec"].tensors[k].shape for k in setup["spec"].trainable_keys}
+    fp32, int8 = upload_size("fp32", shapes), upload_size("int8", shapes)
+    config = RunConfig.from_nested({"security": {"secagg": False}, "federation": {
+        "codec": "auto", "max_upload_bytes": int8}})
+    assert upload_codec(config, setup["spec"]) == "int8"
+    with pytest.raises(ConfigError, match=r"uploads \d+ bytes per device, over"):
+        upload_codec(RunConfig.from_nested({"security": {"secagg": False}, "federation": {
+            "codec": "fp32", "max_upload_bytes": fp32 - 1}}), setup["spec"])
+    with pytest.raises(ConfigError, match="masked secure-aggregation upload"):
+        upload_codec(RunConfig.from_nested({"federation": {"max_upload_bytes": 100}}),
+                     setup["spec"])
+
+    from client.app import make_client_app
+
+    strategy = AdapterFedAvg(setup["spec"], codec="fp32", max_upload_bytes=fp32 - 1,
+                             fraction_train=1.0, min_train_nodes=2, min_available_nodes=2)
+    grid = LoopbackGrid(make_client_app(setup["flat"]), NODES,
+                        node_config={n: {"partition-id": i} for i, n in enumerate(NODES)})
+    config_record = ConfigRecord({"local-steps": 1, "batch-size": 2, "learning-rate": 0.05,
+                                  "seq-len": 16, "seed": 0})
+    messages = strategy.configure_train(1, to_record(setup["adapter"]), config_record,
+                                        grid)  # type: ignore[arg-type]
+    arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    stats: RoundStats = strategy.stats[1]
+    assert arrays is None and stats.rejected == 4 and stats.accepted == 0
+    assert all(f"upload of {fp32} bytes is over the budget of {fp32 - 1}" in r
+               for r in stats.rejections)
