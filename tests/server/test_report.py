@@ -236,3 +236,22 @@ def test_single_evaluated_round_gives_one_distribution(tmp_path: Path,
 
     ax = redraw(draws["devices.png"])
     assert ax.get_legend_handles_labels()[1] == ["round 1 (4 devices)"]
+
+
+def test_the_bytes_plot_draws_the_upload_budget(tmp_path: Path) -> None:
+    """With federation.max_upload_bytes set, bytes.png carries the budget line (a different
+    picture from the same rows without it); an unreadable config just leaves it out."""
+    from protocols.config_file import to_toml
+    from protocols.run_config import RunConfig
+    from server.report import _upload_budget
+
+    plain = make_run(tmp_path / "a", "federated", "fed", federated_rows(with_fed_eval=False))
+    budgeted = make_run(tmp_path / "b", "federated", "fed", federated_rows(with_fed_eval=False))
+    config = RunConfig.from_nested({"security": {"secagg": False},
+                                    "federation": {"max_upload_bytes": 4096}})
+    (budgeted / "config.toml").write_text(to_toml(config))
+    assert _upload_budget(budgeted) == 4096 and _upload_budget(plain) == 0
+    write_report(plain)
+    write_report(budgeted)
+    assert (budgeted / "bytes.png").read_bytes().startswith(PNG)
+    assert (budgeted / "bytes.png").read_bytes() != (plain / "bytes.png").read_bytes()
