@@ -115,6 +115,7 @@ class RoundSecrets:
     roster_keys: list[str] = field(default_factory=list)  # empty: an unauthenticated round
     identity_pks: dict[str, str] = field(default_factory=dict)  # U1: node -> identity key
     signed_survivors: list[int] = field(default_factory=list)  # the list this node signed
+    own_identity: str = ""  # this device's identity public key (authenticated rounds)
 
     @property
     def authenticated(self) -> bool:
@@ -168,13 +169,16 @@ def handle_setup(content: RecordDict, context: Context,
         num_nodes=req.num_nodes, seal_sk=private_bytes(seal_sk).hex(),
         mask_sk=private_bytes(mask_sk).hex(),
         b=new_seed().hex(), roster_keys=roster_keys,
+        own_identity=(identity_public_key(identity.identity_key).hex()
+                      if roster_keys and identity.identity_key is not None else ""),
     ).save(context)
     advert = KeyAdvert(public_bytes(seal_pk), public_bytes(mask_pk))
     if roster_keys:
         assert identity.identity_key is not None  # _check_roster made sure
         signature = identity.identity_key.sign(advert_message(
-            round_id=req.round_id, salt=req.salt, node_id=context.node_id,
-            seal_pk=advert.seal_pk, mask_pk=advert.mask_pk))
+            round_id=req.round_id, salt=req.salt, threshold=req.threshold,
+            num_nodes=req.num_nodes, node_id=context.node_id, seal_pk=advert.seal_pk,
+            mask_pk=advert.mask_pk))
         advert = KeyAdvert(advert.seal_pk, advert.mask_pk,
                            identity_public_key(identity.identity_key), signature)
     return advert.to_record()
@@ -208,6 +212,12 @@ def _check_roster(req: SetupRequest, identity: SecAggIdentity) -> list[str]:
         raise SecAggProtocolError(
             f"the setup announces {req.num_nodes} nodes but the roster admits only "
             f"{len(roster.members)} devices; refusing")
+    if req.num_nodes < roster.min_nodes:
+        # The floor is the organisation's, not the coordinator's: a round of this device
+        # and colluders would hand the coordinator this device's update.
+        raise SecAggProtocolError(
+            f"the setup announces a round of {req.num_nodes} nodes but the organisation's "
+            f"roster requires at least {roster.min_nodes}; refusing")
     return sorted(key.hex() for key in roster.keys)
 
 
@@ -226,6 +236,9 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
             "refusing (a substituted key would let the coordinator open my shares)"
         )
     if state.authenticated:
+        if mine.identity_pk.hex() != state.own_identity:
+            raise SecAggProtocolError(
+                "the key list carries this node's keys under another identity; refusing")
         _check_signed_adverts(req, state)
     if len(req.adverts) < state.threshold:
         raise SecAggProtocolError(
@@ -277,12 +290,14 @@ def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets) -> None:
                 f"nodes {seen[key]} and {node} advertise one device's identity; refusing (one "
                 "device, one node)")
         seen[key] = node
-        message = advert_message(round_id=req.round_id, salt=salt, node_id=node,
+        message = advert_message(round_id=req.round_id, salt=salt, threshold=state.threshold,
+                                 num_nodes=state.num_nodes, node_id=node,
                                  seal_pk=advert.seal_pk, mask_pk=advert.mask_pk)
         if not verify_signature(advert.identity_pk, advert.signature, message):
             raise SecAggProtocolError(
-                f"node {node}'s advert signature does not verify for this round; refusing "
-                "(substituted or replayed keys)")
+                f"node {node}'s advert signature does not verify for this round (its keys, "
+                "node id, or the threshold and node count this node was told); refusing "
+                "(substituted or replayed keys, or devices told different thresholds)")
 
 
 def mask_update(
@@ -363,7 +378,8 @@ def handle_consistency(content: RecordDict, context: Context,
         raise SecAggProtocolError(
             f"{len(survivors)} survivors, fewer than the threshold {state.threshold}")
     signature = identity.identity_key.sign(consistency_message(
-        round_id=req.round_id, salt=bytes.fromhex(state.salt), survivors=sorted(survivors)))
+        round_id=req.round_id, salt=bytes.fromhex(state.salt), threshold=state.threshold,
+        num_nodes=state.num_nodes, survivors=sorted(survivors)))
     state.signed_survivors = sorted(survivors)
     state.stage = "signed"
     state.save(context)
@@ -378,6 +394,7 @@ def _check_consistency(req: UnmaskRequest, state: RoundSecrets) -> None:
             "refusing to unmask: the survivor list differs from the one this node signed "
             "in the consistency check")
     message = consistency_message(round_id=req.round_id, salt=bytes.fromhex(state.salt),
+                                  threshold=state.threshold, num_nodes=state.num_nodes,
                                   survivors=state.signed_survivors)
     for signer, signature in req.signatures.items():
         key = state.identity_pks.get(str(signer))

@@ -87,6 +87,7 @@ class _Round:
     server_round: int
     salt: bytes
     threshold: int
+    num_nodes: int  # announced at setup
     roster_keys: frozenset[bytes] = frozenset()  # empty: an unauthenticated round
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
     senders: set[int] = field(default_factory=set)  # U2: shared keys
@@ -140,8 +141,9 @@ class SecAggFedAvg(AdapterFedAvg):
         self.dp_noise_multiplier = dp_noise_multiplier
         # The coordinator relays the roster; devices check the organisation's signature.
         self.roster = roster
-        self._roster_keys = (SignedRoster.from_text(roster).unverified().keys if roster
-                             else frozenset())
+        members = SignedRoster.from_text(roster).unverified() if roster else None
+        self._roster_keys = members.keys if members else frozenset()
+        self._roster_size = len(members.members) if members else 0
         self._grid: Grid | None = None
         self._secagg: _Round | None = None
         self._last_round_id = 0
@@ -176,10 +178,13 @@ class SecAggFedAvg(AdapterFedAvg):
             log.warning("round %d: secure aggregation needs >= 2 clients, %d sampled; "
                         "round skipped", server_round, len(nodes))
             return []
+        # A sampled node the roster does not list (still connected, but not admitted) cannot
+        # sign an advert: the announced count never exceeds the devices the roster admits.
+        announced = min(len(nodes), self._roster_size) if self._roster_size else len(nodes)
         rnd = _Round(round_id=self.next_round_id(server_round), server_round=server_round,
-                     salt=os.urandom(wire.SALT_BYTES),
-                     threshold=self.threshold(len(nodes)), roster_keys=self._roster_keys)
-        setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, len(nodes),
+                     salt=os.urandom(wire.SALT_BYTES), threshold=self.threshold(announced),
+                     num_nodes=announced, roster_keys=self._roster_keys)
+        setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, announced,
                                   self.roster.encode())
         for node, content in self._exchange(
             stats, {n: setup.to_record() for n in nodes}, wire.SETUP, server_round
@@ -360,7 +365,8 @@ class SecAggFedAvg(AdapterFedAvg):
             raise wire.SecAggProtocolError("advert not signed by a device of the roster")
         if any(a.identity_pk == advert.identity_pk for a in rnd.adverts.values()):
             raise wire.SecAggProtocolError("a second node with one device's identity key")
-        message = advert_message(round_id=rnd.round_id, salt=rnd.salt, node_id=node,
+        message = advert_message(round_id=rnd.round_id, salt=rnd.salt,
+                                 threshold=rnd.threshold, num_nodes=rnd.num_nodes, node_id=node,
                                  seal_pk=advert.seal_pk, mask_pk=advert.mask_pk)
         if not verify_signature(advert.identity_pk, advert.signature, message):
             raise wire.SecAggProtocolError("advert signature does not verify")
@@ -370,6 +376,7 @@ class SecAggFedAvg(AdapterFedAvg):
         """The survivors' valid signatures over the survivor list (Bonawitz §6, round 3)."""
         request = wire.ConsistencyRequest(rnd.round_id, tuple(survivors)).to_record()
         message = consistency_message(round_id=rnd.round_id, salt=rnd.salt,
+                                      threshold=rnd.threshold, num_nodes=rnd.num_nodes,
                                       survivors=survivors)
         signatures: dict[int, bytes] = {}
         for node, content in self._exchange(

@@ -47,14 +47,16 @@ def _ensure_key(path: Path) -> Ed25519PrivateKey:
     return load_private_key(path)
 
 
-def simulated_organisation(devices_root: Path, num_clients: int, cache_dir: Path
-                           ) -> SimulatedOrganisation:
+def simulated_organisation(devices_root: Path, num_clients: int, cache_dir: Path, *,
+                           min_nodes: int | None = None) -> SimulatedOrganisation:
     """Sign a roster of the identity keys of simulated devices ``0 .. num_clients - 1``
-    under ``devices_root`` (making missing keys)."""
+    under ``devices_root`` (making missing keys); ``min_nodes`` is the organisation's floor
+    on a round's size (a simulation: its clients per round)."""
     org_key = _ensure_key(cache_dir / ORG_KEY)
     members = {f"device-{pid}": identity_public_key(
                    _ensure_key(simulated_identity_key(devices_root, pid)))
                for pid in range(num_clients)}
-    roster = Roster.of(members, label=f"simulated devices of {devices_root.name}")
+    roster = Roster.of(members, label=f"simulated devices of {devices_root.name}",
+                       min_nodes=min_nodes)
     return SimulatedOrganisation(SignedRoster.sign(roster, org_key).to_text(),
                                  public_key_bytes(org_key.public_key()).hex())

@@ -97,7 +97,8 @@ def flower_run_config(inputs: Inputs, run_dir: Path) -> dict[str, Any]:
         flat["eval.path"] = str(inputs.devices.eval_file)
     if inputs.config.security.secagg:
         # Authenticated secure aggregation: the simulation plays the organisation too.
-        org = simulated_organisation(inputs.devices.root, inputs.num_clients, inputs.cache_dir)
+        org = simulated_organisation(inputs.devices.root, inputs.num_clients, inputs.cache_dir,
+                                     min_nodes=inputs.config.train.clients_per_round)
         flat["paths.secagg_roster"] = org.roster_text
         flat["paths.roster_public_key"] = org.org_public_key
     return flat

@@ -58,6 +58,10 @@ class Roster:
     members: tuple[tuple[str, bytes], ...]
     created: str
     label: str = ""
+    #: The fewest devices a round may have (the organisation's floor, not the coordinator's
+    #: choice): a coordinator that told a device its round had two nodes, itself and one
+    #: colluder, would learn that device's update from their sum.
+    min_nodes: int = 3
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.members]
@@ -80,13 +84,19 @@ class Roster:
         except (TypeError, ValueError):
             raise RosterError(f"roster: created: expected ISO 8601, got {self.created!r}"
                               ) from None
+        if (isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int)
+                or not 2 <= self.min_nodes <= len(self.members)):
+            raise RosterError(f"roster: min_nodes = {self.min_nodes!r}: expected an integer "
+                              f"from 2 to the {len(self.members)} devices it lists")
         object.__setattr__(self, "members", tuple(sorted(self.members)))
 
     @classmethod
-    def of(cls, members: dict[str, bytes], *, label: str = "",
-           created: str | None = None) -> Roster:
+    def of(cls, members: dict[str, bytes], *, label: str = "", created: str | None = None,
+           min_nodes: int | None = None) -> Roster:
+        """``min_nodes`` defaults to 3, or every device when the roster lists only two."""
         stamp = created or datetime.now(UTC).isoformat(timespec="seconds")
-        return cls(tuple(members.items()), stamp, label)
+        floor = min(3, len(members)) if min_nodes is None else min_nodes
+        return cls(tuple(members.items()), stamp, label, floor)
 
     @property
     def keys(self) -> frozenset[bytes]:
@@ -99,7 +109,7 @@ class Roster:
         """Deterministic UTF-8 JSON (sorted keys, no spaces): what the organisation signs."""
         doc = {"created": self.created, "format": ROSTER_FORMAT, "label": self.label,
                "members": [{"identity_key": key.hex(), "name": name}
-                           for name, key in self.members]}
+                           for name, key in self.members], "min_nodes": self.min_nodes}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -135,8 +145,10 @@ class SignedRoster:
             doc = json.loads(self.roster_bytes)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise RosterError("roster is not JSON") from None
-        if not isinstance(doc, dict) or set(doc) != {"created", "format", "label", "members"}:
-            raise RosterError("roster: expected keys created, format, label, members")
+        if not isinstance(doc, dict) or set(doc) != {"created", "format", "label", "members",
+                                                     "min_nodes"}:
+            raise RosterError("roster: expected keys created, format, label, members, "
+                              "min_nodes")
         if doc["format"] != ROSTER_FORMAT:
             raise RosterError(f"roster: format: expected {ROSTER_FORMAT!r}; update fedtune")
         members = doc["members"]
@@ -148,7 +160,7 @@ class SignedRoster:
         if not isinstance(doc["label"], str):
             raise RosterError("roster: label must be a string")
         roster = Roster(tuple((m["name"], bytes.fromhex(m["identity_key"])) for m in members),
-                        doc["created"], doc["label"])
+                        doc["created"], doc["label"], doc["min_nodes"])
         if roster.canonical_bytes() != self.roster_bytes:
             raise RosterError("roster is not in canonical form; it was not written by fedtune")
         return roster
@@ -184,19 +196,24 @@ def identity_public_key(key: Ed25519PrivateKey) -> bytes:
     return public_key_bytes(key.public_key())
 
 
-def advert_message(*, round_id: int, salt: bytes, node_id: int, seal_pk: bytes,
-                   mask_pk: bytes) -> bytes:
-    """What a device signs when it advertises its round keys: bound to the round (id and
-    the coordinator's fresh salt) and to the node id the keys are for, so an advert cannot
-    be replayed into another round or moved to another node."""
-    return (_ADVERT_LABEL + struct.pack(">QQ", round_id, node_id) + salt + seal_pk + mask_pk)
+def advert_message(*, round_id: int, salt: bytes, threshold: int, num_nodes: int,
+                   node_id: int, seal_pk: bytes, mask_pk: bytes) -> bytes:
+    """What a device signs when it advertises its round keys: bound to the round (id, the
+    coordinator's fresh salt, and the threshold and node count it was told) and to the node
+    id the keys are for, so an advert cannot be replayed into another round, moved to
+    another node, or shown to a device that was told another threshold."""
+    return (_ADVERT_LABEL + struct.pack(">QQQQ", round_id, threshold, num_nodes, node_id)
+            + salt + seal_pk + mask_pk)
 
 
-def consistency_message(*, round_id: int, salt: bytes, survivors: Sequence[int]) -> bytes:
+def consistency_message(*, round_id: int, salt: bytes, threshold: int, num_nodes: int,
+                        survivors: Sequence[int]) -> bytes:
     """What a survivor signs in the consistency round: the sorted survivor list of the
-    round it was told. Two different lists for one round never share a signature."""
+    round it was told, with its threshold and node count. Two different lists (or
+    thresholds) for one round never share a signature."""
     ids = sorted(survivors)
-    return (_CONSISTENCY_LABEL + struct.pack(">QQ", round_id, len(ids)) + salt
+    return (_CONSISTENCY_LABEL
+            + struct.pack(">QQQQ", round_id, threshold, num_nodes, len(ids)) + salt
             + b"".join(struct.pack(">Q", i) for i in ids))
 
 

@@ -100,6 +100,14 @@ def _get(record: ConfigRecord, key: str, kind: type) -> Any:
     return value
 
 
+def _round_id(record: ConfigRecord) -> int:
+    """A SecAgg round id: a non-negative signed 64-bit integer (it is signed as such)."""
+    value: int = _get(record, "round-id", int)
+    if not 0 <= value < 2**63:
+        raise SecAggProtocolError(f"`round-id`: {value} is not in [0, 2**63)")
+    return value
+
+
 def _get_bytes_list(record: ConfigRecord, key: str, count: int, size: int | None) -> list[bytes]:
     value = record.get(key, None)
     if count == 0 and value in (None, []):
@@ -146,7 +154,7 @@ class SetupRequest:
     @classmethod
     def from_record(cls, content: RecordDict) -> SetupRequest:
         rec = _record(content)
-        req = cls(_get(rec, "round-id", int), _get(rec, "salt", bytes),
+        req = cls(_round_id(rec), _get(rec, "salt", bytes),
                   _get(rec, "threshold", int), _get(rec, "num-nodes", int),
                   _get(rec, "roster", bytes) if "roster" in rec else b"")
         if len(req.salt) != SALT_BYTES:
@@ -240,7 +248,7 @@ class ShareKeysRequest:
             sigs = _get_bytes_list(rec, "signatures", len(nodes), SIGNATURE_BYTES)
         else:
             ids = sigs = [b""] * len(nodes)
-        return cls(_get(rec, "round-id", int),
+        return cls(_round_id(rec),
                    {n: KeyAdvert(s, m, i, g)
                     for n, s, m, i, g in zip(nodes, seal, mask, ids, sigs, strict=True)})
 
@@ -300,7 +308,7 @@ class MaskingInstruction:
         nodes = unpack_ids(_get(rec, "senders", bytes), "senders")
         texts = _get_bytes_list(rec, "ciphertexts", len(nodes), None)
         inst = cls(
-            round_id=_get(rec, "round-id", int),
+            round_id=_round_id(rec),
             ciphertexts=dict(zip(nodes, texts, strict=True)),
             modulus_bits=_get(rec, "modulus-bits", int),
             scale=_get(rec, "scale", float),
@@ -359,7 +367,7 @@ class ConsistencyRequest:
     @classmethod
     def from_record(cls, content: RecordDict) -> ConsistencyRequest:
         rec = _record(content)
-        return cls(_get(rec, "round-id", int),
+        return cls(_round_id(rec),
                    tuple(unpack_ids(_get(rec, "survivors", bytes), "survivors")))
 
 
@@ -411,7 +419,7 @@ class UnmaskRequest:
             signers = unpack_ids(_get(rec, "signers", bytes), "signers")
             sigs = _get_bytes_list(rec, "signatures", len(signers), SIGNATURE_BYTES)
             signatures = dict(zip(signers, sigs, strict=True))
-        return cls(_get(rec, "round-id", int),
+        return cls(_round_id(rec),
                    tuple(unpack_ids(_get(rec, "survivors", bytes), "survivors")),
                    tuple(unpack_ids(_get(rec, "dropped", bytes), "dropped")), signatures)
 

@@ -45,9 +45,11 @@ def make_key(path: Path) -> str:
 
 
 def sign_roster(org_key: Path, members: dict[str, bytes], out: Path, *,
-                label: str = "") -> SignedRoster:
-    """Sign the roster of ``members`` (device name -> identity public key) into ``out``."""
-    signed = SignedRoster.sign(Roster.of(members, label=label), load_private_key(org_key))
+                label: str = "", min_nodes: int | None = None) -> SignedRoster:
+    """Sign the roster of ``members`` (device name -> identity public key), with the
+    organisation's floor on a round's size, into ``out``."""
+    signed = SignedRoster.sign(Roster.of(members, label=label, min_nodes=min_nodes),
+                               load_private_key(org_key))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(signed.to_text() + "\n")
     return signed
@@ -97,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a device: NAME=<hex public key> or NAME=<identity key file>; "
                            "repeatable")
     sign.add_argument("--label", default="", help="free text kept in the roster")
+    sign.add_argument("--min-nodes", type=int, default=None,
+                      help="the fewest devices a secure-aggregation round may have (devices "
+                           "refuse smaller rounds: a coordinator colluding with the other "
+                           "devices of a small round would learn a device's update; "
+                           "default 3)")
     sign.add_argument("--out", type=Path, required=True, help="the signed roster file")
     show = sub.add_parser("show", help="list a roster's devices (and check its signature)")
     show.add_argument("roster", type=Path)
@@ -117,15 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         members = dict(parse_member(m) for m in args.member)
         if len(members) != len(args.member):
             raise RosterError("--member: a device name is given twice")
-        sign_roster(args.org_key, members, args.out, label=args.label)
+        sign_roster(args.org_key, members, args.out, label=args.label,
+                    min_nodes=args.min_nodes)
         print(f"signed roster of {len(members)} devices: {args.out}")
         return 0
     signed = SignedRoster.from_text(read_roster(args.roster))
     roster = (signed.verify(bytes.fromhex(args.org_public_key)) if args.org_public_key
               else signed.unverified())
     status = "signature verified" if args.org_public_key else "signature NOT checked"
-    print(f"roster {roster.label!r} of {roster.created}, {len(roster.members)} devices "
-          f"({status}):")
+    print(f"roster {roster.label!r} of {roster.created}, {len(roster.members)} devices, "
+          f"rounds of at least {roster.min_nodes} ({status}):")
     for name, key in roster.members:
         print(f"  {name}  {key.hex()}")
     return 0

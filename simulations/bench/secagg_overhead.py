@@ -100,7 +100,7 @@ def fedtune_client_app(spec: AdapterSpec, clients: int
             for part in ("train", "heldout"):
                 write_jsonl(folder / f"{part}.jsonl", [Example(text="synthetic")])
         # Authenticated, as every simulation runs it: identity keys, a signed roster.
-        org = simulated_organisation(devices, clients, Path(tmp))
+        org = simulated_organisation(devices, clients, Path(tmp), min_nodes=min(3, clients))
         flat = {**RunConfig().to_flat(),
                 **PathsSection(cache_dir=Path(tmp), devices_dir=devices,
                                secagg_roster=org.roster_text,

@@ -53,21 +53,25 @@ class Device:
 class Federation:
     """Devices admitted by an organisation; the test is the (lying) coordinator."""
 
-    def __init__(self, nodes: list[int], *, extra_roster: int = 0) -> None:
+    def __init__(self, nodes: list[int], *, extra_roster: int = 0,
+                 min_nodes: int | None = None) -> None:
         self.org = Ed25519PrivateKey.generate()
         self.org_pk = public_key_bytes(self.org.public_key())
         self.devices = {n: Device(n, Ed25519PrivateKey.generate(), _context(n)) for n in nodes}
         self.outsiders = [Ed25519PrivateKey.generate() for _ in range(extra_roster)]
         members = {f"device-{n}": identity_public_key(d.key) for n, d in self.devices.items()}
         members |= {f"spare-{i}": identity_public_key(k) for i, k in enumerate(self.outsiders)}
-        self.roster = SignedRoster.sign(Roster.of(members), self.org).to_text().encode()
+        roster = Roster.of(members, min_nodes=min_nodes)
+        self.roster = SignedRoster.sign(roster, self.org).to_text().encode()
+        self.told: tuple[int, int] = (0, 0)  # the (threshold, node count) of the last setup
 
     def ident(self, node: int) -> SecAggIdentity:
         return self.devices[node].identity(self.org_pk)
 
     def setup(self, threshold: int, *, num_nodes: int | None = None,
               round_id: int = ROUND) -> dict[int, wire.KeyAdvert]:
-        req = wire.SetupRequest(round_id, SALT, threshold, num_nodes or len(self.devices),
+        self.told = (threshold, num_nodes or len(self.devices))
+        req = wire.SetupRequest(round_id, SALT, threshold, self.told[1],
                                 self.roster).to_record()
         return {n: wire.KeyAdvert.from_record(handle_setup(req, d.context, self.ident(n)))
                 for n, d in self.devices.items()}
@@ -103,13 +107,16 @@ def _stage(device: Device) -> str:
 
 
 def _forged_advert(node: int, signer: Ed25519PrivateKey | None, *,
-                   identity_pk: bytes | None = None) -> wire.KeyAdvert:
-    """Round keys the coordinator made itself, signed with a key it holds (or unsigned)."""
+                   identity_pk: bytes | None = None,
+                   told: tuple[int, int] = (3, 3)) -> wire.KeyAdvert:
+    """Round keys the coordinator made itself, signed with a key it holds (or unsigned) for
+    a round of ``told`` = (threshold, node count)."""
     seal_pk = public_bytes(generate_keypair()[0].public_key())
     mask_pk = public_bytes(generate_keypair()[0].public_key())
     if signer is None:  # (a list mixing signed and unsigned adverts needs filler fields)
         return wire.KeyAdvert(seal_pk, mask_pk, b"\0" * 32, b"\0" * 64)
-    sig = signer.sign(advert_message(round_id=ROUND, salt=SALT, node_id=node, seal_pk=seal_pk,
+    sig = signer.sign(advert_message(round_id=ROUND, salt=SALT, threshold=told[0],
+                                     num_nodes=told[1], node_id=node, seal_pk=seal_pk,
                                      mask_pk=mask_pk))
     return wire.KeyAdvert(seal_pk, mask_pk, identity_pk or identity_public_key(signer), sig)
 
@@ -127,11 +134,11 @@ def test_substituted_peer_keys_are_refused_before_any_share_is_sealed() -> None:
     victim = fed.devices[1]
     attacks = {
         "unsigned": (lambda n: _forged_advert(n, None), "not signed by a device"),
-        "own identity key": (lambda n: _forged_advert(n, coordinator),
+        "own identity key": (lambda n: _forged_advert(n, coordinator, told=fed.told),
                              "not signed by a device"),
         "peer's identity, own signature": (
-            lambda n: _forged_advert(n, coordinator,
-                                     identity_pk=adverts[n].identity_pk),
+            lambda n: _forged_advert(n, coordinator, identity_pk=adverts[n].identity_pk,
+                                     told=fed.told),
             "signature does not verify"),
     }
     for name, (forge, match) in attacks.items():
@@ -154,14 +161,15 @@ def test_sybil_nodes_are_refused() -> None:
     adverts = fed.setup(threshold=3, num_nodes=4)  # the roster admits 4 devices
     coordinator = Ed25519PrivateKey.generate()
     victim = fed.devices[1].context
-    invented = dict(adverts) | {99: _forged_advert(99, coordinator)}
+    invented = dict(adverts) | {99: _forged_advert(99, coordinator, told=fed.told)}
     with pytest.raises(wire.SecAggProtocolError, match="not signed by a device"):
         handle_share_keys(wire.ShareKeysRequest(ROUND, invented).to_record(), victim)
     relabelled = dict(adverts) | {99: adverts[2]}
     with pytest.raises(wire.SecAggProtocolError, match="public keys repeat"):
         handle_share_keys(wire.ShareKeysRequest(ROUND, relabelled).to_record(), victim)
     colluder = fed.outsiders[0]  # admitted, colluding: signs two nodes' adverts
-    twice = dict(adverts) | {98: _forged_advert(98, colluder), 99: _forged_advert(99, colluder)}
+    twice = dict(adverts) | {98: _forged_advert(98, colluder, told=fed.told),
+                             99: _forged_advert(99, colluder, told=fed.told)}
     with pytest.raises(wire.SecAggProtocolError, match="one device's identity"):
         handle_share_keys(wire.ShareKeysRequest(ROUND, twice).to_record(), victim)
     assert _stage(fed.devices[1]) == "setup"
@@ -205,6 +213,41 @@ def test_an_advert_replayed_from_an_earlier_round_is_refused() -> None:
     replayed = dict(adverts) | {2: old[2]}
     with pytest.raises(wire.SecAggProtocolError, match="node 2's advert signature"):
         handle_share_keys(wire.ShareKeysRequest(ROUND, replayed).to_record(),
+                          fed.devices[1].context)
+
+
+def test_a_round_of_the_victim_and_colluders_below_the_rosters_floor_is_refused() -> None:
+    """Ten devices admitted; the coordinator tells the victim it is in a round of two with
+    one colluding admitted device (t = 2 is then "more than two thirds"), whose advert is
+    genuinely signed for that round: their sum minus the colluder's update would be the
+    victim's. The organisation's floor (min_nodes, signed into the roster) refuses it at
+    setup; a round at the floor goes on."""
+    fed = Federation([1], extra_roster=9, min_nodes=5)
+    victim = fed.devices[1]
+    for threshold, nodes in ((2, 2), (3, 4)):
+        with pytest.raises(wire.SecAggProtocolError, match="requires at least 5"):
+            handle_setup(wire.SetupRequest(ROUND, SALT, threshold, nodes,
+                                           fed.roster).to_record(), victim.context,
+                         fed.ident(1))
+        assert STATE_KEY not in victim.context.state.config_records
+    handle_setup(wire.SetupRequest(ROUND, SALT, 4, 5, fed.roster).to_record(),
+                 victim.context, fed.ident(1))
+
+
+def test_devices_told_different_thresholds_refuse_each_others_adverts() -> None:
+    """Honest devices sign the (threshold, node count) they were told: a peer's advert made
+    for another threshold does not verify, so a coordinator cannot run one group at t = 3
+    of 4 and show the victim a round it believes is t = 4 of 5."""
+    fed = Federation([1, 2, 3, 4, 5])
+    adverts = fed.setup(threshold=4, num_nodes=5)
+    victim_told = wire.SetupRequest(ROUND + 1, SALT, 4, 5, fed.roster).to_record()
+    others_told = wire.SetupRequest(ROUND + 1, SALT, 3, 4, fed.roster).to_record()
+    split = {n: wire.KeyAdvert.from_record(handle_setup(
+        victim_told if n == 1 else others_told, d.context, fed.ident(n)))
+        for n, d in fed.devices.items()}
+    assert adverts  # (the first setup only made round ROUND + 1 a fresh one)
+    with pytest.raises(wire.SecAggProtocolError, match="advert signature does not verify"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND + 1, split).to_record(),
                           fed.devices[1].context)
 
 

@@ -55,6 +55,18 @@ def test_a_roster_with_one_member_changed_no_longer_verifies() -> None:
         tampered.verify(public_key_bytes(org.public_key()))
 
 
+def test_the_roster_carries_the_organisations_floor_on_round_size() -> None:
+    roster, _ = _roster(5)
+    assert roster.min_nodes == 3  # the default
+    org = Ed25519PrivateKey.generate()
+    strict = Roster.of(dict(roster.members), created=CREATED, min_nodes=5)
+    back = SignedRoster.from_text(SignedRoster.sign(strict, org).to_text())
+    assert back.verify(public_key_bytes(org.public_key())).min_nodes == 5
+    for bad in (1, 6, True):
+        with pytest.raises(RosterError, match="min_nodes"):
+            Roster.of(dict(roster.members), created=CREATED, min_nodes=bad)
+
+
 @pytest.mark.parametrize(("members", "match"), [
     ({"a": b"k" * 32}, "at least two devices"),
     ({"a": b"k" * 32, "b": b"k" * 32}, "listed twice"),
@@ -80,20 +92,22 @@ def test_malformed_signed_rosters_are_refused(text: str, match: str) -> None:
 def test_signatures_are_bound_to_round_node_and_purpose() -> None:
     key = Ed25519PrivateKey.generate()
     pk = identity_public_key(key)
-    advert = advert_message(round_id=1000, salt=b"s" * 16, node_id=7, seal_pk=b"a" * 32,
-                            mask_pk=b"b" * 32)
+    base = {"round_id": 1000, "salt": b"s" * 16, "threshold": 3, "num_nodes": 4, "node_id": 7,
+            "seal_pk": b"a" * 32, "mask_pk": b"b" * 32}
+    advert = advert_message(**base)
     sig = key.sign(advert)
     assert verify_signature(pk, sig, advert)
-    for other in (advert_message(round_id=1001, salt=b"s" * 16, node_id=7, seal_pk=b"a" * 32,
-                                 mask_pk=b"b" * 32),  # replayed into the next round
-                  advert_message(round_id=1000, salt=b"s" * 16, node_id=8, seal_pk=b"a" * 32,
-                                 mask_pk=b"b" * 32),  # moved to another node
-                  advert_message(round_id=1000, salt=b"s" * 16, node_id=7, seal_pk=b"c" * 32,
-                                 mask_pk=b"b" * 32)):  # a substituted key
-        assert not verify_signature(pk, sig, other)
-    survivors = consistency_message(round_id=1000, salt=b"s" * 16, survivors=[3, 1, 2])
-    assert survivors == consistency_message(round_id=1000, salt=b"s" * 16, survivors=[1, 2, 3])
+    for change in ({"round_id": 1001},  # replayed into the next round
+                   {"node_id": 8},  # moved to another node
+                   {"seal_pk": b"c" * 32},  # a substituted key
+                   {"threshold": 2, "num_nodes": 2}):  # shown to a device told another round
+        assert not verify_signature(pk, sig, advert_message(**(base | change)))
+    told = {"round_id": 1000, "salt": b"s" * 16, "threshold": 3, "num_nodes": 4}
+    survivors = consistency_message(**told, survivors=[3, 1, 2])
+    assert survivors == consistency_message(**told, survivors=[1, 2, 3])
+    assert not verify_signature(pk, key.sign(survivors),
+                                consistency_message(**told, survivors=[1, 2]))
     assert not verify_signature(pk, key.sign(survivors), consistency_message(
-        round_id=1000, salt=b"s" * 16, survivors=[1, 2]))
+        **(told | {"threshold": 2}), survivors=[1, 2, 3]))
     assert not verify_signature(pk, b"\0" * 64, advert)
     assert not verify_signature(b"short", sig, advert)

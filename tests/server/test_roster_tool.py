@@ -33,7 +33,7 @@ def test_identity_org_key_sign_and_show(tmp_path: Path,
 
     assert tool.main(["show", str(out), "--org-public-key", org_public]) == 0
     shown = capsys.readouterr().out
-    assert "2 devices (signature verified)" in shown and a_public in shown
+    assert "2 devices, rounds of at least 2 (signature verified)" in shown and a_public in shown
     with pytest.raises(RosterError, match="not signed by the organisation key"):
         tool.main(["show", str(out), "--org-public-key", a_public])
     with pytest.raises(FileExistsError):  # a key is never overwritten

@@ -179,7 +179,8 @@ def test_devices_that_pin_the_organisation_key_refuse_an_unauthenticated_coordin
                         node_config={n: {"partition-id": i} for i, n in enumerate(nodes)})
     assert _round(secure, grid, setup["adapter"]) is None
     assert secure.stats[1].failed == 4
-    assert all("no signed roster" in m.error.reason for m in grid.received if m.has_error())
+    errors = [m.error.reason for m in grid.received if m.has_error()]
+    assert len(errors) == 4 and all("no signed roster" in reason for reason in errors)
     assert not any(m.metadata.message_type == wire.SHARE_KEYS for m in grid.received)
 
 
