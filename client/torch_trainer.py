@@ -70,7 +70,9 @@ class TorchLoraTrainer:
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
         base = loaded.model
-        torch.nn.Module.to(base, device=self.device, dtype=self.dtype)  # in place
+        torch.nn.Module.to(base, device=self.device)  # in place
+        for param in base.parameters():  # parameters only: the rotary inv_freq stays fp32
+            param.data = param.data.to(self.dtype)
         if client.gradient_checkpointing:
             # Non-reentrant: gradients reach the adapter although the base's inputs need none.
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={  # type: ignore[no-untyped-call]
@@ -116,6 +118,7 @@ class TorchLoraTrainer:
         losses = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # this round's peak, not the run's
         loop_start = time.perf_counter()
         for step in range(instruction.local_steps):
             idx = order[step * instruction.batch_size : (step + 1) * instruction.batch_size]

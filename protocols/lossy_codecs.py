@@ -43,6 +43,8 @@ from protocols.codecs import ClientUpdate, RoundContext, load_npy_exact
 from protocols.errors import InvalidUpdate
 
 BLOCK = 128
+#: The float32 values from which bfloat16's round-to-nearest gives infinity.
+BF16_MAX = float(np.array([0x7F7F8000], np.uint32).view(np.float32)[0])
 
 
 def _array(values: npt.NDArray[Any]) -> Array:
@@ -104,7 +106,11 @@ class _Codec:
         rng = np.random.default_rng([ctx.seed, ctx.server_round, 0x1055])
         out: dict[str, Array] = {}
         for key in sorted(update.delta):
-            out.update(self._encode(key, np.asarray(update.delta[key], np.float32), rng))
+            x = np.asarray(update.delta[key], np.float32)
+            if not np.all(np.isfinite(x)):  # no codec may turn NaN into a number
+                raise ValueError(f"`{key}`: the update has NaN or infinite values; refusing "
+                                 "to encode it")
+            out.update(self._encode(key, x, rng))
         return ArrayRecord(out)
 
     def decode(self, record: ArrayRecord, ctx: RoundContext) -> Tensors:
@@ -145,6 +151,8 @@ class Bf16Codec(_Codec):
 
     def _encode(self, key: str, x: npt.NDArray[np.float32],
                 rng: np.random.Generator) -> dict[str, Array]:
+        if np.any(np.abs(x) >= BF16_MAX):  # would round to infinity
+            raise ValueError(f"`{key}`: the update exceeds bfloat16's range")
         bits = x.ravel().astype("<f4").view(np.uint32).astype(np.uint64)
         # round to nearest, ties to even, on the 16 bits that are dropped
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16

@@ -71,9 +71,14 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
 
     budget, codec = config.federation.max_upload_bytes, config.federation.codec
     shapes = {k: spec.tensors[k].shape for k in sorted(spec.trainable_keys)}
-    if config.security.secagg:  # the upload is the masked fixed-point vector
-        masked = sum(int(np.prod(s)) for s in shapes.values()) * (
-            config.security.secagg_modulus_bits // 8)
+    if config.security.secagg:  # the upload is the masked fixed-point vector, exactly this
+        from protocols.codecs import record_nbytes
+        from protocols.secagg.fixed_point import uint_dtype
+        from protocols.secagg.wire import masked_record
+
+        length = sum(int(np.prod(s)) for s in shapes.values())
+        masked = record_nbytes(masked_record(
+            np.zeros(length, uint_dtype(config.security.secagg_modulus_bits))))
         if budget and masked > budget:
             raise ConfigError(
                 f"federation.max_upload_bytes = {budget}, but a masked secure-aggregation "
@@ -81,6 +86,12 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
                 "aggregation is not implemented yet); raise the budget, train fewer "
                 "coordinates, or turn security.secagg off to use a lossy codec")
         return "fp32"
+    if budget and config.edge.fraction > 0 and config.edge.upload == "dense" and (
+            (dense := upload_size("fp32", shapes)) > budget):
+        raise ConfigError(
+            f"edge devices upload their dense fp32 delta (edge.upload = 'dense'): {dense} "
+            f"bytes, over federation.max_upload_bytes = {budget}; raise the budget or let "
+            "edge devices send seeds and scalars (edge.upload = 'seed-scalar')")
     if codec == "auto":
         codec = choose_codec(budget, shapes)
         log.info("federation.codec = 'auto': %s (%d bytes per upload%s)", codec,

@@ -67,6 +67,15 @@ def check_gpus_for_simulation(config: RunConfig) -> None:
     place the clients on), and clients pinned to CUDA without a share of a GPU (Ray hides
     the GPUs from a client that reserved none)."""
     client_gpus = config.federation.client_gpus
+    if client_gpus > 1 and client_gpus != int(client_gpus):
+        raise ConfigError(f"federation.client_gpus = {client_gpus}: above 1 it must be a whole "
+                          "number of GPUs (Ray places fractions of one GPU only)")
+    index = config.client.device.partition(":")[2]
+    if index and int(index) >= max(1, int(client_gpus)):
+        raise ConfigError(
+            f"client.device = {config.client.device!r}: a simulated client sees only the "
+            f"GPU share Ray gives it, as cuda:0{'..' if client_gpus > 1 else ''}; use "
+            "'cuda' or 'auto'")
     if client_gpus == 0:
         if config.client.device.startswith("cuda"):
             raise ConfigError(

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     args.codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if "auto" in args.codecs:  # the table names each run by the codec its config names
+        parser.error("--codecs: name the codecs; 'auto' chooses one per budget")
     runs = args.from_runs or run_all(args)
     result = compare(runs)
     print(render(result))

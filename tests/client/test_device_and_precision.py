@@ -80,6 +80,11 @@ def test_a_simulation_refuses_gpu_settings_it_cannot_place() -> None:
     with pytest.raises(ConfigError, match=re.escape("needs federation.client_gpus > 0")):
         check_gpus_for_simulation(pinned)
     check_gpus_for_simulation(RunConfig())  # the defaults: no GPU asked for, nothing to check
+    with pytest.raises(ConfigError, match="whole number of GPUs"):
+        check_gpus_for_simulation(RunConfig.from_nested({"federation": {"client_gpus": 1.5}}))
+    with pytest.raises(ConfigError, match="sees only the GPU share"):
+        check_gpus_for_simulation(RunConfig.from_nested({
+            "client": {"device": "cuda:1"}, "federation": {"client_gpus": 0.5}}))
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     shared = RunConfig.from_nested({"federation": {"client_gpus": 0.25}})
@@ -100,6 +105,8 @@ def test_adapters_leave_the_device_as_the_same_float32_bits(tiny_model_dir: Path
         base = {p.dtype for n, p in trainer.model.named_parameters() if ".lora_" not in n}
         lora = {p.dtype for n, p in trainer.model.named_parameters() if ".lora_" in n}
         assert base == {getattr(torch, dtype)} and lora == {torch.float32}, dtype
+        rotary = {b.dtype for n, b in trainer.model.named_buffers() if "inv_freq" in n}
+        assert rotary == {torch.float32}, (dtype, rotary)  # positions keep their precision
         values = {k: rng.normal(size=v.shape).astype(np.float32)
                   for k, v in get_adapter(trainer.model).items()}
         set_adapter(trainer.model, values)

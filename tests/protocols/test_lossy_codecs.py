@@ -190,3 +190,18 @@ def test_upload_sizes_are_exact_and_auto_picks_the_most_precise_that_fits() -> N
     assert choose_codec(sizes["sign1"], shapes) == "sign1"
     with pytest.raises(ConfigError, match=r"below every codec's upload .*sign1, \d+ bytes"):
         choose_codec(sizes["sign1"] - 1, shapes)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_or_out_of_range_updates_are_refused_not_rounded(name: str) -> None:
+    codec = get_codec(name)
+    for bad in (np.nan, np.inf):
+        delta = _delta()
+        delta["m.down.lora_B.weight"][0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            codec.encode(ClientUpdate(delta), _ctx())
+    if name in ("fp16", "bf16"):
+        delta = _delta()
+        delta["m.down.lora_B.weight"][0, 0] = 3.4e38
+        with pytest.raises(ValueError, match="range"):
+            codec.encode(ClientUpdate(delta), _ctx())

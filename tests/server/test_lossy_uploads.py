@@ -92,8 +92,9 @@ def test_a_lossy_round_lands_near_the_exact_mean_in_fewer_bytes(
                                                                  exact_stats.bytes_up)
     for node in NODES:  # the residual stays in each device's own state
         assert RESIDUAL_KEY in grid.contexts[node].state.array_records
-    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert sent and all(RESIDUAL_KEY not in m.content.array_records for m in grid.received)
+    replies = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert len(replies) == 4  # the upload and the metrics, nothing of the residual
+    assert all(set(m.content.keys()) == {"arrays", "metrics"} for m in replies)
 
 
 def test_replies_over_the_budget_are_refused_and_auto_fits_it(setup: dict[str, Any]) -> None:
@@ -109,6 +110,10 @@ def test_replies_over_the_budget_are_refused_and_auto_fits_it(setup: dict[str, A
     with pytest.raises(ConfigError, match=r"uploads \d+ bytes per device, over"):
         upload_codec(RunConfig.from_nested({"security": {"secagg": False}, "federation": {
             "codec": "fp32", "max_upload_bytes": fp32 - 1}}), setup["spec"])
+    with pytest.raises(ConfigError, match="edge devices upload their dense fp32 delta"):
+        upload_codec(RunConfig.from_nested({"security": {"secagg": False}, "edge": {
+            "fraction": 0.5, "upload": "dense"}, "federation": {
+            "codec": "auto", "max_upload_bytes": int8}}), setup["spec"])
     with pytest.raises(ConfigError, match="masked secure-aggregation upload"):
         upload_codec(RunConfig.from_nested({"federation": {"max_upload_bytes": 100}}),
                      setup["spec"])
