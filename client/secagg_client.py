@@ -290,10 +290,8 @@ def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets) -> None:
                 f"nodes {seen[key]} and {node} advertise one device's identity; refusing (one "
                 "device, one node)")
         seen[key] = node
-        message = advert_message(round_id=req.round_id, salt=salt, threshold=state.threshold,
-                                 num_nodes=state.num_nodes, node_id=node,
-                                 seal_pk=advert.seal_pk, mask_pk=advert.mask_pk)
-        if not verify_signature(advert.identity_pk, advert.signature, message):
+        if not advert.is_signed_for(round_id=req.round_id, salt=salt, threshold=state.threshold,
+                                    num_nodes=state.num_nodes, node_id=node):
             raise SecAggProtocolError(
                 f"node {node}'s advert signature does not verify for this round (its keys, "
                 "node id, or the threshold and node count this node was told); refusing "

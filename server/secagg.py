@@ -67,7 +67,6 @@ from protocols.secagg import (
 )
 from protocols.secagg.identity import (
     SignedRoster,
-    advert_message,
     consistency_message,
     verify_signature,
 )
@@ -88,7 +87,6 @@ class _Round:
     salt: bytes
     threshold: int
     num_nodes: int  # announced at setup
-    roster_keys: frozenset[bytes] = frozenset()  # empty: an unauthenticated round
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
     senders: set[int] = field(default_factory=set)  # U2: shared keys
     instruction: dict[int, wire.MaskingInstruction] = field(default_factory=dict)
@@ -140,10 +138,8 @@ class SecAggFedAvg(AdapterFedAvg):
         self.dp_clip_norm = dp_clip_norm
         self.dp_noise_multiplier = dp_noise_multiplier
         # The coordinator relays the roster; devices check the organisation's signature.
-        self.roster = roster
-        members = SignedRoster.from_text(roster).unverified() if roster else None
-        self._roster_keys = members.keys if members else frozenset()
-        self._roster_size = len(members.members) if members else 0
+        self._roster_bytes = roster.encode()  # as relayed in every setup
+        self._roster = SignedRoster.from_text(roster).unverified() if roster else None
         self._grid: Grid | None = None
         self._secagg: _Round | None = None
         self._last_round_id = 0
@@ -180,18 +176,19 @@ class SecAggFedAvg(AdapterFedAvg):
             return []
         # A sampled node the roster does not list (still connected, but not admitted) cannot
         # sign an advert: the announced count never exceeds the devices the roster admits.
-        announced = min(len(nodes), self._roster_size) if self._roster_size else len(nodes)
+        announced = (min(len(nodes), len(self._roster.members)) if self._roster
+                     else len(nodes))
         rnd = _Round(round_id=self.next_round_id(server_round), server_round=server_round,
                      salt=os.urandom(wire.SALT_BYTES), threshold=self.threshold(announced),
-                     num_nodes=announced, roster_keys=self._roster_keys)
+                     num_nodes=announced)
         setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, announced,
-                                  self.roster.encode())
+                                  self._roster_bytes)
         for node, content in self._exchange(
             stats, {n: setup.to_record() for n in nodes}, wire.SETUP, server_round
         ).items():
             try:
                 advert = wire.KeyAdvert.from_record(content)
-                if rnd.roster_keys:
+                if self._roster:
                     self._check_advert(rnd, node, advert)
                 rnd.adverts[node] = advert
             except wire.SecAggProtocolError as bad:
@@ -309,14 +306,14 @@ class SecAggFedAvg(AdapterFedAvg):
         dropped = sorted(rnd.senders - set(masked))
         stats.dropped = len(dropped)
         signatures: dict[int, bytes] = {}
-        if rnd.roster_keys:
+        if self._roster:
             signatures = self._consistency(rnd, survivors, stats, server_round)
             if not self._enough(rnd, len(signatures), server_round,
                                 "signed the survivor list"):
                 return None
         request = wire.UnmaskRequest(rnd.round_id, tuple(survivors), tuple(dropped),
                                      signatures).to_record()
-        holders = sorted(signatures) if rnd.roster_keys else survivors
+        holders = sorted(signatures) if self._roster else survivors
         b_by_owner: dict[int, dict[int, bytes]] = {v: {} for v in survivors}
         s_by_owner: dict[int, dict[int, bytes]] = {d: {} for d in dropped}
         for holder, content in self._exchange(
@@ -361,14 +358,13 @@ class SecAggFedAvg(AdapterFedAvg):
     def _check_advert(self, rnd: _Round, node: int, advert: wire.KeyAdvert) -> None:
         """Drop an advert no roster member signed for this round and node, or a second
         node of one device: every honest device would refuse a key list carrying it."""
-        if advert.identity_pk not in rnd.roster_keys:
+        if self._roster is None or advert.identity_pk not in self._roster.keys:
             raise wire.SecAggProtocolError("advert not signed by a device of the roster")
         if any(a.identity_pk == advert.identity_pk for a in rnd.adverts.values()):
             raise wire.SecAggProtocolError("a second node with one device's identity key")
-        message = advert_message(round_id=rnd.round_id, salt=rnd.salt,
-                                 threshold=rnd.threshold, num_nodes=rnd.num_nodes, node_id=node,
-                                 seal_pk=advert.seal_pk, mask_pk=advert.mask_pk)
-        if not verify_signature(advert.identity_pk, advert.signature, message):
+        if not advert.is_signed_for(round_id=rnd.round_id, salt=rnd.salt,
+                                    threshold=rnd.threshold, num_nodes=rnd.num_nodes,
+                                    node_id=node):
             raise wire.SecAggProtocolError("advert signature does not verify")
 
     def _consistency(self, rnd: _Round, survivors: list[int], stats: RoundStats,

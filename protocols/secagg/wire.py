@@ -39,6 +39,7 @@ import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from protocols.secagg.fixed_point import uint_dtype
+from protocols.secagg.identity import advert_message, verify_signature
 from protocols.secagg.unmask import min_threshold
 
 RECORD = "secagg"
@@ -202,6 +203,14 @@ class KeyAdvert:
                      _get(rec, "signature", bytes) if signed else b"")
         advert.check()
         return advert
+
+    def is_signed_for(self, *, round_id: int, salt: bytes, threshold: int, num_nodes: int,
+                      node_id: int) -> bool:
+        """Whether the identity key it carries signed these round keys for this round,
+        threshold, node count and node (:func:`protocols.secagg.identity.advert_message`)."""
+        return verify_signature(self.identity_pk, self.signature, advert_message(
+            round_id=round_id, salt=salt, threshold=threshold, num_nodes=num_nodes,
+            node_id=node_id, seal_pk=self.seal_pk, mask_pk=self.mask_pk))
 
     def check(self) -> None:
         if len(self.seal_pk) != KEY_BYTES or len(self.mask_pk) != KEY_BYTES:
