@@ -77,6 +77,11 @@ def _blocks(n: int) -> int:
     return max(1, math.ceil(n / BLOCK))
 
 
+def _per_value(scale: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
+    """Each block's scale repeated for its values: the first ``n``."""
+    return np.repeat(scale, BLOCK)[:n]
+
+
 def _padded(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """The flat tensor padded with zeros to whole blocks, as (blocks, BLOCK)."""
     flat = np.zeros(_blocks(x.size) * BLOCK, np.float32)
@@ -211,9 +216,7 @@ class BlockIntCodec(_Scaled):
             codes = both.astype(np.int16) - 8
         if np.any(np.abs(codes) > self.levels):
             raise InvalidUpdate(f"`{key}`: codes outside [-{self.levels}, {self.levels}]")
-        full = np.zeros(_blocks(n) * BLOCK, np.float32)
-        full[:n] = codes
-        return (full.reshape(-1, BLOCK) * scale[:, None]).ravel()[:n].astype(np.float32)
+        return (codes * _per_value(scale, n)).astype(np.float32)
 
 
 class SignCodec(_Scaled):
@@ -235,8 +238,7 @@ class SignCodec(_Scaled):
         scale = self._scales(record, key, n)
         bits = np.unpackbits(_load(record, key, "|u1", math.ceil(n / 8)))[:n]
         signs = np.where(bits == 1, 1.0, -1.0).astype(np.float32)
-        per = np.repeat(scale, BLOCK)[:n]
-        return (signs * per).astype(np.float32)
+        return (signs * _per_value(scale, n)).astype(np.float32)
 
 
 def int8_codec() -> BlockIntCodec:

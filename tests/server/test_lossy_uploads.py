@@ -12,11 +12,11 @@ import pytest
 from flwr.app import ConfigRecord
 
 from client.error_feedback import RESIDUAL_KEY
-from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import from_record, to_record
 from protocols.run_config import ConfigError, RunConfig
 from server.strategy import AdapterFedAvg
 from simulations.loopback_grid import LoopbackGrid
+from tests.server.tiny_federation import tiny_federation
 
 NODES = [11, 22, 33, 44]
 
@@ -30,29 +30,8 @@ def server_identity() -> None:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from client.app import _trainer
-    from kernels.lora import get_adapter
-    from simulations.runner import check_inputs
-    from tests.conftest import mini_play
-
-    cache = tmp_path_factory.mktemp("cache")
-    texts = cache / "data" / "shakespeare" / "texts"
-    texts.mkdir(parents=True)
-    (texts / "miniature_gut.txt").write_text(mini_play())
-    config = RunConfig.from_nested({
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"min_examples": 5, "heldout_fraction": 0.25},
-        "lora": {"r": 4},
-        "train": {"local_steps": 2, "batch_size": 2, "seq_len": 16, "learning_rate": 0.05},
-        "security": {"verify_manifest": False, "secagg": False},
-    })
-    inputs = check_inputs(config, cache)
-    flat = {**config.to_flat(), "paths.cache_dir": str(cache),
-            "paths.devices_dir": str(inputs.devices.root)}  # type: ignore[union-attr]
-    adapter = get_adapter(_trainer(flat).model)  # type: ignore[attr-defined]
-    frozen = frozenset(k for k in adapter if config.lora.is_frozen(k))
-    return {"flat": flat, "adapter": adapter,
-            "spec": AdapterSpec.from_arrays(adapter, {}, frozen=frozen)}
+    return tiny_federation(tiny_model_dir, tmp_path_factory.mktemp("cache"),
+                           learning_rate=0.05, secagg=False)
 
 
 def _round(setup: dict[str, Any], codec: str, server_round: int = 1,

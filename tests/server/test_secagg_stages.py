@@ -18,12 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import from_record, to_record
-from protocols.run_config import RunConfig
 from protocols.secagg import error_bound, wire
 from server.secagg import ROUND_ID_STRIDE, SecAggFedAvg
 from server.strategy import AdapterFedAvg
 from simulations.loopback_grid import LoopbackGrid
 from tests.measured import within
+from tests.server.tiny_federation import tiny_federation
 
 NODES = [11, 22, 33, 44, 2**64 - 5]  # the last needs all 64 bits: packing must not truncate
 
@@ -37,30 +37,8 @@ def server_identity() -> None:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from client.app import _trainer
-    from kernels.lora import get_adapter
-    from simulations.runner import check_inputs
-    from tests.conftest import mini_play
-
-    cache = tmp_path_factory.mktemp("cache")
-    texts = cache / "data" / "shakespeare" / "texts"
-    texts.mkdir(parents=True)
-    (texts / "miniature_gut.txt").write_text(mini_play())
-    config = RunConfig.from_nested({
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"min_examples": 5, "heldout_fraction": 0.25},
-        "lora": {"r": 4},
-        "train": {"local_steps": 2, "batch_size": 2, "seq_len": 16, "learning_rate": 0.01},
-        "security": {"verify_manifest": False},
-    })
-    inputs = check_inputs(config, cache)
-    flat = {**config.to_flat(), "paths.cache_dir": str(cache),
-            "paths.devices_dir": str(inputs.devices.root)}  # type: ignore[union-attr]
-    trainer = _trainer(flat)
-    adapter = get_adapter(trainer.model)  # type: ignore[attr-defined]
-    frozen = frozenset(k for k in adapter if config.lora.is_frozen(k))
-    spec = AdapterSpec.from_arrays(adapter, {}, frozen=frozen)
-    return {"flat": flat, "adapter": adapter, "spec": spec, "inputs": inputs, "cache": cache}
+    return tiny_federation(tiny_model_dir, tmp_path_factory.mktemp("cache"),
+                           learning_rate=0.01)
 
 
 def _grid(flat: dict[str, Any]) -> LoopbackGrid:
