@@ -262,8 +262,9 @@ class FederationSection(Section):
     NAME = "federation"
     codec: str = setting(
         "fp32", "torch clients' update codec on the uplink: fp32 (exact), fp16 / bf16 (16 "
-        "bits), int8 / int4 (blockwise, stochastic rounding), sign1 (a sign bit and a scale "
-        "per block of 128), auto (the most precise that fits max_upload_bytes); plaintext "
+        "bits), int8 / int4 / int2 (blockwise, stochastic rounding), sign1 (a sign bit and a "
+        "scale per block of 128), topk (the largest 1/32 of the values), auto (the most "
+        "precise that fits max_upload_bytes); plaintext "
         "uploads only (secure aggregation sends masked fixed-point integers)",
         choices=_torch_codecs)
     max_upload_bytes: int = setting(

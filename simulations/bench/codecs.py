@@ -26,7 +26,7 @@ from typing import Any
 
 from server.metrics_log import read_metrics
 
-CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "sign1")
+CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "int2", "topk", "sign1")
 GOAL_BYTES, GOAL_PPL = 1 / 16, 0.01
 
 
