@@ -23,7 +23,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.error_feedback import encode_with_feedback
+from client.error_feedback import encode_with_feedback, load_residual, store_residual
 from client.local_data import (
     DeviceDataSource,
     LocalData,
@@ -193,7 +193,16 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
         # client's seed/scalar pairs cannot be summed under masks: it sends the dense delta.)
         flat_delta = np.concatenate([update.delta[k].ravel() for k in sorted(update.delta)])
         upload_key = secagg_wire.MASKED
-        upload = secagg_wire.masked_record(mask_update(flat_delta, msg.content, context))
+        levels = secagg_wire.MaskingInstruction.from_record(msg.content).levels
+        feedback = levels > 0 and RunConfig.from_flat(flat).federation.error_feedback
+        tag = f"secagg-levels-{levels}"
+        if feedback:  # a quantized round: what the last one lost joins this update
+            residual = load_residual(context, tag, {"flat": flat_delta})
+            flat_delta = flat_delta + residual.get("flat", 0.0)
+        masked = mask_update(flat_delta, msg.content, context)
+        if feedback and masked.lost is not None:
+            store_residual(context, tag, {"flat": masked.lost.astype(np.float32)})
+        upload = secagg_wire.masked_record(masked.vector, masked.modulus_bits)
     else:
         upload_key = keys.ARRAYS
         ctx = RoundContext(global_adapter=adapter, server_round=instruction.server_round,

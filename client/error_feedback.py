@@ -6,7 +6,10 @@ the device keeps the residual ``r = (d + r_prev) - Q(d + r_prev)`` and adds it t
 delta, so nothing is lost for good: over rounds the sum of what was sent tracks the sum of
 what was trained. The residual is this device's own state: it lives in Flower's
 ``context.state`` (per node and run, in simulation and deployment alike) and never leaves
-the device. It is dropped when the codec or the adapter's tensors change.
+the device. It is dropped when the codec or the adapter's tensors change. Under secure
+aggregation with quantized uploads the device keeps the residual of its flat vector the
+same way (``client/app.py``), after the DP clip and noise: what quantization lost, never
+the noise.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ def encode_with_feedback(codec: UpdateCodec, update: ClientUpdate, ctx: RoundCon
     corrected = {k: (v + residual[k]) if k in residual else v for k, v in update.delta.items()}
     record = codec.encode(ClientUpdate(delta=corrected), ctx)
     sent = codec.decode(record, ctx)  # what the coordinator will add
-    context.state.array_records[RESIDUAL_KEY] = to_record(
-        {k: corrected[k] - sent[k] for k in corrected})
-    context.state.config_records[RESIDUAL_CODEC_KEY] = ConfigRecord({"codec": codec.name})
+    store_residual(context, codec.name, {k: corrected[k] - sent[k] for k in corrected})
     return record
+
+
+def store_residual(context: Context, codec: str, residual: Tensors) -> None:
+    """Keep ``residual`` in the device's own state for the next upload with ``codec``."""
+    context.state.array_records[RESIDUAL_KEY] = to_record(residual)
+    context.state.config_records[RESIDUAL_CODEC_KEY] = ConfigRecord({"codec": codec})

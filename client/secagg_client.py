@@ -34,6 +34,7 @@ from protocols.records import get_int
 from protocols.secagg import (
     InconsistentRequest,
     check_unmask_request,
+    decode_sum,
     encode,
     generate_keypair,
     load_private_key,
@@ -298,16 +299,52 @@ def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets) -> None:
                 "(substituted or replayed keys, or devices told different thresholds)")
 
 
+@dataclass(frozen=True)
+class MaskedUpload:
+    """A client's masked vector and, for a quantized round, what quantization lost."""
+
+    vector: npt.NDArray[Any]
+    modulus_bits: int
+    lost: npt.NDArray[np.float64] | None = None  # float input minus what the sum will hold
+
+
+def protect_and_encode(
+    update: npt.NDArray[Any], inst: MaskingInstruction, *, num_clients: int,
+    noise_rng: np.random.Generator, rounding_rng: np.random.Generator,
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64] | None]:
+    """Clip, noise, *then* quantize: the integers (mod ``2**m``) and what quantization lost.
+
+    The order is the DP guarantee: the accountant assumes an update clipped to ``C`` plus
+    ``N(0, σ²)``; quantizing (and clipping to the fixed-point range) acts on that noised
+    vector only, so it is post-processing and the accounting is unchanged whatever the
+    codec. The update reaches the encoder only through its clipped, noised value.
+    """
+    x = np.asarray(update, dtype=np.float64)
+    if inst.dp_noise_std > 0:
+        norm = float(np.linalg.norm(x))
+        if norm > inst.dp_clip_norm:
+            x = x * (inst.dp_clip_norm / norm)
+        x = x + noise_rng.normal(0.0, inst.dp_noise_std, size=x.shape)
+    scale, clip, bits = inst.scale, inst.clip_range, inst.modulus_bits
+    if not inst.levels:
+        return encode(x, scale=scale, clip=clip, modulus_bits=bits, num_clients=num_clients), None
+    codes = encode(x, scale=scale, clip=clip, modulus_bits=bits, num_clients=num_clients,
+                   rng=rounding_rng)
+    sent = decode_sum(codes, scale=scale, clip=clip, modulus_bits=bits, num_clients=1)
+    return codes, x - sent.astype(np.float64)
+
+
 def mask_update(
-    update: npt.NDArray[np.float32], content: RecordDict, context: Context
-) -> npt.NDArray[Any]:
+    update: npt.NDArray[Any], content: RecordDict, context: Context
+) -> MaskedUpload:
     """Stage 2: open the peers' shares, (clip + noise for DP,) encode and mask the update.
 
     ``update`` is the flat trainable-adapter delta. With distributed DP the client clips it to
     L2 norm ``dp_clip_norm`` and adds ``N(0, dp_noise_std²)`` per coordinate from the OS
     CSPRNG; the coordinator chose ``dp_noise_std`` so the *sum* over at least ``t`` clients
     carries the target ``σ·C`` (Kairouz et al. 2021, distributed DP). The noise is added
-    before masking, so no party ever sees this client's un-noised update.
+    before masking (and before quantization, :func:`protect_and_encode`), so no party ever
+    sees this client's un-noised update.
     """
     inst = MaskingInstruction.from_record(content)
     state = RoundSecrets.load(context, round_id=inst.round_id, stage="shared")
@@ -340,15 +377,10 @@ def mask_update(
             raise SecAggProtocolError(f"the shares from node {sender} have the wrong size")
         state.held[str(sender)] = plain.hex()
 
-    x = np.asarray(update, dtype=np.float64)
-    if inst.dp_noise_std > 0:
-        norm = float(np.linalg.norm(x))
-        if norm > inst.dp_clip_norm:
-            x = x * (inst.dp_clip_norm / norm)
-        rng = np.random.default_rng(secrets.randbits(128))
-        x = x + rng.normal(0.0, inst.dp_noise_std, size=x.shape)
-    x_enc = encode(x, scale=inst.scale, clip=inst.clip_range, modulus_bits=inst.modulus_bits,
-                   num_clients=len(senders) + 1)
+    x_enc, lost = protect_and_encode(
+        update, inst, num_clients=len(senders) + 1,
+        noise_rng=np.random.default_rng(secrets.randbits(128)),
+        rounding_rng=np.random.default_rng(secrets.randbits(128)))
     peers = {v: pair_key(mask_sk, bytes.fromhex(state.mask_pks[str(v)]), purpose="mask",
                          round_id=inst.round_id, own_id=me, peer_id=v, salt=salt)
              for v in senders}
@@ -356,7 +388,7 @@ def mask_update(
                           modulus_bits=inst.modulus_bits)
     state.stage = "masked"
     state.save(context)
-    return masked
+    return MaskedUpload(masked, inst.modulus_bits, lost)
 
 
 def handle_consistency(content: RecordDict, context: Context,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from protocols.config_schema import ConfigError, Scalar, Section, setting, to_scalar
+from protocols.secagg.fixed_point import QUANTIZED_LEVELS
 
 __all__ = ["ConfigError", "RunConfig", "Scalar"]
 
@@ -355,7 +356,15 @@ class SecuritySection(Section):
     secagg_range: float = setting(
         0.5, "each coordinate of an update is clipped to [-x, x] before the fixed-point "
         "encoding (widened by the DP noise when client_dp is on)", gt=0)
-    secagg_modulus_bits: Literal[32, 64] = setting(32, "bits of the masking modulus")
+    secagg_modulus_bits: Literal[32, 64] = setting(
+        32, "bits of the masking modulus of exact (fp32) uploads; a quantized codec sums its "
+        "codes in the fewest bits that hold clients_per_round of them")
+    secagg_quant_range: float = setting(
+        0.0, "quantized uploads under secure aggregation (federation.codec = int8 / int4 / "
+        "int2): every device clips each coordinate to [-x, x] and rounds it stochastically to "
+        "the codec's levels on this shared grid (what is clipped joins its error feedback); "
+        "0 = auto: train.local_steps x train.learning_rate, the furthest Adam's steps move a "
+        "weight in a round (widened by the DP noise when client_dp is on)", ge=0)
     secagg_stage_timeout_s: float = setting(
         600.0, "time limit of each key-exchange / unmask stage", gt=0)
     max_update_norm: float = setting(
@@ -388,13 +397,13 @@ class RunConfig:
                 "often smaller than the two devices secure aggregation needs, and such rounds "
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
-        if self.security.secagg and self.federation.codec not in ("fp32", "auto"):
+        inside = ("fp32", "auto", *QUANTIZED_LEVELS)
+        if self.security.secagg and self.federation.codec not in inside:
             raise ConfigError(
-                f"federation.codec = {self.federation.codec!r} compresses plaintext uploads; "
-                "under security.secagg (the default) every upload is the masked fixed-point "
-                "vector, so the codec would do nothing: set security.secagg = false to use "
-                "it, or keep codec = 'fp32' (compression inside secure aggregation is not "
-                "implemented yet)")
+                f"federation.codec = {self.federation.codec!r} cannot run under "
+                "security.secagg (the default): masks hide integers on a grid every device "
+                f"shares, so only {list(inside)} can; pick one of those, or set "
+                "security.secagg = false to use it on plaintext uploads")
         if self.privacy.dpsgd and (self.client.dtype != "float32"
                                    or self.client.gradient_checkpointing):
             raise ConfigError(

@@ -25,6 +25,7 @@ from protocols.atomic_write import write_json_atomic
 from protocols.entry_point import log_to_stderr
 from protocols.privacy.ledger import PrivacyLedger, load_ledger
 from protocols.run_config import ConfigError, PathsSection, RunConfig
+from protocols.secagg.fixed_point import QUANTIZED_LEVELS, quantized_modulus_bits
 from server.checkpoint import OffsetRounds, resume_point
 from server.client_dp import ClientLevelDP
 from server.export import save_peft_adapter
@@ -71,21 +72,24 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
 
     budget, codec = config.federation.max_upload_bytes, config.federation.codec
     shapes = {k: spec.tensors[k].shape for k in sorted(spec.trainable_keys)}
-    if config.security.secagg:  # the upload is the masked fixed-point vector, exactly this
-        from protocols.codecs import record_nbytes
-        from protocols.secagg.fixed_point import uint_dtype
-        from protocols.secagg.wire import masked_record
-
+    if config.security.secagg:  # the upload is the masked vector: its size is known now
         length = sum(int(np.prod(s)) for s in shapes.values())
-        masked = record_nbytes(masked_record(
-            np.zeros(length, uint_dtype(config.security.secagg_modulus_bits))))
-        if budget and masked > budget:
+        n = config.train.clients_per_round
+        sizes = {c: masked_upload_size(length, secagg_modulus_bits(config, c, n))
+                 for c in ("fp32", *QUANTIZED_LEVELS)}
+        if codec == "auto":
+            fits = [c for c in sizes if not budget or sizes[c] <= budget]
+            codec = fits[0] if fits else "int2"
+            log.info("federation.codec = 'auto' under secure aggregation: %s (%d bytes per "
+                     "masked upload%s)", codec, sizes[codec], f", budget {budget}" if budget
+                     else "")
+        if budget and sizes[codec] > budget:
             raise ConfigError(
                 f"federation.max_upload_bytes = {budget}, but a masked secure-aggregation "
-                f"upload of this adapter is {masked} bytes (compression inside secure "
-                "aggregation is not implemented yet); raise the budget, train fewer "
-                "coordinates, or turn security.secagg off to use a lossy codec")
-        return "fp32"
+                f"upload of this adapter with codec {codec!r} is {sizes[codec]} bytes "
+                f"(the smallest, int2: {sizes['int2']}); raise the budget, train fewer "
+                "coordinates, or choose a smaller codec")
+        return codec
     if budget and config.edge.fraction > 0 and config.edge.upload == "dense" and (
             (dense := upload_size("fp32", shapes)) > budget):
         raise ConfigError(
@@ -101,6 +105,35 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
             f"federation.codec = {codec!r} uploads {size} bytes per device, over "
             f"federation.max_upload_bytes = {budget}; choose a smaller codec or 'auto'")
     return codec
+
+
+def secagg_modulus_bits(config: RunConfig, codec: str, num_clients: int) -> int:
+    """The masking modulus of a round of ``num_clients`` with ``codec``: the configured one
+    for exact uploads, the fewest bits that hold the sum of the codes for quantized ones."""
+    if codec in QUANTIZED_LEVELS:
+        return quantized_modulus_bits(num_clients, QUANTIZED_LEVELS[codec])
+    return config.security.secagg_modulus_bits
+
+
+def masked_upload_size(length: int, modulus_bits: int) -> int:
+    """Bytes of a masked vector of ``length`` coordinates as it travels."""
+    from protocols.codecs import record_nbytes
+    from protocols.secagg.fixed_point import uint_dtype
+    from protocols.secagg.wire import masked_record
+
+    return record_nbytes(masked_record(np.zeros(length, uint_dtype(modulus_bits)), modulus_bits))
+
+
+def secagg_quant_range(config: RunConfig) -> float:
+    """``security.secagg_quant_range``, or its auto value: local steps x learning rate (the
+    furthest Adam's per-step-bounded moves take a weight in a round), for the torch and, when
+    there are any, the edge devices."""
+    if config.security.secagg_quant_range > 0:
+        return config.security.secagg_quant_range
+    reach = config.train.local_steps * config.train.learning_rate
+    if config.edge.fraction > 0:
+        reach = max(reach, config.edge.local_steps * config.edge.learning_rate)
+    return reach
 
 
 def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedger,
@@ -143,6 +176,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
             dp_clip_norm=privacy.clip_norm if privacy.client_dp else 0.0,
             dp_noise_multiplier=privacy.noise_multiplier if privacy.client_dp else 0.0,
             roster=roster,
+            quant_range=secagg_quant_range(config),
             **sampling,
         )
         if roster:

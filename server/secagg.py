@@ -65,6 +65,11 @@ from protocols.secagg import (
     sum_masked,
     wire,
 )
+from protocols.secagg.fixed_point import (
+    QUANTIZED_LEVELS,
+    quantized_modulus_bits,
+    quantized_scale,
+)
 from protocols.secagg.identity import (
     SignedRoster,
     consistency_message,
@@ -124,6 +129,7 @@ class SecAggFedAvg(AdapterFedAvg):
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
         roster: str = "",
+        quant_range: float = 0.0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(spec, weighting="uniform", **fedavg_kwargs)
@@ -134,6 +140,15 @@ class SecAggFedAvg(AdapterFedAvg):
         self.threshold_fraction = threshold_fraction
         self.clip_range = clip_range
         self.modulus_bits = modulus_bits
+        # A lossy integer codec (int8 / int4 / int2) quantizes inside the masks: codes in
+        # [-levels, levels] over [-quant_range, quant_range], summed in a small modulus.
+        self.levels = QUANTIZED_LEVELS.get(self.codec_name, 0)
+        if self.codec_name not in ("fp32", *QUANTIZED_LEVELS):
+            raise ValueError(f"codec {self.codec_name!r} cannot run inside secure aggregation; "
+                             f"use fp32 or one of {sorted(QUANTIZED_LEVELS)}")
+        if self.levels and not (math.isfinite(quant_range) and quant_range > 0):
+            raise ValueError(f"a quantized codec needs quant_range > 0, got {quant_range}")
+        self.quant_range = quant_range
         self.stage_timeout_s = stage_timeout_s
         self.dp_clip_norm = dp_clip_norm
         self.dp_noise_multiplier = dp_noise_multiplier
@@ -219,16 +234,24 @@ class SecAggFedAvg(AdapterFedAvg):
         if self.dp_noise_multiplier > 0:
             noise_std = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(rnd.threshold)
             clip_range = max(clip_range, self.dp_clip_norm + 6.0 * noise_std)
-        scale = wire.fixed_point_scale(num_clients=len(rnd.senders), clip_range=clip_range,
-                                       modulus_bits=self.modulus_bits)
+        modulus_bits = self.modulus_bits
+        if self.levels:
+            # The noised coordinates are mostly noise: the grid spans 4 of its deviations.
+            clip_range = max(self.quant_range, 4.0 * noise_std)
+            modulus_bits = quantized_modulus_bits(len(rnd.senders), self.levels)
+            scale = quantized_scale(self.levels, clip_range)
+        else:
+            scale = wire.fixed_point_scale(num_clients=len(rnd.senders), clip_range=clip_range,
+                                           modulus_bits=modulus_bits)
         template = plain[0].content
         messages = []
         for node in sorted(rnd.senders):
             inst = wire.MaskingInstruction(
                 round_id=rnd.round_id,
                 ciphertexts={s: inbox[node][s] for s in rnd.senders if s != node},
-                modulus_bits=self.modulus_bits, scale=scale, clip_range=clip_range,
+                modulus_bits=modulus_bits, scale=scale, clip_range=clip_range,
                 dp_clip_norm=self.dp_clip_norm if noise_std else 0.0, dp_noise_std=noise_std,
+                levels=self.levels,
             )
             rnd.instruction[node] = inst
             content = RecordDict({keys.ARRAYS: template.array_records[keys.ARRAYS],
@@ -274,8 +297,9 @@ class SecAggFedAvg(AdapterFedAvg):
                 stats.reject(server_round, node, "reply from a node not in this round")
                 continue
             try:
-                masked[node] = wire.read_masked(msg.content, length=self.vector_length,
-                                                modulus_bits=self.modulus_bits)
+                masked[node] = wire.read_masked(
+                    msg.content, length=self.vector_length,
+                    modulus_bits=rnd.instruction[node].modulus_bits)
                 metrics[node] = reply_metrics(msg.content, {wire.MASKED, keys.METRICS})
                 stats.count_upload(metrics[node], content_nbytes(msg.content))
             except (wire.SecAggProtocolError, InvalidUpdate) as bad:
@@ -341,11 +365,11 @@ class SecAggFedAvg(AdapterFedAvg):
                 round_id=rnd.round_id, salt=rnd.salt,
             )
             inst = rnd.instruction[survivors[0]]
-            unmasked = remove_masks(sum_masked(masked, modulus_bits=self.modulus_bits),
+            unmasked = remove_masks(sum_masked(masked, modulus_bits=inst.modulus_bits),
                                     self_seeds=b_seeds, dropped_pair_seeds=pair_seeds,
-                                    modulus_bits=self.modulus_bits)
+                                    modulus_bits=inst.modulus_bits)
             total = decode_sum(unmasked, scale=inst.scale, clip=inst.clip_range,
-                               modulus_bits=self.modulus_bits, num_clients=len(survivors))
+                               modulus_bits=inst.modulus_bits, num_clients=len(survivors))
         except (ValueError, TypeError) as exc:
             log.warning("round %d: secure aggregation could not recover the sum (%s); "
                         "the global adapter is unchanged", server_round, exc)

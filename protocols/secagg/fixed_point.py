@@ -8,10 +8,18 @@ numpy's wrapping integer arithmetic *is* arithmetic mod ``2**k``). The sum of ``
 read back as a signed ``k``-bit integer, is the sum of the ``q``'s exactly as long as it cannot
 wrap: :func:`check_headroom` demands ``n · ceil(clip · scale) < 2**(k-1)``.
 
-Rounding is round-to-nearest, ties to even (``numpy.rint``): deterministic, so a client's
-encoding is reproducible and testable. Stochastic rounding would be unbiased but needs a
-random source per coordinate and makes uploads non-reproducible; its advantage matters only
-when ``scale`` is so small that the deterministic bias is comparable to the signal.
+Rounding is round-to-nearest, ties to even (``numpy.rint``) by default: deterministic, so a
+client's encoding is reproducible and testable. Given a random generator, :func:`encode`
+rounds *stochastically* instead (``floor(x · scale + u)``, ``u`` uniform): each integer is an
+unbiased estimate, which matters when ``scale`` is so small that the grid is coarse — the
+quantized uploads of a lossy codec inside secure aggregation, where a coordinate becomes one
+of ``2L + 1`` levels (``L = 7`` for int4) and the sum of ``n`` of them needs only
+``m = bit_length(n · L) + 1`` bits (:func:`quantized_modulus_bits`): the masked upload shrinks
+from 32 bits per coordinate to ``m``.
+
+Moduli: 32 and 64 (native words, wrap-around for free) and any ``m`` from 2 to 31, held in
+``uint32`` and reduced with :func:`reduce_mod` after every addition (``2**m`` divides
+``2**32``, so the reduction is exact).
 
 Error bound: each coordinate of each client is off by at most ``0.5 / scale``, so a decoded sum
 of ``n`` clients differs from the float64 sum of the *clipped* inputs by at most
@@ -28,17 +36,48 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-#: The moduli we support: native unsigned widths, so no explicit reduction is ever needed.
+#: The moduli of the exact fixed-point path (``security.secagg_modulus_bits``): native words.
 MODULUS_BITS = (32, 64)
+#: Every modulus the maths supports: small ones for quantized uploads.
+ALL_MODULUS_BITS = (*range(2, 33), 64)
+
+#: The lossy integer codecs that can run inside secure aggregation, and their code levels:
+#: a coordinate becomes an integer in [-levels, levels] on a grid shared by every client.
+QUANTIZED_LEVELS = {"int8": 127, "int4": 7, "int2": 1}
 
 UIntArray = npt.NDArray[np.unsignedinteger[Any]]
 
 
 def uint_dtype(modulus_bits: int) -> np.dtype[np.unsignedinteger[Any]]:
-    """The unsigned dtype holding integers mod ``2**modulus_bits`` (``uint32`` or ``uint64``)."""
-    if isinstance(modulus_bits, bool) or modulus_bits not in MODULUS_BITS:
-        raise ValueError(f"modulus_bits must be 32 or 64, got {modulus_bits!r}")
-    return np.dtype(np.uint32) if modulus_bits == 32 else np.dtype(np.uint64)
+    """The unsigned dtype holding integers mod ``2**modulus_bits``: ``uint32`` up to 32 bits,
+    ``uint64`` for 64."""
+    if isinstance(modulus_bits, bool) or modulus_bits not in ALL_MODULUS_BITS:
+        raise ValueError(f"modulus_bits must be 2 to 32 or 64, got {modulus_bits!r}")
+    return np.dtype(np.uint32) if modulus_bits <= 32 else np.dtype(np.uint64)
+
+
+def reduce_mod(arr: UIntArray, modulus_bits: int) -> UIntArray:
+    """``arr`` reduced mod ``2**modulus_bits`` in place (a no-op for native widths)."""
+    if modulus_bits < 32:
+        arr &= np.uint32((1 << modulus_bits) - 1)
+    return arr
+
+
+def quantized_modulus_bits(num_clients: int, levels: int) -> int:
+    """The fewest bits whose signed reading holds a sum of ``num_clients`` codes in
+    ``[-levels, levels]``: ``num_clients · levels < 2**(m-1)``, the log2(n) headroom bits
+    above a code's own."""
+    return max(2, (num_clients * levels).bit_length() + 1)
+
+
+def quantized_scale(levels: int, clip: float) -> float:
+    """The scale mapping ``[-clip, clip]`` onto ``[-levels, levels]``, nudged down until
+    ``ceil(clip · scale) == levels`` holds in floating point (the headroom rule's bound)."""
+    _check_positive("clip", clip)
+    scale = levels / clip
+    while math.ceil(clip * scale) > levels:
+        scale = math.nextafter(scale, 0.0)
+    return scale
 
 
 def check_headroom(*, num_clients: int, clip: float, scale: float, modulus_bits: int) -> None:
@@ -69,14 +108,15 @@ def error_bound(*, num_clients: int, scale: float) -> float:
 
 
 def encode(
-    x: npt.ArrayLike, *, scale: float, clip: float, modulus_bits: int, num_clients: int
+    x: npt.ArrayLike, *, scale: float, clip: float, modulus_bits: int, num_clients: int,
+    rng: np.random.Generator | None = None,
 ) -> UIntArray:
-    """Clip, scale, round to nearest and wrap ``x`` into integers mod ``2**modulus_bits``.
+    """Clip, scale, round and wrap ``x`` into integers mod ``2**modulus_bits``.
 
     ``num_clients`` is the most clients whose encodings will be summed (the round's sampled
-    clients); it is needed only to refuse parameters that could overflow that sum. Raises
-    ``ValueError`` for NaN or infinite coordinates: a client must not upload them, and no
-    integer represents them.
+    clients); it is needed only to refuse parameters that could overflow that sum. Rounds
+    to nearest, or stochastically with ``rng``. Raises ``ValueError`` for NaN or infinite
+    coordinates: a client must not upload them, and no integer represents them.
     """
     check_headroom(num_clients=num_clients, clip=clip, scale=scale, modulus_bits=modulus_bits)
     arr = np.asarray(x)
@@ -86,11 +126,17 @@ def encode(
     if not np.isfinite(wide).all():
         bad = int(np.size(wide) - np.count_nonzero(np.isfinite(wide)))
         raise ValueError(f"x: {bad} coordinates are NaN or infinite; refusing to encode")
-    q = np.rint(np.clip(wide, -clip, clip) * scale).astype(np.int64)
+    scaled = np.clip(wide, -clip, clip) * scale
+    bound = math.ceil(clip * scale)
+    if rng is None:
+        q = np.rint(scaled).astype(np.int64)
+    else:  # floor(v + u) can reach bound + 1 only through float rounding: clip it back
+        q = np.clip(np.floor(scaled + rng.random(scaled.shape)), -bound, bound).astype(np.int64)
     # int64 -> uint64 reinterprets two's complement; masking to k bits is exact mod 2**k.
     wrapped = q.view(np.uint64)
-    if modulus_bits == 32:
-        return (wrapped & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    if modulus_bits <= 32:
+        narrow = (wrapped & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        return reduce_mod(narrow, modulus_bits)
     return wrapped
 
 
@@ -110,9 +156,12 @@ def decode_sum(
         raise TypeError(
             f"s: expected dtype {dtype} for modulus_bits={modulus_bits}, got {arr.dtype}"
         )
-    signed: npt.NDArray[np.signedinteger[Any]] = arr.view(
-        np.int32 if modulus_bits == 32 else np.int64
-    )
+    signed: npt.NDArray[np.signedinteger[Any]]
+    if modulus_bits < 32:  # two's complement in m bits: subtract 2**m where the top bit is set
+        wide = arr.astype(np.int64)
+        signed = wide - (((wide >> (modulus_bits - 1)) & 1) << modulus_bits)
+    else:
+        signed = arr.view(np.int32 if modulus_bits == 32 else np.int64)
     bound = num_clients * math.ceil(clip * scale)  # < 2**(k-1): fits the signed dtype
     outside = int(np.count_nonzero((signed > bound) | (signed < -bound)))
     if outside:

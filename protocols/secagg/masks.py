@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from protocols.secagg.fixed_point import UIntArray, uint_dtype
+from protocols.secagg.fixed_point import UIntArray, reduce_mod, uint_dtype
 
 SEED_BYTES: Final = 32
 _ZERO_NONCE: Final = bytes(16)  # cryptography's 16-byte ChaCha20 nonce: counter 0, nonce 0
@@ -64,7 +64,7 @@ def prg_mask(seed: bytes, shape: int | tuple[int, ...], *, modulus_bits: int) ->
         raw[start:stop] = np.frombuffer(encryptor.update(zeros[: stop - start]), dtype=np.uint8)
     if not np.little_endian:
         out.byteswap(inplace=True)  # the keystream is read as little-endian words everywhere
-    return out.reshape(dims)
+    return reduce_mod(out, modulus_bits).reshape(dims)
 
 
 def self_mask(seed: bytes, shape: int | tuple[int, ...], *, modulus_bits: int) -> UIntArray:
@@ -84,7 +84,7 @@ def pairwise_mask(
     mask = prg_mask(seed, shape, modulus_bits=modulus_bits)
     if own_id > peer_id:
         np.negative(mask, out=mask)  # unsigned negation wraps: 2**k − m
-    return mask
+    return reduce_mod(mask, modulus_bits)
 
 
 def masked_input(
@@ -119,4 +119,4 @@ def masked_input(
             out += mask
         else:
             out -= mask
-    return out
+    return reduce_mod(out, modulus_bits)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from protocols.secagg.fixed_point import UIntArray, uint_dtype
+from protocols.secagg.fixed_point import UIntArray, reduce_mod, uint_dtype
 from protocols.secagg.keys import load_private_key, pair_key, public_bytes
 from protocols.secagg.masks import pairwise_mask, self_mask
 from protocols.secagg.shamir import combine
@@ -97,7 +97,7 @@ def sum_masked(masked_inputs: Mapping[int, npt.NDArray[Any]], *, modulus_bits: i
     total: UIntArray = items[0][1].copy()
     for _, arr in items[1:]:
         total += arr
-    return total
+    return reduce_mod(total, modulus_bits)
 
 
 def reconstruct_secrets(
@@ -179,7 +179,7 @@ def remove_masks(
             raise ValueError(f"pair ({u}, {d}): node {d} is a survivor, its masks cancel")
         # survivor u added +PRG if u < d else −PRG: subtract exactly that
         out -= pairwise_mask(seed, arr.shape, own_id=u, peer_id=d, modulus_bits=modulus_bits)
-    return out
+    return reduce_mod(out, modulus_bits)
 
 
 def _public_key(keys: Mapping[int, bytes], node: int) -> bytes:

@@ -38,7 +38,9 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from protocols.secagg.fixed_point import uint_dtype
+from protocols import bitpack
+from protocols.errors import InvalidUpdate
+from protocols.secagg.fixed_point import ALL_MODULUS_BITS, uint_dtype
 from protocols.secagg.identity import advert_message, verify_signature
 from protocols.secagg.unmask import min_threshold
 
@@ -290,6 +292,9 @@ class MaskingInstruction:
     ``senders`` is U2, the clients whose shares reached the coordinator: a client masks with
     exactly these peers. ``dp_noise_std`` > 0 asks each client to add its share of the
     distributed Gaussian noise after clipping its update to L2 norm ``dp_clip_norm``.
+    ``levels`` > 0 asks for a quantized upload: stochastic rounding to codes in
+    ``[-levels, levels]`` (``scale = levels / clip_range``) summed in a small modulus; 0 is
+    the exact fixed point (round to nearest, 32 or 64 bits).
     """
 
     round_id: int
@@ -299,6 +304,7 @@ class MaskingInstruction:
     clip_range: float
     dp_clip_norm: float = 0.0
     dp_noise_std: float = 0.0
+    levels: int = 0
 
     def to_record(self) -> ConfigRecord:
         nodes = list(self.ciphertexts)
@@ -306,7 +312,7 @@ class MaskingInstruction:
             "round-id": self.round_id, "senders": pack_ids(nodes),
             "modulus-bits": self.modulus_bits, "scale": float(self.scale),
             "clip-range": float(self.clip_range), "dp-clip-norm": float(self.dp_clip_norm),
-            "dp-noise-std": float(self.dp_noise_std),
+            "dp-noise-std": float(self.dp_noise_std), "levels": self.levels,
         })
         _put_list(rec, "ciphertexts", [self.ciphertexts[n] for n in nodes])
         return rec
@@ -324,7 +330,14 @@ class MaskingInstruction:
             clip_range=_get(rec, "clip-range", float),
             dp_clip_norm=_get(rec, "dp-clip-norm", float),
             dp_noise_std=_get(rec, "dp-noise-std", float),
+            levels=_get(rec, "levels", int),
         )
+        if inst.modulus_bits not in ALL_MODULUS_BITS:
+            raise SecAggProtocolError(f"`modulus-bits` must be 2 to 32 or 64, got "
+                                      f"{inst.modulus_bits}")
+        if not 0 <= inst.levels < 1 << 15 or (inst.levels and inst.modulus_bits > 32):
+            raise SecAggProtocolError(f"`levels` must be 0, or in [1, 2**15) with a modulus "
+                                      f"of at most 32 bits; got {inst.levels}")
         for name in ("scale", "clip_range"):
             value = getattr(inst, name)
             if not (math.isfinite(value) and value > 0):
@@ -338,12 +351,17 @@ class MaskingInstruction:
         return inst
 
 
-def masked_record(vector: npt.NDArray[Any]) -> ArrayRecord:
+def masked_record(vector: npt.NDArray[Any], modulus_bits: int) -> ArrayRecord:
+    """The masked vector as it travels: native words for 32 and 64 bits, ``m``-bit fields
+    packed into bytes for a smaller modulus (:mod:`protocols.bitpack`)."""
+    if modulus_bits < 32:
+        vector = bitpack.pack(vector, modulus_bits)
     return ArrayRecord({MASKED_VECTOR: Array(np.ascontiguousarray(vector))})
 
 
 def read_masked(content: RecordDict, *, length: int, modulus_bits: int) -> npt.NDArray[Any]:
-    """The masked vector of a train reply, checked for presence, dtype and length."""
+    """The masked vector of a train reply, checked for presence, dtype and length
+    (unpacked to ``uint32`` for a small modulus)."""
     if MASKED not in content.array_records:
         raise SecAggProtocolError(f"no ArrayRecord under `{MASKED}`")
     record = content.array_records[MASKED]
@@ -353,6 +371,11 @@ def read_masked(content: RecordDict, *, length: int, modulus_bits: int) -> npt.N
         vec = record[MASKED_VECTOR].numpy()
     except Exception as exc:
         raise SecAggProtocolError(f"`{MASKED_VECTOR}` does not decode: {exc}") from None
+    if modulus_bits < 32:
+        try:
+            return bitpack.unpack(vec, modulus_bits, length, what=MASKED_VECTOR)
+        except InvalidUpdate as bad:
+            raise SecAggProtocolError(str(bad)) from None
     dtype = uint_dtype(modulus_bits)
     if vec.dtype != dtype or vec.shape != (length,):
         raise SecAggProtocolError(

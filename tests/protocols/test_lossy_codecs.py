@@ -176,15 +176,19 @@ def test_error_feedback_keeps_what_was_lost_on_the_device() -> None:
     assert load_residual(context, "int8", delta) == {}  # another codec starts afresh
 
 
-def test_the_config_offers_every_lossy_codec_for_plaintext_uploads_only() -> None:
+def test_the_config_offers_every_lossy_codec_in_plaintext_and_integers_inside_secagg() -> None:
     from protocols.run_config import ConfigError, RunConfig
 
     for name in NAMES:
         config = RunConfig.from_nested({"federation": {"codec": name},
                                         "security": {"secagg": False}})
         assert config.federation.codec == name and config.federation.error_feedback
-    with pytest.raises(ConfigError, match=r"under security\.secagg .* the codec would do nothing"):
-        RunConfig.from_nested({"federation": {"codec": "int4"}})
+    for name in ("int8", "int4", "int2"):
+        assert RunConfig.from_nested({"federation": {"codec": name}}).security.secagg
+    for name in ("fp16", "bf16", "sign1", "topk"):
+        with pytest.raises(ConfigError, match=r"cannot run under security\.secagg .* only "
+                                              r"\['fp32', 'auto', 'int8', 'int4', 'int2'\]"):
+            RunConfig.from_nested({"federation": {"codec": name}})
 
 
 def test_upload_sizes_are_exact_and_auto_picks_the_most_precise_that_fits() -> None:

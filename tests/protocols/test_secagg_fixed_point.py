@@ -91,7 +91,7 @@ def test_overflow_is_refused_with_the_numbers_and_what_to_lower() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [
-        ({"modulus_bits": 16}, ValueError, "modulus_bits must be 32 or 64, got 16"),
+        ({"modulus_bits": 48}, ValueError, "modulus_bits must be 2 to 32 or 64, got 48"),
         ({"scale": 0.0}, ValueError, "scale must be finite and > 0, got 0.0"),
         ({"clip": float("inf")}, ValueError, "clip must be finite and > 0, got inf"),
         ({"num_clients": 0}, ValueError, "num_clients must be a positive integer, got 0"),

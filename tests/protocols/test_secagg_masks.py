@@ -58,8 +58,8 @@ def test_seeds_other_than_32_bytes_are_refused(length: int) -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(TypeError, match=r"^seed: expected bytes, got str$"):
         prg_mask("0" * 32, 4, modulus_bits=32)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^modulus_bits must be 32 or 64, got 8$"):
-        prg_mask(bytes(32), 4, modulus_bits=8)
+    with pytest.raises(ValueError, match=r"^modulus_bits must be 2 to 32 or 64, got 1$"):
+        prg_mask(bytes(32), 4, modulus_bits=1)
     with pytest.raises(ValueError, match=re.escape("shape must hold non-negative integers")):
         prg_mask(bytes(32), (2, -1), modulus_bits=32)
     assert prg_mask(bytes(32), (0,), modulus_bits=32).shape == (0,)
