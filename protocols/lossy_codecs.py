@@ -11,6 +11,7 @@ name      on the wire (all tensors as one flat vector)            bits per coord
 ``bf16``  the upper 16 bits of each float32 (bfloat16)            16
 ``int8``  codes in [-127, 127], a bfloat16 scale per block        8.125 (blocks of 128)
 ``int4``  codes in [-7, 7] in 4 bits, a bfloat16 scale per block  4.125
+``int3``  codes in [-3, 3] in 3 bits, a scale per block           3.125
 ``int2``  codes in {-1, 0, 1} in 2 bits, a scale per block        2.125
 ``sign1`` one sign bit, each block's mean magnitude               1.125
 ``topk``  the 1/32 largest magnitudes: uint32 index + fp16 value  1.5
@@ -207,11 +208,11 @@ class _Scaled(_Codec):
 
 
 class BlockIntCodec(_Scaled):
-    """Blockwise symmetric integers with stochastic rounding: ``bits`` 8, 4 or 2."""
+    """Blockwise symmetric integers with stochastic rounding: ``bits`` 8, 4, 3 or 2."""
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-        self.levels = max(1, 2 ** (bits - 1) - 1)  # 127, 7, 1
+        self.levels = 2 ** (bits - 1) - 1  # 127, 7, 3, 1
         self.name = f"int{bits}"
 
     def _encode(self, x: npt.NDArray[np.float32],
@@ -298,6 +299,7 @@ class TopKCodec(_Codec):
 
 LOSSY_CODECS: Mapping[str, Any] = {
     "fp16": Fp16Codec, "bf16": Bf16Codec, "int8": lambda: BlockIntCodec(8),
-    "int4": lambda: BlockIntCodec(4), "int2": lambda: BlockIntCodec(2), "sign1": SignCodec,
+    "int4": lambda: BlockIntCodec(4), "int3": lambda: BlockIntCodec(3),
+    "int2": lambda: BlockIntCodec(2), "sign1": SignCodec,
     "topk": TopKCodec,
 }

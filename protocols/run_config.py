@@ -263,10 +263,11 @@ class FederationSection(Section):
     NAME = "federation"
     codec: str = setting(
         "fp32", "torch clients' update codec on the uplink: fp32 (exact), fp16 / bf16 (16 "
-        "bits), int8 / int4 / int2 (blockwise, stochastic rounding), sign1 (a sign bit and a "
+        "bits), int8 / int4 / int3 / int2 (blockwise, stochastic rounding; under secure "
+        "aggregation on a shared grid, summed in a small modulus), sign1 (a sign bit and a "
         "scale per block of 128), topk (the largest 1/32 of the values), auto (the most "
-        "precise that fits max_upload_bytes); plaintext "
-        "uploads only (secure aggregation sends masked fixed-point integers)",
+        "precise that fits max_upload_bytes); fp16, bf16, sign1 and topk need plaintext "
+        "uploads (security.secagg = false)",
         choices=_torch_codecs)
     max_upload_bytes: int = setting(
         0, "most bytes one device may upload in one round (its packed update as it travels); "
@@ -361,7 +362,7 @@ class SecuritySection(Section):
         "codes in the fewest bits that hold clients_per_round of them")
     secagg_quant_range: float = setting(
         0.0, "quantized uploads under secure aggregation (federation.codec = int8 / int4 / "
-        "int2): every device clips each coordinate to [-x, x] and rounds it stochastically to "
+        "int3 / int2): every device clips each coordinate to [-x, x] and rounds it stochastically to "
         "the codec's levels on this shared grid (what is clipped joins its error feedback); "
         "0 = auto: train.local_steps x train.learning_rate, the furthest Adam's steps move a "
         "weight in a round (widened by the DP noise when client_dp is on)", ge=0)

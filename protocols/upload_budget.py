@@ -18,7 +18,7 @@ from protocols.packing import pack_record
 from protocols.run_config import ConfigError
 
 #: Codecs "auto" may pick, most precise first.
-AUTO_ORDER = ("fp32", "bf16", "int8", "int4", "int2", "topk", "sign1")
+AUTO_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2", "topk", "sign1")
 
 
 def upload_size(codec: str, shapes: Mapping[str, tuple[int, ...]]) -> int:

@@ -43,7 +43,7 @@ ALL_MODULUS_BITS = (*range(2, 33), 64)
 
 #: The lossy integer codecs that can run inside secure aggregation, and their code levels:
 #: a coordinate becomes an integer in [-levels, levels] on a grid shared by every client.
-QUANTIZED_LEVELS = {"int8": 127, "int4": 7, "int2": 1}
+QUANTIZED_LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1}
 
 UIntArray = npt.NDArray[np.unsignedinteger[Any]]
 

@@ -72,7 +72,7 @@ def test_decode_rejects_malformed_arrays(array: Array, message: str) -> None:
 
 def test_unknown_codec_lists_valid_names() -> None:
     with pytest.raises(ValueError, match=r"unknown update codec 'zip'; valid codecs: bf16, fp16, "
-                                         r"fp32, int2, int4, int8, seed-scalar, sign1, topk"):
+                                         r"fp32, int2, int3, int4, int8, seed-scalar, sign1, topk"):
         get_codec("zip")
 
 

@@ -40,8 +40,9 @@ def _blockwise_max(flat: np.ndarray) -> np.ndarray:
     return np.repeat(pad.reshape(-1, BLOCK).max(axis=1), BLOCK)[:flat.size]
 
 
-LEVELS = {"int8": 127, "int4": 7, "int2": 1}
-BITS = {"fp16": 16, "bf16": 16, "int8": 8.125, "int4": 4.125, "int2": 2.125, "sign1": 1.125,
+LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1}
+BITS = {"fp16": 16, "bf16": 16, "int8": 8.125, "int4": 4.125, "int3": 3.125, "int2": 2.125,
+        "sign1": 1.125,
         "topk": 1.5}
 
 
@@ -183,11 +184,11 @@ def test_the_config_offers_every_lossy_codec_in_plaintext_and_integers_inside_se
         config = RunConfig.from_nested({"federation": {"codec": name},
                                         "security": {"secagg": False}})
         assert config.federation.codec == name and config.federation.error_feedback
-    for name in ("int8", "int4", "int2"):
+    for name in ("int8", "int4", "int3", "int2"):
         assert RunConfig.from_nested({"federation": {"codec": name}}).security.secagg
     for name in ("fp16", "bf16", "sign1", "topk"):
         with pytest.raises(ConfigError, match=r"cannot run under security\.secagg .* only "
-                                              r"\['fp32', 'auto', 'int8', 'int4', 'int2'\]"):
+                                              r"\['fp32', 'auto', 'int8', 'int4', 'int3', 'int2'\]"):
             RunConfig.from_nested({"federation": {"codec": name}})
 
 

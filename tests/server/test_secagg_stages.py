@@ -405,12 +405,13 @@ def _snapshot(context: Context) -> Context:
                    node_config=dict(context.node_config), state=state, run_config={})
 
 
-@pytest.mark.parametrize(("codec", "bits"), [("int8", 11), ("int4", 7), ("int2", 4)])
+@pytest.mark.parametrize(("codec", "bits"), [("int8", 11), ("int4", 7), ("int3", 5),
+                                             ("int2", 4)])
 def test_quantized_codes_inside_secure_aggregation_shrink_the_masked_upload(
         setup: dict[str, Any], codec: str, bits: int) -> None:
     """int8 / int4 / int2 under SecAgg: every device rounds its update stochastically onto
     one shared grid of 2L + 1 levels and masks the codes mod 2**m, m = bit_length(5 L) + 1
-    (11, 7, 4 bits for five devices): the masked upload is m/32 of the exact one, the mean
+    (11, 7, 5, 4 bits for five devices): the masked upload is m/32 of the exact one, the mean
     lands within the grid's rounding of the exact secure mean, and each device keeps what
     its quantization lost."""
     from client.error_feedback import RESIDUAL_KEY

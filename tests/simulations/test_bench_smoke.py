@@ -322,29 +322,39 @@ def _tiny_run_overrides(tiny_model_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_codecs(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
                 capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
-    """BENCHMARKS.md: codec | rounds | up KB/client/round | x LoRA fp32 | perplexity |
-    vs fp32 | goal; then the same table from --from-runs."""
+    """BENCHMARKS.md: codec | secagg | rounds | up KB/client/round | x LoRA fp32 |
+    perplexity | vs fp32 | goal, plaintext and under secure aggregation; then the same
+    table from --from-runs."""
     from simulations.bench import codecs
 
-    argv = ["--codecs", "fp32,sign1", "--runs-dir", str(tmp_path / "runs"), "--cache-dir",
-            str(mini_cache), "--prefix", "smoke", "--json", str(tmp_path / "codecs.json")]
+    header = ["codec", "secagg", "rounds", "up KB/client/round", "x LoRA fp32", "perplexity",
+              "vs fp32", "goal"]
+    common = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+              "--prefix", "smoke"]
     for item in _tiny_run_overrides(tiny_model_dir):
-        argv += ["--set", item]
-    assert codecs.main(argv) == 0
-    rows = table(capsys.readouterr().out, ["codec", "rounds", "up KB/client/round",
-                                           "x LoRA fp32", "perplexity", "vs fp32", "goal"])
-    assert [r[0] for r in rows] == ["fp32", "sign1"] and rows[0][5] == "+0.00%"
+        common += ["--set", item]
+    assert codecs.main(["--codecs", "fp32,sign1", "--json", str(tmp_path / "codecs.json"),
+                        *common]) == 0
+    rows = table(capsys.readouterr().out, header)
+    assert [r[:2] for r in rows] == [["fp32", "off"], ["sign1", "off"]]
+    assert rows[0][6] == "+0.00%"
     saved = json.loads((tmp_path / "codecs.json").read_text())["rows"]
     fp32, sign = saved
     # FFA-LoRA's fp32 upload is about half the plain-LoRA state; sign1 a small part of it
     assert 0.4 < fp32["bytes_vs_lora_fp32"] < 0.7
     assert sign["up_bytes_per_client"] < 0.5 * fp32["up_bytes_per_client"]
-    assert_finite([r["perplexity"] for r in saved], positive=True)
-    runs = [tmp_path / "runs" / "smoke-fp32", tmp_path / "runs" / "smoke-sign1"]
+    # int2 inside secure aggregation: two devices' codes summed in 3 bits
+    assert codecs.main(["--secagg", "--codecs", "int2", "--json",
+                        str(tmp_path / "masked.json"), *common]) == 0
+    masked = table(capsys.readouterr().out, header)
+    assert [r[:2] for r in masked] == [["int2", "on"]] and masked[0][6] == "-"
+    (int2,) = json.loads((tmp_path / "masked.json").read_text())["rows"]
+    assert int2["up_bytes_per_client"] < 0.3 * fp32["up_bytes_per_client"]
+    assert_finite([r["perplexity"] for r in [*saved, int2]], positive=True)
+    runs = [tmp_path / "runs" / name for name in ("smoke-fp32", "smoke-sign1",
+                                                  "smoke-secagg-int2")]
     assert codecs.main(["--from-runs", *map(str, runs)]) == 0
-    assert table(capsys.readouterr().out, ["codec", "rounds", "up KB/client/round",
-                                           "x LoRA fp32", "perplexity", "vs fp32",
-                                           "goal"]) == rows
+    assert table(capsys.readouterr().out, header) == [*rows, *masked]
 
 
 @pytest.mark.slow
