@@ -203,7 +203,8 @@ def _lossy(name: str) -> Callable[[], UpdateCodec]:
 
 _CODECS: dict[str, Callable[[], UpdateCodec]] = {
     "fp32": Fp32Codec, "seed-scalar": _seed_scalar,
-    **{name: _lossy(name) for name in ("fp16", "bf16", "int8", "int4", "int3", "int2", "sign1", "topk")},
+    **{name: _lossy(name)
+       for name in ("fp16", "bf16", "int8", "int4", "int3", "int2", "sign1", "topk")},
 }
 
 

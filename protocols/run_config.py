@@ -362,8 +362,9 @@ class SecuritySection(Section):
         "codes in the fewest bits that hold clients_per_round of them")
     secagg_quant_range: float = setting(
         0.0, "quantized uploads under secure aggregation (federation.codec = int8 / int4 / "
-        "int3 / int2): every device clips each coordinate to [-x, x] and rounds it stochastically to "
-        "the codec's levels on this shared grid (what is clipped joins its error feedback); "
+        "int3 / int2): every device clips each coordinate to [-x, x] and rounds it "
+        "stochastically to the codec's levels on this shared grid (what is clipped joins its "
+        "error feedback); "
         "0 = auto: train.local_steps x train.learning_rate, the furthest Adam's steps move a "
         "weight in a round (widened by the DP noise when client_dp is on)", ge=0)
     secagg_stage_timeout_s: float = setting(

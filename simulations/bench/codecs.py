@@ -86,11 +86,12 @@ def compare(runs: list[Path]) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"{'codec':<8} {'secagg':>6} {'rounds':>6} {'up KB/client/round':>19} {'x LoRA fp32':>12} "
-             f"{'perplexity':>10} {'vs fp32':>8} {'goal':>5}"]
+    lines = [f"{'codec':<8} {'secagg':>6} {'rounds':>6} {'up KB/client/round':>19} "
+             f"{'x LoRA fp32':>12} {'perplexity':>10} {'vs fp32':>8} {'goal':>5}"]
     for r in result["rows"]:
         change = "-" if r["ppl_change"] is None else f"{100 * r['ppl_change']:+.2f}%"
-        lines.append(f"{r['codec']:<8} {'on' if r['secagg'] else 'off':>6} {r['rounds']:>6} {r['up_bytes_per_client'] / 1e3:>19.1f} "
+        lines.append(f"{r['codec']:<8} {'on' if r['secagg'] else 'off':>6} {r['rounds']:>6} "
+                     f"{r['up_bytes_per_client'] / 1e3:>19.1f} "
                      f"{r['bytes_vs_lora_fp32']:>12.4f} {r['perplexity']:>10.2f} "
                      f"{change:>8} {'met' if r['goal'] else '-':>5}")
     lines.append(f"goal: <= {GOAL_BYTES:.4f} of the plain-LoRA fp32 state at <= "

@@ -187,8 +187,8 @@ def test_the_config_offers_every_lossy_codec_in_plaintext_and_integers_inside_se
     for name in ("int8", "int4", "int3", "int2"):
         assert RunConfig.from_nested({"federation": {"codec": name}}).security.secagg
     for name in ("fp16", "bf16", "sign1", "topk"):
-        with pytest.raises(ConfigError, match=r"cannot run under security\.secagg .* only "
-                                              r"\['fp32', 'auto', 'int8', 'int4', 'int3', 'int2'\]"):
+        with pytest.raises(ConfigError, match=r"cannot run under security\.secagg .* only \["
+                                              r"'fp32', 'auto', 'int8', 'int4', 'int3', 'int2'\]"):
             RunConfig.from_nested({"federation": {"codec": name}})
 
 
