@@ -48,6 +48,7 @@ from client.secagg_client import (
 )
 from client.trainer import Trainer, TrainInstruction
 from protocols import keys
+from protocols.adapter_rank import pad_rank, shape_at_rank, slice_rank
 from protocols.codecs import ClientUpdate, RoundContext, from_record, get_codec, record_nbytes
 from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int, get_str
@@ -65,8 +66,9 @@ def _settings(context: Context, baked: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
-    """One trainer (one loaded base model) per process, reused across rounds."""
+def _trainer(flat: Mapping[str, Any], *, edge: bool = False, rank: int = 0) -> Trainer:
+    """One trainer (one loaded base model) per process, reused across rounds; a torch
+    device of ``rank`` below ``lora.r`` trains that many components."""
     if edge:
         return _edge_trainer(flat)
     from client.dp_sgd import DpSgdSettings
@@ -77,14 +79,15 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False) -> Trainer:
     paths = PathsSection.from_flat(flat)
     model_dir = resolve_model_dir(config.model.source, paths.required("cache_dir"))
     dpsgd = DpSgdSettings.from_privacy(config.privacy) if config.privacy.dpsgd else None
-    key = (str(model_dir), config.model, config.lora, config.federation.client_threads, dpsgd,
+    lora = config.lora.at_rank(rank or config.lora.r)
+    key = (str(model_dir), config.model, lora, config.federation.client_threads, dpsgd,
            config.data.template, config.client)
     if key not in _TRAINERS:
         if config.security.verify_manifest:
             verify_base_model(model_dir, paths.manifest_public_key, paths.signed_manifest)
         _TRAINERS.clear()  # one base model in memory at a time
         _TRAINERS[key] = TorchLoraTrainer(
-            model_dir, config.lora, threads=config.federation.client_threads, dpsgd=dpsgd,
+            model_dir, lora, threads=config.federation.client_threads, dpsgd=dpsgd,
             model_section=config.model, template=config.data.template, client=config.client,
         )
     return _TRAINERS[key]
@@ -174,12 +177,22 @@ def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
     )
 
 
+def device_rank(flat: Mapping[str, Any], context: Context, *, edge: bool) -> int:
+    """The LoRA rank this device trains: ``lora.r`` for edge devices (their export has
+    that rank), else its own setting or the simulation's ``lora.device_ranks``."""
+    lora = RunConfig.from_flat(flat).lora
+    return lora.r if edge else lora.rank_of(partition_id(context))
+
+
 def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
-    adapter = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
     edge = is_edge_client(flat, context)
+    rank = device_rank(flat, context, edge=edge)
+    full = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    # A device of a lower rank trains the global adapter's first `rank` components.
+    adapter = slice_rank(full, rank)
     instruction = _instruction(msg, edge=edge)
     cfg = msg.content.config_records[keys.CONFIG]
-    trainer = _trainer(flat, edge=edge)
+    trainer = _trainer(flat, edge=edge, rank=rank)
     data = _local_data(flat, context)
     # Distinct batches per client within a round, reproducible across reruns.
     seeded = dataclasses.replace(
@@ -191,7 +204,12 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
     if secagg_wire.RECORD in msg.content.config_records:
         # Secure aggregation: the flat delta, clipped/noised/masked on the device. (An edge
         # client's seed/scalar pairs cannot be summed under masks: it sends the dense delta.)
-        flat_delta = np.concatenate([update.delta[k].ravel() for k in sorted(update.delta)])
+        # Every masked vector has the global rank's length: a lower rank pads with zeros,
+        # which is FFA-LoRA's exact aggregation of mixed ranks.
+        global_rank = RunConfig.from_flat(flat).lora.r
+        padded = pad_rank(update.delta, {k: shape_at_rank(k, v.shape, global_rank)
+                                         for k, v in update.delta.items()})
+        flat_delta = np.concatenate([padded[k].ravel() for k in sorted(padded)])
         upload_key = secagg_wire.MASKED
         levels = secagg_wire.MaskingInstruction.from_record(msg.content).levels
         feedback = levels > 0 and RunConfig.from_flat(flat).federation.error_feedback
@@ -215,6 +233,10 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
             record = codec.encode(update, ctx)
         upload = pack_record(record)
     metrics = MetricRecord({keys.NUM_EXAMPLES: 1, keys.UPLOAD_BYTES: record_nbytes(upload)})
+    if rank < RunConfig.from_flat(flat).lora.r:
+        # A lower rank says so: the coordinator decodes its upload against its slice (the
+        # shapes tell the rank anyway; a fixed configuration, not the device's data).
+        metrics[keys.LORA_RANK] = rank
     if not cfg.get(keys.CLIENT_DP):
         # Under client-level DP, which covers the update only, the device reports one update
         # and its size: its loss, example count and timing would leave in the clear.
@@ -227,10 +249,13 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
 
 
 def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
-    adapter = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    edge = is_edge_client(flat, context)
+    rank = device_rank(flat, context, edge=edge)
+    adapter = slice_rank(from_record(unpack_record(msg.content.array_records[keys.ARRAYS])),
+                         rank)
     cfg = msg.content.config_records[keys.CONFIG]
     data = _local_data(flat, context)
-    outcome = _trainer(flat, edge=is_edge_client(flat, context)).evaluate(
+    outcome = _trainer(flat, edge=edge, rank=rank).evaluate(
         adapter, data, seq_len=get_int(cfg, keys.SEQ_LEN), batch_size=get_int(cfg, keys.BATCH_SIZE)
     )
     metrics = MetricRecord(

@@ -25,6 +25,7 @@ Node config keys (set by ``fedtune client`` from its TOML; all optional):
 ``fedtune-identity-key``           this device's identity key file → ``paths.identity_key``
 ``fedtune-client-threads``         torch/ORT threads → ``federation.client_threads``
 ``fedtune-client-device``          where torch trains (auto/cpu/cuda:N) → ``client.device``
+``fedtune-lora-rank``              the LoRA rank this device trains → ``lora.device_rank``
 ``fedtune-client-kind``            ``gpu`` or ``edge``: refuse a run that assigns the other
 ``fedtune-require-manifest``       refuse runs with ``security.verify_manifest = false``
 ``fedtune-require-secagg``         refuse runs with ``security.secagg = false``
@@ -67,6 +68,7 @@ NODE_OVERRIDES = {
     "fedtune-identity-key": "paths.identity_key",
     "fedtune-client-threads": "federation.client_threads",
     "fedtune-client-device": "client.device",
+    "fedtune-lora-rank": "lora.device_rank",
 }
 #: run config keys only the coordinator's run config provides; no node setting replaces them.
 COORDINATOR_ONLY = frozenset({"paths.signed_manifest", "paths.secagg_roster"})

@@ -78,7 +78,7 @@ def type_name(kind: Any) -> str:
     if get_origin(kind) is Literal:
         return " | ".join(repr(c) for c in get_args(kind))
     if get_origin(kind) is tuple:
-        return "list of str"
+        return f"list of {get_args(kind)[0].__name__}"
     if _optional_path(kind) or kind is Path:
         return "path"
     return str(getattr(kind, "__name__", kind))
@@ -109,6 +109,16 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
         if isinstance(value, Path) or (isinstance(value, str) and value):
             return Path(value)
         raise ConfigError(f"{key} = {value!r}: expected a path")
+    if origin is tuple and get_args(kind)[0] is int:
+        items = [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value
+        try:
+            if not isinstance(items, list | tuple) or any(isinstance(i, bool | float)
+                                                          for i in items):
+                raise ValueError
+            return tuple(int(i) for i in items)
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r}: expected a list of integers or a "
+                              "comma-separated string of them") from None
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
@@ -198,7 +208,7 @@ def to_scalar(value: Any) -> Scalar:
     """A field's value as Flower's flat run config and TOML overrides carry it: lists as a
     comma-separated string, paths as strings (``""`` for none)."""
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     if isinstance(value, Path):
         return str(value)
     if value is None:

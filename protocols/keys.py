@@ -47,6 +47,7 @@ EDGE_CLIENT: Final = "edge-client"  # 1.0 from an edge (forward-only) client, fo
 STEP_SECONDS: Final = "step-seconds"  # mean wall seconds of one local training step
 BASE_WEIGHT_BYTES: Final = "base-weight-bytes"  # frozen base in memory (quantized or not)
 PEAK_MEMORY_BYTES: Final = "peak-memory-bytes"  # peak CUDA allocation, or the process's RSS
+LORA_RANK: Final = "lora-rank"  # the rank the device trained (heterogeneous ranks)
 
 # MetricRecord keys of the coordinator's own central evaluation (server/central_eval.py),
 # with EVAL_LOSS and EVAL_TOKENS above. Never sent by a client: not in CLIENT_METRIC_KEYS.
@@ -69,5 +70,6 @@ CLIENT_METRIC_KEYS: Final = frozenset(
         STEP_SECONDS,
         BASE_WEIGHT_BYTES,
         PEAK_MEMORY_BYTES,
+        LORA_RANK,
     }
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
@@ -134,11 +134,42 @@ class LoraSection(Section):
     seed: int = setting(0, "fixes A's initialisation on every party")
     freeze_a: bool = setting(
         True, "FFA-LoRA: A stays at its seeded init; only B is trained and sent")
+    device_ranks: tuple[int, ...] = setting(
+        (), "heterogeneous ranks in a simulation: torch device i trains rank "
+        "device_ranks[i % len] (each <= r, the global adapter's rank; e.g. [4, 8, 16] with "
+        "r = 16); empty: every device trains r")
+    device_rank: int = setting(
+        0, "this device's rank (<= r), set by a deployed device's own config ([resources] "
+        "lora_rank); 0: device_ranks, else r", ge=0)
 
     def check(self) -> None:
         if not self.target_modules:
             raise ConfigError('lora.target_modules = []: names no module; give the names of '
                               'the layers to adapt, e.g. ["q_proj", "v_proj"]')
+        if any(not 0 < x <= self.r for x in self.device_ranks) or self.device_rank > self.r:
+            raise ConfigError(
+                f"lora.device_ranks = {list(self.device_ranks)} / lora.device_rank = "
+                f"{self.device_rank}: a device's rank must be in [1, lora.r = {self.r}] "
+                "(the global adapter holds every device's components)")
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether some device may train a rank below ``r``."""
+        return any(x != self.r for x in self.device_ranks) or 0 < self.device_rank < self.r
+
+    def rank_of(self, partition_id: int) -> int:
+        """The rank a torch device trains: its own setting, else the simulation's list."""
+        if self.device_rank:
+            return self.device_rank
+        if self.device_ranks:
+            return self.device_ranks[partition_id % len(self.device_ranks)]
+        return self.r
+
+    def at_rank(self, rank: int) -> LoraSection:
+        """This section for a device of ``rank``: alpha scaled so that alpha / rank is the
+        global alpha / r, the scaling every device's components share."""
+        return replace(self, r=rank, alpha=self.alpha * rank / self.r, device_ranks=(),
+                       device_rank=0)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -406,6 +437,14 @@ class RunConfig:
                 "security.secagg (the default): masks hide integers on a grid every device "
                 f"shares, so only {list(inside)} can; pick one of those, or set "
                 "security.secagg = false to use it on plaintext uploads")
+        if self.lora.heterogeneous and not self.lora.freeze_a and (
+                self.security.secagg or self.privacy.client_dp):
+            raise ConfigError(
+                "heterogeneous lora ranks with plain LoRA (lora.freeze_a = false) are "
+                "aggregated from each device's product B·A (FlexLoRA's SVD), which needs every "
+                "update in the clear: not under security.secagg or privacy.client_dp. Keep "
+                "lora.freeze_a = true (FFA-LoRA: zero-padded B's average exactly, also masked "
+                "and with DP), or one rank for every device")
         if self.privacy.dpsgd and (self.client.dtype != "float32"
                                    or self.client.gradient_checkpointing):
             raise ConfigError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -24,6 +24,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from protocols import keys
+from protocols.adapter_rank import (
+    adapter_rank,
+    aggregate_products,
+    is_a,
+    pad_rank,
+    slice_rank,
+    spec_at_rank,
+)
 from protocols.adapter_spec import AdapterSpec, Tensors, TensorsView
 from protocols.codecs import (
     RoundContext,
@@ -318,6 +326,9 @@ class AdapterFedAvg(FedAvg):
         self._published: tuple[ArrayRecord, TensorsView] | None = None
         self._context = RoundContext(global_adapter={})
         self._codecs: tuple[str, ...] = (codec,)
+        self.rank = adapter_rank(spec)
+        self.node_ranks: dict[int, int] = {}  # learned from replies: each device's own rank
+        self._rank_contexts: dict[int, tuple[RoundContext, AdapterSpec]] = {}
 
     # -- the global adapter, decoded once ------------------------------------------------
     def global_tensors(self, arrays: ArrayRecord) -> TensorsView:
@@ -352,20 +363,46 @@ class AdapterFedAvg(FedAvg):
             learning_rate=get_float(config, keys.EDGE_LEARNING_RATE) if edge else 0.0,
             max_steps=get_int(config, keys.EDGE_LOCAL_STEPS) if edge else 0,
             max_abs_scalar=self.max_abs_scalar)
+        self._rank_contexts = {}
         self._codecs = (self.codec_name, *((get_str(config, keys.EDGE_CODEC),) if edge else ()))
         return config
+
+    def at_rank(self, rank: int) -> tuple[RoundContext, AdapterSpec]:
+        """The round's context and spec as a device of ``rank`` sees them (its slice of
+        the global adapter), built once per round and rank."""
+        if rank == self.rank:
+            return self._context, self.spec
+        if rank not in self._rank_contexts:
+            self._rank_contexts[rank] = (
+                replace(self._context, global_adapter=slice_rank(self._global, rank)),
+                spec_at_rank(self.spec, rank))
+        return self._rank_contexts[rank]
+
+    def send_own_ranks(self, messages: list[Message]) -> None:
+        """Each device whose rank is known gets only its rank's slice of the adapter (the
+        first round a device is sampled it gets the whole adapter and slices it itself)."""
+        packed: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            rank = self.node_ranks.get(msg.metadata.dst_node_id, self.rank)
+            if rank < self.rank:
+                if rank not in packed:
+                    packed[rank] = pack_record(to_record(self.at_rank(rank)[0].global_adapter))
+                # Flower's FedAvg gives every message one shared content: copy it first
+                msg.content = RecordDict({**dict(msg.content.items()), keys.ARRAYS: packed[rank]})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = self.begin_round(server_round, arrays, config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        packed = _send_packed(messages, arrays)
+        _send_packed(messages, arrays)
+        self.send_own_ranks(messages)
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
             msg.metadata.group_id = str(server_round)
         self.stats[server_round] = RoundStats(
             sampled=len(messages),
-            bytes_down=record_nbytes(packed) * len(messages),
+            bytes_down=sum(record_nbytes(m.content.array_records[keys.ARRAYS])
+                           for m in messages),
             started=time.perf_counter(),
             sent=messages,
         )
@@ -397,6 +434,7 @@ class AdapterFedAvg(FedAvg):
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.replies_at = time.perf_counter()
         accepted: list[tuple[Tensors, int]] = []
+        ranks: list[int] = []
         accepted_metrics: list[MetricRecord] = []
         replies = list(replies)
         stats.fail_silent(server_round, replies)
@@ -409,10 +447,12 @@ class AdapterFedAvg(FedAvg):
                 stats.fail(server_round, node, msg.error.reason)
                 continue
             try:
-                delta, metrics, nbytes = self._check_reply(msg)
+                delta, metrics, nbytes, rank = self._check_reply(msg)
             except InvalidUpdate as bad:
                 stats.reject(server_round, node, bad.reason)
                 continue
+            self.node_ranks[node] = rank
+            ranks.append(rank)
             if self.clip_norm:
                 delta, norm = clip_update(delta, self.clip_norm)
                 stats.clipped += norm > self.clip_norm
@@ -425,7 +465,14 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             stats.aggregated_at = time.perf_counter()
             return None, None
-        if self.denominator:
+        if any(r < self.rank for r in ranks) and any(
+                self.spec.tensors[k].trainable for k in self.spec.tensors if is_a(k)):
+            # Plain LoRA with mixed ranks: the mean of each device's product B·A,
+            # re-factorised at the global rank (FlexLoRA); its deltas stayed at their rank.
+            weights = [1 if self.weighting == "uniform" else n for _, n in accepted]
+            merged = aggregate_products(self._global, [
+                (delta, r, w) for (delta, _), r, w in zip(accepted, ranks, weights, strict=True)])
+        elif self.denominator:
             total = summed(delta for delta, _ in accepted)
             merged = apply_delta(self._global,
                                  {k: v / self.denominator for k, v in total.items()})
@@ -436,9 +483,10 @@ class AdapterFedAvg(FedAvg):
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(accepted_metrics)
 
-    def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int]:
-        """A reply's delta (decoded once, by the codec that recognises it), its metrics and
-        its size; :class:`InvalidUpdate` names the defect."""
+    def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int, int]:
+        """A reply's delta (decoded once, by the codec that recognises it), its metrics, its
+        size and the device's rank; :class:`InvalidUpdate` names the defect. A lower rank's
+        FFA-LoRA delta comes back zero-padded to the global rank (exact: A is shared)."""
         content = msg.content
         metrics = reply_metrics(content, {keys.ARRAYS, keys.METRICS})
         if keys.ARRAYS not in content.array_records:
@@ -448,10 +496,24 @@ class AdapterFedAvg(FedAvg):
         if self.max_upload_bytes and size > self.max_upload_bytes:
             raise InvalidUpdate(f"upload of {size} bytes is over the budget of "
                                 f"{self.max_upload_bytes} (federation.max_upload_bytes)")
-        delta = decode_upload(unpack_record(record), self._context, self._codecs)
-        validate_update(delta, self.spec)
+        rank = self.reply_rank(metrics)
+        context, spec = self.at_rank(rank)
+        delta = decode_upload(unpack_record(record), context, self._codecs)
+        validate_update(delta, spec)
         self.check_norm(delta)
-        return delta, metrics, size
+        if rank < self.rank and not any(spec.tensors[k].trainable for k in delta if is_a(k)):
+            delta = pad_rank(delta, {k: self.spec.tensors[k].shape for k in delta})
+        return delta, metrics, size, rank
+
+    def reply_rank(self, metrics: MetricRecord) -> int:
+        """The rank a reply says its device trained (the global rank if it says none)."""
+        value = metrics.get(keys.LORA_RANK, self.rank)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.rank:
+            raise InvalidUpdate(f"`{keys.LORA_RANK}` = {value!r}: a device's rank must be an "
+                                f"integer in [1, {self.rank}] (the global adapter's rank)")
+        return value
 
     def check_norm(self, delta: TensorsView) -> None:
         """Raise if the delta's L2 norm exceeds :attr:`max_update_norm`; without a bound

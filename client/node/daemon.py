@@ -138,6 +138,9 @@ class DaemonConfig(Section):
     device: str = setting(
         "", "where a gpu-kind device trains: auto (CUDA when present), cpu, cuda or cuda:N; "
         "empty: the run's client.device", table="resources")
+    lora_rank: int = setting(
+        0, "the LoRA rank this device trains (<= the run's lora.r; lower for a smaller "
+        "device); 0: the run's", table="resources", ge=0)
     warm_clientapp: bool = setting(True, "fork ClientApp processes from a preloaded server",
                                    table="node")
     poll_interval_s: float = setting(
@@ -218,7 +221,8 @@ class DaemonConfig(Section):
                     "fedtune-manifest-public-key": self.manifest_public_key or None,
                     "fedtune-roster-public-key": self.roster_public_key or None,
                     "fedtune-identity-key": self.identity_key,
-                    "fedtune-client-device": self.device or None}
+                    "fedtune-client-device": self.device or None,
+                    "fedtune-lora-rank": self.lora_rank or None}
         values.update({k: str(v) for k, v in optional.items() if v is not None})
         return values
 
