@@ -550,3 +550,25 @@ def test_deploy_load(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         assert "query.secagg_consistency message: process start-up" in log, device
     assert re.search(r"coordinator tree RSS: peak \d+ MB, mean \d+ MB \(PSS peak \d+ MB\)",
                      text), text
+
+
+@pytest.mark.slow
+def test_ranks(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+               capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: variant | device ranks | global r | secagg | rounds | trainable |
+    up KB/client/round | perplexity | vs all-8."""
+    from simulations.bench import ranks
+
+    argv = ["--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+            "--prefix", "smoke", "--json", str(tmp_path / "ranks.json")]
+    for item in _tiny_run_overrides(tiny_model_dir):
+        argv += ["--set", item]
+    assert ranks.main(argv) == 0
+    rows = table(capsys.readouterr().out, ["variant", "device ranks", "global r", "secagg",
+                                           "rounds", "trainable", "up KB/client/round",
+                                           "perplexity", "vs all-8"])
+    assert [r[:3] for r in rows] == [["all-8", "8", "8"], ["mixed", "4/8/16", "16"]]
+    assert rows[0][8] == "+0.00%"
+    base, mixed = json.loads((tmp_path / "ranks.json").read_text())["rows"]
+    assert mixed["trainable"] == 2 * base["trainable"]  # the global adapter has rank 16
+    assert_finite([base["perplexity"], mixed["perplexity"]], positive=True)
