@@ -304,6 +304,10 @@ class FederationSection(Section):
         0, "most bytes one device may upload in one round (its packed update as it travels); "
         "a reply over it is refused, and codec = 'auto' picks the most precise codec that "
         "fits; 0 = no limit", ge=0)
+    max_run_upload_bytes: int = setting(
+        0, "most bytes one device may upload over the whole run; codec = 'auto' fits "
+        "train.rounds uploads in it (a device may be sampled every round), and a reply that "
+        "would take a device past it is refused; 0 = no limit", ge=0)
     error_feedback: bool = setting(
         True, "with a lossy codec, each device keeps what its upload lost and adds it to its "
         "next update (the residual never leaves the device)")

@@ -21,21 +21,25 @@ from protocols.run_config import ConfigError
 AUTO_ORDER = ("fp32", "bf16", "int8", "int4", "int3", "int2", "topk", "sign1")
 
 
-def upload_size(codec: str, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Bytes of a device's packed upload of tensors of ``shapes`` with ``codec``."""
+def upload_size(codec: str, shapes: Mapping[str, tuple[int, ...]],
+                adapter_keys: Sequence[str] = ()) -> int:
+    """Bytes of a device's packed upload of tensors of ``shapes`` with ``codec``;
+    ``adapter_keys`` names every tensor of the global adapter (frozen ones too: the lossy
+    codecs' tensor bitmap has a bit for each), by default those of ``shapes``."""
     zeros = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-    ctx = RoundContext(global_adapter=zeros)
+    others = {k: np.zeros(1, np.float32) for k in adapter_keys if k not in zeros}
+    ctx = RoundContext(global_adapter={**zeros, **others})
     return record_nbytes(pack_record(get_codec(codec).encode(ClientUpdate(zeros), ctx)))
 
 
 def choose_codec(budget: int, shapes: Mapping[str, tuple[int, ...]],
-                 order: Sequence[str] = AUTO_ORDER) -> str:
+                 order: Sequence[str] = AUTO_ORDER, adapter_keys: Sequence[str] = ()) -> str:
     """The most precise codec whose upload fits ``budget`` bytes (0: no budget, fp32)."""
     if budget <= 0:
         return order[0]
     sizes = {}
     for codec in order:
-        sizes[codec] = upload_size(codec, shapes)
+        sizes[codec] = upload_size(codec, shapes, adapter_keys)
         if sizes[codec] <= budget:
             return codec
     raise ConfigError(

@@ -70,8 +70,11 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
     refused here rather than by rejecting every reply."""
     from protocols.upload_budget import choose_codec, upload_size
 
-    budget, codec = config.federation.max_upload_bytes, config.federation.codec
+    budget, codec = round_upload_budget(config), config.federation.codec
+    limit = (f"the per-round upload budget of {budget} bytes (federation.max_upload_bytes, "
+             "or max_run_upload_bytes / train.rounds)")
     shapes = {k: spec.tensors[k].shape for k in sorted(spec.trainable_keys)}
+    every = sorted(spec.tensors)
     if config.security.secagg:  # the upload is the masked vector: its size is known now
         length = sum(int(np.prod(s)) for s in shapes.values())
         n = config.train.clients_per_round
@@ -85,8 +88,8 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
                      else "")
         if budget and sizes[codec] > budget:
             raise ConfigError(
-                f"federation.max_upload_bytes = {budget}, but a masked secure-aggregation "
-                f"upload of this adapter with codec {codec!r} is {sizes[codec]} bytes "
+                f"{limit}: a masked secure-aggregation upload of this adapter with codec "
+                f"{codec!r} is {sizes[codec]} bytes "
                 f"(the smallest, int2: {sizes['int2']}); raise the budget, train fewer "
                 "coordinates, or choose a smaller codec")
         return codec
@@ -94,17 +97,27 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
             (dense := upload_size("fp32", shapes)) > budget):
         raise ConfigError(
             f"edge devices upload their dense fp32 delta (edge.upload = 'dense'): {dense} "
-            f"bytes, over federation.max_upload_bytes = {budget}; raise the budget or let "
+            f"bytes, over {limit}; raise the budget or let "
             "edge devices send seeds and scalars (edge.upload = 'seed-scalar')")
     if codec == "auto":
-        codec = choose_codec(budget, shapes)
+        codec = choose_codec(budget, shapes, adapter_keys=every)
         log.info("federation.codec = 'auto': %s (%d bytes per upload%s)", codec,
-                 upload_size(codec, shapes), f", budget {budget}" if budget else "")
-    elif budget and (size := upload_size(codec, shapes)) > budget:
+                 upload_size(codec, shapes, every), f", budget {budget}" if budget else "")
+    elif budget and (size := upload_size(codec, shapes, every)) > budget:
         raise ConfigError(
             f"federation.codec = {codec!r} uploads {size} bytes per device, over "
-            f"federation.max_upload_bytes = {budget}; choose a smaller codec or 'auto'")
+            f"{limit}; choose a smaller codec or 'auto'")
     return codec
+
+
+def round_upload_budget(config: RunConfig) -> int:
+    """Bytes one device may upload in a round: the tighter of ``max_upload_bytes`` and its
+    share of ``max_run_upload_bytes`` if sampled every round (0: no limit)."""
+    federation = config.federation
+    limits = [federation.max_upload_bytes] if federation.max_upload_bytes else []
+    if federation.max_run_upload_bytes:
+        limits.append(federation.max_run_upload_bytes // config.train.rounds)
+    return min(limits, default=0)
 
 
 def secagg_modulus_bits(config: RunConfig, codec: str, num_clients: int) -> int:
@@ -153,6 +166,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
         max_abs_scalar=config.edge.max_abs_scalar,
         max_update_norm=security.max_update_norm,
         max_upload_bytes=config.federation.max_upload_bytes,
+        max_run_upload_bytes=config.federation.max_run_upload_bytes,
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,

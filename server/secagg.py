@@ -54,7 +54,7 @@ from flwr.serverapp import Grid
 
 from protocols import keys
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import apply_delta
+from protocols.codecs import apply_delta, record_nbytes
 from protocols.errors import InvalidUpdate
 from protocols.secagg import (
     decode_sum,
@@ -301,6 +301,7 @@ class SecAggFedAvg(AdapterFedAvg):
                     msg.content, length=self.vector_length,
                     modulus_bits=rnd.instruction[node].modulus_bits)
                 metrics[node] = reply_metrics(msg.content, {wire.MASKED, keys.METRICS})
+                self.charge_upload(node, record_nbytes(msg.content.array_records[wire.MASKED]))
                 stats.count_upload(metrics[node], content_nbytes(msg.content))
             except (wire.SecAggProtocolError, InvalidUpdate) as bad:
                 masked.pop(node, None)

@@ -271,6 +271,7 @@ class AdapterFedAvg(FedAvg):
         clip_norm: float = 0.0,
         denominator: int = 0,
         max_upload_bytes: int = 0,
+        max_run_upload_bytes: int = 0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -289,7 +290,9 @@ class AdapterFedAvg(FedAvg):
         updates depends on the data (dropouts, rejections); dividing by it would let them
         scale what the noise, calibrated to the denominator, protects.
         ``max_upload_bytes > 0`` refuses a reply whose packed upload is larger (the
-        communication budget, ``federation.max_upload_bytes``), before it is parsed.
+        communication budget, ``federation.max_upload_bytes``), before it is parsed;
+        ``max_run_upload_bytes > 0`` refuses one that would take its device's accepted
+        uploads over the run past that many bytes.
 
         The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
         record keys are fedtune's wire keys.
@@ -320,6 +323,10 @@ class AdapterFedAvg(FedAvg):
         if max_upload_bytes < 0:
             raise ValueError(f"max_upload_bytes must be >= 0, got {max_upload_bytes}")
         self.max_upload_bytes = max_upload_bytes
+        if max_run_upload_bytes < 0:
+            raise ValueError(f"max_run_upload_bytes must be >= 0, got {max_run_upload_bytes}")
+        self.max_run_upload_bytes = max_run_upload_bytes
+        self.node_upload_bytes: dict[int, int] = {}  # accepted bytes per device, this run
         self.stats: dict[int, RoundStats] = {}
         self.evaluations: dict[int, FederatedEval] = {}
         self._global: TensorsView = {}
@@ -448,6 +455,7 @@ class AdapterFedAvg(FedAvg):
                 continue
             try:
                 delta, metrics, nbytes, rank = self._check_reply(msg)
+                self.charge_upload(node, nbytes)
             except InvalidUpdate as bad:
                 stats.reject(server_round, node, bad.reason)
                 continue
@@ -504,6 +512,16 @@ class AdapterFedAvg(FedAvg):
         if rank < self.rank and not any(spec.tensors[k].trainable for k in delta if is_a(k)):
             delta = pad_rank(delta, {k: self.spec.tensors[k].shape for k in delta})
         return delta, metrics, size, rank
+
+    def charge_upload(self, node: int, nbytes: int) -> None:
+        """Count an accepted upload against its device's run budget; refuse one over it."""
+        total = self.node_upload_bytes.get(node, 0) + nbytes
+        if self.max_run_upload_bytes and total > self.max_run_upload_bytes:
+            raise InvalidUpdate(
+                f"upload of {nbytes} bytes would take this device to {total} bytes this run, "
+                f"over the budget of {self.max_run_upload_bytes} "
+                "(federation.max_run_upload_bytes)")
+        self.node_upload_bytes[node] = total
 
     def reply_rank(self, metrics: MetricRecord) -> int:
         """The rank a reply says its device trained (the global rank if it says none)."""

@@ -82,7 +82,8 @@ def test_replies_over_the_budget_are_refused_and_auto_fits_it(setup: dict[str, A
     from server.strategy import RoundStats
 
     shapes = {k: setup["spec"].tensors[k].shape for k in setup["spec"].trainable_keys}
-    fp32, int8 = upload_size("fp32", shapes), upload_size("int8", shapes)
+    every = list(setup["spec"].tensors)  # the lossy codecs' bitmap names frozen A's too
+    fp32, int8 = upload_size("fp32", shapes, every), upload_size("int8", shapes, every)
     config = RunConfig.from_nested({"security": {"secagg": False}, "federation": {
         "codec": "auto", "max_upload_bytes": int8}})
     assert upload_codec(config, setup["spec"]) == "int8"
@@ -112,3 +113,39 @@ def test_replies_over_the_budget_are_refused_and_auto_fits_it(setup: dict[str, A
     assert arrays is None and stats.rejected == 4 and stats.accepted == 0
     assert all(f"upload of {fp32} bytes is over the budget of {fp32 - 1}" in r
                for r in stats.rejections)
+
+
+def test_a_run_budget_picks_the_codec_for_every_round_and_refuses_the_upload_past_it(
+        setup: dict[str, Any]) -> None:
+    """federation.max_run_upload_bytes: auto fits train.rounds uploads in it (a device may
+    be sampled every round); the coordinator refuses the reply that would take a device
+    past its run total, with the totals named, and keeps counting the others."""
+    from client.app import make_client_app
+    from protocols.upload_budget import upload_size
+    from server.app import upload_codec
+
+    shapes = {k: setup["spec"].tensors[k].shape for k in setup["spec"].trainable_keys}
+    int4 = upload_size("int4", shapes, list(setup["spec"].tensors))
+    config = RunConfig.from_nested({"security": {"secagg": False}, "train": {"rounds": 3},
+                                    "federation": {"codec": "auto",
+                                                   "max_run_upload_bytes": 3 * int4}})
+    assert upload_codec(config, setup["spec"]) == "int4"
+    masked = RunConfig.from_nested({"train": {"rounds": 3}, "federation": {
+        "codec": "auto", "max_run_upload_bytes": 3 * int4}})
+    assert upload_codec(masked, setup["spec"]) in ("int4", "int3", "int2")
+
+    strategy = AdapterFedAvg(setup["spec"], codec="int4", weighting="uniform",
+                             max_run_upload_bytes=int4 + int4 // 2, fraction_train=1.0,
+                             min_train_nodes=4, min_available_nodes=4)
+    grid = LoopbackGrid(make_client_app(setup["flat"]), NODES,
+                        node_config={n: {"partition-id": i} for i, n in enumerate(NODES)})
+    config_record = ConfigRecord({"local-steps": 1, "batch-size": 2, "learning-rate": 0.05,
+                                  "seq-len": 16, "seed": 0})
+    for server_round, accepted in ((1, 4), (2, 0)):
+        messages = strategy.configure_train(server_round, to_record(setup["adapter"]),
+                                            config_record, grid)  # type: ignore[arg-type]
+        strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        assert strategy.stats[server_round].accepted == accepted
+    assert all("over the budget of" in r and "max_run_upload_bytes" in r
+               for r in strategy.stats[2].rejections)
+    assert set(strategy.node_upload_bytes.values()) == {int4}
