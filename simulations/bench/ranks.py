@@ -7,8 +7,8 @@ one federation against every device at rank 8.
 
 Two federated simulations with the defaults and the same seed (so the same devices and
 batches each round), differing only in the ranks: ``all-8`` (``lora.r = 8``, the default)
-and ``mixed`` (global ``lora.r = 16``, ``lora.device_ranks = [4, 8, 16]``: a third of the
-devices at each rank; FFA-LoRA's zero-padded B's average exactly). Uploads travel in the
+and ``mixed`` (global ``lora.r = 16`` with ``lora.alpha = 32``, the same scaling
+``alpha / r = 2``, and ``lora.device_ranks = [4, 8, 16]``: a third of the devices at each rank; FFA-LoRA's zero-padded B's average exactly). Uploads travel in the
 clear by default, so each device's bytes are those of its own rank (``--secagg``: masked
 vectors, which a lower rank pads to the global rank). Per run: trainable coordinates of
 the global adapter, bytes up per client per round, the final held-out perplexity and its
@@ -28,7 +28,8 @@ from server.metrics_log import read_metrics
 
 VARIANTS: dict[str, list[str]] = {
     "all-8": ["lora.r=8"],
-    "mixed": ["lora.r=16", "lora.device_ranks=[4, 8, 16]"],
+    # alpha doubles with the rank, so both runs share the LoRA scaling alpha / r = 2
+    "mixed": ["lora.r=16", "lora.alpha=32", "lora.device_ranks=[4, 8, 16]"],
 }
 BASELINE = "all-8"
 
