@@ -85,11 +85,18 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False, rank: int = 0) -> T
     if key not in _TRAINERS:
         if config.security.verify_manifest:
             verify_base_model(model_dir, paths.manifest_public_key, paths.signed_manifest)
+        # A process serving devices of several ranks rebuilds its trainer per rank: the
+        # devices' DP-SGD histories (per client id) must outlive it.
+        ledger = next((getattr(t, "dpsgd_ledger", None) for k, t in _TRAINERS.items()
+                       if k[:1] == key[:1] and k[4] == dpsgd), None)
         _TRAINERS.clear()  # one base model in memory at a time
-        _TRAINERS[key] = TorchLoraTrainer(
+        trainer = TorchLoraTrainer(
             model_dir, lora, threads=config.federation.client_threads, dpsgd=dpsgd,
             model_section=config.model, template=config.data.template, client=config.client,
         )
+        if ledger is not None:
+            trainer.dpsgd_ledger = ledger
+        _TRAINERS[key] = trainer
     return _TRAINERS[key]
 
 
@@ -184,10 +191,21 @@ def device_rank(flat: Mapping[str, Any], context: Context, *, edge: bool) -> int
     return lora.r if edge else lora.rank_of(partition_id(context))
 
 
+def check_received_rank(adapter: Mapping[str, Any], rank: int) -> None:
+    """Refuse an adapter with fewer components than this device trains (a coordinator that
+    remembers an older, lower rank of this device): the round fails with the reason, and
+    the coordinator sends the whole adapter next time."""
+    received = min((v.shape[0] for k, v in adapter.items() if ".lora_A." in k), default=rank)
+    if received < rank:
+        raise ValueError(f"received a rank-{received} adapter, but this device trains rank "
+                         f"{rank} (lora.device_rank / [resources] lora_rank)")
+
+
 def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
     edge = is_edge_client(flat, context)
     rank = device_rank(flat, context, edge=edge)
     full = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    check_received_rank(full, rank)
     # A device of a lower rank trains the global adapter's first `rank` components.
     adapter = slice_rank(full, rank)
     instruction = _instruction(msg, edge=edge)
@@ -211,8 +229,12 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
                                          for k, v in update.delta.items()})
         flat_delta = np.concatenate([padded[k].ravel() for k in sorted(padded)])
         upload_key = secagg_wire.MASKED
-        levels = secagg_wire.MaskingInstruction.from_record(msg.content).levels
-        feedback = levels > 0 and RunConfig.from_flat(flat).federation.error_feedback
+        masking = secagg_wire.MaskingInstruction.from_record(msg.content)
+        levels = masking.levels
+        # Under distributed DP the rounding loss is mostly the noise's: carrying it on would
+        # let noise crowd out the next update under the clip, so no feedback there.
+        feedback = (levels > 0 and not masking.dp_noise_std
+                    and RunConfig.from_flat(flat).federation.error_feedback)
         tag = f"secagg-levels-{levels}"
         if feedback:  # a quantized round: what the last one lost joins this update
             residual = load_residual(context, tag, {"flat": flat_delta})
@@ -251,8 +273,9 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
 def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
     edge = is_edge_client(flat, context)
     rank = device_rank(flat, context, edge=edge)
-    adapter = slice_rank(from_record(unpack_record(msg.content.array_records[keys.ARRAYS])),
-                         rank)
+    received = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    check_received_rank(received, rank)
+    adapter = slice_rank(received, rank)
     cfg = msg.content.config_records[keys.CONFIG]
     data = _local_data(flat, context)
     outcome = _trainer(flat, edge=edge, rank=rank).evaluate(

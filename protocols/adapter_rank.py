@@ -82,11 +82,8 @@ def pad_rank(tensors: Mapping[str, npt.NDArray[Any]], full: Mapping[str, tuple[i
 
 
 def adapter_rank(spec: AdapterSpec) -> int:
-    """The global rank ``R``: the rows of any A."""
-    for key, tensor in spec.tensors.items():
-        if is_a(key):
-            return tensor.shape[0]
-    raise ValueError("the adapter has no lora_A tensor")
+    """The global rank ``R``: the rows of any A (0 for an adapter without LoRA factors)."""
+    return next((t.shape[0] for k, t in spec.tensors.items() if is_a(k)), 0)
 
 
 def spec_at_rank(spec: AdapterSpec, r: int) -> AdapterSpec:

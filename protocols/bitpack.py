@@ -22,6 +22,7 @@ import numpy.typing as npt
 from protocols.errors import InvalidUpdate
 
 MAX_BITS = 32
+CHUNK = 1 << 16  # values per piece in the bit-matrix path (a multiple of 8)
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -47,8 +48,12 @@ def pack(values: npt.NDArray[Any], bits: int) -> npt.NDArray[np.uint8]:
         fields = padded.reshape(-1, per) << (np.arange(per, dtype=np.uint64) * np.uint64(bits))
         packed: npt.NDArray[np.uint8] = np.bitwise_or.reduce(fields, axis=1).astype(np.uint8)
         return packed
-    matrix = ((wide[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(matrix.ravel(), bitorder="little")
+    # Widths that do not divide 8 go through a bit matrix, CHUNK values at a time (a multiple
+    # of 8, so each chunk ends on a byte boundary): bounded scratch memory.
+    shifts = np.arange(bits, dtype=np.uint64)
+    parts = [np.packbits(((wide[i:i + CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+                         .ravel(), bitorder="little") for i in range(0, wide.size, CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
 
 def unpack(data: npt.NDArray[Any], bits: int, count: int, *, what: str) -> npt.NDArray[np.uint32]:
@@ -70,9 +75,14 @@ def unpack(data: npt.NDArray[Any], bits: int, count: int, *, what: str) -> npt.N
         fields = (raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)
         values: npt.NDArray[np.uint32] = fields.ravel()[:count].astype(np.uint32)
         return values
-    stream = np.unpackbits(raw, bitorder="little")[:used].reshape(count, bits)
-    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64))
-    return (stream.astype(np.uint64) @ weights).astype(np.uint32)
+    weights = np.uint64(1) << np.arange(bits, dtype=np.uint64)
+    out = np.empty(count, np.uint32)
+    for i in range(0, count, CHUNK):  # CHUNK values are CHUNK * bits / 8 whole bytes
+        n = min(CHUNK, count - i)
+        chunk = raw[i * bits // 8: (i * bits + n * bits + 7) // 8]
+        stream = np.unpackbits(chunk, bitorder="little")[:n * bits].reshape(n, bits)
+        out[i:i + n] = (stream.astype(np.uint64) @ weights).astype(np.uint32)
+    return out
 
 
 def _check_bits(bits: int) -> None:

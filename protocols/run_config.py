@@ -297,8 +297,8 @@ class FederationSection(Section):
         "bits), int8 / int4 / int3 / int2 (blockwise, stochastic rounding; under secure "
         "aggregation on a shared grid, summed in a small modulus), sign1 (a sign bit and a "
         "scale per block of 128), topk (the largest 1/32 of the values), auto (the most "
-        "precise that fits max_upload_bytes); fp16, bf16, sign1 and topk need plaintext "
-        "uploads (security.secagg = false)",
+        "precise that fits max_upload_bytes and max_run_upload_bytes); fp16, bf16, sign1 "
+        "and topk need plaintext uploads (security.secagg = false)",
         choices=_torch_codecs)
     max_upload_bytes: int = setting(
         0, "most bytes one device may upload in one round (its packed update as it travels); "
@@ -390,8 +390,9 @@ class SecuritySection(Section):
         "decides. The sum survives n - t dropouts (none at n = 3, 1 at n = 5, 3 at n = 10)",
         gt=0, le=1)
     secagg_range: float = setting(
-        0.5, "each coordinate of an update is clipped to [-x, x] before the fixed-point "
-        "encoding (widened by the DP noise when client_dp is on)", gt=0)
+        0.5, "exact (fp32) uploads under secure aggregation: each coordinate of an update is "
+        "clipped to [-x, x] before the fixed-point encoding (widened by the DP noise when "
+        "client_dp is on); quantized codecs use secagg_quant_range", gt=0)
     secagg_modulus_bits: Literal[32, 64] = setting(
         32, "bits of the masking modulus of exact (fp32) uploads; a quantized codec sums its "
         "codes in the fewest bits that hold clients_per_round of them")
@@ -407,7 +408,8 @@ class SecuritySection(Section):
     max_update_norm: float = setting(
         0.0, "reject (not clip) a plaintext update whose L2 distance from the global adapter "
         "exceeds this; 0 = no bound. Under secure aggregation the coordinator sees no single "
-        "update: secagg_range bounds each coordinate instead", ge=0)
+        "update: secagg_range (secagg_quant_range for quantized codecs) bounds each "
+        "coordinate instead", ge=0)
 
 
 @dataclass(frozen=True)
@@ -434,6 +436,22 @@ class RunConfig:
                 "often smaller than the two devices secure aggregation needs, and such rounds "
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
+        quantized = self.security.secagg and self.federation.codec in QUANTIZED_LEVELS
+        if quantized and self.privacy.client_dp:
+            raise ConfigError(
+                f"federation.codec = {self.federation.codec!r} under security.secagg with "
+                "privacy.client_dp: each device would round its own share of the noise, and "
+                "the sum of rounded shares is not the Gaussian sum the accountant covers "
+                "(that needs integer noise added after rounding: distributed discrete "
+                "Gaussian / Skellam, not implemented). Use codec 'fp32' (exact fixed point), "
+                "or turn secure aggregation off: the coordinator then clips and noises what "
+                "it decoded, so a lossy codec leaves the accounting unchanged")
+        if quantized and self.edge.fraction > 0 and not self.security.secagg_quant_range:
+            raise ConfigError(
+                "security.secagg_quant_range = 0 (auto: local steps x learning rate, Adam's "
+                "bound) does not bound an edge device's forward-only (MeZO) steps, which "
+                "move a weight by lr x |projected gradient|; set the range explicitly for a "
+                "federation with edge devices")
         inside = ("fp32", "auto", *QUANTIZED_LEVELS)
         if self.security.secagg and self.federation.codec not in inside:
             raise ConfigError(

@@ -116,7 +116,13 @@ def round_upload_budget(config: RunConfig) -> int:
     federation = config.federation
     limits = [federation.max_upload_bytes] if federation.max_upload_bytes else []
     if federation.max_run_upload_bytes:
-        limits.append(federation.max_run_upload_bytes // config.train.rounds)
+        share = federation.max_run_upload_bytes // config.train.rounds
+        if share == 0:
+            raise ConfigError(
+                f"federation.max_run_upload_bytes = {federation.max_run_upload_bytes} leaves "
+                f"less than a byte per round over train.rounds = {config.train.rounds}; raise "
+                "it (or set 0 for no limit)")
+        limits.append(share)
     return min(limits, default=0)
 
 

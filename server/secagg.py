@@ -283,6 +283,7 @@ class SecAggFedAvg(AdapterFedAvg):
         self._secagg = None  # a late second call must not unmask again
         masked: dict[int, np.ndarray] = {}
         metrics: dict[int, MetricRecord] = {}
+        sizes: dict[int, int] = {}
         replies = list(replies)
         stats.fail_silent(server_round, replies)
         for msg in replies:
@@ -301,7 +302,8 @@ class SecAggFedAvg(AdapterFedAvg):
                     msg.content, length=self.vector_length,
                     modulus_bits=rnd.instruction[node].modulus_bits)
                 metrics[node] = reply_metrics(msg.content, {wire.MASKED, keys.METRICS})
-                self.charge_upload(node, record_nbytes(msg.content.array_records[wire.MASKED]))
+                sizes[node] = record_nbytes(msg.content.array_records[wire.MASKED])
+                self.charge_upload(node, sizes[node], commit=False)
                 stats.count_upload(metrics[node], content_nbytes(msg.content))
             except (wire.SecAggProtocolError, InvalidUpdate) as bad:
                 masked.pop(node, None)
@@ -316,6 +318,8 @@ class SecAggFedAvg(AdapterFedAvg):
         if total is None:
             stats.aggregated_at = time.perf_counter()
             return None, None
+        for node in masked:  # a lost round (retried) costs no device its run budget
+            self.charge_upload(node, sizes[node])
         merged = apply_delta(self._global,
                              self._split(total / (self.denominator or len(masked))))
         stats.aggregated_at = time.perf_counter()

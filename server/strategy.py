@@ -380,9 +380,10 @@ class AdapterFedAvg(FedAvg):
         if rank == self.rank:
             return self._context, self.spec
         if rank not in self._rank_contexts:
+            spec = spec_at_rank(self.spec, rank)
             self._rank_contexts[rank] = (
-                replace(self._context, global_adapter=slice_rank(self._global, rank)),
-                spec_at_rank(self.spec, rank))
+                replace(self._context, global_adapter=slice_rank(self._global, rank),
+                        spec=spec), spec)
         return self._rank_contexts[rank]
 
     def send_own_ranks(self, messages: list[Message]) -> None:
@@ -452,12 +453,14 @@ class AdapterFedAvg(FedAvg):
                 continue
             if msg.has_error():
                 stats.fail(server_round, node, msg.error.reason)
+                self.node_ranks.pop(node, None)  # next time it gets the whole adapter
                 continue
             try:
                 delta, metrics, nbytes, rank = self._check_reply(msg)
                 self.charge_upload(node, nbytes)
             except InvalidUpdate as bad:
                 stats.reject(server_round, node, bad.reason)
+                self.node_ranks.pop(node, None)
                 continue
             self.node_ranks[node] = rank
             ranks.append(rank)
@@ -473,8 +476,7 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             stats.aggregated_at = time.perf_counter()
             return None, None
-        if any(r < self.rank for r in ranks) and any(
-                self.spec.tensors[k].trainable for k in self.spec.tensors if is_a(k)):
+        if any(r < self.rank for r in ranks) and self.trains_a:
             # Plain LoRA with mixed ranks: the mean of each device's product B·A,
             # re-factorised at the global rank (FlexLoRA); its deltas stayed at their rank.
             weights = [1 if self.weighting == "uniform" else n for _, n in accepted]
@@ -506,32 +508,52 @@ class AdapterFedAvg(FedAvg):
                                 f"{self.max_upload_bytes} (federation.max_upload_bytes)")
         rank = self.reply_rank(metrics)
         context, spec = self.at_rank(rank)
-        delta = decode_upload(unpack_record(record), context, self._codecs)
+        try:
+            delta = decode_upload(unpack_record(record), context, self._codecs)
+        except ValueError as bad:  # e.g. a seed replay against a rank the device only claims
+            if isinstance(bad, InvalidUpdate):
+                raise
+            raise InvalidUpdate(f"the upload does not decode at rank {rank}: {bad}") from None
         validate_update(delta, spec)
         self.check_norm(delta)
-        if rank < self.rank and not any(spec.tensors[k].trainable for k in delta if is_a(k)):
+        if rank < self.rank and not self.trains_a:
             delta = pad_rank(delta, {k: self.spec.tensors[k].shape for k in delta})
         return delta, metrics, size, rank
 
-    def charge_upload(self, node: int, nbytes: int) -> None:
-        """Count an accepted upload against its device's run budget; refuse one over it."""
+    def charge_upload(self, node: int, nbytes: int, *, commit: bool = True) -> None:
+        """Count an accepted upload against its device's run budget; refuse one over it.
+        ``commit=False`` only checks (secure aggregation commits once the sum is known)."""
         total = self.node_upload_bytes.get(node, 0) + nbytes
         if self.max_run_upload_bytes and total > self.max_run_upload_bytes:
             raise InvalidUpdate(
                 f"upload of {nbytes} bytes would take this device to {total} bytes this run, "
                 f"over the budget of {self.max_run_upload_bytes} "
                 "(federation.max_run_upload_bytes)")
-        self.node_upload_bytes[node] = total
+        if commit:
+            self.node_upload_bytes[node] = total
 
     def reply_rank(self, metrics: MetricRecord) -> int:
         """The rank a reply says its device trained (the global rank if it says none)."""
+        if not self.rank:  # an adapter without LoRA factors has no ranks to choose
+            return 0
         value = metrics.get(keys.LORA_RANK, self.rank)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.rank:
             raise InvalidUpdate(f"`{keys.LORA_RANK}` = {value!r}: a device's rank must be an "
                                 f"integer in [1, {self.rank}] (the global adapter's rank)")
+        if value < self.rank and self.trains_a and (
+                self.clip_norm or self.denominator or self.max_update_norm):
+            # Plain LoRA's mixed ranks average products and re-factorise A and B: nothing
+            # there is bounded by a clip or a norm check, so one claim would undo them.
+            raise InvalidUpdate(f"`{keys.LORA_RANK}` = {value}: plain LoRA takes lower ranks "
+                                "only without client-level DP or security.max_update_norm")
         return value
+
+    @property
+    def trains_a(self) -> bool:
+        """Whether A is trained (plain LoRA) rather than frozen and shared (FFA-LoRA)."""
+        return any(t.trainable for k, t in self.spec.tensors.items() if is_a(k))
 
     def check_norm(self, delta: TensorsView) -> None:
         """Raise if the delta's L2 norm exceeds :attr:`max_update_norm`; without a bound

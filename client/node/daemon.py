@@ -209,6 +209,7 @@ class DaemonConfig(Section):
             "partition-id": self.partition_id,
             "fedtune-client-kind": self.kind,
             "fedtune-client-threads": self.threads,
+            "fedtune-lora-rank": self.lora_rank,
             "fedtune-require-manifest": self.require_manifest,
             "fedtune-require-secagg": self.require_secagg,
             "fedtune-data-format": self.format,
@@ -221,8 +222,7 @@ class DaemonConfig(Section):
                     "fedtune-manifest-public-key": self.manifest_public_key or None,
                     "fedtune-roster-public-key": self.roster_public_key or None,
                     "fedtune-identity-key": self.identity_key,
-                    "fedtune-client-device": self.device or None,
-                    "fedtune-lora-rank": self.lora_rank or None}
+                    "fedtune-client-device": self.device or None}
         values.update({k: str(v) for k, v in optional.items() if v is not None})
         return values
 

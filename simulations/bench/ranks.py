@@ -8,9 +8,10 @@ one federation against every device at rank 8.
 Two federated simulations with the defaults and the same seed (so the same devices and
 batches each round), differing only in the ranks: ``all-8`` (``lora.r = 8``, the default)
 and ``mixed`` (global ``lora.r = 16`` with ``lora.alpha = 32``, the same scaling
-``alpha / r = 2``, and ``lora.device_ranks = [4, 8, 16]``: a third of the devices at each rank; FFA-LoRA's zero-padded B's average exactly). Uploads travel in the
-clear by default, so each device's bytes are those of its own rank (``--secagg``: masked
-vectors, which a lower rank pads to the global rank). Per run: trainable coordinates of
+``alpha / r = 2``, and ``lora.device_ranks = [4, 8, 16]``: a third of the devices at each
+rank; FFA-LoRA's zero-padded B's average exactly). Uploads travel in the clear by
+default, so each device's bytes are those of its own rank (``--secagg``: masked vectors,
+which a lower rank pads to the global rank). Per run: trainable coordinates of
 the global adapter, bytes up per client per round, the final held-out perplexity and its
 relative change against ``all-8``.
 """

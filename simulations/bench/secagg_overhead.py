@@ -105,7 +105,7 @@ def fedtune_client_app(spec: AdapterSpec, clients: int
                 **PathsSection(cache_dir=Path(tmp), devices_dir=devices,
                                secagg_roster=org.roster_text,
                                roster_public_key=org.org_public_key).to_flat()}
-        with mock.patch.object(client_app, "_trainer", lambda _flat, edge=False: trainer):
+        with mock.patch.object(client_app, "_trainer", lambda _flat, edge=False, rank=0: trainer):
             yield client_app.make_client_app(flat), flat
 
 

@@ -48,3 +48,12 @@ def test_any_bytes_unpack_to_values_that_pack_back_to_them(bits: int, data: byte
     except InvalidUpdate:
         return
     assert np.array_equal(bitpack.pack(values, bits), raw)
+
+
+@pytest.mark.parametrize("bits", [3, 7, 13, 31])
+def test_vectors_longer_than_one_chunk_round_trip(bits: int) -> None:
+    values = np.random.default_rng(bits).integers(0, 2**bits, size=bitpack.CHUNK * 2 + 5,
+                                                  dtype=np.uint64)
+    packed = bitpack.pack(values, bits)
+    assert packed.size == -(-values.size * bits // 8)
+    assert np.array_equal(bitpack.unpack(packed, bits, values.size, what="v"), values)

@@ -225,6 +225,14 @@ def _mutations(spec: AdapterSpec) -> list[Callable[[np.random.Generator], Messag
     def list_metric(m: dict[str, object], rng: np.random.Generator) -> None:
         m[keys.TRAIN_LOSS] = [1.0, 2.0]
 
+    def rank_claim(m: dict[str, object], rng: np.random.Generator) -> None:
+        # a rank the upload's shapes do not have, or none a device could have
+        m[keys.LORA_RANK] = rng.choice([0, 1, 2, 3, 5, 1.5, -1, 2**40]).item()
+
+    def seeds_at_a_claimed_rank(rng: np.random.Generator) -> Message:
+        metrics = {**_metrics(rng), keys.LORA_RANK: int(rng.integers(1, 4))}
+        return _reply(ArrayRecord(_seed_arrays(rng, spec)), MetricRecord(metrics))
+
     def extra_record(rng: np.random.Generator) -> Message:
         return _reply(ArrayRecord(_dense(rng)), MetricRecord(_metrics(rng)),
                       {"leak": ConfigRecord({"text": "to be or not to be"})})
@@ -353,7 +361,8 @@ def _mutations(spec: AdapterSpec) -> list[Callable[[np.random.Generator], Messag
         dense_with(header_lies), dense_with(stype), dense_with(drop), dense_with(unknown),
         dense_with(frozen_too), dense_with(huge), dense_with(far), dense_with(several),
         metrics_with(bad_count), metrics_with(no_count), metrics_with(text_metric),
-        metrics_with(nan_metric), metrics_with(list_metric), extra_record, no_arrays,
+        metrics_with(nan_metric), metrics_with(list_metric), metrics_with(rank_claim),
+        seeds_at_a_claimed_rank, extra_record, no_arrays,
         seed_with(base_round=lambda r: int(r.choice([0, 1, 2, 4, 99]))),      # stale / future
         seed_with(layout=lambda r: int(r.integers(0, 2**62))),               # another adapter
         seed_with(n=lambda r: int(r.integers(9, 64))),                        # > max steps

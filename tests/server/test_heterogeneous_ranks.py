@@ -146,3 +146,43 @@ def test_ffa_mixed_ranks_under_secure_aggregation_pad_on_the_device(
     for key in spec.trainable_keys:
         np.testing.assert_allclose(secure[key], reference[key], atol=1e-6, err_msg=key)
         assert not np.allclose(secure[key], start[key])
+
+
+def test_a_devices_own_lora_rank_reaches_its_run_config_through_flower(tmp_path: Path) -> None:
+    """[resources] lora_rank travels as the node config Flower parses (an integer, not a
+    string) and becomes lora.device_rank on that device only."""
+    from flwr.common.config import parse_config_args
+
+    from client.node.daemon import DaemonConfig
+    from client.node.supernode import node_config_arg
+    from client.node_policy import apply_node_settings
+    from protocols.run_config import RunConfig
+
+    daemon = DaemonConfig(address="127.0.0.1:9093", state_dir=tmp_path, path=tmp_path,
+                          insecure=True, lora_rank=4)
+    parsed = parse_config_args([node_config_arg(daemon.node_config())])
+    run = RunConfig.from_nested({"lora": {"r": 16, "alpha": 32.0}}).to_flat()
+    config = RunConfig.from_flat(apply_node_settings(run, parsed))
+    assert config.lora.device_rank == 4 and config.lora.rank_of(7) == 4
+    assert config.lora.at_rank(4).alpha / 4 == 32.0 / 16
+
+
+def test_a_lower_rank_claim_cannot_undo_client_dp_or_a_norm_bound(
+        plain: dict[str, Any]) -> None:
+    """Plain LoRA's product aggregation is bounded by no clip: under client-level DP or a
+    norm bound the coordinator refuses a rank claim below R (FFA-LoRA pads and clips as
+    usual, so it takes one)."""
+    from flwr.app import MetricRecord
+
+    from protocols.errors import InvalidUpdate
+
+    claim = MetricRecord({keys.NUM_EXAMPLES: 1, keys.LORA_RANK: 2})
+    trained_a = AdapterSpec.from_arrays(plain["adapter"], {})
+    for bound in ({"clip_norm": 1.0}, {"max_update_norm": 5.0},
+                  {"clip_norm": 1.0, "denominator": 4}):
+        strategy = AdapterFedAvg(trained_a, weighting="uniform", **bound)
+        with pytest.raises(InvalidUpdate, match="plain LoRA takes lower ranks only"):
+            strategy.reply_rank(claim)
+    assert AdapterFedAvg(plain["spec"], weighting="uniform",
+                         clip_norm=1.0).reply_rank(claim) == 2
+    assert AdapterFedAvg(trained_a).reply_rank(claim) == 2
