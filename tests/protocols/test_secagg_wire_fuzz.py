@@ -26,6 +26,9 @@ VALID: dict[type, RecordDict] = {
     wire.ConsistencySignature: wire.ConsistencySignature(SIG).to_record(),
     wire.UnmaskRequest: wire.UnmaskRequest(3000, (1, 2), (3,), {1: SIG, 2: SIG}).to_record(),
     wire.UnmaskShares: wire.UnmaskShares({1: b"b" * 37}, {3: b"s" * 37}).to_record(),
+    wire.MaskingInstruction: RecordDict({wire.RECORD: wire.MaskingInstruction(
+        3000, {1: b"c" * 90, 2: b"d" * 90}, modulus_bits=5, scale=350.0, clip_range=0.02,
+        levels=7).to_record()}),
 }
 VALUES = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(allow_nan=True),
@@ -49,6 +52,30 @@ def test_malformed_secagg_messages_raise_only_the_protocol_error(kind: type,
         return  # Flower itself refuses to build the record: nothing reaches a parser
     with contextlib.suppress(wire.SecAggProtocolError):
         kind.from_record(record)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.sampled_from([2, 3, 5, 11, 31, 32, 64]), length=st.integers(0, 40),
+       payload=st.one_of(st.binary(max_size=200), st.lists(st.integers(0, 2**32 - 1),
+                                                           max_size=40)),
+       dtype=st.sampled_from(["uint8", "uint32", "uint64", "int32", "float32"]))
+def test_malformed_masked_vectors_raise_only_the_protocol_error(
+        bits: int, length: int, payload: bytes | list[int], dtype: str) -> None:
+    """Bit-packed masked vectors (small moduli) and native words alike: whatever arrives
+    either parses to ``length`` values below ``2**bits`` or is refused by name."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    raw = (np.frombuffer(payload, np.uint8) if isinstance(payload, bytes)
+           else np.array(payload, np.uint64))
+    with np.errstate(over="ignore"):
+        vector = raw.astype(dtype)
+    content = RecordDict({wire.MASKED: ArrayRecord({wire.MASKED_VECTOR: Array(vector)})})
+    try:
+        out = wire.read_masked(content, length=length, modulus_bits=bits)
+    except wire.SecAggProtocolError:
+        return
+    assert out.shape == (length,) and (bits == 64 or int(out.max(initial=0)) < 2**bits)
 
 
 HEX = "0123456789abcdef"
