@@ -100,7 +100,13 @@ class RoundStats:
                     sent: Iterable[Message] | None = None, *, stage: str = "train") -> None:
         """Count every node that was sent a message and never answered as failed."""
         sent = list(self.sent if sent is None else sent)
-        answered = {self.node_of(r, sent) for r in replies}
+        self.fail_unanswered(server_round, {self.node_of(r, sent) for r in replies}, sent,
+                             stage=stage)
+
+    def fail_unanswered(self, server_round: int, answered: set[int],
+                        sent: Iterable[Message] | None = None, *, stage: str = "train") -> None:
+        """Count every node that was sent a message and is not in ``answered`` as failed."""
+        sent = list(self.sent if sent is None else sent)
         for node in sorted({m.metadata.dst_node_id for m in sent} - answered):
             self.fail(server_round, node, f"no {stage} reply before the timeout")
 
@@ -441,13 +447,16 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.replies_at = time.perf_counter()
-        accepted: list[tuple[Tensors, int]] = []
-        ranks: list[int] = []
+        # Streaming: each reply is decoded, checked and folded into the running sum, then
+        # dropped, so the coordinator holds one decoded update at a time, not a round's.
+        # (Plain LoRA keeps each device's factors: mixed ranks average their products.)
+        running = RunningSum()
+        factors: list[tuple[Tensors, int, int]] = []  # plain LoRA: (delta, rank, weight)
         accepted_metrics: list[MetricRecord] = []
-        replies = list(replies)
-        stats.fail_silent(server_round, replies)
+        answered: set[int] = set()  # node ids only: no reply's payload is kept
         for msg in replies:
             node = stats.node_of(msg)
+            answered.add(node)
             if (stale := stale_reply(msg, server_round)) is not None:
                 stats.reject(server_round, node, stale)
                 continue
@@ -463,33 +472,30 @@ class AdapterFedAvg(FedAvg):
                 self.node_ranks.pop(node, None)
                 continue
             self.node_ranks[node] = rank
-            ranks.append(rank)
             if self.clip_norm:
                 delta, norm = clip_update(delta, self.clip_norm)
                 stats.clipped += norm > self.clip_norm
-            accepted.append((delta, get_int(metrics, keys.NUM_EXAMPLES)))
+            weight = 1 if self.weighting == "uniform" else get_int(metrics, keys.NUM_EXAMPLES)
+            if self.trains_a:
+                factors.append((delta, rank, weight))
+            if rank == self.rank or not self.trains_a:
+                running.add(delta, weight)
+            del delta
             accepted_metrics.append(metrics)
             stats.bytes_up += nbytes
             stats.count_upload(metrics, nbytes)
-        stats.accepted = len(accepted)
-        if not accepted:
+        stats.fail_unanswered(server_round, answered)
+        stats.accepted = len(accepted_metrics)
+        if not accepted_metrics:
             log.warning("round %d: no valid update; the global adapter is unchanged", server_round)
             stats.aggregated_at = time.perf_counter()
             return None, None
-        if any(r < self.rank for r in ranks) and self.trains_a:
+        if any(r < self.rank for _, r, _ in factors):
             # Plain LoRA with mixed ranks: the mean of each device's product B·A,
             # re-factorised at the global rank (FlexLoRA); its deltas stayed at their rank.
-            weights = [1 if self.weighting == "uniform" else n for _, n in accepted]
-            merged = aggregate_products(self._global, [
-                (delta, r, w) for (delta, _), r, w in zip(accepted, ranks, weights, strict=True)])
-        elif self.denominator:
-            total = summed(delta for delta, _ in accepted)
-            merged = apply_delta(self._global,
-                                 {k: v / self.denominator for k, v in total.items()})
+            merged = aggregate_products(self._global, factors)
         else:
-            if self.weighting == "uniform":
-                accepted = [(delta, 1) for delta, _ in accepted]
-            merged = apply_delta(self._global, weighted_average(accepted))
+            merged = apply_delta(self._global, running.mean(self.denominator))
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(accepted_metrics)
 
@@ -566,26 +572,28 @@ class AdapterFedAvg(FedAvg):
                                 f"{self.max_update_norm:.4g} (security.max_update_norm)")
 
 
-def summed(updates: Iterable[TensorsView]) -> dict[str, np.ndarray]:
-    """The sum of each tensor over the updates, in float64 (rounded once, when applied)."""
-    out: dict[str, np.ndarray] = {}
-    for tensors in updates:
-        for key, value in tensors.items():
-            if key in out:
-                out[key] += value
+class RunningSum:
+    """``Σ w·delta`` per tensor in float64, folded in one update at a time (and the total
+    weight): the streaming form of FedAvg's example-weighted mean (McMahan et al. 2017,
+    Alg. 1; of the deltas here, which is the same as averaging the clients' adapters)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.weight = 0.0
+
+    def add(self, delta: TensorsView, weight: float) -> None:
+        for key, value in delta.items():
+            acc = self.sums.get(key)
+            if acc is None:
+                self.sums[key] = value.astype(np.float64) * weight
+            elif weight == 1:
+                acc += value
             else:
-                out[key] = value.astype(np.float64)
-    return out
+                acc += value * np.float64(weight)
+        self.weight += weight
 
-
-def weighted_average(updates: list[tuple[Tensors, int]]) -> Tensors:
-    """Example-weighted mean of each tensor (FedAvg, McMahan et al. 2017, Alg. 1): of the
-    deltas here, which is the same as averaging the clients' adapters."""
-    total = float(sum(count for _, count in updates))
-    out: Tensors = {}
-    for key in updates[0][0]:
-        acc = np.zeros_like(updates[0][0][key], dtype=np.float64)
-        for tensors, count in updates:
-            acc += tensors[key].astype(np.float64) * (count / total)
-        out[key] = acc.astype(np.float32)
-    return out
+    def mean(self, denominator: float = 0) -> Tensors:
+        """The sum over ``denominator`` (client-level DP's fixed one), else the weighted
+        mean; float32, rounded once."""
+        scale = 1.0 / (denominator or self.weight)
+        return {k: (v * scale).astype(np.float32) for k, v in self.sums.items()}

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from protocols.adapter_spec import AdapterSpec
 from protocols.codecs import from_record, to_record
-from server.strategy import AdapterFedAvg, weighted_average
+from server.strategy import AdapterFedAvg, RunningSum
 
 
 @pytest.fixture(autouse=True)
@@ -54,11 +54,16 @@ def _reply(node: int, tensors: dict[str, np.ndarray], examples: int, *, server_r
     return Message(content, reply_to=request)
 
 
-def test_weighted_average_matches_numpy() -> None:
+def test_the_running_sum_is_the_weighted_mean_or_the_sum_over_a_fixed_denominator() -> None:
     rng = np.random.default_rng(1)
     ups = [({A: rng.normal(size=(2, 3)).astype(np.float32)}, n) for n in (1, 3, 6)]
+    running = RunningSum()
+    for update, weight in ups:
+        running.add(update, weight)
     expected = np.average(np.stack([u[A] for u, _ in ups]), axis=0, weights=[1, 3, 6])
-    np.testing.assert_allclose(weighted_average(ups)[A], expected, rtol=1e-6)
+    np.testing.assert_allclose(running.mean()[A], expected, rtol=1e-6)
+    total = sum(w * u[A].astype(np.float64) for u, w in ups)
+    np.testing.assert_allclose(running.mean(denominator=4)[A], total / 4, rtol=1e-6)
 
 
 def test_aggregate_train_weights_by_examples() -> None:
@@ -176,3 +181,42 @@ def test_failures_are_counted_under_the_real_node_ids(caplog: pytest.LogCaptureF
     assert arrays is not None and stats.accepted == 1 and stats.failed == 2
     assert "node 22 failed: node unavailable" in caplog.text
     assert "node 33 failed: no train reply before the timeout" in caplog.text
+
+
+def test_replies_are_folded_in_as_they_arrive_so_memory_does_not_grow_with_the_cohort() -> None:
+    """Streaming aggregation (issue 18, point 2): each reply is decoded, checked, added to
+    the running sum and dropped. Replies made on demand (as a grid that yields them would
+    deliver them): the traced peak of a round of 40 one-megabyte updates is that of a round
+    of 5, where keeping the decoded updates would hold 8x as many. (Flower's ``Message``
+    objects hold reference cycles, which only the cyclic collector frees; the generator
+    collects before each reply, as a grid that releases what it delivered would.)"""
+    import gc
+    import tracemalloc
+
+    big = {A: np.zeros((512, 512), np.float32), B: np.zeros((512, 512), np.float32)}
+    spec = AdapterSpec.from_arrays(big, {}, frozen=frozenset({A}))
+
+    def peak(n: int) -> tuple[int, np.ndarray]:
+        strategy = AdapterFedAvg(spec, weighting="uniform")
+        strategy.begin_round(1, to_record(big), ConfigRecord())
+
+        def replies():  # type: ignore[no-untyped-def]
+            for i in range(n):
+                gc.collect()
+                request = Message(RecordDict(), dst_node_id=100 + i, message_type="train",
+                                  group_id="1")
+                delta = {B: np.full((512, 512), float(i), np.float32)}
+                yield Message(RecordDict({"arrays": to_record(delta),
+                                          "metrics": MetricRecord({"num-examples": 1})}),
+                              reply_to=request)
+        tracemalloc.start()
+        arrays, _ = strategy.aggregate_train(1, replies())
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert arrays is not None and strategy.stats[1].accepted == n
+        return top, from_record(arrays)[B]
+
+    small, mean_small = peak(5)
+    large, mean_large = peak(40)
+    assert mean_small[0, 0] == 2.0 and mean_large[0, 0] == 19.5  # the means themselves
+    assert large < 1.3 * small, (small, large)  # a 1 MB update more would already be +10 %
