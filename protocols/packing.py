@@ -25,6 +25,7 @@ where the index is ``[{"name": str, "dtype": "<f4", "shape": [int, ...]}, ...]``
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -91,12 +92,21 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
         if offset + nbytes > len(blob):
             raise InvalidUpdate(f"`{PACKED_KEY}`: `{name}` ({dtype}{list(shape)}) needs "
                                 f"{nbytes} bytes, {len(blob) - offset} remain")
-        value = np.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=offset)
-        arrays[name] = Array(value.reshape(shape))
+        arrays[name] = _npy_array(dtype, shape, blob[offset:offset + nbytes])
         offset += nbytes
     if offset != len(blob):
         raise InvalidUpdate(f"`{PACKED_KEY}`: {len(blob) - offset} bytes after the last tensor")
     return ArrayRecord(arrays)
+
+
+def _npy_array(dtype: np.dtype[Any], shape: tuple[int, ...], payload: bytes) -> Array:
+    """A Flower ``Array`` of raw C-order bytes: the ``.npy`` header numpy would write, then
+    the bytes (what ``Array(ndarray)`` makes through ``np.save``, without its copies)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    return Array(dtype=str(dtype), shape=shape, stype="numpy.ndarray",
+                 data=header.getvalue() + payload)
 
 
 def _index_length(blob: bytes) -> int:

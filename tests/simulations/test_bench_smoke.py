@@ -572,3 +572,19 @@ def test_ranks(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
     base, mixed = json.loads((tmp_path / "ranks.json").read_text())["rows"]
     assert mixed["trainable"] == 2 * base["trainable"]  # the global adapter has rank 16
     assert_finite([base["perplexity"], mixed["perplexity"]], positive=True)
+
+
+def test_aggregation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md: updates | params | memcpy GB/s | aggregation GB/s | ratio | goal |
+    peak MB | peak MB (1/10)."""
+    from simulations.bench import aggregation
+
+    assert aggregation.main(["--updates", "20", "--params", "4096", "--json",
+                             str(tmp_path / "agg.json")]) == 0
+    rows = table(capsys.readouterr().out, ["updates", "params", "memcpy GB/s",
+                                           "aggregation GB/s", "ratio", "goal", "peak MB",
+                                           "peak MB (1/10)"])
+    assert rows[0][:2] == ["20", "4096"]
+    saved = json.loads((tmp_path / "agg.json").read_text())
+    assert_finite([saved["memcpy_gb_s"], saved["aggregation_gb_s"], saved["peak_mb"]],
+                  positive=True)
