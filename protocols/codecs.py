@@ -118,6 +118,17 @@ class Fp32Codec:
         return not set(record.keys()) & WIRE_KEYS
 
 
+def is_fp32_upload(tensors: Mapping[str, npt.NDArray[Any]]) -> bool:
+    """Whether unpacked tensors are an fp32 upload as :class:`Fp32Codec` reads it: every
+    array little-endian float32, no other codec's wire keys (theirs start with ``#``, or
+    are the seed codec's)."""
+    from protocols.seed_updates import WIRE_KEYS
+
+    return bool(tensors) and all(
+        v.dtype == np.dtype("<f4") and not k.startswith("#") and k not in WIRE_KEYS
+        for k, v in tensors.items())
+
+
 def apply_delta(global_adapter: TensorsView, delta: Mapping[str, npt.NDArray[Any]]) -> Tensors:
     """The new global adapter: ``global + delta`` on the delta's keys (summed in float64,
     stored as float32); every other tensor (FFA-LoRA's frozen A) stays as it is."""
@@ -143,9 +154,10 @@ def _seed_scalar() -> UpdateCodec:
     return SeedScalarCodec()
 
 
-def load_npy_exact(key: str, array: Array) -> npt.NDArray[Any]:
+def load_npy_exact(key: str, array: Array, *, copy: bool = True) -> npt.NDArray[Any]:
     """Parse one untrusted array payload: ``.npy`` only, no pickles, no trailing bytes, and
-    the header exactly as numpy writes it.
+    the header exactly as numpy writes it. ``copy=False`` returns a read-only view of the
+    message's bytes (for a caller that only reads them).
 
     ``np.load`` ignores bytes after the array, so a payload could carry extra data (or be
     padded to any size) unnoticed; the exact length is required instead. Its header parser
@@ -175,7 +187,9 @@ def load_npy_exact(key: str, array: Array) -> npt.NDArray[Any]:
         if len(array.data) == expected and not fortran:
             # One memcpy out of the message's bytes (np.load reads in 256 KiB pieces).
             value = np.frombuffer(array.data, dtype=dtype, count=count,
-                                  offset=header).reshape(shape).copy()
+                                  offset=header).reshape(shape)
+            if copy:
+                value = value.copy()
     except Exception as exc:  # the header parsers raise many types on corrupt bytes
         raise InvalidUpdate(f"`{key}`: payload is not a valid .npy array ({exc})") from None
     if len(array.data) != expected or fortran:

@@ -32,6 +32,7 @@ import struct
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 from flwr.app import Array, ArrayRecord
 
 from protocols.codecs import load_npy_exact
@@ -76,46 +77,61 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     """
     if not is_packed(record):
         return record
+    return ArrayRecord({name: _npy_array(dtype, shape, payload)
+                        for name, dtype, shape, payload in _entries(record)})
+
+
+def unpack_views(record: ArrayRecord) -> dict[str, npt.NDArray[Any]]:
+    """A packed record's tensors as read-only numpy views of the message's bytes: no copy
+    (the coordinator's fast path for fp32 uploads, which it only reads). Strict as
+    :func:`unpack_record`."""
+    return {name: np.frombuffer(payload, dtype=dtype).reshape(shape)
+            for name, dtype, shape, payload in _entries(record)}
+
+
+def _entries(record: ArrayRecord) -> list[tuple[str, np.dtype[Any], tuple[int, ...],
+                                                  memoryview]]:
+    """Each packed tensor's name, dtype, shape and bytes (a view), validated."""
     if len(record) != 1:
         others = sorted(k for k in record if k != PACKED_KEY)
         raise InvalidUpdate(f"a packed record holds only `{PACKED_KEY}`; it also has {others}")
-    packed = load_npy_exact(PACKED_KEY, record[PACKED_KEY])
+    packed = load_npy_exact(PACKED_KEY, record[PACKED_KEY], copy=False)
     if packed.dtype != np.uint8 or packed.ndim != 1:
         raise InvalidUpdate(f"`{PACKED_KEY}`: expected a 1-D uint8 array, got "
                             f"{packed.dtype}{list(packed.shape)}")
-    blob = packed.tobytes()
+    blob = packed.data  # a memoryview of the message's bytes
     index, offset = _read_index(blob)
-    arrays: dict[str, Array] = {}
+    entries = []
     for entry in index:
         name, dtype, shape = entry["name"], np.dtype(entry["dtype"]), tuple(entry["shape"])
         nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > len(blob):
             raise InvalidUpdate(f"`{PACKED_KEY}`: `{name}` ({dtype}{list(shape)}) needs "
                                 f"{nbytes} bytes, {len(blob) - offset} remain")
-        arrays[name] = _npy_array(dtype, shape, blob[offset:offset + nbytes])
+        entries.append((name, dtype, shape, blob[offset:offset + nbytes]))
         offset += nbytes
     if offset != len(blob):
         raise InvalidUpdate(f"`{PACKED_KEY}`: {len(blob) - offset} bytes after the last tensor")
-    return ArrayRecord(arrays)
+    return entries
 
 
-def _npy_array(dtype: np.dtype[Any], shape: tuple[int, ...], payload: bytes) -> Array:
+def _npy_array(dtype: np.dtype[Any], shape: tuple[int, ...], payload: memoryview) -> Array:
     """A Flower ``Array`` of raw C-order bytes: the ``.npy`` header numpy would write, then
     the bytes (what ``Array(ndarray)`` makes through ``np.save``, without its copies)."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {
         "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     return Array(dtype=str(dtype), shape=shape, stype="numpy.ndarray",
-                 data=header.getvalue() + payload)
+                 data=b"".join((header.getvalue(), payload)))
 
 
-def _index_length(blob: bytes) -> int:
+def _index_length(blob: memoryview) -> int:
     if len(blob) < _PREFIX.size:
         raise InvalidUpdate(f"`{PACKED_KEY}`: {len(blob)} bytes, shorter than its "
                             f"{_PREFIX.size}-byte prefix")
     magic, version, length = _PREFIX.unpack_from(blob)
-    if magic != MAGIC or blob[5:8] != b"\0\0\0":
-        raise InvalidUpdate(f"`{PACKED_KEY}`: bad magic {blob[:8]!r}, expected {MAGIC!r} + "
+    if magic != MAGIC or bytes(blob[5:8]) != b"\0\0\0":
+        raise InvalidUpdate(f"`{PACKED_KEY}`: bad magic {bytes(blob[:8])!r}, expected {MAGIC!r} + "
                             "version + 3 zero bytes")
     if version != VERSION:
         raise InvalidUpdate(f"`{PACKED_KEY}`: format version {version}, this coordinator "
@@ -126,11 +142,11 @@ def _index_length(blob: bytes) -> int:
     return int(length)
 
 
-def _read_index(blob: bytes) -> tuple[list[dict[str, Any]], int]:
+def _read_index(blob: memoryview) -> tuple[list[dict[str, Any]], int]:
     """The validated index and the offset of the first tensor's bytes."""
     length = _index_length(blob)
     try:
-        index = json.loads(blob[_PREFIX.size:_PREFIX.size + length].decode("utf-8"))
+        index = json.loads(bytes(blob[_PREFIX.size:_PREFIX.size + length]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidUpdate(f"`{PACKED_KEY}`: index is not UTF-8 JSON ({exc})") from None
     if not isinstance(index, list) or len(index) > MAX_TENSORS:
