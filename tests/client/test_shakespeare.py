@@ -378,3 +378,17 @@ def test_corpus_label_styles(speeches: list[Speech]) -> None:
         ("merry_wives_of_windsor", "MRS. PAGE"),
     ]:
         assert expected in pairs
+
+
+@corpus
+def test_the_population_preset_makes_about_a_thousand_devices(speeches: list[Speech]) -> None:
+    """simulations/configs/population-1000.toml (issue 18): every role with >= 3 speeches
+    is a device — 980 of them, 100 sampled per round."""
+    from protocols.config_file import load_config
+    from simulations.shakespeare_split import split_roles
+
+    preset = Path(__file__).parents[2] / "simulations" / "configs" / "population-1000.toml"
+    config = load_config(preset)
+    devices = split_roles(speeches, config.data)
+    assert len(devices) == 980 and config.train.clients_per_round == 100
+    assert all(len(d["train"]) >= 1 and len(d["heldout"]) >= 1 for d in devices)  # type: ignore[arg-type]
