@@ -113,9 +113,12 @@ class Fp32Codec:
         return from_record(record)
 
     def recognises(self, record: ArrayRecord) -> bool:
+        """Tensor names only: no other codec's wire keys (the lossy codecs' start with
+        ``#``; the seed codec has its own), so a round allowing several tells them apart."""
         from protocols.seed_updates import WIRE_KEYS
 
-        return not set(record.keys()) & WIRE_KEYS
+        return not set(record.keys()) & WIRE_KEYS and not any(
+            k.startswith("#") for k in record.keys())
 
 
 def is_fp32_upload(tensors: Mapping[str, npt.NDArray[Any]]) -> bool:

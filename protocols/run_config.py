@@ -32,6 +32,16 @@ def check_device_name(key: str, value: str) -> None:
         raise ConfigError(f"{key} = {value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+def _edge_uploads() -> list[str]:
+    """What an edge device may upload: seeds and scalars, its dense fp32 delta, or that
+    delta through a lossy codec."""
+    from protocols.codecs import codec_names
+    from protocols.seed_updates import SEED_CODEC_NAME
+
+    return [SEED_CODEC_NAME, "dense", *(n for n in codec_names()
+                                        if n not in (SEED_CODEC_NAME, "fp32"))]
+
+
 def _torch_codecs() -> list[str]:
     """Codecs a torch client can send: every registered one but the edge-only seed codec,
     and ``auto`` (the coordinator picks the most precise one that fits the budget)."""
@@ -254,9 +264,11 @@ class EdgeSection(Section):
     learning_rate: float = setting(0.001, "MeZO step size", gt=0, lt=100)
     local_steps: int = setting(12, "MeZO steps (two forward passes each)", ge=1)
     epsilon: float = setting(1e-3, "MeZO perturbation scale", gt=0)
-    upload: Literal["seed-scalar", "dense"] = setting(
-        "seed-scalar", "'seed-scalar' (a few hundred bytes) or 'dense' (fp32 tensors); under "
-        "secure aggregation edge updates are always dense and masked")
+    upload: str = setting(
+        "seed-scalar", "'seed-scalar' (a few hundred bytes), 'dense' (fp32 tensors) or a "
+        "lossy codec of federation.codec's for the dense delta (int8, int4, ...: the edge "
+        "devices' own codec); under secure aggregation edge updates are always dense and "
+        "masked", choices=_edge_uploads)
     max_abs_scalar: float = setting(1e3, "coordinator's bound on one projected gradient", gt=0)
 
     def is_edge(self, partition_id: int, seed: int = 0) -> bool:

@@ -93,10 +93,11 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
                 f"(the smallest, int2: {sizes['int2']}); raise the budget, train fewer "
                 "coordinates, or choose a smaller codec")
         return codec
-    if budget and config.edge.fraction > 0 and config.edge.upload == "dense" and (
-            (dense := upload_size("fp32", shapes)) > budget):
+    if budget and config.edge.fraction > 0 and config.edge.upload != "seed-scalar" and (
+            (dense := upload_size(edge_codec(config), shapes, every)) > budget):
         raise ConfigError(
-            f"edge devices upload their dense fp32 delta (edge.upload = 'dense'): {dense} "
+            f"edge devices upload their dense delta (edge.upload = {config.edge.upload!r}): "
+            f"{dense} "
             f"bytes, over {limit}; raise the budget or let "
             "edge devices send seeds and scalars (edge.upload = 'seed-scalar')")
     if codec == "auto":
@@ -108,6 +109,12 @@ def upload_codec(config: RunConfig, spec: AdapterSpec) -> str:
             f"federation.codec = {codec!r} uploads {size} bytes per device, over "
             f"{limit}; choose a smaller codec or 'auto'")
     return codec
+
+
+def edge_codec(config: RunConfig) -> str:
+    """The codec edge devices upload with: seeds and scalars, or their dense delta (fp32
+    for 'dense', else the lossy codec ``edge.upload`` names)."""
+    return "fp32" if config.edge.upload == "dense" else config.edge.upload
 
 
 def round_upload_budget(config: RunConfig) -> int:
@@ -244,7 +251,7 @@ def instructions(config: RunConfig) -> tuple[ConfigRecord, ConfigRecord]:
     if config.edge.fraction > 0:  # what edge (forward-only) clients use instead
         train[keys.EDGE_LOCAL_STEPS] = config.edge.local_steps
         train[keys.EDGE_LEARNING_RATE] = config.edge.learning_rate
-        train[keys.EDGE_CODEC] = "fp32" if config.edge.upload == "dense" else "seed-scalar"
+        train[keys.EDGE_CODEC] = edge_codec(config)
     evaluate = ConfigRecord(
         {keys.SEQ_LEN: config.train.seq_len, keys.BATCH_SIZE: config.eval.batch_size}
     )

@@ -83,11 +83,17 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+@pytest.mark.parametrize(("edge_codec", "arrays"), [
+    ("seed-scalar", ["mezo-header", "mezo-scalars", "mezo-seeds"]),
+    ("int4", ["#int4", "#int4-scale", "#tensors"]),  # edge.upload = "int4": its own codec
+])
 def test_the_edge_client_app_trains_with_torch_unavailable(
-    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
+    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path, edge_codec: str,
+    arrays: list[str]
 ) -> None:
     """The ClientApp's train handler for an edge node, in a process where torch cannot be
-    imported: it trains on the ONNX export and uploads seeds and scalars."""
+    imported: it trains on the ONNX export and uploads seeds and scalars (or, with a lossy
+    edge codec, its dense delta compressed, still without torch)."""
     from simulations.runner import check_inputs, flower_run_config
 
     inputs = check_inputs(_config(tiny_model_dir, secagg=False), mini_cache)
@@ -110,7 +116,7 @@ def test_the_edge_client_app_trains_with_torch_unavailable(
         adapter = dict(np.load({str(adapter_file)!r}))
         config = ConfigRecord({{"server-round": 1, "local-steps": 3, "batch-size": 2,
             "learning-rate": 0.01, "seq-len": 16, "seed": 0, "codec": "fp32",
-            "edge-local-steps": 4, "edge-learning-rate": 0.3, "edge-codec": "seed-scalar"}})
+            "edge-local-steps": 4, "edge-learning-rate": 0.3, "edge-codec": {edge_codec!r}}})
         msg = Message(RecordDict({{"arrays": to_record(adapter), "config": config}}),
                       dst_node_id=5, message_type="train")
         ctx = Context(run_id=1, node_id=5, node_config={{"partition-id": 0}},
@@ -127,5 +133,5 @@ def test_the_edge_client_app_trains_with_torch_unavailable(
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["torch"] is False
-    assert out["arrays"] == ["mezo-header", "mezo-scalars", "mezo-seeds"]
+    assert out["arrays"] == arrays
     assert out["metrics"]["edge-client"] == 1.0 and out["metrics"]["upload-bytes"] <= 1024
