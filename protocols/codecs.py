@@ -118,7 +118,7 @@ class Fp32Codec:
         from protocols.seed_updates import WIRE_KEYS
 
         return not set(record.keys()) & WIRE_KEYS and not any(
-            k.startswith("#") for k in record.keys())
+            k.startswith("#") for k in record)
 
 
 def is_fp32_upload(tensors: Mapping[str, npt.NDArray[Any]]) -> bool:
