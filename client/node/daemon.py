@@ -209,7 +209,6 @@ class DaemonConfig(Section):
             "partition-id": self.partition_id,
             "fedtune-client-kind": self.kind,
             "fedtune-client-threads": self.threads,
-            "fedtune-lora-rank": self.lora_rank,
             "fedtune-require-manifest": self.require_manifest,
             "fedtune-require-secagg": self.require_secagg,
             "fedtune-data-format": self.format,
@@ -224,6 +223,8 @@ class DaemonConfig(Section):
                     "fedtune-identity-key": self.identity_key,
                     "fedtune-client-device": self.device or None}
         values.update({k: str(v) for k, v in optional.items() if v is not None})
+        if self.lora_rank:  # an integer, as the run config's lora.device_rank needs it
+            values["fedtune-lora-rank"] = self.lora_rank
         return values
 
     def supernode_spec(self) -> SuperNodeSpec:
