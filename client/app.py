@@ -231,9 +231,9 @@ def handle_train(msg: Message, context: Context, flat: Mapping[str, Any]) -> Mes
         upload_key = secagg_wire.MASKED
         masking = secagg_wire.MaskingInstruction.from_record(msg.content)
         levels = masking.levels
-        # Under distributed DP the rounding loss is mostly the noise's: carrying it on would
-        # let noise crowd out the next update under the clip, so no feedback there.
-        feedback = (levels > 0 and not masking.dp_noise_std
+        # Under distributed DP no feedback: the loss would be mostly noise, or (Skellam
+        # noise after rounding) this device's un-noised rounding, carried into the next one.
+        feedback = (levels > 0 and not masking.dp_clip_norm
                     and RunConfig.from_flat(flat).federation.error_feedback)
         tag = f"secagg-levels-{levels}"
         if feedback:  # a quantized round: what the last one lost joins this update

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from protocols.privacy.skellam import conditional_round, sample_skellam
 from protocols.records import get_int
 from protocols.secagg import (
     InconsistentRequest,
@@ -48,6 +49,7 @@ from protocols.secagg import (
     share_associated_data,
     split,
 )
+from protocols.secagg.fixed_point import wrap_integers
 from protocols.secagg.identity import (
     RosterError,
     SignedRoster,
@@ -318,12 +320,17 @@ def protect_and_encode(
     ``N(0, σ²)``; quantizing (and clipping to the fixed-point range) acts on that noised
     vector only, so it is post-processing and the accounting is unchanged whatever the
     codec. The update reaches the encoder only through its clipped, noised value.
+
+    A quantized upload with DP (``inst.integer_noise``) rounds first and then adds Skellam
+    noise to the integers (:func:`_clip_round_and_noise`): rounding the Gaussian-noised
+    value of one device on a coarse grid would not sum to a Gaussian.
     """
     x = np.asarray(update, dtype=np.float64)
+    if inst.integer_noise:
+        return _clip_round_and_noise(x, inst, noise_rng=noise_rng,
+                                     rounding_rng=rounding_rng), None
     if inst.dp_noise_std > 0:
-        norm = float(np.linalg.norm(x))
-        if norm > inst.dp_clip_norm:
-            x = x * (inst.dp_clip_norm / norm)
+        x = _clip_norm(x, inst.dp_clip_norm)
         x = x + noise_rng.normal(0.0, inst.dp_noise_std, size=x.shape)
     scale, clip, bits = inst.scale, inst.clip_range, inst.modulus_bits
     if not inst.levels:
@@ -332,6 +339,27 @@ def protect_and_encode(
                    rng=rounding_rng)
     sent = decode_sum(codes, scale=scale, clip=clip, modulus_bits=bits, num_clients=1)
     return codes, x - sent.astype(np.float64)
+
+
+def _clip_norm(x: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.float64]:
+    norm = float(np.linalg.norm(x))
+    return x * (bound / norm) if norm > bound else x
+
+
+def _clip_round_and_noise(
+    x: npt.NDArray[np.float64], inst: MaskingInstruction, *,
+    noise_rng: np.random.Generator, rounding_rng: np.random.Generator,
+) -> npt.NDArray[Any]:
+    """The Skellam mechanism's device side (:mod:`protocols.privacy.skellam`): clip to L2
+    norm ``C`` and each coordinate to the range, scale, round stochastically within the L2
+    bound ``Δ2`` the coordinator accounted, add Skellam noise, wrap into the modulus. No
+    error feedback: the residual would carry this device's un-noised rounding forward."""
+    if not np.isfinite(x).all():
+        raise ValueError("the update has NaN or infinite coordinates; refusing to encode")
+    clipped = np.clip(_clip_norm(x, inst.dp_clip_norm), -inst.clip_range, inst.clip_range)
+    codes = conditional_round(clipped * inst.scale, bound=inst.rounding_bound, rng=rounding_rng)
+    codes += sample_skellam(noise_rng, inst.skellam_variance, codes.size)
+    return wrap_integers(codes, inst.modulus_bits)
 
 
 def mask_update(

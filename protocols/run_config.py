@@ -357,8 +357,10 @@ class PrivacySection(Section):
     delta: float = setting(1e-5, "delta of the (epsilon, delta) ledger", gt=0, lt=1)
     epsilon_budget: float = setting(
         0.0, "stop training before epsilon would exceed it; 0 = no budget", ge=0)
-    accountant: Literal["rdp", "pld"] = setting(
-        "rdp", "'rdp' (Renyi DP) or 'pld' (privacy loss distributions: tighter, slower)")
+    accountant: Literal["rdp", "pld", "rdp-integer"] = setting(
+        "rdp", "'rdp' (Renyi DP), 'pld' (privacy loss distributions: tighter, slower) or "
+        "'rdp-integer' (Renyi DP at integer orders: what a quantized codec under secure "
+        "aggregation needs, whose Skellam noise is bounded by the Gaussian only there)")
     client_sampling: Literal["auto", "poisson", "fixed"] = setting(
         "auto", "how a round samples devices under client_dp: 'poisson' (each connected "
         "device joins independently with probability clients_per_round / N, the sampling the "
@@ -449,15 +451,13 @@ class RunConfig:
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
         quantized = self.security.secagg and self.federation.codec in QUANTIZED_LEVELS
-        if quantized and self.privacy.client_dp:
+        if quantized and self.privacy.client_dp and self.privacy.accountant != "rdp-integer":
             raise ConfigError(
                 f"federation.codec = {self.federation.codec!r} under security.secagg with "
-                "privacy.client_dp: each device would round its own share of the noise, and "
-                "the sum of rounded shares is not the Gaussian sum the accountant covers "
-                "(that needs integer noise added after rounding: distributed discrete "
-                "Gaussian / Skellam, not implemented). Use codec 'fp32' (exact fixed point), "
-                "or turn secure aggregation off: the coordinator then clips and noises what "
-                "it decoded, so a lossy codec leaves the accounting unchanged")
+                f"privacy.client_dp needs privacy.accountant = 'rdp-integer', not "
+                f"{self.privacy.accountant!r}: each device adds integer (Skellam) noise after "
+                "rounding, whose privacy is bounded by the Gaussian's only at integer Renyi "
+                "orders. Set accountant = 'rdp-integer', or use codec 'fp32'")
         if quantized and self.edge.fraction > 0 and not self.security.secagg_quant_range:
             raise ConfigError(
                 "security.secagg_quant_range = 0 (auto: local steps x learning rate, Adam's "

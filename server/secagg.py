@@ -75,6 +75,7 @@ from protocols.secagg.identity import (
     consistency_message,
     verify_signature,
 )
+from protocols.secagg.integer_noise import plan_integer_noise
 from server.strategy import AdapterFedAvg, RoundStats, reply_metrics, stale_reply
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class _Round:
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
     senders: set[int] = field(default_factory=set)  # U2: shared keys
     instruction: dict[int, wire.MaskingInstruction] = field(default_factory=dict)
+    noise_bound: int = 0  # of the summed integer noise (quantized uploads with DP)
 
 
 def content_nbytes(content: RecordDict) -> int:
@@ -231,13 +233,23 @@ class SecAggFedAvg(AdapterFedAvg):
 
         noise_std = 0.0
         clip_range = self.clip_range
-        if self.dp_noise_multiplier > 0:
+        rounding_bound = skellam_variance = 0.0
+        if self.dp_noise_multiplier > 0 and not self.levels:
             noise_std = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(rnd.threshold)
             clip_range = max(clip_range, self.dp_clip_norm + 6.0 * noise_std)
         modulus_bits = self.modulus_bits
-        if self.levels:
-            # The noised coordinates are mostly noise: the grid spans 4 of its deviations.
-            clip_range = max(self.quant_range, 4.0 * noise_std)
+        if self.levels and self.dp_noise_multiplier > 0:
+            # DP on a quantized upload: integer (Skellam) noise after rounding.
+            plan = plan_integer_noise(
+                num_clients=len(rnd.senders), threshold=rnd.threshold,
+                dim=self.vector_length, clip_norm=self.dp_clip_norm,
+                noise_multiplier=self.dp_noise_multiplier, quant_range=self.quant_range,
+                levels=self.levels)
+            scale, clip_range, modulus_bits = plan.scale, plan.clip_range, plan.modulus_bits
+            rounding_bound, skellam_variance = plan.rounding_bound, plan.per_client_variance
+            rnd.noise_bound = plan.noise_bound
+        elif self.levels:
+            clip_range = self.quant_range
             modulus_bits = quantized_modulus_bits(len(rnd.senders), self.levels)
             scale = quantized_scale(self.levels, clip_range)
         else:
@@ -250,8 +262,9 @@ class SecAggFedAvg(AdapterFedAvg):
                 round_id=rnd.round_id,
                 ciphertexts={s: inbox[node][s] for s in rnd.senders if s != node},
                 modulus_bits=modulus_bits, scale=scale, clip_range=clip_range,
-                dp_clip_norm=self.dp_clip_norm if noise_std else 0.0, dp_noise_std=noise_std,
-                levels=self.levels,
+                dp_clip_norm=self.dp_clip_norm if self.dp_noise_multiplier else 0.0,
+                dp_noise_std=noise_std, levels=self.levels, rounding_bound=rounding_bound,
+                skellam_variance=skellam_variance,
             )
             rnd.instruction[node] = inst
             content = RecordDict({keys.ARRAYS: template.array_records[keys.ARRAYS],
@@ -374,7 +387,8 @@ class SecAggFedAvg(AdapterFedAvg):
                                     self_seeds=b_seeds, dropped_pair_seeds=pair_seeds,
                                     modulus_bits=inst.modulus_bits)
             total = decode_sum(unmasked, scale=inst.scale, clip=inst.clip_range,
-                               modulus_bits=inst.modulus_bits, num_clients=len(survivors))
+                               modulus_bits=inst.modulus_bits, num_clients=len(survivors),
+                               noise_bound=rnd.noise_bound)
         except (ValueError, TypeError) as exc:
             log.warning("round %d: secure aggregation could not recover the sum (%s); "
                         "the global adapter is unchanged", server_round, exc)

@@ -7,6 +7,7 @@ for the tight PLD accountant), so the coordinator and edge devices can both impo
 from protocols.privacy.accounting import (
     ACCOUNTANTS,
     DEFAULT_ORDERS,
+    INTEGER_ORDERS,
     HistoryEntry,
     client_sample_rate,
     epsilon_for_history,
@@ -27,6 +28,7 @@ from protocols.privacy.ledger import (
 __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_ORDERS",
+    "INTEGER_ORDERS",
     "MECHANISM",
     "HistoryEntry",
     "LedgerEntry",

@@ -30,6 +30,11 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
 )
 
+#: Integer orders only: the RDP of a subsampled mechanism that is not Gaussian (the Skellam
+#: noise of quantized secure aggregation, :mod:`protocols.privacy.skellam`) is bounded by the
+#: sampled Gaussian's at integer orders, and only there.
+INTEGER_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 257))
+
 #: PLD grid step of the privacy loss (dp_accounting's default); 1e-3 is ~5x faster, ~1e-3 looser.
 PLD_VALUE_DISCRETIZATION = 1e-4
 
@@ -267,7 +272,8 @@ def prv_epsilon(
 
 
 ACCOUNTANTS: Mapping[str, HistoryAccountant] = MappingProxyType(
-    {"rdp": _rdp_history, "pld": _pld_history}
+    {"rdp": _rdp_history, "pld": _pld_history,
+     "rdp-integer": functools.partial(_rdp_history, orders=INTEGER_ORDERS)}
 )
 
 
@@ -309,7 +315,7 @@ def noise_multiplier_for(
     if not 0 < rtol < 1:
         raise ValueError(f"rtol = {rtol!r}: must be in (0, 1)")
     get_accountant(accountant)
-    hi, factor = (1.0, 2.0) if accountant == "rdp" else (noise_multiplier_for(
+    hi, factor = (1.0, 2.0) if accountant.startswith("rdp") else (noise_multiplier_for(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, rtol=1e-2
     ), 1.25)
     lo = 0.0  # bracket: ε(lo) > target >= ε(hi); ε grows without bound as σ -> 0 (q > 0)

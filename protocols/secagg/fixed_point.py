@@ -132,8 +132,14 @@ def encode(
         q = np.rint(scaled).astype(np.int64)
     else:  # floor(v + u) can reach bound + 1 only through float rounding: clip it back
         q = np.clip(np.floor(scaled + rng.random(scaled.shape)), -bound, bound).astype(np.int64)
+    return wrap_integers(q, modulus_bits)
+
+
+def wrap_integers(q: npt.NDArray[np.int64], modulus_bits: int) -> UIntArray:
+    """Signed integers as residues mod ``2**modulus_bits`` (two's complement)."""
+    uint_dtype(modulus_bits)
     # int64 -> uint64 reinterprets two's complement; masking to k bits is exact mod 2**k.
-    wrapped = q.view(np.uint64)
+    wrapped = np.ascontiguousarray(q, dtype=np.int64).view(np.uint64)
     if modulus_bits <= 32:
         narrow = (wrapped & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         return reduce_mod(narrow, modulus_bits)
@@ -141,15 +147,20 @@ def encode(
 
 
 def decode_sum(
-    s: npt.NDArray[Any], *, scale: float, clip: float, modulus_bits: int, num_clients: int
+    s: npt.NDArray[Any], *, scale: float, clip: float, modulus_bits: int, num_clients: int,
+    noise_bound: int = 0,
 ) -> npt.NDArray[np.float32]:
     """Read a sum of ``num_clients`` encodings as signed integers and scale back to float32.
 
-    Every coordinate of an honest sum lies within ``±num_clients · ceil(clip · scale)``; a value
-    outside means the masks were not removed correctly (or a client encoded with other
-    parameters), so this raises ``ValueError`` instead of returning noise as an aggregate.
+    Every coordinate of an honest sum lies within ``±num_clients · ceil(clip · scale)`` (plus
+    ``noise_bound`` where the clients added integer noise); a value outside means the masks
+    were not removed correctly (or a client encoded with other parameters, or the noise
+    reached a tail the modulus was sized to make negligible), so this raises ``ValueError``
+    instead of returning noise as an aggregate.
     """
     check_headroom(num_clients=num_clients, clip=clip, scale=scale, modulus_bits=modulus_bits)
+    if isinstance(noise_bound, bool) or not isinstance(noise_bound, int) or noise_bound < 0:
+        raise ValueError(f"noise_bound must be an int >= 0, got {noise_bound!r}")
     dtype = uint_dtype(modulus_bits)
     arr = np.asarray(s)
     if arr.dtype != dtype:
@@ -162,13 +173,15 @@ def decode_sum(
         signed = wide - (((wide >> (modulus_bits - 1)) & 1) << modulus_bits)
     else:
         signed = arr.view(np.int32 if modulus_bits == 32 else np.int64)
-    bound = num_clients * math.ceil(clip * scale)  # < 2**(k-1): fits the signed dtype
+    bound = num_clients * math.ceil(clip * scale) + noise_bound
+    if bound >= 1 << (modulus_bits - 1):
+        raise ValueError(f"the sum's bound {bound} does not fit {modulus_bits} signed bits")
     outside = int(np.count_nonzero((signed > bound) | (signed < -bound)))
     if outside:
         raise ValueError(
             f"decoded sum has {outside} of {signed.size} coordinates outside "
-            f"±num_clients * ceil(clip * scale) = ±{bound}: the masks were not removed "
-            f"correctly or a client encoded with different parameters"
+            f"±(num_clients * ceil(clip * scale) + noise_bound) = ±{bound}: the masks were not "
+            f"removed correctly or a client encoded with different parameters"
         )
     return (signed.astype(np.float64) / scale).astype(np.float32)
 

@@ -294,7 +294,10 @@ class MaskingInstruction:
     distributed Gaussian noise after clipping its update to L2 norm ``dp_clip_norm``.
     ``levels`` > 0 asks for a quantized upload: stochastic rounding to codes in
     ``[-levels, levels]`` (``scale = levels / clip_range``) summed in a small modulus; 0 is
-    the exact fixed point (round to nearest, 32 or 64 bits).
+    the exact fixed point (round to nearest, 32 or 64 bits). With DP on a quantized upload
+    the noise is integer instead (:mod:`protocols.privacy.skellam`): ``rounding_bound`` > 0
+    is the L2 bound of the rounded, scaled update and ``skellam_variance`` the variance of
+    the Skellam noise this client adds to it, in code units; ``dp_noise_std`` is then 0.
     """
 
     round_id: int
@@ -305,6 +308,13 @@ class MaskingInstruction:
     dp_clip_norm: float = 0.0
     dp_noise_std: float = 0.0
     levels: int = 0
+    rounding_bound: float = 0.0
+    skellam_variance: float = 0.0
+
+    @property
+    def integer_noise(self) -> bool:
+        """Whether this round's DP noise is Skellam, added to the integers after rounding."""
+        return self.skellam_variance > 0
 
     def to_record(self) -> ConfigRecord:
         nodes = list(self.ciphertexts)
@@ -313,6 +323,8 @@ class MaskingInstruction:
             "modulus-bits": self.modulus_bits, "scale": float(self.scale),
             "clip-range": float(self.clip_range), "dp-clip-norm": float(self.dp_clip_norm),
             "dp-noise-std": float(self.dp_noise_std), "levels": self.levels,
+            "rounding-bound": float(self.rounding_bound),
+            "skellam-variance": float(self.skellam_variance),
         })
         _put_list(rec, "ciphertexts", [self.ciphertexts[n] for n in nodes])
         return rec
@@ -331,6 +343,8 @@ class MaskingInstruction:
             dp_clip_norm=_get(rec, "dp-clip-norm", float),
             dp_noise_std=_get(rec, "dp-noise-std", float),
             levels=_get(rec, "levels", int),
+            rounding_bound=_get(rec, "rounding-bound", float),
+            skellam_variance=_get(rec, "skellam-variance", float),
         )
         if inst.modulus_bits not in ALL_MODULUS_BITS:
             raise SecAggProtocolError(f"`modulus-bits` must be 2 to 32 or 64, got "
@@ -342,12 +356,20 @@ class MaskingInstruction:
             value = getattr(inst, name)
             if not (math.isfinite(value) and value > 0):
                 raise SecAggProtocolError(f"`{name}` must be finite and > 0, got {value}")
-        for name in ("dp_clip_norm", "dp_noise_std"):
+        for name in ("dp_clip_norm", "dp_noise_std", "rounding_bound", "skellam_variance"):
             value = getattr(inst, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SecAggProtocolError(f"`{name}` must be finite and >= 0, got {value}")
-        if (inst.dp_noise_std > 0) != (inst.dp_clip_norm > 0):
-            raise SecAggProtocolError("distributed DP needs both dp-clip-norm and dp-noise-std")
+        if inst.dp_noise_std > 0 and inst.integer_noise:
+            raise SecAggProtocolError("dp-noise-std and skellam-variance: one kind of noise")
+        if (inst.dp_noise_std > 0 or inst.integer_noise) != (inst.dp_clip_norm > 0):
+            raise SecAggProtocolError(
+                "distributed DP needs both dp-clip-norm and a noise (dp-noise-std or "
+                "skellam-variance)")
+        if inst.integer_noise != (inst.rounding_bound > 0) or (
+                inst.integer_noise and not inst.levels):
+            raise SecAggProtocolError(
+                "skellam-variance needs rounding-bound and a quantized upload (levels > 0)")
         return inst
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import RecordDict
 
 from client.secagg_client import protect_and_encode
 from protocols.secagg import decode_sum, encode
@@ -15,7 +16,7 @@ from protocols.secagg.fixed_point import (
 )
 from protocols.secagg.masks import masked_input, new_seed
 from protocols.secagg.unmask import remove_masks, sum_masked
-from protocols.secagg.wire import MaskingInstruction
+from protocols.secagg.wire import RECORD, MaskingInstruction
 
 
 def _instruction(levels: int, n: int, *, clip_range: float, dp: bool) -> MaskingInstruction:
@@ -102,3 +103,39 @@ def test_stochastic_codes_are_unbiased() -> None:
                      for s in range(2000)])
     # each value is one of two grid points; the std of a 2,000-draw mean is <= clip / 89
     assert np.all(np.abs(runs.mean(axis=0) - x) <= 5 * clip / 2 / np.sqrt(2000))
+
+
+def test_dp_on_a_quantized_upload_rounds_first_then_adds_integer_noise() -> None:
+    """Skellam mode (issue 16, point 2 with DP): clip to C, clip coordinates, scale, round
+    within Δ2, *then* add Skellam noise in the integers. The codes depend on the update only
+    through its clipped value; the rounded vector (the codes less the device's noise) is an
+    integer vector of norm <= Δ2 within one step of the scaled, clipped update; no residual
+    is kept (it would carry un-noised rounding forward)."""
+    from protocols.privacy.skellam import sample_skellam
+    from protocols.secagg.fixed_point import wrap_integers
+    from protocols.secagg.integer_noise import plan_integer_noise
+
+    plan = plan_integer_noise(num_clients=4, threshold=3, dim=400, clip_norm=1.0,
+                              noise_multiplier=0.8, quant_range=0.2, levels=7)
+    inst = MaskingInstruction(
+        round_id=1, ciphertexts={}, levels=7, clip_range=plan.clip_range, scale=plan.scale,
+        modulus_bits=plan.modulus_bits, dp_clip_norm=1.0, rounding_bound=plan.rounding_bound,
+        skellam_variance=plan.per_client_variance)
+    assert inst.integer_noise and MaskingInstruction.from_record(
+        RecordDict({RECORD: inst.to_record()})) == inst
+    x = np.random.default_rng(0).normal(size=400)
+    x *= 5.0 / np.linalg.norm(x)  # beyond C = 1: clipped
+    codes, lost = _encode(x, inst)
+    assert lost is None and codes.dtype == np.uint32
+    again, _ = _encode(3.0 * x, inst)
+    np.testing.assert_array_equal(codes, again)
+    noise = sample_skellam(np.random.default_rng(1), inst.skellam_variance, 400)
+    rounded = (wrap_integers(-noise, inst.modulus_bits).astype(np.int64) + codes) % (
+        1 << inst.modulus_bits)
+    rounded = np.where(rounded >= 1 << (inst.modulus_bits - 1),
+                       rounded - (1 << inst.modulus_bits), rounded)
+    target = np.clip(x / np.linalg.norm(x), -inst.clip_range, inst.clip_range) * inst.scale
+    assert np.all(np.abs(rounded - target) < 1)
+    assert float(np.linalg.norm(rounded)) <= inst.rounding_bound
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        _encode(np.full(400, np.nan), inst)

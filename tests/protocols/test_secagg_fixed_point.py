@@ -119,8 +119,15 @@ def test_decode_refuses_wrong_dtype_and_out_of_range_sums() -> None:
         decode_sum(np.zeros(2, dtype=np.uint64), **params)  # type: ignore[arg-type]
     # a leftover mask looks like a uniformly random word: far outside ±3·1024
     garbage = np.array([0, 3072, 2**32 - 3072, 123456789], dtype=np.uint32)
-    with pytest.raises(ValueError, match=r"1 of 4 coordinates outside ±num_clients \* ceil"):
+    with pytest.raises(ValueError, match=r"1 of 4 coordinates outside ±\(num_clients \* ceil"):
         decode_sum(garbage, **params)  # type: ignore[arg-type]
+    # integer noise widens the band by its bound, and a band beyond the modulus is refused
+    wide = decode_sum(garbage[:3], noise_bound=100, **params)
+    np.testing.assert_array_equal(wide, np.array([0, 3, -3], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"1 of 2 coordinates outside ±\(.*\) = ±3172"):
+        decode_sum(np.array([3172, 3173], dtype=np.uint32), noise_bound=100, **params)
+    with pytest.raises(ValueError, match="does not fit 32 signed bits"):
+        decode_sum(garbage, noise_bound=2**31, **params)
 
 
 def test_error_bound_formula() -> None:
