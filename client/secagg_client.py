@@ -30,7 +30,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from protocols.privacy.skellam import conditional_round, sample_skellam
+from protocols.privacy.skellam import conditional_round, rounding_norm_bound, sample_skellam
 from protocols.records import get_int
 from protocols.secagg import (
     InconsistentRequest,
@@ -49,7 +49,7 @@ from protocols.secagg import (
     share_associated_data,
     split,
 )
-from protocols.secagg.fixed_point import wrap_integers
+from protocols.secagg.fixed_point import check_headroom, wrap_integers
 from protocols.secagg.identity import (
     RosterError,
     SignedRoster,
@@ -327,7 +327,7 @@ def protect_and_encode(
     """
     x = np.asarray(update, dtype=np.float64)
     if inst.integer_noise:
-        return _clip_round_and_noise(x, inst, noise_rng=noise_rng,
+        return _clip_round_and_noise(x, inst, num_clients=num_clients, noise_rng=noise_rng,
                                      rounding_rng=rounding_rng), None
     if inst.dp_noise_std > 0:
         x = _clip_norm(x, inst.dp_clip_norm)
@@ -347,13 +347,22 @@ def _clip_norm(x: npt.NDArray[np.float64], bound: float) -> npt.NDArray[np.float
 
 
 def _clip_round_and_noise(
-    x: npt.NDArray[np.float64], inst: MaskingInstruction, *,
+    x: npt.NDArray[np.float64], inst: MaskingInstruction, *, num_clients: int,
     noise_rng: np.random.Generator, rounding_rng: np.random.Generator,
 ) -> npt.NDArray[Any]:
     """The Skellam mechanism's device side (:mod:`protocols.privacy.skellam`): clip to L2
     norm ``C`` and each coordinate to the range, scale, round stochastically within the L2
     bound ``Δ2`` the coordinator accounted, add Skellam noise, wrap into the modulus. No
     error feedback: the residual would carry this device's un-noised rounding forward."""
+    # The coordinator's parameters are checked before the data is looked at: a bound too
+    # tight for a clipped update would make the rounding fail, or not, depending on it.
+    needed = rounding_norm_bound(inst.scale * inst.dp_clip_norm, x.size)
+    if inst.rounding_bound < needed:
+        raise SecAggProtocolError(
+            f"rounding bound {inst.rounding_bound:.6g} is below the {needed:.6g} a clipped "
+            "update needs at this scale; refusing (the outcome would depend on my data)")
+    check_headroom(num_clients=num_clients, clip=inst.clip_range, scale=inst.scale,
+                   modulus_bits=inst.modulus_bits)
     if not np.isfinite(x).all():
         raise ValueError("the update has NaN or infinite coordinates; refusing to encode")
     clipped = np.clip(_clip_norm(x, inst.dp_clip_norm), -inst.clip_range, inst.clip_range)

@@ -357,10 +357,11 @@ class PrivacySection(Section):
     delta: float = setting(1e-5, "delta of the (epsilon, delta) ledger", gt=0, lt=1)
     epsilon_budget: float = setting(
         0.0, "stop training before epsilon would exceed it; 0 = no budget", ge=0)
-    accountant: Literal["rdp", "pld", "rdp-integer"] = setting(
+    accountant: Literal["rdp", "pld", "rdp-general"] = setting(
         "rdp", "'rdp' (Renyi DP), 'pld' (privacy loss distributions: tighter, slower) or "
-        "'rdp-integer' (Renyi DP at integer orders: what a quantized codec under secure "
-        "aggregation needs, whose Skellam noise is bounded by the Gaussian only there)")
+        "'rdp-general' (Renyi DP with the subsampling bound for any mechanism as private as "
+        "the Gaussian: what a quantized codec under secure aggregation with client_dp needs, "
+        "whose Skellam noise is not Gaussian; a little looser)")
     client_sampling: Literal["auto", "poisson", "fixed"] = setting(
         "auto", "how a round samples devices under client_dp: 'poisson' (each connected "
         "device joins independently with probability clients_per_round / N, the sampling the "
@@ -451,13 +452,14 @@ class RunConfig:
                 "would train nothing; use 'auto' (a fixed-size sample under secure "
                 "aggregation) or 'fixed', or turn secure aggregation off")
         quantized = self.security.secagg and self.federation.codec in QUANTIZED_LEVELS
-        if quantized and self.privacy.client_dp and self.privacy.accountant != "rdp-integer":
+        if quantized and self.privacy.client_dp and self.privacy.accountant != "rdp-general":
             raise ConfigError(
                 f"federation.codec = {self.federation.codec!r} under security.secagg with "
-                f"privacy.client_dp needs privacy.accountant = 'rdp-integer', not "
+                f"privacy.client_dp needs privacy.accountant = 'rdp-general', not "
                 f"{self.privacy.accountant!r}: each device adds integer (Skellam) noise after "
-                "rounding, whose privacy is bounded by the Gaussian's only at integer Renyi "
-                "orders. Set accountant = 'rdp-integer', or use codec 'fp32'")
+                "rounding; it is as private as the Gaussian before sampling, but only the "
+                "mechanism-agnostic subsampling bound covers it after. Set accountant = "
+                "'rdp-general', or use codec 'fp32'")
         if quantized and self.edge.fraction > 0 and not self.security.secagg_quant_range:
             raise ConfigError(
                 "security.secagg_quant_range = 0 (auto: local steps x learning rate, Adam's "

@@ -284,6 +284,13 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     ledger = (load_ledger(ledger_path) if ledger_path.exists()  # a restarted coordinator
               else PrivacyLedger(accountant=config.privacy.accountant,
                                  delta=config.privacy.delta))
+    if ledger.accountant != config.privacy.accountant:
+        # The saved ledger's accountant would account the rounds still to come: one that
+        # does not cover their mechanism (Skellam rounds need 'rdp-general') must not.
+        raise ConfigError(
+            f"{ledger_path} was kept with accountant {ledger.accountant!r}, but the run's "
+            f"config says privacy.accountant = {config.privacy.accountant!r}; resume with "
+            f"the ledger's accountant, or start a new run directory")
     point = resume_point(run_dir, max((e.round for e in ledger.history), default=0))
     if point.done:
         log.info("resuming after round %d (%d of %d rounds done); next round is %d",

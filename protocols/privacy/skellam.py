@@ -19,14 +19,14 @@ Rényi DP of the sum (Agarwal et al. 2021, Thm. 3.5 in multi-dimensional form), 
     ε(α) <= α Δ2² / (2μ) + min(((2α - 1) Δ2² + 6 Δ1) / (4μ²), 3 Δ1 / (2μ))
 
 :func:`skellam_variance_for` picks ``μ`` so that ``ε(α) <= α / (2σ²)`` — the RDP of the
-Gaussian mechanism with noise multiplier ``σ`` — at *every* order ``α >= 2``. Poisson
-subsampling's RDP at an integer order is a sum increasing in the mechanism's ``ε(2..α)``
-(Zhu & Wang 2019, "Poisson Subsampled Rényi Differential Privacy", ICML; Steinke 2022,
-arXiv:2210.00597, add/remove neighbours), and for the Gaussian that sum is exactly the
-sampled-Gaussian RDP (Mironov et al. 2019, integer α). So a Skellam round is recorded in the
-ledger as a round at ``σ``, and accounted at **integer orders only** (accountant
-``'rdp-integer'``): between integer orders, and for the PLD accountant, the Gaussian's curve
-says nothing about the Skellam mechanism's.
+Gaussian mechanism with noise multiplier ``σ`` — at *every* order ``α >= 2``. The ledger then
+records the round at ``σ`` as before, and the accountant ``'rdp-general'`` composes it with
+Zhu & Wang's mechanism-agnostic Poisson-subsampling bound (2019, "Poisson Subsampled Rényi
+Differential Privacy", ICML, Thm. 9: integer orders, add/remove neighbours, increasing in the
+mechanism's ``ε(2..α)``) applied to that Gaussian curve — an upper bound on the subsampled
+Skellam round. The tighter sampled-Gaussian analysis (``'rdp'``, ``'pld'``) relies on the
+noise being Gaussian and does not cover it; Google's distributed-DP accounting of the
+Skellam mechanism uses the same general bound.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ ROUNDING_BETA = 1e-6
 MAX_ROUNDING_DRAWS = 64
 #: How much the rounding may inflate the sensitivity: ``Δ2 <= (1 + this) · s·C``.
 SENSITIVITY_INFLATION = 0.05
-#: Standard deviations of the summed noise the modulus keeps room for. Skellam tails are
-#: sub-Gaussian at these variances: P(|X| > 8 std) < 1e-14 per coordinate.
-NOISE_TAIL_STDS = 8.0
+#: Probability per coordinate that the summed noise leaves the room the modulus keeps for it.
+NOISE_TAIL = 1e-12
 
 
 def rounding_norm_bound(norm: float, dim: int, *, beta: float = ROUNDING_BETA) -> float:
@@ -63,6 +62,20 @@ def rounding_norm_bound(norm: float, dim: int, *, beta: float = ROUNDING_BETA) -
     root_d = math.sqrt(dim)
     tail = math.sqrt(2.0 * math.log(1.0 / beta)) * (norm + root_d / 2.0)
     return math.sqrt(min(norm**2 + dim / 4.0 + tail, (norm + root_d) ** 2))
+
+
+def noise_tail_bound(variance: float, *, tail: float = NOISE_TAIL) -> int:
+    """An integer ``b`` with ``P(|X| > b) <= tail`` for Skellam noise ``X`` of this variance.
+
+    A Skellam variable is a limit of sums of independent ±Bernoulli terms, each within 1 of
+    its mean, so Bernstein's inequality holds: ``P(|X| >= t) <= 2 exp(-t² / (2(v + t/3)))``;
+    ``b`` is its positive root at ``tail`` (≈ 7.5 standard deviations at large variance,
+    more at small, where the tail is heavier than a Gaussian's)."""
+    _check_positive("variance", variance)
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"tail must be in (0, 1), got {tail!r}")
+    c = math.log(2.0 / tail)
+    return math.ceil(c / 3.0 + math.sqrt(c * c / 9.0 + 2.0 * c * variance))
 
 
 def integer_norm_for(dim: int, *, inflation: float = SENSITIVITY_INFLATION) -> float:
@@ -131,19 +144,32 @@ def conditional_round(
 ) -> npt.NDArray[np.int64]:
     """Stochastic rounding of ``y`` (each coordinate up with probability its fractional part),
     drawn again until the result's L2 norm is at most ``bound``: the sensitivity the
-    accountant assumes holds for every output, not only for most."""
+    accountant assumes holds for every output, not only for most.
+
+    After ``max_draws`` misses (probability ``β**max_draws`` with the bound of
+    :func:`rounding_norm_bound`) it rounds toward zero, whose norm never exceeds ``y``'s: the
+    device never fails on its data, so a failure cannot tell the coordinator anything about
+    it. ``bound`` below ``‖y‖`` is the caller's error (``ValueError``)."""
     wide = np.asarray(y, dtype=np.float64)
+    limit = math.floor(bound * bound)  # compared with the exact integer sum of squares
+    if float(np.dot(wide, wide)) > bound * bound:
+        raise ValueError(f"the input's L2 norm exceeds the rounding bound {bound:.6g}")
     floor = np.floor(wide)
     frac = wide - floor
     base = floor.astype(np.int64)
-    limit = math.floor(bound * bound)  # compared with the exact integer sum of squares
     for _ in range(max_draws):
         r = base + (rng.random(frac.shape) < frac)
-        if int(np.dot(r, r)) <= limit:
+        if _squared_norm(r) <= limit:
             return r
-    raise ValueError(
-        f"stochastic rounding exceeded the L2 bound {bound:.6g} in {max_draws} draws: the "
-        "input's norm is above the clip norm the bound was computed for")
+    return np.trunc(wide).astype(np.int64)
+
+
+def _squared_norm(r: npt.NDArray[np.int64]) -> int:
+    """``Σ r²`` exactly: in int64 while it cannot overflow, in Python integers beyond."""
+    top = int(np.abs(r).max(initial=0))
+    if top * top * r.size < 1 << 63:
+        return int(np.dot(r, r))
+    return sum(int(v) * int(v) for v in r.tolist())
 
 
 def _check_positive(name: str, value: float) -> None:

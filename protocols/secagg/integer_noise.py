@@ -12,8 +12,9 @@ multiplier ``σ``, the masked dimension ``d`` and the number of clients:
 * the Skellam variance ``μ`` whose RDP is at most the Gaussian's at ``σ``
   (:func:`~protocols.privacy.skellam.skellam_variance_for`), split over the ``t`` devices
   the threshold guarantees (more survivors add more noise, never less);
-* the modulus: ``n · ceil(s · range)`` for the codes plus ``8`` standard deviations of the
-  summed noise, and the decoder's bound for each coordinate.
+* the modulus: ``n · ceil(s · range)`` for the codes plus a Bernstein bound the summed
+  noise exceeds with probability below ``1e-12`` per coordinate, and the decoder's bound
+  for each coordinate; at most 32 bits (a masked quantized upload is at most a word).
 
 The bits per coordinate then follow the noise, ``log2(16 σ s C)`` and a little, whatever the
 codec's levels: about 15 at ``σ = 1`` for a LoRA-sized update, against 32 for fp32.
@@ -25,9 +26,10 @@ import math
 from dataclasses import dataclass
 
 from protocols.privacy.skellam import (
-    NOISE_TAIL_STDS,
+    NOISE_TAIL,
     integer_norm_for,
     l1_bound,
+    noise_tail_bound,
     rounding_norm_bound,
     skellam_variance_for,
 )
@@ -68,13 +70,14 @@ def plan_integer_noise(
     l1 = l1_bound(l2, dim)
     total = skellam_variance_for(noise_multiplier, l2=l2, l1=l1)
     per_client = total / threshold
-    noise_bound = math.ceil(NOISE_TAIL_STDS * math.sqrt(num_clients * per_client))
+    noise_bound = noise_tail_bound(num_clients * per_client, tail=NOISE_TAIL)
     largest = num_clients * math.ceil(coordinate * scale) + noise_bound
-    bits = largest.bit_length() + 1
-    modulus_bits = bits if bits <= 32 else 64
-    if largest >= 1 << 63:
-        raise ValueError(f"the noised sum needs {bits} bits, beyond 64: lower the noise "
-                         "multiplier or the number of clients per round")
+    modulus_bits = max(2, largest.bit_length() + 1)
+    if modulus_bits > 32:
+        raise ValueError(
+            f"the noised sum of {num_clients} quantized uploads needs {modulus_bits} bits, "
+            "more than the 32 a quantized upload may take: lower the noise multiplier or the "
+            "clients per round, or use codec 'fp32'")
     check_headroom(num_clients=num_clients, clip=coordinate, scale=scale,
                    modulus_bits=modulus_bits)
     return IntegerNoisePlan(

@@ -360,8 +360,10 @@ class MaskingInstruction:
             value = getattr(inst, name)
             if not (math.isfinite(value) and value >= 0):
                 raise SecAggProtocolError(f"`{name}` must be finite and >= 0, got {value}")
-        if inst.dp_noise_std > 0 and inst.integer_noise:
-            raise SecAggProtocolError("dp-noise-std and skellam-variance: one kind of noise")
+        if inst.dp_noise_std > 0 and inst.levels:
+            raise SecAggProtocolError(
+                "dp-noise-std on a quantized upload (levels > 0): rounding each device's "
+                "Gaussian share is not accounted; quantized uploads take skellam-variance")
         if (inst.dp_noise_std > 0 or inst.integer_noise) != (inst.dp_clip_norm > 0):
             raise SecAggProtocolError(
                 "distributed DP needs both dp-clip-norm and a noise (dp-noise-std or "

@@ -3,6 +3,8 @@ quantize on the device, and exact sums of stochastic codes in a small modulus.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flwr.app import RecordDict
@@ -139,3 +141,30 @@ def test_dp_on_a_quantized_upload_rounds_first_then_adds_integer_noise() -> None
     assert float(np.linalg.norm(rounded)) <= inst.rounding_bound
     with pytest.raises(ValueError, match="NaN or infinite"):
         _encode(np.full(400, np.nan), inst)
+
+
+def test_a_device_refuses_integer_noise_parameters_before_it_looks_at_its_update() -> None:
+    """A rounding bound below what a clipped update needs would make the rounding fail on
+    some updates and not others (a bit about the update, outside the noise); the device
+    refuses it whatever its data, as it refuses a wire record mixing the noise kinds."""
+    from protocols.secagg.integer_noise import plan_integer_noise
+    from protocols.secagg.wire import SecAggProtocolError
+
+    plan = plan_integer_noise(num_clients=4, threshold=3, dim=400, clip_norm=1.0,
+                              noise_multiplier=0.8, quant_range=0.2, levels=7)
+    fields = {"round_id": 1, "ciphertexts": {}, "levels": 7, "clip_range": plan.clip_range,
+              "scale": plan.scale, "modulus_bits": plan.modulus_bits, "dp_clip_norm": 1.0,
+              "skellam_variance": plan.per_client_variance}
+    tight = MaskingInstruction(**fields, rounding_bound=plan.rounding_bound * 0.99)
+    for update in (np.zeros(400), np.full(400, 0.001)):
+        with pytest.raises(SecAggProtocolError, match=r"rounding bound .* is below"):
+            _encode(update, tight)
+    good = MaskingInstruction(**fields, rounding_bound=plan.rounding_bound)
+    for bad, why in [({"levels": 0}, "quantized upload"),
+                     ({"rounding_bound": 0.0}, "needs rounding-bound"),
+                     ({"dp_noise_std": 0.1}, "rounding each device's Gaussian share"),
+                     ({"dp_clip_norm": 0.0}, "needs both dp-clip-norm")]:
+        record = RecordDict({RECORD: MaskingInstruction(
+            **{**dataclasses.asdict(good), **bad}).to_record()})
+        with pytest.raises(SecAggProtocolError, match=why):
+            MaskingInstruction.from_record(record)

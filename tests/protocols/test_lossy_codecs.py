@@ -186,10 +186,10 @@ def test_the_config_offers_every_lossy_codec_in_plaintext_and_integers_inside_se
         assert config.federation.codec == name and config.federation.error_feedback
     for name in ("int8", "int4", "int3", "int2"):
         assert RunConfig.from_nested({"federation": {"codec": name}}).security.secagg
-    with pytest.raises(ConfigError, match=r"needs privacy\.accountant = 'rdp-integer'"):
+    with pytest.raises(ConfigError, match=r"needs privacy\.accountant = 'rdp-general'"):
         RunConfig.from_nested({"federation": {"codec": "int4"}, "privacy": {"client_dp": True}})
     assert RunConfig.from_nested({"federation": {"codec": "int4"}, "privacy": {
-        "client_dp": True, "accountant": "rdp-integer"}}).privacy.client_dp
+        "client_dp": True, "accountant": "rdp-general"}}).privacy.client_dp
     with pytest.raises(ConfigError, match="set the range explicitly"):
         RunConfig.from_nested({"federation": {"codec": "int4"}, "edge": {"fraction": 0.5}})
     assert RunConfig.from_nested({"federation": {"codec": "int4"}, "edge": {"fraction": 0.5},

@@ -137,7 +137,7 @@ def test_degenerate_histories(name: str) -> None:
 
 def test_unknown_accountant_lists_valid_names() -> None:
     with pytest.raises(ValueError, match=r"unknown accountant 'prv'; valid accountants: \['pld', "
-                                         r"'rdp', 'rdp-integer'\]"):
+                                         r"'rdp', 'rdp-general'\]"):
         get_accountant("prv")
     with pytest.raises(TypeError):
         ACCOUNTANTS["mine"] = ACCOUNTANTS["rdp"]  # type: ignore[index]

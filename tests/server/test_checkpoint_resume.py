@@ -131,6 +131,27 @@ def test_a_round_spent_but_not_checkpointed_is_rerun_under_a_new_number(
     assert ckpt is not None and (ckpt.round, ckpt.completed) == (4, 3)
 
 
+def test_a_ledger_kept_with_another_accountant_is_not_resumed(flat: dict[str, Any]) -> None:
+    """The saved ledger's accountant would account the rounds to come: a resume whose config
+    names another (e.g. Skellam rounds, which only 'rdp-general' covers) is refused, and the
+    ledger is left as it was."""
+    from protocols.run_config import ConfigError
+    from server.app import run_coordinator
+
+    run_dir = Path(flat["paths.run_dir"])
+    with pytest.raises(CoordinatorKilled):
+        run_coordinator(_grid(flat, die_at_train=2), flat)  # type: ignore[arg-type]
+    ledger_path = run_dir / "privacy_ledger.json"
+    ledger = load_ledger(ledger_path)
+    save_ledger(ledger_path, type(ledger)(accountant="pld", delta=ledger.delta,
+                                          history=ledger.history))
+    kept = ledger_path.read_text()
+    with pytest.raises(ConfigError, match=r"kept with accountant 'pld', but the run's config "
+                                          r"says privacy\.accountant = 'rdp'"):
+        run_coordinator(_grid(flat), flat)  # type: ignore[arg-type]
+    assert ledger_path.read_text() == kept
+
+
 def test_a_corrupt_checkpoint_is_refused_with_a_clear_error(flat: dict[str, Any]) -> None:
     run_dir = Path(flat["paths.run_dir"])
     (run_dir / "checkpoint.safetensors").write_bytes(b"\x00" * 100)
