@@ -107,7 +107,7 @@ def test_secure_mean_equals_plain_mean(setup: dict[str, Any],
     assert stats.bytes_up > 0 and stats.protocol_seconds > 0
     # each client seals its shares to, and masks against, exactly its neighbours: all the
     # others in SecAgg, `degree` of them in SecAgg+ (a symmetric graph)
-    peers = n - 1 if not degree else degree
+    peers = degree or n - 1
     sealed = {m.metadata.src_node_id: set(wire.SealedShares.from_record(m.content).ciphertexts)
               for m in grid.received if m.metadata.message_type == wire.SHARE_KEYS}
     assert len(sealed) == n and all(len(to) == peers for to in sealed.values())
