@@ -14,6 +14,18 @@ list with any advert no roster member signed (substituted keys, sybils), and rel
 only after a consistency round in which at least ``t`` survivors signed the very survivor
 list it signed itself.
 
+SecAgg+ (Bell et al., CCS 2020; ``degree`` > 0 in the setup): every client recomputes the
+round's k-regular graph over the nodes that advertised keys (:mod:`protocols.secagg.graph`)
+and shares its secrets with, masks against and answers unmask requests for only its
+neighbourhood (its ``degree`` neighbours and itself); the threshold ``t`` is more than two
+thirds of that neighbourhood. The survivor list stays global: each survivor signs the whole
+list (as in SecAgg), but counts survivors, and consistency signatures, only within its own
+neighbourhood, and answers only for the survivors and dropped nodes of its neighbourhood.
+Counting a neighbourhood's signatures is what the threshold argument needs: the holders of
+a node's shares are its neighbours, so two disjoint groups of them, each of ``t``, cannot
+exist (``t > 2(k+1)/3``), and a signature from outside that neighbourhood says nothing about
+what those holders were told.
+
 Torch-free: the edge client runs these stages too.
 """
 
@@ -50,6 +62,7 @@ from protocols.secagg import (
     split,
 )
 from protocols.secagg.fixed_point import check_headroom, wrap_integers
+from protocols.secagg.graph import neighbourhoods
 from protocols.secagg.identity import (
     RosterError,
     SignedRoster,
@@ -119,6 +132,13 @@ class RoundSecrets:
     identity_pks: dict[str, str] = field(default_factory=dict)  # U1: node -> identity key
     signed_survivors: list[int] = field(default_factory=list)  # the list this node signed
     own_identity: str = ""  # this device's identity public key (authenticated rounds)
+    degree: int = 0  # SecAgg+ graph degree (0: the complete graph of SecAgg)
+    neighbours: list[int] = field(default_factory=list)  # this node's, on the round's graph
+
+    def hood(self, me: int) -> set[int]:
+        """The nodes that hold this node's shares and whose shares it holds: its neighbours
+        and itself (every node of U1 on the complete graph)."""
+        return {*self.neighbours, me}
 
     @property
     def authenticated(self) -> bool:
@@ -171,7 +191,7 @@ def handle_setup(content: RecordDict, context: Context,
         round_id=req.round_id, salt=req.salt.hex(), threshold=req.threshold,
         num_nodes=req.num_nodes, seal_sk=private_bytes(seal_sk).hex(),
         mask_sk=private_bytes(mask_sk).hex(),
-        b=new_seed().hex(), roster_keys=roster_keys,
+        b=new_seed().hex(), roster_keys=roster_keys, degree=req.degree,
         own_identity=(identity_public_key(identity.identity_key).hex()
                       if roster_keys and identity.identity_key is not None else ""),
     ).save(context)
@@ -181,7 +201,7 @@ def handle_setup(content: RecordDict, context: Context,
         signature = identity.identity_key.sign(advert_message(
             round_id=req.round_id, salt=req.salt, threshold=req.threshold,
             num_nodes=req.num_nodes, node_id=context.node_id, seal_pk=advert.seal_pk,
-            mask_pk=advert.mask_pk))
+            mask_pk=advert.mask_pk, degree=req.degree))
         advert = KeyAdvert(advert.seal_pk, advert.mask_pk,
                            identity_public_key(identity.identity_key), signature)
     return advert.to_record()
@@ -225,7 +245,8 @@ def _check_roster(req: SetupRequest, identity: SecAggIdentity) -> list[str]:
 
 
 def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
-    """Stage 1: Shamir-share ``b`` and the mask key among U1, one sealed pair per peer."""
+    """Stage 1: Shamir-share ``b`` and the mask key among this node's neighbourhood on the
+    round's graph (all of U1 in SecAgg), one sealed pair per neighbour."""
     req = ShareKeysRequest.from_record(content)
     state = RoundSecrets.load(context, round_id=req.round_id, stage="setup")
     me = context.node_id
@@ -253,20 +274,26 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
             f"{len(req.adverts)} nodes in the key list but {state.num_nodes} were announced at "
             f"setup; refusing (more nodes would lower the threshold below two thirds of them)"
         )
-    ids = list(req.adverts)
+    salt = bytes.fromhex(state.salt)
+    graph = neighbourhoods(req.adverts, degree=state.degree, round_id=req.round_id, salt=salt)
+    neighbours = sorted(graph[me])
+    if len(neighbours) + 1 < state.threshold:
+        raise SecAggProtocolError(
+            f"this node's neighbourhood has {len(neighbours) + 1} nodes, below the threshold "
+            f"{state.threshold}")
+    ids = [me, *neighbours]
     b_shares = split(bytes.fromhex(state.b), threshold=state.threshold, share_ids=ids)
     s_shares = split(private_bytes(mask_sk), threshold=state.threshold, share_ids=ids)
-    salt = bytes.fromhex(state.salt)
     sealed: dict[int, bytes] = {}
-    for peer, advert in req.adverts.items():
-        if peer == me:
-            continue
+    for peer in neighbours:
+        advert = req.adverts[peer]
         key = pair_key(seal_sk, advert.seal_pk, purpose="seal", round_id=req.round_id,
                        own_id=me, peer_id=peer, salt=salt)
         sealed[peer] = seal(key, b_shares[peer] + s_shares[peer],
                             associated_data=share_associated_data(
                                 round_id=req.round_id, sender=me, receiver=peer))
     state.held = {str(me): (b_shares[me] + s_shares[me]).hex()}
+    state.neighbours = neighbours
     state.mask_pks = {str(n): a.mask_pk.hex() for n, a in req.adverts.items()}
     state.seal_pks = {str(n): a.seal_pk.hex() for n, a in req.adverts.items()}
     if state.authenticated:
@@ -294,11 +321,13 @@ def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets) -> None:
                 "device, one node)")
         seen[key] = node
         if not advert.is_signed_for(round_id=req.round_id, salt=salt, threshold=state.threshold,
-                                    num_nodes=state.num_nodes, node_id=node):
+                                    num_nodes=state.num_nodes, node_id=node,
+                                    degree=state.degree):
             raise SecAggProtocolError(
                 f"node {node}'s advert signature does not verify for this round (its keys, "
-                "node id, or the threshold and node count this node was told); refusing "
-                "(substituted or replayed keys, or devices told different thresholds)")
+                "node id, or the threshold, node count and graph degree this node was told); "
+                "refusing (substituted or replayed keys, or devices told different "
+                "thresholds or graphs)")
 
 
 @dataclass(frozen=True)
@@ -387,15 +416,16 @@ def mask_update(
     state = RoundSecrets.load(context, round_id=inst.round_id, stage="shared")
     me = context.node_id
     senders = set(inst.ciphertexts)
-    known = {int(n) for n in state.mask_pks}
+    known = set(state.neighbours)  # all of U1 but this node on the complete graph
     if me in senders or not senders <= known:
         raise SecAggProtocolError(
             f"the masking instruction names senders {sorted(senders - known)} outside the "
-            f"nodes that advertised keys (or this node itself)"
+            f"nodes that advertised keys and are this node's neighbours (or this node itself)"
         )
     if len(senders) + 1 < state.threshold:
         raise SecAggProtocolError(
-            f"only {len(senders) + 1} nodes shared keys, below the threshold {state.threshold}"
+            f"only {len(senders) + 1} nodes of this node's neighbourhood shared keys, below "
+            f"the threshold {state.threshold}"
         )
     seal_sk = load_private_key(bytes.fromhex(state.seal_sk))
     mask_sk = load_private_key(bytes.fromhex(state.mask_sk))
@@ -438,12 +468,15 @@ def handle_consistency(content: RecordDict, context: Context,
                                   "without this device's identity key); refusing")
     survivors = set(req.survivors)
     peers = {int(n) for n in state.held}
-    if not survivors <= peers or context.node_id not in survivors:
+    near = survivors & state.hood(context.node_id)
+    if (not near <= peers or not survivors <= {int(n) for n in state.mask_pks}
+            or context.node_id not in survivors):
         raise SecAggProtocolError(
             "the survivor list names nodes outside this round's peers, or not this node")
-    if len(survivors) < state.threshold:
+    if len(near) < state.threshold:
         raise SecAggProtocolError(
-            f"{len(survivors)} survivors, fewer than the threshold {state.threshold}")
+            f"{len(near)} survivors in this node's neighbourhood, fewer than the threshold "
+            f"{state.threshold}")
     signature = identity.identity_key.sign(consistency_message(
         round_id=req.round_id, salt=bytes.fromhex(state.salt), threshold=state.threshold,
         num_nodes=state.num_nodes, survivors=sorted(survivors)))
@@ -453,9 +486,10 @@ def handle_consistency(content: RecordDict, context: Context,
     return ConsistencySignature(signature).to_record()
 
 
-def _check_consistency(req: UnmaskRequest, state: RoundSecrets) -> None:
-    """At least ``t`` valid survivor signatures over the very list this node signed: a
-    coordinator that told other clients another story cannot gather them (t > 2n/3)."""
+def _check_consistency(req: UnmaskRequest, state: RoundSecrets, me: int) -> None:
+    """At least ``t`` valid signatures over the very list this node signed, from survivors
+    of this node's neighbourhood (everyone in SecAgg): a coordinator that told other
+    clients another story cannot gather them (t > 2/3 of the neighbourhood)."""
     if sorted(req.survivors) != state.signed_survivors:
         raise SecAggProtocolError(
             "refusing to unmask: the survivor list differs from the one this node signed "
@@ -470,10 +504,11 @@ def _check_consistency(req: UnmaskRequest, state: RoundSecrets) -> None:
             raise SecAggProtocolError(
                 f"refusing to unmask: node {signer}'s consistency signature does not verify "
                 "over this survivor list")
-    if len(req.signatures) < state.threshold:
+    near = set(req.signatures) & state.hood(me)
+    if len(near) < state.threshold:
         raise SecAggProtocolError(
-            f"refusing to unmask: {len(req.signatures)} survivors signed the survivor list, "
-            f"fewer than the threshold {state.threshold}")
+            f"refusing to unmask: {len(near)} survivors of this node's neighbourhood signed "
+            f"the survivor list, fewer than the threshold {state.threshold}")
 
 
 def handle_unmask(content: RecordDict, context: Context) -> RecordDict:
@@ -486,11 +521,18 @@ def handle_unmask(content: RecordDict, context: Context) -> RecordDict:
             f"stage out of order: expected the node to be at '{expected}', it is at "
             f"'{state.stage}'" + (" (an authenticated round unmasks only after the "
                                   "consistency check)" if state.authenticated else ""))
-    if state.authenticated:
-        _check_consistency(req, state)
     me = context.node_id
+    if state.authenticated:
+        _check_consistency(req, state, me)
     survivors, dropped = set(req.survivors), set(req.dropped)
+    # The lists are global (they are what the survivors signed); this node answers for its
+    # neighbourhood only (all of U1 on the complete graph), and checks the threshold there.
+    known = {int(n) for n in state.mask_pks}
+    hood = state.hood(me)
     try:
+        check_unmask_request(survivors=survivors, dropped=dropped, my_peers=known,
+                             threshold=0)
+        survivors, dropped = survivors & hood, dropped & hood
         check_unmask_request(survivors=survivors, dropped=dropped,
                              my_peers={int(n) for n in state.held}, threshold=state.threshold)
     except InconsistentRequest as bad:

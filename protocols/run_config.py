@@ -420,11 +420,26 @@ class SecuritySection(Section):
         "weight in a round (widened by the DP noise when client_dp is on)", ge=0)
     secagg_stage_timeout_s: float = setting(
         600.0, "time limit of each key-exchange / unmask stage", gt=0)
+    secagg_neighbours: int = setting(
+        0, "0 = every device shares keys and masks with every other (SecAgg, Bonawitz et al. "
+        "2017: client work grows with n); k = SecAgg+ (Bell et al. 2020): each device shares "
+        "and masks only with k neighbours on a k-regular graph every device recomputes from "
+        "the round's public values, and secagg_threshold counts within its k + 1 nodes. Even, "
+        ">= 2; about 2 log2(n) keeps Bell et al.'s guarantees. Cheaper, but a device's "
+        "secrets rest with k neighbours instead of everyone, and a round is lost when one "
+        "neighbourhood loses more than k + 1 - t devices", ge=0)
     max_update_norm: float = setting(
         0.0, "reject (not clip) a plaintext update whose L2 distance from the global adapter "
         "exceeds this; 0 = no bound. Under secure aggregation the coordinator sees no single "
         "update: secagg_range (secagg_quant_range for quantized codecs) bounds each "
         "coordinate instead", ge=0)
+
+    def check(self) -> None:
+        k = self.secagg_neighbours
+        if k and (k < 2 or k % 2):
+            raise ConfigError(
+                f"security.secagg_neighbours = {k}: must be 0 (every device, SecAgg) or even "
+                "and >= 2 (SecAgg+: each device joins k/2 neighbours on either side of a ring)")
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
             dp_noise_multiplier=privacy.noise_multiplier if privacy.client_dp else 0.0,
             roster=roster,
             quant_range=secagg_quant_range(config),
+            neighbours=security.secagg_neighbours,
             **sampling,
         )
         if roster:

@@ -26,6 +26,15 @@ The aggregate is the uniform mean of the survivors' updates within the fixed-poi
 tensors). The coordinator cannot weight updates it cannot see, so averaging is uniform
 (every client trains the same number of examples per round here).
 
+With ``neighbours`` = k > 0 the round is SecAgg+ (Bell et al., CCS 2020): after the adverts
+the coordinator and every client compute the same k-regular graph over the nodes that
+advertised (:mod:`protocols.secagg.graph`); each node's shares go to, and its pairwise masks
+are agreed with, its k neighbours only, and the threshold counts within a neighbourhood of
+k + 1 nodes. Client work per round drops from O(n) pairwise masks to O(k); the coordinator
+reconstructs each survivor's self-mask seed and each dropped node's mask key from that
+node's neighbours' shares. A round in which some node keeps fewer than t holders of its
+shares is abandoned, as a round with fewer than t survivors is in SecAgg.
+
 Why not Flower's ``SecAggPlusWorkflow``: it runs only on the legacy ``Driver``/workflow API,
 not with the Message-API strategies, and derives masks from a 32-bit fold of the seed into
 numpy's Mersenne Twister (docs/architecture.md, "Decisions and why").
@@ -70,6 +79,7 @@ from protocols.secagg.fixed_point import (
     quantized_modulus_bits,
     quantized_scale,
 )
+from protocols.secagg.graph import check_degree, is_complete, neighbourhood_size, neighbourhoods
 from protocols.secagg.identity import (
     SignedRoster,
     consistency_message,
@@ -93,6 +103,8 @@ class _Round:
     salt: bytes
     threshold: int
     num_nodes: int  # announced at setup
+    degree: int = 0  # SecAgg+ graph degree announced at setup (0: complete graph)
+    graph: dict[int, frozenset[int]] = field(default_factory=dict)  # over U1
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
     senders: set[int] = field(default_factory=set)  # U2: shared keys
     instruction: dict[int, wire.MaskingInstruction] = field(default_factory=dict)
@@ -132,6 +144,7 @@ class SecAggFedAvg(AdapterFedAvg):
         dp_noise_multiplier: float = 0.0,
         roster: str = "",
         quant_range: float = 0.0,
+        neighbours: int = 0,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(spec, weighting="uniform", **fedavg_kwargs)
@@ -139,6 +152,8 @@ class SecAggFedAvg(AdapterFedAvg):
             raise ValueError(f"threshold_fraction must be in (0, 1], got {threshold_fraction}")
         if (dp_clip_norm > 0) != (dp_noise_multiplier > 0):
             raise ValueError("distributed DP needs both dp_clip_norm and dp_noise_multiplier")
+        check_degree(neighbours)  # 0 (SecAgg) or even >= 2 (SecAgg+)
+        self.neighbours = neighbours
         self.threshold_fraction = threshold_fraction
         self.clip_range = clip_range
         self.modulus_bits = modulus_bits
@@ -163,10 +178,17 @@ class SecAggFedAvg(AdapterFedAvg):
         self._layout = [(k, spec.tensors[k].shape) for k in sorted(spec.trainable_keys)]
         self.vector_length = sum(int(np.prod(shape)) for _, shape in self._layout)
 
+    def degree(self, num_nodes: int) -> int:
+        """The SecAgg+ degree announced for a round of ``num_nodes``: 0 (the complete graph)
+        when the configured degree leaves no node out."""
+        return 0 if is_complete(num_nodes, self.neighbours) else self.neighbours
+
     def threshold(self, num_nodes: int) -> int:
         """``ceil(threshold_fraction * n)``, but never two thirds of the nodes or fewer: the
-        clients refuse that (:func:`protocols.secagg.min_threshold`)."""
-        return max(min_threshold(num_nodes), math.ceil(self.threshold_fraction * num_nodes))
+        clients refuse that (:func:`protocols.secagg.min_threshold`). In SecAgg+, ``n`` is
+        one neighbourhood: the degree + 1 nodes that hold one node's shares."""
+        size = neighbourhood_size(num_nodes, self.degree(num_nodes))
+        return max(min_threshold(size), math.ceil(self.threshold_fraction * size))
 
     def next_round_id(self, server_round: int) -> int:
         """A SecAgg round id for an attempt at ``server_round``: ``1000 * round + attempt``,
@@ -197,9 +219,9 @@ class SecAggFedAvg(AdapterFedAvg):
                      else len(nodes))
         rnd = _Round(round_id=self.next_round_id(server_round), server_round=server_round,
                      salt=os.urandom(wire.SALT_BYTES), threshold=self.threshold(announced),
-                     num_nodes=announced)
+                     num_nodes=announced, degree=self.degree(announced))
         setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, announced,
-                                  self._roster_bytes)
+                                  self._roster_bytes, rnd.degree)
         for node, content in self._exchange(
             stats, {n: setup.to_record() for n in nodes}, wire.SETUP, server_round
         ).items():
@@ -213,6 +235,10 @@ class SecAggFedAvg(AdapterFedAvg):
         if not self._enough(rnd, len(rnd.adverts), server_round, "advertised keys"):
             return []
 
+        rnd.graph = neighbourhoods(rnd.adverts, degree=rnd.degree, round_id=rnd.round_id,
+                                   salt=rnd.salt)
+        if not self._holders_enough(rnd, set(rnd.adverts), server_round, "advertised keys"):
+            return []
         request = wire.ShareKeysRequest(rnd.round_id, rnd.adverts).to_record()
         inbox: dict[int, dict[int, bytes]] = {n: {} for n in rnd.adverts}
         for node, content in self._exchange(
@@ -220,8 +246,10 @@ class SecAggFedAvg(AdapterFedAvg):
         ).items():
             try:
                 sealed = wire.SealedShares.from_record(content)
-                if set(sealed.ciphertexts) != set(rnd.adverts) - {node}:
-                    raise wire.SecAggProtocolError("shares must be sealed to every other node")
+                if set(sealed.ciphertexts) != rnd.graph[node]:
+                    raise wire.SecAggProtocolError(
+                        "shares must be sealed to every other node" if not rnd.degree else
+                        "shares must be sealed to exactly the node's neighbours")
             except wire.SecAggProtocolError as bad:
                 stats.reject(server_round, node, bad.reason)
                 continue
@@ -229,6 +257,8 @@ class SecAggFedAvg(AdapterFedAvg):
             for receiver, text in sealed.ciphertexts.items():
                 inbox[receiver][node] = text
         if not self._enough(rnd, len(rnd.senders), server_round, "shared keys"):
+            return []
+        if not self._holders_enough(rnd, rnd.senders, server_round, "shared keys"):
             return []
 
         noise_std = 0.0
@@ -260,7 +290,7 @@ class SecAggFedAvg(AdapterFedAvg):
         for node in sorted(rnd.senders):
             inst = wire.MaskingInstruction(
                 round_id=rnd.round_id,
-                ciphertexts={s: inbox[node][s] for s in rnd.senders if s != node},
+                ciphertexts={s: inbox[node][s] for s in rnd.senders & rnd.graph[node]},
                 modulus_bits=modulus_bits, scale=scale, clip_range=clip_range,
                 dp_clip_norm=self.dp_clip_norm if self.dp_noise_multiplier else 0.0,
                 dp_noise_std=noise_std, levels=self.levels, rounding_bound=rounding_bound,
@@ -347,11 +377,15 @@ class SecAggFedAvg(AdapterFedAvg):
         survivors = sorted(masked)
         dropped = sorted(rnd.senders - set(masked))
         stats.dropped = len(dropped)
+        if not self._holders_enough(rnd, set(survivors), server_round,
+                                    "sent masked inputs", owners=rnd.senders):
+            return None
         signatures: dict[int, bytes] = {}
         if self._roster:
             signatures = self._consistency(rnd, survivors, stats, server_round)
-            if not self._enough(rnd, len(signatures), server_round,
-                                "signed the survivor list"):
+            if not (self._enough(rnd, len(signatures), server_round, "signed the survivor list")
+                    and self._holders_enough(rnd, set(signatures), server_round,
+                                             "signed the survivor list", owners=rnd.senders)):
                 return None
         request = wire.UnmaskRequest(rnd.round_id, tuple(survivors), tuple(dropped),
                                      signatures).to_record()
@@ -362,9 +396,11 @@ class SecAggFedAvg(AdapterFedAvg):
             stats, {n: request for n in holders}, wire.UNMASK, server_round,
             count_failures=False,
         ).items():
+            hood = rnd.graph[holder] | {holder}  # whose shares the holder has
             try:
                 shares = wire.UnmaskShares.from_record(content)
-                if set(shares.b_shares) != set(survivors) or set(shares.s_shares) != set(dropped):
+                if (set(shares.b_shares) != hood & set(survivors)
+                        or set(shares.s_shares) != hood & set(dropped)):
                     raise wire.SecAggProtocolError("shares do not match the request")
             except wire.SecAggProtocolError as bad:
                 stats.reject(server_round, holder, bad.reason)
@@ -379,7 +415,8 @@ class SecAggFedAvg(AdapterFedAvg):
             pair_seeds = dropped_pair_seeds(
                 dropped_mask_keys=mask_keys,
                 mask_public_keys={n: a.mask_pk for n, a in rnd.adverts.items()},
-                neighbours={d: rnd.senders - {d} for d in dropped}, survivors=survivors,
+                neighbours={d: rnd.graph[d] & rnd.senders for d in dropped},
+                survivors=survivors,
                 round_id=rnd.round_id, salt=rnd.salt,
             )
             inst = rnd.instruction[survivors[0]]
@@ -407,7 +444,7 @@ class SecAggFedAvg(AdapterFedAvg):
             raise wire.SecAggProtocolError("a second node with one device's identity key")
         if not advert.is_signed_for(round_id=rnd.round_id, salt=rnd.salt,
                                     threshold=rnd.threshold, num_nodes=rnd.num_nodes,
-                                    node_id=node):
+                                    node_id=node, degree=rnd.degree):
             raise wire.SecAggProtocolError("advert signature does not verify")
 
     def _consistency(self, rnd: _Round, survivors: list[int], stats: RoundStats,
@@ -475,6 +512,27 @@ class SecAggFedAvg(AdapterFedAvg):
             out[key] = flat[offset:offset + size].reshape(shape)
             offset += size
         return out
+
+    def _holders_enough(self, rnd: _Round, present: set[int], server_round: int, what: str,
+                        *, owners: Iterable[int] | None = None) -> bool:
+        """Whether every node of ``owners`` (default: ``present``) still has ``t`` holders of
+        its shares among ``present`` (its neighbours and itself): what each client checks
+        and what reconstructing its secrets needs. Always true on the complete graph once
+        ``len(present) >= t``; in SecAgg+ one neighbourhood can fall short alone."""
+        if not rnd.degree:
+            return True
+        for node in sorted(present if owners is None else owners):
+            count = len((rnd.graph[node] | {node}) & present)
+            if count < rnd.threshold:
+                self.stats[server_round].abandoned = (
+                    f"node {node}: only {count} nodes of its neighbourhood {what}, below the "
+                    f"threshold {rnd.threshold}")
+                log.warning(
+                    "round %d: only %d nodes of node %d's SecAgg+ neighbourhood %s, below the "
+                    "SecAgg threshold %d; the round is abandoned and the global adapter is "
+                    "unchanged", server_round, count, node, what, rnd.threshold)
+                return False
+        return True
 
     def _enough(self, rnd: _Round, count: int, server_round: int, what: str) -> bool:
         if count >= rnd.threshold:

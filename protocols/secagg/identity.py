@@ -197,12 +197,14 @@ def identity_public_key(key: Ed25519PrivateKey) -> bytes:
 
 
 def advert_message(*, round_id: int, salt: bytes, threshold: int, num_nodes: int,
-                   node_id: int, seal_pk: bytes, mask_pk: bytes) -> bytes:
+                   node_id: int, seal_pk: bytes, mask_pk: bytes, degree: int = 0) -> bytes:
     """What a device signs when it advertises its round keys: bound to the round (id, the
-    coordinator's fresh salt, and the threshold and node count it was told) and to the node
-    id the keys are for, so an advert cannot be replayed into another round, moved to
-    another node, or shown to a device that was told another threshold."""
-    return (_ADVERT_LABEL + struct.pack(">QQQQ", round_id, threshold, num_nodes, node_id)
+    coordinator's fresh salt, and the threshold, node count and graph degree it was told)
+    and to the node id the keys are for, so an advert cannot be replayed into another round,
+    moved to another node, or shown to a device that was told another threshold or another
+    graph (SecAgg+ degree; 0 = the complete graph, :mod:`protocols.secagg.graph`)."""
+    return (_ADVERT_LABEL
+            + struct.pack(">QQQQQ", round_id, threshold, num_nodes, node_id, degree)
             + salt + seal_pk + mask_pk)
 
 

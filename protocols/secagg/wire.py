@@ -41,6 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from protocols import bitpack
 from protocols.errors import InvalidUpdate
 from protocols.secagg.fixed_point import ALL_MODULUS_BITS, uint_dtype
+from protocols.secagg.graph import check_degree, neighbourhood_size
 from protocols.secagg.identity import advert_message, verify_signature
 from protocols.secagg.unmask import min_threshold
 
@@ -137,18 +138,27 @@ class SetupRequest:
     """Start a round: every sampled client makes two fresh X25519 key pairs for it.
 
     ``roster`` is the organisation's signed roster (``SignedRoster.to_text()`` as UTF-8) in
-    an authenticated round, empty otherwise."""
+    an authenticated round, empty otherwise. ``degree`` is the SecAgg+ graph's (0: the
+    complete graph of SecAgg; even and >= 2: each node shares and masks with ``degree``
+    neighbours, :mod:`protocols.secagg.graph`); the threshold then counts within one
+    neighbourhood of ``degree + 1`` nodes."""
 
     round_id: int
     salt: bytes
     threshold: int
     num_nodes: int
     roster: bytes = b""
+    degree: int = 0
+
+    @property
+    def neighbourhood(self) -> int:
+        """The nodes that hold one node's shares, itself included."""
+        return neighbourhood_size(self.num_nodes, self.degree)
 
     def to_record(self) -> RecordDict:
         rec = ConfigRecord({
             "round-id": self.round_id, "salt": self.salt, "threshold": self.threshold,
-            "num-nodes": self.num_nodes,
+            "num-nodes": self.num_nodes, "degree": self.degree,
         })
         if self.roster:
             rec["roster"] = self.roster
@@ -159,14 +169,24 @@ class SetupRequest:
         rec = _record(content)
         req = cls(_round_id(rec), _get(rec, "salt", bytes),
                   _get(rec, "threshold", int), _get(rec, "num-nodes", int),
-                  _get(rec, "roster", bytes) if "roster" in rec else b"")
+                  _get(rec, "roster", bytes) if "roster" in rec else b"",
+                  _get(rec, "degree", int))
         if len(req.salt) != SALT_BYTES:
             raise SecAggProtocolError(f"`salt`: expected {SALT_BYTES} bytes")
-        low = min_threshold(req.num_nodes)
-        if not low <= req.threshold <= req.num_nodes:
+        try:
+            check_degree(req.degree)
+        except ValueError as bad:
+            raise SecAggProtocolError(f"`degree`: {bad}") from None
+        if req.num_nodes < 1 or req.degree >= 2**32:
+            raise SecAggProtocolError("`num-nodes` must be >= 1 and `degree` < 2**32")
+        size = req.neighbourhood
+        low = min_threshold(size)
+        if not low <= req.threshold <= size:
+            what = f"{req.num_nodes} nodes" if size == req.num_nodes else (
+                f"a neighbourhood of {size} nodes (SecAgg+ degree {req.degree})")
             raise SecAggProtocolError(
-                f"threshold {req.threshold} of {req.num_nodes} nodes must be in [{low}, "
-                f"{req.num_nodes}]: more than two thirds of the nodes (at least 2), or a "
+                f"threshold {req.threshold} of {what} must be in [{low}, "
+                f"{size}]: more than two thirds of the nodes (at least 2), or a "
                 "coordinator sending different survivor lists to different clients could "
                 "collect both kinds of shares of one node and unmask its update"
             )
@@ -207,12 +227,13 @@ class KeyAdvert:
         return advert
 
     def is_signed_for(self, *, round_id: int, salt: bytes, threshold: int, num_nodes: int,
-                      node_id: int) -> bool:
+                      node_id: int, degree: int = 0) -> bool:
         """Whether the identity key it carries signed these round keys for this round,
-        threshold, node count and node (:func:`protocols.secagg.identity.advert_message`)."""
+        threshold, node count, graph degree and node
+        (:func:`protocols.secagg.identity.advert_message`)."""
         return verify_signature(self.identity_pk, self.signature, advert_message(
             round_id=round_id, salt=salt, threshold=threshold, num_nodes=num_nodes,
-            node_id=node_id, seal_pk=self.seal_pk, mask_pk=self.mask_pk))
+            node_id=node_id, seal_pk=self.seal_pk, mask_pk=self.mask_pk, degree=degree))
 
     def check(self) -> None:
         if len(self.seal_pk) != KEY_BYTES or len(self.mask_pk) != KEY_BYTES:

@@ -69,10 +69,10 @@ class Federation:
         return self.devices[node].identity(self.org_pk)
 
     def setup(self, threshold: int, *, num_nodes: int | None = None,
-              round_id: int = ROUND) -> dict[int, wire.KeyAdvert]:
+              round_id: int = ROUND, degree: int = 0) -> dict[int, wire.KeyAdvert]:
         self.told = (threshold, num_nodes or len(self.devices))
         req = wire.SetupRequest(round_id, SALT, threshold, self.told[1],
-                                self.roster).to_record()
+                                self.roster, degree).to_record()
         return {n: wire.KeyAdvert.from_record(handle_setup(req, d.context, self.ident(n)))
                 for n, d in self.devices.items()}
 
@@ -92,8 +92,8 @@ class Federation:
             mask_update(np.full(DIM, 0.01 * n, np.float32),
                         RecordDict({wire.RECORD: inst.to_record()}), d.context)
 
-    def through_masking(self, threshold: int) -> dict[int, wire.KeyAdvert]:
-        adverts = self.setup(threshold)
+    def through_masking(self, threshold: int, degree: int = 0) -> dict[int, wire.KeyAdvert]:
+        adverts = self.setup(threshold, degree=degree)
         self.mask(self.share(adverts))
         return adverts
 
@@ -300,6 +300,125 @@ def test_split_survivor_lists_reveal_no_node_even_with_a_low_threshold_in_force(
                 sigs[lists[n]][n] = wire.ConsistencySignature.from_record(handle_consistency(
                     wire.ConsistencyRequest(ROUND, lists[n]).to_record(), d.context,
                     fed.ident(n))).signature
+            b_shares: dict[int, bytes] = {}
+            s_shares: dict[int, bytes] = {}
+            for n, d in fed.devices.items():
+                told = lists[n]
+                dropped = () if told == with_x else (x,)
+                for shown in (sigs[told], sigs[with_x] | sigs[without_x]):
+                    request = wire.UnmaskRequest(ROUND, told, dropped, shown).to_record()
+                    try:
+                        shares = wire.UnmaskShares.from_record(handle_unmask(request, d.context))
+                    except wire.SecAggProtocolError:
+                        continue
+                    b_shares |= {n: shares.b_shares[x]} if x in shares.b_shares else {}
+                    s_shares |= {n: shares.s_shares[x]} if x in shares.s_shares else {}
+                    break
+            assert len(b_shares) < 4 or len(s_shares) < 4, told_survived
+            short = b_shares if len(b_shares) < 4 else s_shares
+            with pytest.raises(ValueError):
+                reconstruct_secrets({x: short}, threshold=4)
+
+
+# -- SecAgg+: the same attacks on a sparse graph (Bell et al. 2020) ----------------------------
+
+PLUS = [1, 2, 3, 4, 5, 6, 7]  # 4-regular: t = 4 of each neighbourhood of 5
+
+
+def _graph() -> dict[int, frozenset[int]]:
+    from protocols.secagg.graph import neighbourhoods
+
+    return neighbourhoods(PLUS, degree=4, round_id=ROUND, salt=SALT)
+
+
+def test_secagg_plus_setup_counts_the_threshold_within_a_neighbourhood() -> None:
+    """t = 4 of 7 is more than two thirds of a SecAgg+ neighbourhood of 5, t = 3 is not;
+    an odd degree is refused by name."""
+    ok = wire.SetupRequest(ROUND, SALT, 4, 7, degree=4).to_record()
+    assert wire.SetupRequest.from_record(ok).degree == 4
+    with pytest.raises(wire.SecAggProtocolError, match="neighbourhood of 5 nodes"):
+        wire.SetupRequest.from_record(wire.SetupRequest(ROUND, SALT, 3, 7, degree=4).to_record())
+    with pytest.raises(wire.SecAggProtocolError, match="`degree`"):
+        wire.SetupRequest.from_record(wire.SetupRequest(ROUND, SALT, 4, 7, degree=3).to_record())
+
+
+def test_secagg_plus_shares_masks_and_unmasks_only_within_the_neighbourhood() -> None:
+    """Each device seals to its 4 neighbours, refuses shares from a non-neighbour at masking,
+    and answers an unmask request (global lists, as signed) for its neighbourhood only."""
+    fed = Federation(PLUS)
+    graph = _graph()
+    adverts = fed.setup(threshold=4, degree=4)
+    inbox = fed.share(adverts)
+    for node in PLUS:
+        assert set(inbox[node]) == graph[node]
+    stranger = next(n for n in PLUS if n != 1 and n not in graph[1])
+    crooked = dict(inbox[1]) | {stranger: inbox[next(iter(graph[stranger]))][stranger]}
+    inst = wire.MaskingInstruction(ROUND, crooked, 32, 2.0**20, 0.5)
+    with pytest.raises(wire.SecAggProtocolError, match="neighbours"):
+        mask_update(np.zeros(DIM, np.float32), RecordDict({wire.RECORD: inst.to_record()}),
+                    fed.devices[1].context)
+    fed.mask(inbox)
+    everyone = tuple(PLUS)
+    signatures = {n: wire.ConsistencySignature.from_record(handle_consistency(
+        wire.ConsistencyRequest(ROUND, everyone).to_record(), d.context, fed.ident(n))).signature
+        for n, d in fed.devices.items()}
+    reply = wire.UnmaskShares.from_record(handle_unmask(
+        wire.UnmaskRequest(ROUND, everyone, (), signatures).to_record(),
+        fed.devices[1].context))
+    assert set(reply.b_shares) == graph[1] | {1} and not reply.s_shares
+
+
+def test_secagg_plus_needs_t_signatures_from_the_neighbourhood() -> None:
+    """Signatures of nodes outside a device's neighbourhood do not count towards its t."""
+    fed = Federation(PLUS)
+    graph = _graph()
+    fed.through_masking(threshold=4, degree=4)
+    everyone = tuple(PLUS)
+    signatures = {n: wire.ConsistencySignature.from_record(handle_consistency(
+        wire.ConsistencyRequest(ROUND, everyone).to_record(), d.context, fed.ident(n))).signature
+        for n, d in fed.devices.items()}
+    outside = [n for n in PLUS if n not in graph[1] | {1}]
+    shown = {n: signatures[n] for n in [*outside, 1, *sorted(graph[1])[:2]]}  # 3 of the hood
+    with pytest.raises(wire.SecAggProtocolError, match="fewer than the threshold 4"):
+        handle_unmask(wire.UnmaskRequest(ROUND, everyone, (), shown).to_record(),
+                      fed.devices[1].context)
+
+
+def test_secagg_plus_devices_told_different_degrees_refuse_each_others_adverts() -> None:
+    """A coordinator that tells one device it is in a SecAgg+ round (its secrets with 4
+    neighbours) and the others a complete one cannot show it their adverts."""
+    fed = Federation(PLUS)
+    others_told = wire.SetupRequest(ROUND, SALT, 5, 7, fed.roster, 0).to_record()
+    victim_told = wire.SetupRequest(ROUND, SALT, 5, 7, fed.roster, 4).to_record()
+    split = {n: wire.KeyAdvert.from_record(handle_setup(
+        victim_told if n == 1 else others_told, d.context, fed.ident(n)))
+        for n, d in fed.devices.items()}
+    with pytest.raises(wire.SecAggProtocolError, match="advert signature does not verify"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, split).to_record(),
+                          fed.devices[1].context)
+
+
+def test_secagg_plus_split_survivor_lists_reveal_no_node() -> None:
+    """The split attack of SecAgg on a 4-regular graph of 7: X's shares rest with its
+    neighbourhood of 5 and t = 4 of them; whichever of X's neighbours are told X survived,
+    the coordinator gathers fewer than t shares of one of X's secrets."""
+    x = 1
+    hood = sorted(_graph()[x])
+    with_x, without_x = tuple(PLUS), tuple(n for n in PLUS if n != x)
+    for size in range(len(hood) + 1):
+        for told_survived in itertools.combinations(hood, size):
+            fed = Federation(PLUS)
+            fed.through_masking(threshold=4, degree=4)
+            lists = {n: without_x if n in hood and n not in told_survived else with_x
+                     for n in PLUS}
+            sigs: dict[tuple[int, ...], dict[int, bytes]] = {with_x: {}, without_x: {}}
+            for n, d in fed.devices.items():
+                try:
+                    sigs[lists[n]][n] = wire.ConsistencySignature.from_record(
+                        handle_consistency(wire.ConsistencyRequest(ROUND, lists[n]).to_record(),
+                                           d.context, fed.ident(n))).signature
+                except wire.SecAggProtocolError:
+                    continue  # (too few survivors of its neighbourhood on that list)
             b_shares: dict[int, bytes] = {}
             s_shares: dict[int, bytes] = {}
             for n, d in fed.devices.items():

@@ -16,7 +16,8 @@ from protocols.secagg.identity import RosterError, SignedRoster
 
 KEY, SIG = b"k" * 32, b"s" * 64
 VALID: dict[type, RecordDict] = {
-    wire.SetupRequest: wire.SetupRequest(3000, b"x" * 16, 3, 4, b'{"a": 1}').to_record(),
+    wire.SetupRequest: wire.SetupRequest(3000, b"x" * 16, 3, 4, b'{"a": 1}',
+                                         degree=2).to_record(),  # SecAgg+: t = 3 of 3
     wire.KeyAdvert: wire.KeyAdvert(KEY, b"m" * 32, b"i" * 32, SIG).to_record(),
     wire.ShareKeysRequest: wire.ShareKeysRequest(3000, {
         1: wire.KeyAdvert(b"a" * 32, b"b" * 32, b"i" * 32, SIG),

@@ -26,6 +26,10 @@ from tests.measured import within
 from tests.server.tiny_federation import tiny_federation
 
 NODES = [11, 22, 33, 44, 2**64 - 5]  # the last needs all 64 bits: packing must not truncate
+#: SecAgg+ (Bell et al. 2020): 7 nodes on a 4-regular graph, t = 4 of each neighbourhood of 5.
+NODES_PLUS = [*NODES, 55, 66]
+#: (nodes, security.secagg_neighbours): the complete graph (SecAgg) and a sparse one (SecAgg+)
+GRAPHS = [pytest.param((NODES, 0), id="secagg"), pytest.param((NODES_PLUS, 4), id="secagg+")]
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +45,11 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
                            learning_rate=0.01)
 
 
-def _grid(flat: dict[str, Any]) -> LoopbackGrid:
+def _grid(flat: dict[str, Any], nodes: list[int] = NODES) -> LoopbackGrid:
     from client.app import make_client_app
 
-    return LoopbackGrid(make_client_app(flat), NODES,
-                        node_config={n: {"partition-id": i % 4} for i, n in enumerate(NODES)})
+    return LoopbackGrid(make_client_app(flat), nodes,
+                        node_config={n: {"partition-id": i % 4} for i, n in enumerate(nodes)})
 
 
 def _round(strategy: AdapterFedAvg, grid: LoopbackGrid, adapter: dict[str, np.ndarray],
@@ -73,14 +77,18 @@ def _assert_same_mean(secure: dict[str, np.ndarray], plain: dict[str, np.ndarray
         np.testing.assert_allclose(secure[key], plain[key], atol=tol, rtol=0, err_msg=key)
 
 
-def test_secure_mean_equals_plain_mean(setup: dict[str, Any]) -> None:
-    secure, plain = _strategies(setup["spec"])
-    grid = _grid(setup["flat"])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_secure_mean_equals_plain_mean(setup: dict[str, Any],
+                                       graph: tuple[list[int], int]) -> None:
+    nodes, degree = graph
+    n = len(nodes)
+    secure, plain = _strategies(setup["spec"], neighbours=degree)
+    grid = _grid(setup["flat"], nodes)
     got = _round(secure, grid, setup["adapter"])
-    want = _round(plain, _grid(setup["flat"]), setup["adapter"])
+    want = _round(plain, _grid(setup["flat"], nodes), setup["adapter"])
     assert got is not None and want is not None
-    scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
-    _assert_same_mean(got, want, setup["spec"], scale, 5)
+    scale = wire.fixed_point_scale(num_clients=n, clip_range=0.5, modulus_bits=32)
+    _assert_same_mean(got, want, setup["spec"], scale, n)
     assert any(not np.array_equal(got[k], setup["adapter"][k]) for k in got), "it trained"
     # FFA-LoRA is the default: A comes back exactly as sent
     for key in setup["spec"].tensors:
@@ -89,14 +97,25 @@ def test_secure_mean_equals_plain_mean(setup: dict[str, Any]) -> None:
 
     # the coordinator never received an update in clear: train replies are uint32 masks
     train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
-    assert len(train_replies) == 5
+    assert len(train_replies) == n
     for reply in train_replies:
         assert set(reply.content.array_records) == {wire.MASKED}
         vec = reply.content.array_records[wire.MASKED][wire.MASKED_VECTOR].numpy()
         assert vec.dtype == np.uint32 and vec.size == secure.vector_length
     stats = secure.stats[1]
-    assert (stats.accepted, stats.dropped, stats.rejected) == (5, 0, 0)
+    assert (stats.accepted, stats.dropped, stats.rejected) == (n, 0, 0)
     assert stats.bytes_up > 0 and stats.protocol_seconds > 0
+    # each client seals its shares to, and masks against, exactly its neighbours: all the
+    # others in SecAgg, `degree` of them in SecAgg+ (a symmetric graph)
+    peers = degree or n - 1
+    sealed = {m.metadata.src_node_id: set(wire.SealedShares.from_record(m.content).ciphertexts)
+              for m in grid.received if m.metadata.message_type == wire.SHARE_KEYS}
+    assert len(sealed) == n and all(len(to) == peers for to in sealed.values())
+    assert all(u in sealed[v] for u, to in sealed.items() for v in to)
+    for message in stats.sent:
+        inst = wire.MaskingInstruction.from_record(message.content)
+        assert set(inst.ciphertexts) == {u for u, to in sealed.items()
+                                         if message.metadata.dst_node_id in to}
 
 
 def _authenticated(setup: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -109,19 +128,20 @@ def _authenticated(setup: dict[str, Any]) -> tuple[dict[str, Any], str]:
                              "paths.roster_public_key": org.org_public_key}, org.roster_text)
 
 
-@pytest.mark.parametrize("drop", [None, wire.CONSISTENCY])
+@pytest.mark.parametrize(("drop", "degree"), [(None, 0), (wire.CONSISTENCY, 0), (None, 2)])
 def test_an_authenticated_round_gives_the_same_mean(setup: dict[str, Any],
-                                                    drop: str | None) -> None:
+                                                    drop: str | None, degree: int) -> None:
     """Signed roster, signed adverts and the consistency round, through the real ClientApp
     (each simulated device signs with the identity key in its own folder). A survivor that
     does not sign the survivor list (t = 3 of 4 still do) is not asked to unmask, and its
-    update is still in the sum."""
+    update is still in the sum. SecAgg+ on a ring of 4 (degree 2, t = 3 of each
+    neighbourhood of 3): the same mean, each device counting its neighbours' signatures."""
     from client.app import make_client_app
 
     flat, roster = _authenticated(setup)
     nodes = NODES[:4]  # one per simulated device: one device, one node
     sampling = {"fraction_train": 1.0, "min_train_nodes": 2, "min_available_nodes": 2}
-    secure = SecAggFedAvg(setup["spec"], roster=roster, **sampling)
+    secure = SecAggFedAvg(setup["spec"], roster=roster, neighbours=degree, **sampling)
     grid = LoopbackGrid(make_client_app(flat), nodes,
                         node_config={n: {"partition-id": i} for i, n in enumerate(nodes)})
     if drop:
@@ -162,15 +182,19 @@ def test_devices_that_pin_the_organisation_key_refuse_an_unauthenticated_coordin
     assert not any(m.metadata.message_type == wire.SHARE_KEYS for m in grid.received)
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("stage", ["train", wire.UNMASK])
 def test_dropouts_after_sharing_keys_still_give_the_survivors_mean(
-    setup: dict[str, Any], stage: str
+    setup: dict[str, Any], stage: str, graph: tuple[list[int], int]
 ) -> None:
     """A client gone after sharing keys (train) or after masking (unmask): n − t = 1 of 5
-    (t = 4: more than two thirds, whatever threshold_fraction asks for)."""
-    secure, plain = _strategies(setup["spec"], threshold_fraction=0.6)
-    grid = _grid(setup["flat"])
-    reference = _grid(setup["flat"])
+    (t = 4: more than two thirds, whatever threshold_fraction asks for). In SecAgg+ the
+    threshold is t = 4 of each neighbourhood of 5 (7 nodes, degree 4): the dropped node's
+    pairwise masks are rebuilt from its neighbours' shares of its mask key only."""
+    nodes, degree = graph
+    secure, plain = _strategies(setup["spec"], threshold_fraction=0.6, neighbours=degree)
+    grid = _grid(setup["flat"], nodes)
+    reference = _grid(setup["flat"], nodes)
     gone = set(NODES[:1])
     grid.drop[stage] |= gone
     if stage == "train":
@@ -178,20 +202,26 @@ def test_dropouts_after_sharing_keys_still_give_the_survivors_mean(
     got = _round(secure, grid, setup["adapter"])
     want = _round(plain, reference, setup["adapter"])
     assert got is not None and want is not None
-    n = 4 if stage == "train" else 5
-    scale = wire.fixed_point_scale(num_clients=5, clip_range=0.5, modulus_bits=32)
+    n = len(nodes) - 1 if stage == "train" else len(nodes)
+    scale = wire.fixed_point_scale(num_clients=len(nodes), clip_range=0.5, modulus_bits=32)
     _assert_same_mean(got, want, setup["spec"], scale, n)
     assert secure.stats[1].dropped == (1 if stage == "train" else 0)
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 def test_too_many_dropouts_abandon_the_round_and_keep_the_adapter(
-    setup: dict[str, Any], caplog: pytest.LogCaptureFixture
+    setup: dict[str, Any], caplog: pytest.LogCaptureFixture, graph: tuple[list[int], int]
 ) -> None:
-    secure, _ = _strategies(setup["spec"], threshold_fraction=0.8)  # t = 4 of 5
-    grid = _grid(setup["flat"])
+    """t = 4 of 5; in SecAgg+ of each neighbourhood of 5, and on a 4-regular ring of 7 any
+    two nodes share a neighbourhood: two dropouts leave it 3 holders."""
+    nodes, degree = graph
+    secure, _ = _strategies(setup["spec"], threshold_fraction=0.8, neighbours=degree)
+    grid = _grid(setup["flat"], nodes)
     grid.drop["train"] |= set(NODES[:2])
     assert _round(secure, grid, setup["adapter"]) is None
     assert "below the SecAgg threshold 4" in caplog.text
+    if degree:
+        assert "SecAgg+ neighbourhood" in caplog.text
 
 
 @pytest.mark.measured

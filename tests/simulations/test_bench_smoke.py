@@ -142,6 +142,22 @@ def test_secagg_overhead(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
         "query.secagg_unmask"}
 
 
+def test_secagg_scaling(capsys: pytest.CaptureFixture[str]) -> None:
+    """BENCHMARKS.md: clients | mode | degree | round s | x plain | coord peak MB, for plain,
+    SecAgg and SecAgg+ at each cohort size (n = 10: SecAgg+ on a graph of degree 8)."""
+    from simulations.bench import secagg_scaling
+
+    assert secagg_scaling.main(["--clients", "4,10", "--dim", "300"]) == 0
+    rows = table(capsys.readouterr().out,
+                 ["clients", "mode", "degree", "round s", "x plain", "coord peak MB"])
+    assert [(r[0], r[1]) for r in rows] == [(str(n), m) for n in (4, 10)
+                                            for m in ("plain", "secagg", "secagg+")]
+    assert [r[2] for r in rows] == ["-", "3", "3", "-", "9", "8"]
+    for row in rows:
+        assert len(numbers(row[3:])) == 3
+        assert_finite(numbers(row[3:]), positive=True)
+
+
 def test_gpu_check(tiny_model_dir: Path, tmp_path: Path) -> None:
     """BENCHMARKS.md, GPU check: part | setting | measured | baseline | ratio | note. Here
     (no CUDA) the kernels run in Triton's interpreter against the reference and the LoRA
