@@ -42,9 +42,12 @@ numpy's Mersenne Twister (docs/architecture.md, "Decisions and why").
 With client-level DP (``dp_clip_norm``/``dp_noise_multiplier``), clipping and noise move to
 the clients: each clips to ``C`` and adds ``N(0, (σC)²/t)`` so the sum over the ≥ ``t``
 survivors carries at least std ``σC`` — what :class:`~server.client_dp.ClientLevelDP`
-accounts in its ledger, and what no party sees without. Each client's contribution is
-bounded by the fixed-point range per coordinate; individual updates cannot be validated
-beyond that (that is the point), so a malformed masked input is treated as a dropout.
+accounts in its ledger, and what no party sees without. ``t`` is the complete graph's
+threshold also under SecAgg+ (whose per-neighbourhood threshold would multiply the noise by
+``n/t``), and a DP round with fewer survivors is abandoned. Quantized uploads add Skellam
+noise to their integers instead (:mod:`protocols.secagg.integer_noise`). Each client's
+contribution is bounded by the fixed-point range per coordinate; individual updates cannot be
+validated beyond that (that is the point), so a malformed masked input is treated as a dropout.
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ class _Round:
     threshold: int
     num_nodes: int  # announced at setup
     degree: int = 0  # SecAgg+ graph degree announced at setup (0: complete graph)
+    # Survivors the distributed DP noise is split over: the complete graph's threshold (in
+    # SecAgg+, where t counts within a neighbourhood, splitting over t would add n/t times
+    # the noise needed); a DP round with fewer survivors is abandoned.
+    noise_survivors: int = 0
     graph: dict[int, frozenset[int]] = field(default_factory=dict)  # over U1
     adverts: dict[int, wire.KeyAdvert] = field(default_factory=dict)  # U1
     senders: set[int] = field(default_factory=set)  # U2: shared keys
@@ -219,7 +226,9 @@ class SecAggFedAvg(AdapterFedAvg):
                      else len(nodes))
         rnd = _Round(round_id=self.next_round_id(server_round), server_round=server_round,
                      salt=os.urandom(wire.SALT_BYTES), threshold=self.threshold(announced),
-                     num_nodes=announced, degree=self.degree(announced))
+                     num_nodes=announced, degree=self.degree(announced),
+                     noise_survivors=max(min_threshold(announced),
+                                         math.ceil(self.threshold_fraction * announced)))
         setup = wire.SetupRequest(rnd.round_id, rnd.salt, rnd.threshold, announced,
                                   self._roster_bytes, rnd.degree)
         for node, content in self._exchange(
@@ -265,13 +274,14 @@ class SecAggFedAvg(AdapterFedAvg):
         clip_range = self.clip_range
         rounding_bound = skellam_variance = 0.0
         if self.dp_noise_multiplier > 0 and not self.levels:
-            noise_std = self.dp_noise_multiplier * self.dp_clip_norm / math.sqrt(rnd.threshold)
+            noise_std = (self.dp_noise_multiplier * self.dp_clip_norm
+                         / math.sqrt(rnd.noise_survivors))
             clip_range = max(clip_range, self.dp_clip_norm + 6.0 * noise_std)
         modulus_bits = self.modulus_bits
         if self.levels and self.dp_noise_multiplier > 0:
             # DP on a quantized upload: integer (Skellam) noise after rounding.
             plan = plan_integer_noise(
-                num_clients=len(rnd.senders), threshold=rnd.threshold,
+                num_clients=len(rnd.senders), threshold=rnd.noise_survivors,
                 dim=self.vector_length, clip_norm=self.dp_clip_norm,
                 noise_multiplier=self.dp_noise_multiplier, quant_range=self.quant_range,
                 levels=self.levels)
@@ -373,6 +383,14 @@ class SecAggFedAvg(AdapterFedAvg):
     ) -> np.ndarray | None:
         """The float64 sum of the survivors' updates, or ``None`` if the round is lost."""
         if not self._enough(rnd, len(masked), server_round, "sent masked inputs"):
+            return None
+        if self.dp_noise_multiplier > 0 and len(masked) < rnd.noise_survivors:
+            stats.abandoned = (f"only {len(masked)} nodes sent masked inputs, fewer than the "
+                               f"{rnd.noise_survivors} the DP noise was split over")
+            log.warning("round %d: only %d nodes sent masked inputs, fewer than the %d the "
+                        "distributed DP noise was split over; the round is abandoned and the "
+                        "global adapter is unchanged", server_round, len(masked),
+                        rnd.noise_survivors)
             return None
         survivors = sorted(masked)
         dropped = sorted(rnd.senders - set(masked))

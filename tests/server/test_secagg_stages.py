@@ -225,18 +225,25 @@ def test_too_many_dropouts_abandon_the_round_and_keep_the_adapter(
 
 
 @pytest.mark.measured
-def test_distributed_dp_noise_reaches_the_sum(setup: dict[str, Any]) -> None:
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_distributed_dp_noise_reaches_the_sum(setup: dict[str, Any],
+                                              graph: tuple[list[int], int]) -> None:
     """Each client adds N(0, (σC)²/t): the mean's deviation from the plain mean of the
-    clipped updates has std ≈ σC·sqrt(n/t)/n (here n = t = 5)."""
+    clipped updates has std ≈ σC·sqrt(n/t)/n (here n = t = 5, or 7 in SecAgg+: t is the
+    complete graph's threshold, not the neighbourhood's 5 of 5, which would add sqrt(7/5)
+    times the noise)."""
+    nodes, degree = graph
     sigma, clip = 0.5, 1e-3
     secure, _ = _strategies(setup["spec"], threshold_fraction=1.0, dp_clip_norm=clip,
-                            dp_noise_multiplier=sigma)
-    got = _round(secure, _grid(setup["flat"]), setup["adapter"])
+                            dp_noise_multiplier=sigma, neighbours=degree)
+    got = _round(secure, _grid(setup["flat"], nodes), setup["adapter"])
     assert got is not None
+    inst = next(iter(secure.stats[1].sent)).content.config_records[wire.RECORD]
+    assert inst["dp-noise-std"] == pytest.approx(sigma * clip / len(nodes) ** 0.5)
     deltas = np.concatenate([(got[k] - setup["adapter"][k]).ravel()
                              for k in setup["spec"].trainable_keys])
-    # clipped updates contribute at most clip/5 in norm; the noise dominates by far
-    expected_std = sigma * clip / 5
+    # clipped updates contribute at most clip/n in norm; the noise dominates by far
+    expected_std = sigma * clip / len(nodes)
     # The noise is the clients' own (OS randomness, unseeded: a client's DP noise must not be
     # reproducible by anyone), so no seed fixes this number. With ~1,400 coordinates the
     # sample std has a relative standard error of 1.9 %: 15 % is ~8 standard errors (a false
