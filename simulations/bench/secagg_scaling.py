@@ -19,10 +19,13 @@ timed is the protocol. Three modes per cohort size ``n``, measured in the same r
 Both secure modes run authenticated (a signed roster, signed adverts, the consistency
 round), as every simulation does. Columns: clients, mode, the graph degree (``n-1`` on the
 complete graph), the round's wall seconds (configure + train exchange + aggregate, all
-clients included: they run in this process, one after another), its ratio to ``plain``, and
-the coordinator's peak traced memory in the aggregate step (unmasking, Shamir
-reconstruction, the dropped pairs' masks, decoding; ``tracemalloc``, so numpy buffers are
-counted but interpreter overhead is not).
+clients included: they run in this process, one after another), its ratio to ``plain``;
+the CPU seconds of the slowest client's handlers and of the coordinator (the round's wall
+time less all clients' CPU: routing, Shamir reconstruction, the dropped pairs' masks,
+decoding), and their sum, the round as devices working in parallel would see it (no
+training, no network), with its ratio to ``plain``; and the coordinator's peak traced
+memory in the aggregate step (``tracemalloc``, so numpy buffers are counted but interpreter
+overhead is not).
 """
 
 from __future__ import annotations
@@ -89,20 +92,31 @@ def one_round(n: int, dim: int, mode: str, *, seed: int = 0) -> dict[str, Any]:
         raise RuntimeError(f"{n} clients, {mode}: the round aggregated {stats.accepted} of "
                            f"{n} updates (rejected: {stats.rejections})")
     shown = n - 1 if mode == "plain" or is_complete(n, degree) else degree
+    per_client: dict[int, float] = {}
+    for stage in grid.client_cpu_s.values():
+        for node, seconds in stage.items():
+            per_client[node] = per_client.get(node, 0.0) + seconds
+    coordinator = wall - sum(per_client.values())
+    slowest = max(per_client.values())
     return {"clients": n, "mode": mode, "degree": shown, "round_s": wall,
-            "peak_mb": peak / 2**20}
+            "slowest_client_s": slowest, "coordinator_s": coordinator,
+            "parallel_s": slowest + coordinator, "peak_mb": peak / 2**20}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
     head = (f"{'clients':>7} {'mode':>8} {'degree':>6} {'round s':>9} {'x plain':>8} "
+            f"{'client s':>9} {'coord s':>8} {'parallel s':>10} {'x plain':>8} "
             f"{'coord peak MB':>13}")
     lines = [head, "-" * len(head)]
-    plain = {r["clients"]: r["round_s"] for r in rows if r["mode"] == "plain"}
+    plain = {r["clients"]: r for r in rows if r["mode"] == "plain"}
     for r in rows:
-        ratio = r["round_s"] / plain[r["clients"]]
+        base = plain[r["clients"]]
         degree = "-" if r["mode"] == "plain" else str(r["degree"])
-        lines.append(f"{r['clients']:>7} {r['mode']:>8} {degree:>6} {r['round_s']:>9.3f} "
-                     f"{ratio:>7.2f}x {r['peak_mb']:>13.2f}")
+        lines.append(
+            f"{r['clients']:>7} {r['mode']:>8} {degree:>6} {r['round_s']:>9.3f} "
+            f"{r['round_s'] / base['round_s']:>7.2f}x {r['slowest_client_s']:>9.3f} "
+            f"{r['coordinator_s']:>8.3f} {r['parallel_s']:>10.3f} "
+            f"{r['parallel_s'] / base['parallel_s']:>7.2f}x {r['peak_mb']:>13.2f}")
     return "\n".join(lines)
 
 
