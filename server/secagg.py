@@ -74,7 +74,6 @@ from protocols.secagg import (
     min_threshold,
     reconstruct_secrets,
     remove_masks,
-    sum_masked,
     wire,
 )
 from protocols.secagg.fixed_point import (
@@ -89,6 +88,7 @@ from protocols.secagg.identity import (
     verify_signature,
 )
 from protocols.secagg.integer_noise import plan_integer_noise
+from protocols.secagg.unmask import MaskedSum
 from server.strategy import AdapterFedAvg, RoundStats, reply_metrics, stale_reply
 
 log = logging.getLogger(__name__)
@@ -334,66 +334,73 @@ class SecAggFedAvg(AdapterFedAvg):
             stats.aggregated_at = time.perf_counter()
             return None, None
         self._secagg = None  # a late second call must not unmask again
-        masked: dict[int, np.ndarray] = {}
+        # Each accepted upload is folded into one running sum mod 2**m as it is read and then
+        # dropped: memory stays one vector whatever the number of clients (issue 18).
+        folded = MaskedSum(modulus_bits=next(iter(rnd.instruction.values())).modulus_bits,
+                           length=self.vector_length)
         metrics: dict[int, MetricRecord] = {}
         sizes: dict[int, int] = {}
-        replies = list(replies)
-        stats.fail_silent(server_round, replies)
-        for msg in replies:
+        answered: set[int] = set()
+        for msg in replies:  # one at a time: a grid that yields replies is never held whole
             node = stats.node_of(msg)
+            answered.add(node)
             if (stale := stale_reply(msg, server_round)) is not None:
                 stats.reject(server_round, node, stale)
                 continue
             if msg.has_error():
                 stats.fail(server_round, node, msg.error.reason)
                 continue
-            if node not in rnd.senders or node in masked:
+            if node not in rnd.senders or node in metrics:
                 stats.reject(server_round, node, "reply from a node not in this round")
                 continue
             try:
-                masked[node] = wire.read_masked(
+                vector = wire.read_masked(
                     msg.content, length=self.vector_length,
                     modulus_bits=rnd.instruction[node].modulus_bits)
-                metrics[node] = reply_metrics(msg.content, {wire.MASKED, keys.METRICS})
-                sizes[node] = record_nbytes(msg.content.array_records[wire.MASKED])
-                self.charge_upload(node, sizes[node], commit=False)
-                stats.count_upload(metrics[node], content_nbytes(msg.content))
+                reported = reply_metrics(msg.content, {wire.MASKED, keys.METRICS})
+                size = record_nbytes(msg.content.array_records[wire.MASKED])
+                self.charge_upload(node, size, commit=False)
+                stats.count_upload(reported, content_nbytes(msg.content))
             except (wire.SecAggProtocolError, InvalidUpdate) as bad:
-                masked.pop(node, None)
                 stats.reject(server_round, node, bad.reason)
                 stats.bytes_up += content_nbytes(msg.content)
                 continue
+            folded.add(node, vector)
+            del vector
+            metrics[node], sizes[node] = reported, size
             stats.bytes_up += content_nbytes(msg.content)
+        stats.fail_unanswered(server_round, answered)
         started = time.perf_counter()
-        total = self._unmask(rnd, masked, stats, server_round)
+        total = self._unmask(rnd, folded, stats, server_round)
         stats.protocol_seconds += time.perf_counter() - started
-        stats.accepted = len(masked) if total is not None else 0
+        stats.accepted = len(folded.nodes) if total is not None else 0
         if total is None:
             stats.aggregated_at = time.perf_counter()
             return None, None
-        for node in masked:  # a lost round (retried) costs no device its run budget
+        for node in folded.nodes:  # a lost round (retried) costs no device its run budget
             self.charge_upload(node, sizes[node])
         merged = apply_delta(self._global,
-                             self._split(total / (self.denominator or len(masked))))
+                             self._split(total / (self.denominator or len(folded.nodes))))
         stats.aggregated_at = time.perf_counter()
-        return self.publish(merged), stats.summarise(metrics[n] for n in masked)
+        return self.publish(merged), stats.summarise(metrics[n] for n in folded.nodes)
 
     def _unmask(
-        self, rnd: _Round, masked: Mapping[int, np.ndarray], stats: RoundStats, server_round: int
+        self, rnd: _Round, folded: MaskedSum, stats: RoundStats, server_round: int
     ) -> np.ndarray | None:
         """The float64 sum of the survivors' updates, or ``None`` if the round is lost."""
-        if not self._enough(rnd, len(masked), server_round, "sent masked inputs"):
+        arrived = len(folded.nodes)
+        if not self._enough(rnd, arrived, server_round, "sent masked inputs"):
             return None
-        if self.dp_noise_multiplier > 0 and len(masked) < rnd.noise_survivors:
-            stats.abandoned = (f"only {len(masked)} nodes sent masked inputs, fewer than the "
+        if self.dp_noise_multiplier > 0 and arrived < rnd.noise_survivors:
+            stats.abandoned = (f"only {arrived} nodes sent masked inputs, fewer than the "
                                f"{rnd.noise_survivors} the DP noise was split over")
             log.warning("round %d: only %d nodes sent masked inputs, fewer than the %d the "
                         "distributed DP noise was split over; the round is abandoned and the "
-                        "global adapter is unchanged", server_round, len(masked),
+                        "global adapter is unchanged", server_round, arrived,
                         rnd.noise_survivors)
             return None
-        survivors = sorted(masked)
-        dropped = sorted(rnd.senders - set(masked))
+        survivors = sorted(folded.nodes)
+        dropped = sorted(rnd.senders - set(folded.nodes))
         stats.dropped = len(dropped)
         if not self._holders_enough(rnd, set(survivors), server_round,
                                     "sent masked inputs", owners=rnd.senders):
@@ -438,7 +445,7 @@ class SecAggFedAvg(AdapterFedAvg):
                 round_id=rnd.round_id, salt=rnd.salt,
             )
             inst = rnd.instruction[survivors[0]]
-            unmasked = remove_masks(sum_masked(masked, modulus_bits=inst.modulus_bits),
+            unmasked = remove_masks(folded.total,
                                     self_seeds=b_seeds, dropped_pair_seeds=pair_seeds,
                                     modulus_bits=inst.modulus_bits)
             total = decode_sum(unmasked, scale=inst.scale, clip=inst.clip_range,

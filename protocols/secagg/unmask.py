@@ -82,22 +82,48 @@ def check_unmask_request(
         )
 
 
-def sum_masked(masked_inputs: Mapping[int, npt.NDArray[Any]], *, modulus_bits: int) -> UIntArray:
-    """Sum the survivors' uploads mod ``2**modulus_bits``; checks dtype and shape per node."""
-    dtype = uint_dtype(modulus_bits)
-    items = [(node, np.asarray(value)) for node, value in masked_inputs.items()]
-    if not items:
-        raise ValueError("no masked inputs to sum")
-    shape = items[0][1].shape
-    for node, arr in items:
-        if arr.dtype != dtype:
-            raise TypeError(f"node {node}: expected dtype {dtype}, got {arr.dtype}")
+class MaskedSum:
+    """The survivors' masked uploads summed mod ``2**modulus_bits`` as they arrive: one
+    vector of state whatever the number of clients (an upload is not needed once folded in:
+    unmasking works on the sum). Checks dtype and length per node."""
+
+    def __init__(self, *, modulus_bits: int, length: int | None = None) -> None:
+        self.modulus_bits = modulus_bits
+        self.dtype = uint_dtype(modulus_bits)
+        self.length = length
+        self.nodes: list[int] = []
+        self._total: UIntArray | None = None
+
+    def add(self, node: int, masked: npt.NDArray[Any]) -> None:
+        arr = np.asarray(masked)
+        if arr.dtype != self.dtype:
+            raise TypeError(f"node {node}: expected dtype {self.dtype}, got {arr.dtype}")
+        shape = (self.length,) if self.length is not None else (
+            self._total.shape if self._total is not None else arr.shape)
         if arr.shape != shape:
             raise ValueError(f"node {node}: expected shape {shape}, got {arr.shape}")
-    total: UIntArray = items[0][1].copy()
-    for _, arr in items[1:]:
-        total += arr
-    return reduce_mod(total, modulus_bits)
+        if node in self.nodes:
+            raise ValueError(f"node {node}: a second masked input")
+        if self._total is None:
+            self._total = arr.copy()
+        else:
+            self._total += arr
+            reduce_mod(self._total, self.modulus_bits)
+        self.nodes.append(node)
+
+    @property
+    def total(self) -> UIntArray:
+        if self._total is None:
+            raise ValueError("no masked inputs to sum")
+        return reduce_mod(self._total, self.modulus_bits)
+
+
+def sum_masked(masked_inputs: Mapping[int, npt.NDArray[Any]], *, modulus_bits: int) -> UIntArray:
+    """Sum the survivors' uploads mod ``2**modulus_bits``; checks dtype and shape per node."""
+    folded = MaskedSum(modulus_bits=modulus_bits)
+    for node, value in masked_inputs.items():
+        folded.add(node, value)
+    return folded.total
 
 
 def reconstruct_secrets(

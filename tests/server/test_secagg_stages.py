@@ -515,3 +515,17 @@ def test_dp_on_quantized_uploads_adds_skellam_noise_in_a_small_modulus(
     assert sigma * clip / 5 <= expected_std <= 1.1 * sigma * clip / 5
     # ~1,400 coordinates: relative standard error 1.9 %, 15 % is ~8 of them (as above)
     within("|noise std / expected - 1|", abs(deltas.std() / expected_std - 1), below=0.15)
+
+
+def test_masked_uploads_are_summed_as_they_arrive_so_memory_does_not_grow() -> None:
+    """Streaming under secure aggregation (issue 18, point 2): each masked upload is folded
+    into one running sum mod 2**m and dropped, so the coordinator's traced peak while
+    aggregating 16 uploads of 100,000 values (400 KB each) is that of 4; keeping them would
+    hold 6.4 MB more."""
+    from simulations.bench.secagg_scaling import one_round
+    from simulations.flower_patches import task_identity
+
+    with task_identity():
+        few = one_round(4, 100_000, "secagg")["peak_mb"]
+        many = one_round(16, 100_000, "secagg")["peak_mb"]
+    assert many < few + 1.5, (few, many)  # one upload more is already +0.4 MB
