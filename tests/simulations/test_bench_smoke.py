@@ -160,6 +160,11 @@ def test_secagg_scaling(capsys: pytest.CaptureFixture[str]) -> None:
         assert len(values) == 7
         assert_finite(values, nonnegative=True)  # a toy client's seconds may print as 0.000
         assert values[1] > 0 and values[5] > 0  # the ratios, from unrounded times
+    assert secagg_scaling.main(["--clients", "4", "--dim", "300", "--modes", "plain,secagg+"]) == 0
+    rows = table(capsys.readouterr().out, ["clients", "mode", "degree", "round s"])
+    assert [r[1] for r in rows] == ["plain", "secagg+"]
+    with pytest.raises(SystemExit):
+        secagg_scaling.main(["--modes", "secagg"])  # no baseline for the ratios
 
 
 def test_gpu_check(tiny_model_dir: Path, tmp_path: Path) -> None:
