@@ -259,11 +259,13 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
             "the coordinator's key list does not carry this node's own public keys; "
             "refusing (a substituted key would let the coordinator open my shares)"
         )
+    salt = bytes.fromhex(state.salt)
+    graph = neighbourhoods(req.adverts, degree=state.degree, round_id=req.round_id, salt=salt)
     if state.authenticated:
         if mine.identity_pk.hex() != state.own_identity:
             raise SecAggProtocolError(
                 "the key list carries this node's keys under another identity; refusing")
-        _check_signed_adverts(req, state)
+        _check_signed_adverts(req, state, hood={*graph[me], me})
     if len(req.adverts) < state.threshold:
         raise SecAggProtocolError(
             f"only {len(req.adverts)} nodes advertised keys, below the threshold "
@@ -274,8 +276,6 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
             f"{len(req.adverts)} nodes in the key list but {state.num_nodes} were announced at "
             f"setup; refusing (more nodes would lower the threshold below two thirds of them)"
         )
-    salt = bytes.fromhex(state.salt)
-    graph = neighbourhoods(req.adverts, degree=state.degree, round_id=req.round_id, salt=salt)
     neighbours = sorted(graph[me])
     if len(neighbours) + 1 < state.threshold:
         raise SecAggProtocolError(
@@ -303,13 +303,19 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
     return SealedShares(sealed).to_record()
 
 
-def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets) -> None:
-    """Every advert signed, for this round and node, by a distinct roster member: a key the
-    coordinator substituted or a node it invented has no such signature."""
+def _check_signed_adverts(req: ShareKeysRequest, state: RoundSecrets, *,
+                          hood: set[int]) -> None:
+    """Every advert of this node's neighbourhood (``hood``: all of U1 on the complete graph)
+    signed, for this round and node, by a distinct roster member: a key the coordinator
+    substituted or a node it invented has no such signature. In SecAgg+ the adverts outside
+    the neighbourhood are not checked: this node shares with, masks against and answers for
+    none of them, and checking all n would make every client's work grow with n again."""
     roster = set(state.roster_keys)
     seen: dict[str, int] = {}
     salt = bytes.fromhex(state.salt)
     for node, advert in req.adverts.items():
+        if node not in hood:
+            continue
         key = advert.identity_pk.hex()
         if key not in roster:
             raise SecAggProtocolError(
@@ -497,14 +503,17 @@ def _check_consistency(req: UnmaskRequest, state: RoundSecrets, me: int) -> None
     message = consistency_message(round_id=req.round_id, salt=bytes.fromhex(state.salt),
                                   threshold=state.threshold, num_nodes=state.num_nodes,
                                   survivors=state.signed_survivors)
+    hood = state.hood(me)
     for signer, signature in req.signatures.items():
+        if signer not in hood:
+            continue  # counts for nothing here (below); verifying it is work that grows with n
         key = state.identity_pks.get(str(signer))
         if signer not in req.survivors or key is None or not verify_signature(
                 bytes.fromhex(key), signature, message):
             raise SecAggProtocolError(
                 f"refusing to unmask: node {signer}'s consistency signature does not verify "
                 "over this survivor list")
-    near = set(req.signatures) & state.hood(me)
+    near = set(req.signatures) & hood
     if len(near) < state.threshold:
         raise SecAggProtocolError(
             f"refusing to unmask: {len(near)} survivors of this node's neighbourhood signed "

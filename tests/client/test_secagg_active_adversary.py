@@ -437,3 +437,40 @@ def test_secagg_plus_split_survivor_lists_reveal_no_node() -> None:
             short = b_shares if len(b_shares) < 4 else s_shares
             with pytest.raises(ValueError):
                 reconstruct_secrets({x: short}, threshold=4)
+
+
+def test_secagg_plus_checks_the_adverts_and_signatures_of_its_own_neighbourhood() -> None:
+    """A SecAgg+ device verifies what it relies on, its neighbourhood, so its work stays
+    O(log n): a forged advert of a neighbour is refused with nothing sealed, a forged advert of
+    a node it never shares with is not its concern (its secrets go to none of them); likewise
+    at unmasking a bad signature outside its neighbourhood neither counts nor stops it."""
+    fed = Federation(PLUS)
+    graph = _graph()
+    adverts = fed.setup(threshold=4, degree=4)
+    victim = fed.devices[1]
+    coordinator = Ed25519PrivateKey.generate()
+    neighbour = min(graph[1])
+    stranger = next(n for n in PLUS if n != 1 and n not in graph[1])
+    forged = dict(adverts) | {neighbour: _forged_advert(neighbour, coordinator, told=fed.told)}
+    with pytest.raises(wire.SecAggProtocolError, match="not signed by a device"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, forged).to_record(), victim.context)
+    assert _stage(victim) == "setup"
+    elsewhere = dict(adverts) | {stranger: _forged_advert(stranger, coordinator, told=fed.told)}
+    sealed = wire.SealedShares.from_record(handle_share_keys(
+        wire.ShareKeysRequest(ROUND, elsewhere).to_record(), victim.context))
+    assert set(sealed.ciphertexts) == graph[1] and stranger not in sealed.ciphertexts
+
+    fed = Federation(PLUS)
+    fed.through_masking(threshold=4, degree=4)
+    everyone = tuple(PLUS)
+    signatures = {n: wire.ConsistencySignature.from_record(handle_consistency(
+        wire.ConsistencyRequest(ROUND, everyone).to_record(), d.context, fed.ident(n))).signature
+        for n, d in fed.devices.items()}
+    bad = b"\x01" * 64
+    with pytest.raises(wire.SecAggProtocolError, match=f"node {neighbour}'s consistency"):
+        handle_unmask(wire.UnmaskRequest(ROUND, everyone, (), signatures | {neighbour: bad})
+                      .to_record(), fed.devices[1].context)
+    reply = wire.UnmaskShares.from_record(handle_unmask(
+        wire.UnmaskRequest(ROUND, everyone, (), signatures | {stranger: bad}).to_record(),
+        fed.devices[1].context))
+    assert set(reply.b_shares) == graph[1] | {1}
