@@ -613,3 +613,47 @@ def test_aggregation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     saved = json.loads((tmp_path / "agg.json").read_text())
     assert_finite([saved["memcpy_gb_s"], saved["aggregation_gb_s"], saved["peak_mb"]],
                   positive=True)
+
+
+@pytest.mark.slow
+def test_dp_population(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                       capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: round | non-DP ppl | DP ppl | ε per round, and what the DP run keeps;
+    the DP run's ledger stays within the target ε it was calibrated for."""
+    from simulations.bench import dp_population
+
+    argv = ["--levers", "non-dp,dp-r1", "--rounds", "1", "--epsilon", "8",
+            "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+            "--prefix", "smoke"]
+    for item in [*_tiny_run_overrides(tiny_model_dir), "security.secagg_neighbours=0"]:
+        argv += ["--set", item]
+    assert dp_population.main(argv) == 0
+
+    text = capsys.readouterr().out
+    rows = table(text, ["round", "non-dp ppl", "dp-r1 ppl", "eps dp-r1"])
+    assert [r[0] for r in rows] == ["0", "1"]
+    base, after = numbers(rows[0]), numbers(rows[1])
+    assert base[1] == base[2] and base[3] == 0, "round 0 is the same base model, no ε"
+    assert_finite(after, positive=True)
+    assert after[3] <= 8.0
+    assert re.search(r"dp-r1: final [\d.]+ \([+-][\d.]+ % below base\) at epsilon [\d.]+", text)
+    got = json.loads((tmp_path / "runs" / "dp_population.json").read_text())
+    assert set(got["runs"]) == {"non-dp", "dp-r1"}
+    assert (tmp_path / "runs" / "dp_population.png").is_file()
+    runs = [got["runs"]["non-dp"], got["runs"]["dp-r1"]]
+    assert dp_population.main(["--from-runs", *runs]) == 0
+    assert table(capsys.readouterr().out, ["round", "non-dp ppl", "dp-r1 ppl"]) == rows
+
+
+def test_dp_population_calibrates_sigma_to_the_target() -> None:
+    """σ is the smallest noise whose ε over the run is within the target: ε(σ) ≤ target and
+    ε(0.99 σ) > target (at the preset's q = 100 / 980 and 10 rounds)."""
+    from protocols.privacy import epsilon_for_history
+    from simulations.bench.dp_population import calibrated_sigma
+
+    q, rounds = 100 / 980, 10
+    sigma = calibrated_sigma(target_epsilon=8.0, delta=1e-5, sample_rate=q, rounds=rounds,
+                             accountant="rdp")
+    def eps(s: float) -> float:
+        return epsilon_for_history([(s, q, rounds)], delta=1e-5, accountant="rdp")
+    assert eps(sigma) <= 8.0 < eps(0.99 * sigma)
