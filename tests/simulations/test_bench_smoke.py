@@ -657,3 +657,31 @@ def test_dp_population_calibrates_sigma_to_the_target() -> None:
     def eps(s: float) -> float:
         return epsilon_for_history([(s, q, rounds)], delta=1e-5, accountant="rdp")
     assert eps(sigma) <= 8.0 < eps(0.99 * sigma)
+
+
+@pytest.mark.slow
+def test_secagg_round(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: mode | rounds | clients | round s | x plain | train s | aggr s | up KB,
+    plain against SecAgg+, and the goal line; then the same table from --from-runs."""
+    from simulations.bench import secagg_round
+
+    argv = ["--clients-per-round", "3", "--rounds", "2", "--runs-dir", str(tmp_path / "runs"),
+            "--cache-dir", str(mini_cache), "--prefix", "smoke"]
+    for item in _tiny_run_overrides(tiny_model_dir):
+        if not item.startswith(("train.rounds", "train.clients_per_round")):
+            argv += ["--set", item]
+    assert secagg_round.main(argv) == 0
+    text = capsys.readouterr().out
+    header = ["mode", "rounds", "clients", "round s", "x plain", "train s", "aggr s",
+              "up KB/client"]
+    rows = table(text, header)
+    assert [r[:3] for r in rows] == [["plain", "2", "3"], ["secagg+", "2", "3"]]
+    assert rows[0][4] == "1.00x"
+    for row in rows:
+        assert_finite(numbers(row), nonnegative=True)
+    assert re.search(r"goal secagg\+ <= 1.5x the plain round: [\d.]+x \((met|not met)\)", text)
+    got = json.loads((tmp_path / "runs" / "secagg_round.json").read_text())
+    assert [m["mode"] for m in got["modes"]] == ["plain", "secagg+"]
+    assert secagg_round.main(["--from-runs", *(m["run"] for m in got["modes"])]) == 0
+    assert table(capsys.readouterr().out, header) == rows
