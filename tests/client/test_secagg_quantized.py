@@ -34,10 +34,12 @@ def _encode(x: np.ndarray, inst: MaskingInstruction) -> tuple[np.ndarray, np.nda
 
 
 def test_dp_clip_and_noise_come_before_quantization() -> None:
-    """The upload depends on the update only through its clipped, noised value: two updates
-    with the same clipped direction give the same codes (same noise and rounding draws), so
-    quantization is post-processing of the Gaussian mechanism and the accounting holds; and
-    what the device keeps for error feedback is the quantization's loss, never the noise."""
+    """With a Gaussian share, the encoder sees the update only through its clipped, noised
+    value: two updates with the same clipped direction give the same codes (same noise and
+    rounding draws), and what the device would keep for error feedback is the encoding's
+    loss, never the noise. (This is the order of every exact fixed-point upload. The wire
+    refuses Gaussian shares on coarse quantized uploads, where one device's rounding of its
+    own share would not sum to a Gaussian: those round first and add Skellam noise, below.)"""
     inst = _instruction(7, 4, clip_range=0.2, dp=True)
     x = np.random.default_rng(0).normal(size=400)
     x *= 5.0 / np.linalg.norm(x)  # far beyond the clip norm C = 1
