@@ -185,8 +185,9 @@ def render(result: dict[str, Any]) -> str:
         kept = (f", keeps {100 * s['kept_of_non_dp']:.0f} % of the non-DP improvement"
                 if s["kept_of_non_dp"] is not None and s["run"] != "non-dp" else "")
         eps = f" at epsilon {s['epsilon']:.2f}" if s["epsilon"] else ""
+        side = "below" if s["improvement"] >= 0 else "above"
         lines.append(f"{s['run']}: final {s['final_perplexity']:.2f} "
-                     f"({100 * s['improvement']:+.1f} % below base){eps}{kept}")
+                     f"({100 * abs(s['improvement']):.1f} % {side} base){eps}{kept}")
     return "\n".join(lines)
 
 

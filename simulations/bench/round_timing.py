@@ -65,13 +65,21 @@ def render(table: list[dict[str, float]]) -> str:
     steady = table[1:] or table
     med = {k: statistics.median(r[k] for r in steady) for k in steady[0] if k != "round"}
     lines.append("-" * len(head))
-    lines.append(
-        f"steady state (median of rounds {steady[0]['round']:.0f}-{steady[-1]['round']:.0f}): "
-        f"round {med['round_s']:.1f} s = training {med['train_s']:.1f} s "
-        f"({med['train_s'] / med['round_s']:.0%}) + eval {med['eval_s']:.1f} s + "
-        f"aggregation {med['aggregate_s']:.2f} s + overhead {med['overhead_s']:.1f} s "
-        f"(overhead/training = {med['overhead_s'] / med['train_s']:.2f}x)"
-    )
+    span = f"{steady[0]['round']:.0f}-{steady[-1]['round']:.0f}"
+    if med["train_s"] > 0:
+        lines.append(
+            f"steady state (median of rounds {span}): "
+            f"round {med['round_s']:.1f} s = training {med['train_s']:.1f} s "
+            f"({med['train_s'] / med['round_s']:.0%}) + eval {med['eval_s']:.1f} s + "
+            f"aggregation {med['aggregate_s']:.2f} s + overhead {med['overhead_s']:.1f} s "
+            f"(overhead/training = {med['overhead_s'] / med['train_s']:.2f}x)"
+        )
+    else:  # under client-level DP devices report no timing (it would leave in the clear)
+        lines.append(
+            f"steady state (median of rounds {span}): round {med['round_s']:.1f} s + eval "
+            f"{med['eval_s']:.1f} s, aggregation {med['aggregate_s']:.2f} s; no training "
+            "time reported (client-level DP: devices send their update and its size only)"
+        )
     first = table[0]
     lines.append(
         f"round 1 (cold start): overhead {first['overhead_s']:.1f} s = "
