@@ -24,6 +24,7 @@ secret sharing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import random
@@ -116,16 +117,44 @@ def _evaluate(coeffs: list[int], x: int) -> int:
 
 
 def _interpolate_at_zero(points: list[tuple[int, int]]) -> int:
-    """Lagrange: ``f(0) = Σ_j y_j Π_{m≠j} x_m / (x_m − x_j)`` mod p."""
-    total = 0
-    for j, (xj, yj) in enumerate(points):
-        num, den = 1, 1
-        for m, (xm, _) in enumerate(points):
+    """Lagrange: ``f(0) = Σ_j y_j w_j`` mod p with ``w_j = Π_{m≠j} x_m / (x_m − x_j)``."""
+    points = sorted(points)
+    weights = _weights_at_zero(tuple(x for x, _ in points))
+    return sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % PRIME
+
+
+@functools.lru_cache(maxsize=256)
+def _weights_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange weights at 0 of the sorted ids ``xs``; they depend on the ids only.
+
+    Why cached: in a round of full SecAgg the same survivors answer for every survivor's
+    seed, so all n reconstructions share one set of ids. Computing the weights once (O(n²))
+    turns each further reconstruction into a dot product (O(n)) instead of O(n²) with an
+    inversion per share, which made the coordinator's unmasking grow with n³."""
+    total = 1
+    for x in xs:
+        total = total * x % PRIME
+    dens = []
+    for j, xj in enumerate(xs):
+        den = xj  # w_j = (Π_m x_m / x_j) / Π_{m≠j} (x_m − x_j)
+        for m, xm in enumerate(xs):
             if m != j:
-                num = num * xm % PRIME
                 den = den * (xm - xj) % PRIME
-        total = (total + yj * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        dens.append(den)
+    return tuple(total * inv % PRIME for inv in _batch_inverse(dens))
+
+
+def _batch_inverse(values: list[int]) -> list[int]:
+    """Every value's inverse mod p with one modular inversion (Montgomery's trick)."""
+    prefix = [1]
+    for v in values:
+        prefix.append(prefix[-1] * v % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        out[i] = inv * prefix[i] % PRIME
+        inv = inv * values[i] % PRIME
+    return out
 
 
 def _encode(x: int, y: int) -> bytes:
