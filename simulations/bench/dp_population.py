@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from server.metrics_log import read_metrics
+from simulations.bench.named_runs import NamedRuns, add_run_options, variant_of
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "population-1000.toml"
 
@@ -95,22 +96,17 @@ def calibrated_sigma(*, target_epsilon: float, delta: float, sample_rate: float,
 
 
 def run_levers(args: argparse.Namespace, names: list[str]) -> list[Path]:
-    from protocols.cache_dir import default_cache_dir
-    from protocols.config_file import load_config
-    from protocols.environment import configure_environment
     from protocols.privacy import client_sample_rate
-    from simulations.runner import check_inputs, run_federated
 
-    configure_environment()
-    cache = args.cache_dir or default_cache_dir()
+    runs = NamedRuns(args)
     common = [f"train.rounds={args.rounds}", *args.set]
     out = []
     for name in names:
         lever = LEVERS[name]
         overrides = [*common, *lever.overrides]
         if lever.private:
-            probe = load_config(args.preset, overrides)
-            probed = check_inputs(probe, cache)
+            probed = runs.inputs(overrides)
+            probe = probed.config
             devices = probed.num_clients
             q = client_sample_rate(clients_per_round=probe.train.clients_per_round,
                                    num_clients=devices)
@@ -124,25 +120,16 @@ def run_levers(args: argparse.Namespace, names: list[str]) -> list[Path]:
                 coordinates=trained_coordinates(probed))
             print(f"{name}: clip norm C = {clip:.4g}", file=sys.stderr)
             overrides += _dp_overrides(clip, sigma)
-        inputs = check_inputs(load_config(args.preset, overrides), cache)
-        out.append(run_federated(inputs, args.runs_dir, name=f"{args.prefix}-{name}"))
-        print(f"finished {out[-1]}", file=sys.stderr)
+        out.append(runs.run(name, runs.inputs(overrides)))
     return out
-
-
-def lever_of(run: Path) -> str:
-    """The lever a run folder was made by (its name ends with it)."""
-    name = run.name.removesuffix(".partial")
-    return next((n for n in sorted(LEVERS, key=len, reverse=True) if name.endswith(n)),
-                name)
 
 
 def compare(runs: list[Path]) -> dict[str, Any]:
     """Per round: every run's held-out perplexity and ε; per run: what it keeps."""
-    metrics = {lever_of(r): read_metrics(r) for r in runs}
+    metrics = {variant_of(r, LEVERS): read_metrics(r) for r in runs}
     names = list(metrics)
     if any(not rows for rows in metrics.values()):
-        empty = [str(r) for r in runs if not read_metrics(r)]
+        empty = [str(r) for r in runs if not metrics[variant_of(r, LEVERS)]]
         raise SystemExit(f"no metrics in {empty}: did these runs finish a round?")
     rounds = min(len(rows) for rows in metrics.values())
     table = []
@@ -165,7 +152,7 @@ def compare(runs: list[Path]) -> dict[str, Any]:
                         "improvement": (base - final) / base,
                         "kept_of_non_dp": kept,
                         "epsilon": table[-1][f"{name}_epsilon"]})
-    return {"runs": {lever_of(r): str(r) for r in runs}, "base_perplexity": base,
+    return {"runs": {variant_of(r, LEVERS): str(r) for r in runs}, "base_perplexity": base,
             "rounds": table, "summary": summary}
 
 
@@ -227,14 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-norm", type=float, default=0.0,
                         help="C; 0 = per run, lr * local_steps * sqrt(d) for d trained "
                              "coordinates (one AdamW step moves each by about lr)")
-    parser.add_argument("--preset", type=Path, default=PRESET)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="any further config override, applied to every run")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--prefix", default="dp-population")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--from-runs", nargs="+", type=Path, metavar="RUN",
-                        help="analyse finished runs (named <prefix>-<lever>) instead")
+    add_run_options(parser, preset=PRESET, prefix="dp-population", variant="lever")
     args = parser.parse_args(argv)
     if args.from_runs:
         runs = list(args.from_runs)

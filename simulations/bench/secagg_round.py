@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 from server.metrics_log import read_metrics
+from simulations.bench.named_runs import NamedRuns, add_run_options, variant_of
 from simulations.bench.secagg_scaling import plus_degree
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "population-1000.toml"
@@ -42,27 +42,14 @@ def mode_overrides(mode: str, clients_per_round: int) -> list[str]:
 
 
 def run_modes(args: argparse.Namespace, modes: list[str]) -> list[Path]:
-    from protocols.cache_dir import default_cache_dir
-    from protocols.config_file import load_config
-    from protocols.environment import configure_environment
-    from simulations.runner import check_inputs, run_federated
-
-    configure_environment()
-    cache = args.cache_dir or default_cache_dir()
+    runs = NamedRuns(args)
     out = []
     for mode in modes:
         overrides = [f"train.rounds={args.rounds}",
                      f"train.clients_per_round={args.clients_per_round}",
                      *args.set, *mode_overrides(mode, args.clients_per_round)]
-        inputs = check_inputs(load_config(args.preset, overrides), cache)
-        out.append(run_federated(inputs, args.runs_dir, name=f"{args.prefix}-{mode}"))
-        print(f"finished {out[-1]}", file=sys.stderr)
+        out.append(runs.run(mode, runs.inputs(overrides)))
     return out
-
-
-def mode_of(run: Path) -> str:
-    name = run.name.removesuffix(".partial")
-    return next((m for m in sorted(MODES, key=len, reverse=True) if name.endswith(m)), name)
 
 
 def summarise(run: Path) -> dict[str, Any]:
@@ -78,7 +65,7 @@ def summarise(run: Path) -> dict[str, Any]:
     steady = rounds[1:] or rounds
     median = {k: statistics.median(r[k] for r in steady)
               for k in ("round_s", "train_s", "aggregate_s", "up_bytes_per_client")}
-    return {"run": str(run), "mode": mode_of(run), "rounds": rounds,
+    return {"run": str(run), "mode": variant_of(run, MODES), "rounds": rounds,
             "steady_rounds": [r["round"] for r in steady], **median}
 
 
@@ -126,14 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="plain,secagg+",
                         help=f"comma-separated, from {', '.join(MODES)}; plain is the "
                              "baseline (full SecAgg at 400 devices takes ~10 min a round)")
-    parser.add_argument("--preset", type=Path, default=PRESET)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="any further config override, applied to every run")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--prefix", default="secagg-round")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--from-runs", nargs="+", type=Path, metavar="RUN",
-                        help="analyse finished runs (named <prefix>-<mode>) instead")
+    add_run_options(parser, preset=PRESET, prefix="secagg-round", variant="mode")
     args = parser.parse_args(argv)
     if args.from_runs:
         runs = list(args.from_runs)

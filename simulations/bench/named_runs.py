@@ -1,0 +1,60 @@
+"""What the comparison benchmarks over a preset share: one simulation per named variant in
+one runs folder (``<prefix>-<variant>``), the options that place them, and telling which
+variant a finished (or ``.partial``) run folder belongs to when it is re-analysed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, preset: Path, prefix: str,
+                    variant: str) -> None:
+    """``--preset``, ``--set``, ``--runs-dir``, ``--prefix``, ``--cache-dir`` and
+    ``--from-runs`` (finished runs named ``<prefix>-<variant>``)."""
+    parser.add_argument("--preset", type=Path, default=preset)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any further config override, applied to every run")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--prefix", default=prefix)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--from-runs", nargs="+", type=Path, metavar="RUN",
+                        help=f"analyse finished runs (named <prefix>-<{variant}>) instead")
+
+
+class NamedRuns:
+    """Simulations of one benchmark: the preset and overrides of ``args``, one cache, runs
+    written as ``<args.runs_dir>/<args.prefix>-<name>``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from protocols.cache_dir import default_cache_dir
+        from protocols.environment import configure_environment
+
+        configure_environment()
+        self.args = args
+        self.cache = args.cache_dir or default_cache_dir()
+
+    def inputs(self, overrides: list[str]) -> Any:
+        """The checked inputs of the preset with ``overrides`` (which place ``--set``)."""
+        from protocols.config_file import load_config
+        from simulations.runner import check_inputs
+
+        return check_inputs(load_config(self.args.preset, overrides), self.cache)
+
+    def run(self, name: str, inputs: Any) -> Path:
+        """Run the simulation; return its finished folder."""
+        from simulations.runner import run_federated
+
+        out = run_federated(inputs, self.args.runs_dir, name=f"{self.args.prefix}-{name}")
+        print(f"finished {out}", file=sys.stderr)
+        return out
+
+
+def variant_of(run: Path, names: Iterable[str]) -> str:
+    """The variant a run folder was made by: the longest of ``names`` its name ends with
+    (``secagg+`` before ``secagg``), or the folder's name."""
+    name = run.name.removesuffix(".partial")
+    return next((n for n in sorted(names, key=len, reverse=True) if name.endswith(n)), name)
