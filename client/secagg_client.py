@@ -31,9 +31,11 @@ Torch-free: the edge client runs these stages too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +86,8 @@ from protocols.secagg.wire import (
     ShareKeysRequest,
     UnmaskRequest,
     UnmaskShares,
+    pack_ids,
+    unpack_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -114,7 +118,12 @@ NO_IDENTITY = SecAggIdentity()
 
 @dataclass
 class RoundSecrets:
-    """What one device remembers between the stages of one SecAgg round (hex-encoded)."""
+    """What one device remembers between the stages of one SecAgg round (hex-encoded).
+
+    What grows with the number of nodes ``n`` is kept compact, since a device saves and
+    loads this at every stage (and a simulation holds one per simulated device): the ids of
+    U1 as packed 8-byte ids beside the JSON, the survivor list it signed as a SHA-256
+    digest; peers' keys only for its neighbourhood."""
 
     round_id: int
     salt: str
@@ -125,13 +134,16 @@ class RoundSecrets:
     b: str
     # setup -> shared -> masked (-> signed, authenticated rounds); deleted after unmasking
     stage: str = "setup"
-    mask_pks: dict[str, str] = field(default_factory=dict)  # U1: node -> mask public key
+    members: list[int] = field(default_factory=list)  # U1 (saved packed, not in the JSON)
+    mask_pks: dict[str, str] = field(default_factory=dict)  # neighbourhood: node -> mask key
     seal_pks: dict[str, str] = field(default_factory=dict)
     held: dict[str, str] = field(default_factory=dict)  # owner -> b-share | s-share
-    roster_keys: list[str] = field(default_factory=list)  # empty: an unauthenticated round
-    identity_pks: dict[str, str] = field(default_factory=dict)  # U1: node -> identity key
-    signed_survivors: list[int] = field(default_factory=list)  # the list this node signed
-    own_identity: str = ""  # this device's identity public key (authenticated rounds)
+    # The roster's identity keys, kept from the setup until the key list is checked against
+    # them (share-keys stage), then dropped: O(roster) per device is not kept for the round.
+    roster_keys: list[str] = field(default_factory=list)
+    identity_pks: dict[str, str] = field(default_factory=dict)  # neighbourhood: identity keys
+    signed_survivors_sha256: str = ""  # digest of the sorted survivor list this node signed
+    own_identity: str = ""  # this device's identity key; non-empty: an authenticated round
     degree: int = 0  # SecAgg+ graph degree (0: the complete graph of SecAgg)
     neighbours: list[int] = field(default_factory=list)  # this node's, on the round's graph
 
@@ -142,11 +154,13 @@ class RoundSecrets:
 
     @property
     def authenticated(self) -> bool:
-        return bool(self.roster_keys)
+        return bool(self.own_identity)
 
     def save(self, context: Context) -> None:
-        blob = json.dumps(asdict(self)).encode()
-        context.state.config_records[STATE_KEY] = ConfigRecord({"json": blob})
+        fields = asdict(self)
+        members = pack_ids(fields.pop("members"))
+        context.state.config_records[STATE_KEY] = ConfigRecord(
+            {"json": json.dumps(fields).encode(), "members": members})
 
     @classmethod
     def load(cls, context: Context, *, round_id: int, stage: str | None) -> RoundSecrets:
@@ -157,7 +171,9 @@ class RoundSecrets:
                 f"no secure-aggregation state on this node for round {round_id}: the "
                 f"coordinator skipped a stage (or this node restarted mid-round)"
             )
-        state = cls(**json.loads(bytes(record["json"])))  # type: ignore[arg-type]
+        fields = json.loads(bytes(record["json"]))  # type: ignore[arg-type]
+        state = cls(**fields, members=unpack_ids(bytes(record["members"]),  # type: ignore[arg-type]
+                                                 "members"))
         if state.round_id != round_id:
             raise SecAggProtocolError(
                 f"instruction for SecAgg round {round_id}, but this node is in round "
@@ -260,20 +276,26 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
             "refusing (a substituted key would let the coordinator open my shares)"
         )
     salt = bytes.fromhex(state.salt)
-    graph = neighbourhoods(req.adverts, degree=state.degree, round_id=req.round_id, salt=salt)
+    members = req.nodes
+    graph = neighbourhoods(members, degree=state.degree, round_id=req.round_id, salt=salt)
+    hood = {*graph[me], me}
+    if missing := sorted(hood - set(req.adverts)):
+        raise SecAggProtocolError(
+            f"the key list lacks the public keys of this node's neighbours {missing[:5]} on "
+            "the round's graph; refusing (the coordinator must send every neighbour's advert)")
     if state.authenticated:
         if mine.identity_pk.hex() != state.own_identity:
             raise SecAggProtocolError(
                 "the key list carries this node's keys under another identity; refusing")
-        _check_signed_adverts(req, state, hood={*graph[me], me})
-    if len(req.adverts) < state.threshold:
+        _check_signed_adverts(req, state, hood=hood)
+    if len(members) < state.threshold:
         raise SecAggProtocolError(
-            f"only {len(req.adverts)} nodes advertised keys, below the threshold "
+            f"only {len(members)} nodes advertised keys, below the threshold "
             f"{state.threshold}"
         )
-    if len(req.adverts) > state.num_nodes:
+    if len(members) > state.num_nodes:
         raise SecAggProtocolError(
-            f"{len(req.adverts)} nodes in the key list but {state.num_nodes} were announced at "
+            f"{len(members)} nodes in the key list but {state.num_nodes} were announced at "
             f"setup; refusing (more nodes would lower the threshold below two thirds of them)"
         )
     neighbours = sorted(graph[me])
@@ -294,10 +316,14 @@ def handle_share_keys(content: RecordDict, context: Context) -> RecordDict:
                                 round_id=req.round_id, sender=me, receiver=peer))
     state.held = {str(me): (b_shares[me] + s_shares[me]).hex()}
     state.neighbours = neighbours
-    state.mask_pks = {str(n): a.mask_pk.hex() for n, a in req.adverts.items()}
-    state.seal_pks = {str(n): a.seal_pk.hex() for n, a in req.adverts.items()}
+    # Only the neighbourhood's keys are kept: the node masks against, opens shares from and
+    # checks signatures of no one else, and n keys per node would make its state grow with n.
+    state.members = sorted(members)
+    state.mask_pks = {str(n): req.adverts[n].mask_pk.hex() for n in sorted(hood)}
+    state.seal_pks = {str(n): req.adverts[n].seal_pk.hex() for n in sorted(hood)}
     if state.authenticated:
-        state.identity_pks = {str(n): a.identity_pk.hex() for n, a in req.adverts.items()}
+        state.identity_pks = {str(n): req.adverts[n].identity_pk.hex() for n in sorted(hood)}
+    state.roster_keys = []  # checked against the neighbourhood's adverts above
     state.stage = "shared"
     state.save(context)
     return SealedShares(sealed).to_record()
@@ -475,7 +501,7 @@ def handle_consistency(content: RecordDict, context: Context,
     survivors = set(req.survivors)
     peers = {int(n) for n in state.held}
     near = survivors & state.hood(context.node_id)
-    if (not near <= peers or not survivors <= {int(n) for n in state.mask_pks}
+    if (not near <= peers or not survivors <= set(state.members)
             or context.node_id not in survivors):
         raise SecAggProtocolError(
             "the survivor list names nodes outside this round's peers, or not this node")
@@ -486,23 +512,28 @@ def handle_consistency(content: RecordDict, context: Context,
     signature = identity.identity_key.sign(consistency_message(
         round_id=req.round_id, salt=bytes.fromhex(state.salt), threshold=state.threshold,
         num_nodes=state.num_nodes, survivors=sorted(survivors)))
-    state.signed_survivors = sorted(survivors)
+    state.signed_survivors_sha256 = survivors_digest(survivors)
     state.stage = "signed"
     state.save(context)
     return ConsistencySignature(signature).to_record()
+
+
+def survivors_digest(survivors: Iterable[int]) -> str:
+    """SHA-256 (hex) of a survivor list, sorted: what a node keeps of the list it signed."""
+    return hashlib.sha256(pack_ids(sorted(survivors))).hexdigest()
 
 
 def _check_consistency(req: UnmaskRequest, state: RoundSecrets, me: int) -> None:
     """At least ``t`` valid signatures over the very list this node signed, from survivors
     of this node's neighbourhood (everyone in SecAgg): a coordinator that told other
     clients another story cannot gather them (t > 2/3 of the neighbourhood)."""
-    if sorted(req.survivors) != state.signed_survivors:
+    if survivors_digest(req.survivors) != state.signed_survivors_sha256:
         raise SecAggProtocolError(
             "refusing to unmask: the survivor list differs from the one this node signed "
             "in the consistency check")
     message = consistency_message(round_id=req.round_id, salt=bytes.fromhex(state.salt),
                                   threshold=state.threshold, num_nodes=state.num_nodes,
-                                  survivors=state.signed_survivors)
+                                  survivors=sorted(req.survivors))
     hood = state.hood(me)
     for signer, signature in req.signatures.items():
         if signer not in hood:
@@ -536,7 +567,7 @@ def handle_unmask(content: RecordDict, context: Context) -> RecordDict:
     survivors, dropped = set(req.survivors), set(req.dropped)
     # The lists are global (they are what the survivors signed); this node answers for its
     # neighbourhood only (all of U1 on the complete graph), and checks the threshold there.
-    known = {int(n) for n in state.mask_pks}
+    known = set(state.members)
     hood = state.hood(me)
     try:
         check_unmask_request(survivors=survivors, dropped=dropped, my_peers=known,

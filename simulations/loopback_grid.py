@@ -7,7 +7,9 @@ Flower's own protobuf serialisation, so what arrives is what a wire would delive
 counts are real. It also injects failures: a node listed in ``drop[message_type]`` never
 answers that message type (a client that went away), and it records each node's CPU time
 per message type. With ``errors_as_replies`` a handler that raises answers with an error
-reply, as Flower's runtimes do, instead of raising into the caller.
+reply, as Flower's runtimes do, instead of raising into the caller. It keeps every message it
+delivered and received (``sent``, ``received``) for tests to inspect, unless
+``keep_traffic=False``.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ class LoopbackGrid:
         node_config: Mapping[int, dict[str, int | float | str | bool]] | None = None,
         serialise: bool = True,
         errors_as_replies: bool = False,
+        keep_traffic: bool = True,
     ) -> None:
         self.app = app
+        # Tests read ``sent``/``received``; a benchmark that traces the coordinator's memory
+        # turns them off, or it would count every message the grid kept as the coordinator's.
+        self.keep_traffic = keep_traffic
         self.serialise = serialise
         self.errors_as_replies = errors_as_replies
         self.contexts = {
@@ -66,7 +72,8 @@ class LoopbackGrid:
             if node not in self.contexts or node in self.drop[kind]:
                 continue
             inbound = _wire_copy(msg) if self.serialise else msg
-            self.sent.append(inbound)
+            if self.keep_traffic:
+                self.sent.append(inbound)
             start = time.process_time()
             try:
                 reply = self.app(inbound, self.contexts[node])
@@ -80,6 +87,7 @@ class LoopbackGrid:
                 self.client_cpu_s[kind].get(node, 0.0) + time.process_time() - start
             )
             outbound = _wire_copy(reply) if self.serialise else reply
-            self.received.append(outbound)
+            if self.keep_traffic:
+                self.received.append(outbound)
             replies.append(outbound)
         return replies

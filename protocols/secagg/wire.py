@@ -251,14 +251,29 @@ class KeyAdvert:
 # -- stage 1: share keys ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShareKeysRequest:
-    """Everyone's public keys (the set U1 that advertised): seal a share pair to each."""
+    """The nodes that advertised keys (the set U1) and their public keys: seal a share pair
+    to each neighbour.
+
+    On the complete graph ``adverts`` holds every node of U1. In SecAgg+ the coordinator
+    sends each node only its neighbourhood's adverts and the ids of all of U1 in ``members``
+    (the graph is computed from the ids alone): a node needs no stranger's keys, and sending
+    all ``n`` adverts to all ``n`` nodes made the round's traffic, and each node's parsing,
+    grow with n² (issue 18)."""
 
     round_id: int
     adverts: Mapping[int, KeyAdvert]
+    members: tuple[int, ...] = ()  # U1 when ``adverts`` holds only part of it
+
+    @property
+    def nodes(self) -> tuple[int, ...]:
+        """Every node of U1, whether or not its advert is in this request."""
+        return self.members or tuple(self.adverts)
 
     def to_record(self) -> RecordDict:
         nodes = list(self.adverts)
         rec = ConfigRecord({"round-id": self.round_id, "nodes": pack_ids(nodes)})
+        if self.members:
+            rec["members"] = pack_ids(self.members)
         _put_list(rec, "seal-pks", [self.adverts[n].seal_pk for n in nodes])
         _put_list(rec, "mask-pks", [self.adverts[n].mask_pk for n in nodes])
         if any(a.identity_pk for a in self.adverts.values()):
@@ -270,6 +285,13 @@ class ShareKeysRequest:
     def from_record(cls, content: RecordDict) -> ShareKeysRequest:
         rec = _record(content)
         nodes = unpack_ids(_get(rec, "nodes", bytes), "nodes")
+        members: tuple[int, ...] = ()
+        if "members" in rec:
+            members = tuple(unpack_ids(_get(rec, "members", bytes), "members"))
+            if not set(nodes) <= set(members):
+                raise SecAggProtocolError(
+                    f"adverts of nodes {sorted(set(nodes) - set(members))} that 'members' "
+                    "does not list")
         seal = _get_bytes_list(rec, "seal-pks", len(nodes), KEY_BYTES)
         mask = _get_bytes_list(rec, "mask-pks", len(nodes), KEY_BYTES)
         keys = seal + mask
@@ -282,7 +304,8 @@ class ShareKeysRequest:
             ids = sigs = [b""] * len(nodes)
         return cls(_round_id(rec),
                    {n: KeyAdvert(s, m, i, g)
-                    for n, s, m, i, g in zip(nodes, seal, mask, ids, sigs, strict=True)})
+                    for n, s, m, i, g in zip(nodes, seal, mask, ids, sigs, strict=True)},
+                   members)
 
 
 @dataclass(frozen=True)

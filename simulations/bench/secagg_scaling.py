@@ -75,7 +75,8 @@ def one_round(n: int, dim: int, mode: str, *, seed: int = 0) -> dict[str, Any]:
             AdapterFedAvg(spec, weighting="uniform", **sampling) if mode == "plain"
             else SecAggFedAvg(spec, roster=roster, neighbours=degree, **sampling))
         grid = LoopbackGrid(app, nodes, node_config={node: {"partition-id": i}
-                                                     for i, node in enumerate(nodes)})
+                                                     for i, node in enumerate(nodes)},
+                            keep_traffic=False)
         wall = time.perf_counter()
         messages = strategy.configure_train(1, to_record(adapter), config,
                                             grid)  # type: ignore[arg-type]

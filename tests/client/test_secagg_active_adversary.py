@@ -474,3 +474,31 @@ def test_secagg_plus_checks_the_adverts_and_signatures_of_its_own_neighbourhood(
         wire.UnmaskRequest(ROUND, everyone, (), signatures | {stranger: bad}).to_record(),
         fed.devices[1].context))
     assert set(reply.b_shares) == graph[1] | {1}
+
+
+def test_secagg_plus_needs_only_its_neighbourhoods_adverts_and_every_nodes_id() -> None:
+    """The coordinator sends a SecAgg+ device the ids of all of U1 (the graph is computed
+    from them) and its neighbourhood's adverts only: that is enough to seal its shares. A
+    list without one neighbour's advert is refused with nothing sealed, and adverts of
+    nodes the id list leaves out are refused when the request is read."""
+    fed = Federation(PLUS)
+    graph = _graph()
+    adverts = fed.setup(threshold=4, degree=4)
+    victim = fed.devices[1]
+    hood = graph[1] | {1}
+    missing = min(graph[1])
+    short = {n: adverts[n] for n in hood - {missing}}
+    with pytest.raises(wire.SecAggProtocolError, match=f"neighbours \\[{missing}\\]"):
+        handle_share_keys(wire.ShareKeysRequest(ROUND, short, tuple(PLUS)).to_record(),
+                          victim.context)
+    assert _stage(victim) == "setup"
+    stranger = next(n for n in PLUS if n not in hood)
+    with pytest.raises(wire.SecAggProtocolError, match=f"\\[{stranger}\\]"):
+        wire.ShareKeysRequest.from_record(wire.ShareKeysRequest(
+            ROUND, {n: adverts[n] for n in PLUS},
+            tuple(n for n in PLUS if n != stranger)).to_record())
+    sealed = wire.SealedShares.from_record(handle_share_keys(wire.ShareKeysRequest(
+        ROUND, {n: adverts[n] for n in hood}, tuple(PLUS)).to_record(), victim.context))
+    assert set(sealed.ciphertexts) == graph[1]
+    state = RoundSecrets.load(victim.context, round_id=ROUND, stage="shared")
+    assert state.members == PLUS and {int(n) for n in state.mask_pks} == hood

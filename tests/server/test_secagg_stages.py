@@ -118,6 +118,29 @@ def test_secure_mean_equals_plain_mean(setup: dict[str, Any],
                                          if message.metadata.dst_node_id in to}
 
 
+def _assert_each_node_got_its_neighbourhood(grid: LoopbackGrid, nodes: list[int],
+                                            degree: int) -> None:
+    """In SecAgg+ each node is sent the ids of all nodes but the adverts and consistency
+    signatures of its own neighbourhood only (what it checks); on the complete graph all."""
+    from protocols.secagg.graph import neighbourhoods
+
+    setup_request = next(wire.SetupRequest.from_record(m.content) for m in grid.sent
+                         if m.metadata.message_type == wire.SETUP)
+    graph = neighbourhoods(nodes, degree=degree, round_id=setup_request.round_id,
+                           salt=setup_request.salt)
+    share_keys = {m.metadata.dst_node_id: wire.ShareKeysRequest.from_record(m.content)
+                  for m in grid.sent if m.metadata.message_type == wire.SHARE_KEYS}
+    assert set(share_keys) == set(nodes)
+    for node, request in share_keys.items():
+        assert set(request.nodes) == set(nodes)
+        assert set(request.adverts) == graph[node] | {node}
+    for message in grid.sent:
+        if message.metadata.message_type == wire.UNMASK:
+            node = message.metadata.dst_node_id
+            signers = set(wire.UnmaskRequest.from_record(message.content).signatures)
+            assert signers and signers <= graph[node] | {node}
+
+
 def _authenticated(setup: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The run config with the simulated organisation's roster and key, and the roster."""
     from simulations.organisation import simulated_organisation
@@ -160,6 +183,7 @@ def test_an_authenticated_round_gives_the_same_mean(setup: dict[str, Any],
                      if m.metadata.message_type == wire.SETUP]
     assert len(setup_replies) == 4 and all(a.identity_pk and a.signature
                                            for a in setup_replies)
+    _assert_each_node_got_its_neighbourhood(grid, nodes, degree)
 
 
 def test_devices_that_pin_the_organisation_key_refuse_an_unauthenticated_coordinator(
