@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -68,25 +68,59 @@ class PollingGrid(Grid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    ) -> ReplyStream:
         """Flower's contract: push, then pull until every reply is in or ``timeout`` s
-        passed (``None``: wait for all); replies of other exchanges are never returned."""
+        passed (``None``: wait for all); replies of other exchanges are never returned.
+
+        The replies come as a :class:`ReplyStream` that pulls while it is iterated, so a
+        strategy that folds each reply into a running sum holds one pull's replies at a
+        time, not the round's (issue 18: Flower's own grid returns them as one list)."""
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            if self.stop.is_set():
-                raise RunStopped("the run was stopped while waiting for replies")
-            got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending:
-                break
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+        return ReplyStream(self, pending, deadline)
+
+
+class ReplyStream:
+    """The replies to one exchange, pulled from the grid as they are iterated (once).
+
+    The wait for replies happens while the consumer iterates, and its deadline counts from
+    the push. ``finished_at`` (``time.perf_counter``) is when the last reply arrived or the
+    wait ended: the end of the devices' part of an exchange, for round timing."""
+
+    def __init__(self, grid: PollingGrid, pending: set[str], deadline: float | None) -> None:
+        self._grid = grid
+        self._pending = pending
+        self._deadline = deadline
+        self._started = False
+        self.finished_at: float | None = None
+
+    def __iter__(self) -> Iterator[Message]:
+        if self._started:
+            raise RuntimeError("a ReplyStream is iterated once: its replies were consumed")
+        self._started = True
+        return self._pull()
+
+    def _pull(self) -> Iterator[Message]:
+        grid, pending = self._grid, self._pending
+        try:
+            while pending:
+                if grid.stop.is_set():
+                    raise RunStopped("the run was stopped while waiting for replies")
+                got = list(grid.pull_messages(pending))
+                pending.difference_update(m.metadata.reply_to_message_id for m in got)
+                if not pending:
+                    self.finished_at = time.perf_counter()  # before folding the last ones
+                yield from got
+                del got
+                if not pending:
                     break
-                time.sleep(min(self.interval, left))
-            else:
-                time.sleep(self.interval)
-        return replies
+                if self._deadline is not None:
+                    left = self._deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    time.sleep(min(grid.interval, left))
+                else:
+                    time.sleep(grid.interval)
+        finally:
+            if self.finished_at is None:
+                self.finished_at = time.perf_counter()

@@ -89,7 +89,13 @@ from protocols.secagg.identity import (
 )
 from protocols.secagg.integer_noise import plan_integer_noise
 from protocols.secagg.unmask import MaskedSum
-from server.strategy import AdapterFedAvg, RoundStats, reply_metrics, stale_reply
+from server.strategy import (
+    AdapterFedAvg,
+    RoundStats,
+    last_reply_at,
+    reply_metrics,
+    stale_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +374,7 @@ class SecAggFedAvg(AdapterFedAvg):
             del vector
             metrics[node], sizes[node] = reported, size
             stats.bytes_up += content_nbytes(msg.content)
+        stats.replies_at = last_reply_at(replies, stats.replies_at)
         stats.fail_unanswered(server_round, answered)
         started = time.perf_counter()
         total = self._unmask(rnd, folded, stats, server_round)

@@ -83,6 +83,8 @@ class RoundStats:
     rejections: list[str] = field(default_factory=list)
     abandoned: str | None = None  # why a secure-aggregation round ended without a sum
     sent: list[Message] = field(default_factory=list)  # the round's train messages
+    _destinations_of: tuple[list[Message], dict[str, int]] | None = field(
+        default=None, repr=False, compare=False)
 
     def fail(self, server_round: int, node: int, reason: str | None) -> None:
         """A client that answered with an error, or not at all."""
@@ -93,9 +95,20 @@ class RoundStats:
         """The node a reply answers for: the destination of the message it replies to.
         (An error reply the SuperLink writes for an unreachable node does not carry that
         node as its source.) Message ids exist once Flower pushed the messages."""
-        ids = {m.metadata.message_id: m.metadata.dst_node_id
-               for m in (self.sent if sent is None else sent) if m.metadata.message_id}
-        return ids.get(reply.metadata.reply_to_message_id or "", reply.metadata.src_node_id)
+        return self._destinations(self.sent if sent is None else sent).get(
+            reply.metadata.reply_to_message_id or "", reply.metadata.src_node_id)
+
+    def _destinations(self, sent: Iterable[Message]) -> dict[str, int]:
+        """Message id -> destination node of ``sent``, built once per list (a round's
+        replies look it up one by one: rebuilding it per reply cost O(n²) at n clients)."""
+        cached = self._destinations_of
+        if cached is not None and cached[0] is sent:
+            return cached[1]
+        ids = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
+               if m.metadata.message_id}
+        if ids and isinstance(sent, list):  # ids exist once pushed; a list is not consumed
+            self._destinations_of = (sent, ids)
+        return ids
 
     def fail_silent(self, server_round: int, replies: Iterable[Message],
                     sent: Iterable[Message] | None = None, *, stage: str = "train") -> None:
@@ -205,6 +218,14 @@ class FederatedEval:
                 "fed_eval_loss_weighted": self.weighted_mean,
                 "fed_eval_loss_worst_decile": self.worst_decile,
                 "fed_eval_losses": list(self.losses)}
+
+
+def last_reply_at(replies: Iterable[Message], default: float) -> float:
+    """When the last of a round's replies arrived (``time.perf_counter``): a streamed
+    exchange (:class:`server.polling_grid.ReplyStream`) records it; replies handed over as a
+    list had all arrived by ``default``, the moment aggregation began."""
+    finished = getattr(replies, "finished_at", None)
+    return default if finished is None else float(finished)
 
 
 def federated_eval(replies: Iterable[Message]) -> FederatedEval | None:
@@ -447,7 +468,7 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
-        stats.replies_at = time.perf_counter()
+        stats.replies_at = time.perf_counter()  # replies handed over whole (a list) ...
         # Streaming: each reply is decoded, checked and folded into the running sum, then
         # dropped, so the coordinator holds one decoded update at a time, not a round's.
         # (Plain LoRA keeps each device's factors: mixed ranks average their products.)
@@ -485,6 +506,7 @@ class AdapterFedAvg(FedAvg):
             accepted_metrics.append(metrics)
             stats.bytes_up += nbytes
             stats.count_upload(metrics, nbytes)
+        stats.replies_at = last_reply_at(replies, stats.replies_at)  # ... or streamed
         stats.fail_unanswered(server_round, answered)
         stats.accepted = len(accepted_metrics)
         if not accepted_metrics:

@@ -70,3 +70,35 @@ def test_returns_what_arrived_when_the_timeout_passes() -> None:
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="poll interval must be > 0"):
         PollingGrid(SlowStore([]), interval=0)  # type: ignore[arg-type]
+
+
+def test_replies_are_pulled_while_the_consumer_iterates() -> None:
+    """The stream hands each pull's replies to the consumer before pulling again, so an
+    aggregator that folds as it reads never holds the round's replies at once; the deadline
+    counts from the push; the stream is iterated once, and says when the last reply came."""
+    store = SlowStore(ready=[1, 2, 3])
+    grid = PollingGrid(store, interval=0.01)  # type: ignore[arg-type]
+    stream = grid.send_and_receive(_messages(3), timeout=None)
+    assert store.pulls == 0 and stream.finished_at is None  # pushed, nothing pulled yet
+    seen = []
+    for reply in stream:
+        seen.append((reply.metadata.reply_to_message_id, store.pulls))
+    assert seen == [("m0", 1), ("m1", 2), ("m2", 3)]  # each reply before the next pull
+    assert stream.finished_at is not None
+    with pytest.raises(RuntimeError, match="iterated once"):
+        list(stream)
+
+
+def test_a_stopped_run_ends_the_stream() -> None:
+    import threading
+
+    from server.polling_grid import RunStopped
+
+    stop = threading.Event()
+    store = SlowStore(ready=[1, 10**9])
+    grid = PollingGrid(store, interval=0.01, stop=stop)  # type: ignore[arg-type]
+    stream = iter(grid.send_and_receive(_messages(2), timeout=None))
+    assert next(stream).metadata.reply_to_message_id == "m0"
+    stop.set()
+    with pytest.raises(RunStopped):
+        next(stream)
