@@ -123,6 +123,11 @@ class _Round:
     instruction: dict[int, wire.MaskingInstruction] = field(default_factory=dict)
     noise_bound: int = 0  # of the summed integer noise (quantized uploads with DP)
 
+    def hood(self, node: int) -> frozenset[int]:
+        """``node``'s neighbourhood on the round's graph, itself included: the nodes that
+        hold its shares and whose adverts and signatures it checks (all of U1 in SecAgg)."""
+        return self.graph[node] | {node}
+
 
 def content_nbytes(content: RecordDict) -> int:
     """Payload bytes of a record dict: arrays, byte strings, 8 per number (no framing)."""
@@ -425,7 +430,7 @@ class SecAggFedAvg(AdapterFedAvg):
             stats, self._unmask_requests(rnd, holders, survivors, dropped, signatures),
             wire.UNMASK, server_round, count_failures=False,
         ).items():
-            hood = rnd.graph[holder] | {holder}  # whose shares the holder has
+            hood = rnd.hood(holder)  # whose shares the holder has
             try:
                 shares = wire.UnmaskShares.from_record(content)
                 if (set(shares.b_shares) != hood & set(survivors)
@@ -511,7 +516,7 @@ class SecAggFedAvg(AdapterFedAvg):
             return dict.fromkeys(nodes, shared)
         members = tuple(nodes)
         return {n: wire.ShareKeysRequest(
-                    rnd.round_id, {h: rnd.adverts[h] for h in sorted(rnd.graph[n] | {n})},
+                    rnd.round_id, {h: rnd.adverts[h] for h in sorted(rnd.hood(n))},
                     members).to_record()
                 for n in nodes}
 
@@ -524,7 +529,7 @@ class SecAggFedAvg(AdapterFedAvg):
             return dict.fromkeys(holders, shared)
         return {n: wire.UnmaskRequest(
                     rnd.round_id, tuple(survivors), tuple(dropped),
-                    {s: sig for s, sig in signatures.items() if s in rnd.graph[n] or s == n},
+                    {s: signatures[s] for s in sorted(rnd.hood(n)) if s in signatures},
                 ).to_record()
                 for n in holders}
 
@@ -581,7 +586,7 @@ class SecAggFedAvg(AdapterFedAvg):
         if not rnd.degree:
             return True
         for node in sorted(present if owners is None else owners):
-            count = len((rnd.graph[node] | {node}) & present)
+            count = len(rnd.hood(node) & present)
             if count < rnd.threshold:
                 self.stats[server_round].abandoned = (
                     f"node {node}: only {count} nodes of its neighbourhood {what}, below the "
