@@ -181,6 +181,8 @@ def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
         learning_rate=get_float(cfg, keys.EDGE_LEARNING_RATE if edge else keys.LEARNING_RATE),
         seq_len=get_int(cfg, keys.SEQ_LEN),
         seed=get_int(cfg, keys.SEED),
+        subspace=get_str(cfg, keys.EDGE_SUBSPACE) if edge and keys.EDGE_SUBSPACE in cfg
+        else "full",
     )
 
 

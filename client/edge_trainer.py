@@ -42,8 +42,8 @@ from protocols.adapter_spec import AdapterSpec, Tensors, TensorSpec
 from protocols.run_config import LoraSection
 from protocols.seed_updates import (
     SeedUpdate,
+    direction,
     layout_id,
-    perturbation,
     sgd_step,
     step_coefficient,
     trainable_shapes,
@@ -122,7 +122,6 @@ class EdgeMeZOTrainer:
             raise ValueError("the export has no trainable adapter tensor for these [lora] "
                              "settings; nothing to train")
         self.shapes = trainable_shapes(self.spec)
-        self.layout = layout_id(self.shapes)
         self.blocks = DeviceBlocks(model.tokenizer,
                                    PromptTemplate.for_tokenizer(model.export_dir, template),
                                    model.eos_token_id)
@@ -164,17 +163,24 @@ class EdgeMeZOTrainer:
         order, seeds = _draws(len(blocks), instruction)
         eps = np.float32(self.settings.epsilon)
         bound = self.settings.max_abs_scalar
-        scalars = np.empty(instruction.local_steps, dtype=np.float32)
+        subspace = instruction.subspace
+        # The 'components' directions are anchored at the round's global adapter (θ₀).
+        anchor = None if subspace == "full" else {k: theta[k].copy() for k in self.shapes}
+        still = anchor is not None and not any(np.any(v) for v in anchor.values())
+        scalars = np.zeros(instruction.local_steps, dtype=np.float32)
         losses = []
         for step in range(instruction.local_steps):
             batch = blocks.take(
                 order[step * instruction.batch_size:(step + 1) * instruction.batch_size])
-            z = perturbation(int(seeds[step]), self.shapes)
-            for key, direction in z.items():
-                np.add(theta[key], eps * direction, out=probe[key])
+            if still:  # θ₀ = 0 spans nothing (LoRA's B before round 1): g = 0, one pass
+                losses.append(self.model.mean_loss(batch.ids, theta, scored=batch.scored))
+                continue
+            z = direction(int(seeds[step]), self.shapes, subspace=subspace, anchor=anchor)
+            for key, along in z.items():
+                np.add(theta[key], eps * along, out=probe[key])
             loss_plus = self.model.mean_loss(batch.ids, probe, scored=batch.scored)
-            for key, direction in z.items():
-                np.subtract(theta[key], eps * direction, out=probe[key])
+            for key, along in z.items():
+                np.subtract(theta[key], eps * along, out=probe[key])
             loss_minus = self.model.mean_loss(batch.ids, probe, scored=batch.scored)
             g = (loss_plus - loss_minus) / (2.0 * float(eps))
             if not math.isfinite(g):
@@ -186,7 +192,7 @@ class EdgeMeZOTrainer:
             sgd_step(theta, z, step_coefficient(instruction.learning_rate, scalars[step]))
             losses.append(0.5 * (loss_plus + loss_minus))
         update = SeedUpdate(base_round=instruction.server_round, seeds=seeds, scalars=scalars,
-                            layout=self.layout)
+                            layout=layout_id(self.shapes, subspace))
         log.debug("client %s: %d MeZO steps, mean loss %.4f, |g| max %.3g", data.client_id,
                   instruction.local_steps, float(np.mean(losses)), float(np.abs(scalars).max()))
         return EdgeTrainOutcome(

@@ -1,4 +1,5 @@
-"""Backprop LoRA training with torch + PEFT on a frozen base (the "GPU client").
+"""Backprop adapter training with torch + PEFT on a frozen base (the "GPU client"): LoRA,
+or prompt, prefix or (IA)3 tuning (``lora.kind``).
 
 It trains where ``client.device`` says (``auto``: CUDA when present), optionally with the
 frozen base in bfloat16 under autocast and with gradient checkpointing; a quantized base
@@ -26,7 +27,7 @@ from kernels.data.blocks import Blocks
 from kernels.data.templates import PromptTemplate, TemplateChoice
 from kernels.device import autocast
 from kernels.lm_eval import mean_token_loss
-from kernels.lora import attach_lora, get_adapter, set_adapter
+from kernels.lora import attach_adapter, get_adapter, is_adapter_parameter, set_adapter
 from protocols import keys
 from protocols.run_config import ClientSection, LoraSection, ModelSection
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class TorchLoraTrainer:
-    """Trains the LoRA adapter of a frozen causal LM with AdamW.
+    """Trains the adapter (``lora.kind``: LoRA, prompt, prefix or (IA)3) of a frozen causal
+    LM with AdamW.
 
     The base model is loaded once per process and reused for every round: the adapter is
     overwritten from the coordinator's copy at the start of each call, so no state leaks
@@ -78,12 +80,12 @@ class TorchLoraTrainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={  # type: ignore[no-untyped-call]
                 "use_reentrant": False})
             base.config.use_cache = False
-        self.model = attach_lora(base, lora)
+        self.model = attach_adapter(base, lora)
         self.quant_report = None
         if model_section is not None and model_section.quantize != "none":
             from kernels.quantize_model import quantize_base
 
-            # After attach_lora: PEFT wraps float layers, then their base_layer is swapped.
+            # After attach_adapter: PEFT wraps float layers, then their base_layer is swapped.
             # No fused base+LoRA node under DP-SGD: Opacus hooks PEFT's lora_A/lora_B.
             self.quant_report = quantize_base(
                 self.model, model_section.quantize, model_section.quant_group_size,
@@ -207,7 +209,8 @@ def _memory_metrics(model: Any) -> dict[str, float]:
 
     import torch
 
-    frozen = [p for n, p in model.named_parameters() if not p.requires_grad and ".lora_" not in n]
+    frozen = [p for n, p in model.named_parameters()
+              if not p.requires_grad and not is_adapter_parameter(n)]
     frozen += list(model.buffers())  # a quantized base lives in buffers
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in frozen}
     device = next(model.parameters()).device

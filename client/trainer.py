@@ -32,6 +32,8 @@ class TrainInstruction:
     learning_rate: float
     seq_len: int
     seed: int
+    #: Where a forward-only trainer's steps move (``edge.subspace``; torch trainers ignore it).
+    subspace: str = "full"
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "batch_size", "seq_len"):

@@ -1,4 +1,4 @@
-"""Export the base causal LM + LoRA to ONNX for edge clients, adapter tensors as graph inputs.
+"""Export the base causal LM + its adapter to ONNX for edge clients, adapter tensors as inputs.
 
 Runs on the coordinator or a dev box (torch, transformers, peft); the device side is
 :mod:`kernels.edge_runtime`. The graph computes, for ``input_ids`` int64 ``(B, S)`` and one
@@ -7,9 +7,13 @@ log-likelihood. Log-softmax and gather run inside the graph, so the ``(B, S, 491
 never leave ONNX Runtime. Because every adapter tensor is an input, one ORT session serves
 every adapter version and every MeZO perturbation θ ± εz.
 
-The LoRA layers are attached with :func:`kernels.lora.attach_lora` and the same
+The adapter is attached with :func:`kernels.lora.attach_adapter` and the same
 :class:`~protocols.run_config.LoraSection` as the torch client, so input names map 1:1 to
-the wire keys of :func:`kernels.lora.get_adapter` (recorded in ``edge_config.json``).
+the wire keys of :func:`kernels.lora.get_adapter` (recorded in ``edge_config.json``). Kinds:
+LoRA (each ``lora_A``/``lora_B`` an input), (IA)3 (each scale vector an input, applied as
+PEFT's IA3 layer does) and prompt tuning (the ``prompt_embeddings`` input is prepended to
+the token embeddings; the loss covers the real tokens only). Prefix tuning is not exported:
+its prefix enters as a key/value cache object the legacy tracer does not follow.
 
 Exporter choice: the legacy TorchScript exporter (``dynamo=False``). It exports SmolLM2-135M
 in ~60 s here against ~150 s for the dynamo exporter, and tracing lets a LoRA layer read its
@@ -49,6 +53,7 @@ from kernels.edge_runtime import (
     TOKENIZER_NAME,
     token_blocks,
 )
+from kernels.lora import PROMPT_KEY
 from protocols.atomic_write import recover_dir, replace_dir_atomic
 from protocols.manifest import (
     MANIFEST_NAME,
@@ -65,6 +70,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 17
+#: Adapter kinds (``lora.kind``) whose tensors the graph takes as inputs.
+EXPORTABLE_KINDS = ("lora", "ia3", "prompt")
 #: Bump when the graph's contract changes: it is part of the cache key.
 EXPORT_REVISION = 3  # 3: the chat template travels with the tokenizer
 #: What an edge device needs to tokenize and render its data like a torch device does.
@@ -170,10 +177,13 @@ def export_onnx_fp32(model_dir: Path, onnx_path: Path, lora: LoraSection) -> dic
     import torch
 
     from kernels.base_model import load_causal_lm
-    from kernels.lora import attach_lora, get_adapter
+    from kernels.lora import attach_adapter, get_adapter
 
+    if lora.kind not in EXPORTABLE_KINDS:
+        raise ValueError(f"lora.kind = {lora.kind!r} has no edge export (kinds: "
+                         f"{list(EXPORTABLE_KINDS)}); see this module's docstring")
     loaded = load_causal_lm(Path(model_dir))
-    model = attach_lora(loaded.model, lora)
+    model = attach_adapter(loaded.model, lora)
     model.eval()
     adapter = get_adapter(model)
     keys = list(adapter)
@@ -245,14 +255,39 @@ def _nll_graph(model: Any, keys: list[str]) -> torch.nn.Module:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return functional.linear(x, self.slot.tensors[self.index])  # (B, S, out)
 
+    class IA3FromSlot(torch.nn.Module):
+        """Stands in for a PEFT (IA)3 ``Linear``: the base layer, scaled by the slot's
+        vector on its input (feed-forward layers) or its output (the others), as PEFT's
+        ``IA3Layer.forward`` does."""
+
+        def __init__(self, slot: _AdapterSlot, index: int, layer: Any) -> None:
+            super().__init__()
+            self.slot, self.index = slot, index
+            self.base_layer, self.is_feedforward = layer.base_layer, layer.is_feedforward
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scale = self.slot.tensors[self.index].flatten()
+            if self.is_feedforward:
+                return self.base_layer(x * scale)  # type: ignore[no-any-return]
+            return self.base_layer(x) * scale  # type: ignore[no-any-return]
+
     class NllGraph(torch.nn.Module):
         def __init__(self, model: Any, keys: list[str]) -> None:
             super().__init__()
             self.model, self.slot = model, _AdapterSlot()
-            base = model.get_base_model()  # the LoRA layers are injected in place
+            base = model.get_base_model()  # LoRA and (IA)3 layers are injected in place
             self.decoder, self.head = base.get_decoder(), base.get_output_embeddings()
+            self.prompt = keys == [PROMPT_KEY]  # prompt tuning: one (N, hidden) input
             modules = dict(model.named_modules())
             for index, key in enumerate(keys):
+                if self.prompt:
+                    continue
+                if key.endswith(".ia3_l"):
+                    # "<parent>.<child>.ia3_l": the IA3 layer <child> of module <parent>
+                    parent, child = key.removesuffix(".ia3_l").rsplit(".", 1)
+                    layer = getattr(modules[parent], child)
+                    setattr(modules[parent], child, IA3FromSlot(self.slot, index, layer))
+                    continue
                 # "<module>.lora_A.weight" -> the layer's ModuleDict "lora_A", adapter "default"
                 module_name, kind, _ = key.rsplit(".", 2)
                 holder = getattr(modules[module_name], kind)
@@ -260,11 +295,21 @@ def _nll_graph(model: Any, keys: list[str]) -> torch.nn.Module:
 
         def forward(self, input_ids: torch.Tensor, *adapter: torch.Tensor) -> torch.Tensor:
             self.slot.tensors = adapter
-            mask = torch.ones_like(input_ids)
-            hidden = self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            if self.prompt:
+                # PEFT's prompt tuning: the virtual tokens' embeddings before the real ones.
+                embeds = self.decoder.get_input_embeddings()(input_ids)  # (B, S, H)
+                prompt = adapter[0].unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+                embeds = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)  # (B, N+S, H)
+                mask = torch.ones(embeds.shape[:2], dtype=torch.int64)
+                out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+                states = out.last_hidden_state[:, adapter[0].shape[0]:, :]  # (B, S, H)
+            else:
+                mask = torch.ones_like(input_ids)
+                out = self.decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                states = out.last_hidden_state
             # Drop the last position before the vocabulary projection: it has no target, and
             # slicing (B, S, H) instead of (B, S, V) logits saves a 49k-wide copy.
-            logits = self.head(hidden.last_hidden_state[:, :-1, :])  # (B, S-1, V)
+            logits = self.head(states[:, :-1, :])  # (B, S-1, V)
             logp = torch.log_softmax(logits.float(), dim=-1)  # (B, S-1, V)
             target = input_ids[:, 1:].unsqueeze(-1)  # (B, S-1, 1)
             return -torch.gather(logp, -1, target).squeeze(-1)  # (B, S-1)

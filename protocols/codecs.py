@@ -47,6 +47,7 @@ class RoundContext:
     learning_rate: float = 0.0  # the step size the coordinator sent (seed replay)
     max_steps: int = 0  # the step count the coordinator sent (seed replay)
     max_abs_scalar: float = 1e3  # the coordinator's bound on one projected gradient
+    subspace: str = "full"  # where forward-only steps move (seed replay, edge.subspace)
     seed: int = 0  # the device's draws for stochastic rounding (the round's seed + device)
 
 

@@ -27,6 +27,7 @@ EDGE_LEARNING_RATE: Final = "edge-learning-rate"
 EDGE_LOCAL_STEPS: Final = "edge-local-steps"
 EDGE_EPSILON: Final = "edge-epsilon"
 EDGE_CODEC: Final = "edge-codec"
+EDGE_SUBSPACE: Final = "edge-subspace"
 
 # ArrayRecord keys of a seed/scalar (MeZO) update, protocols/seed_updates.py
 SEEDS: Final = "mezo-seeds"

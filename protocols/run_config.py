@@ -22,6 +22,11 @@ from protocols.secagg.fixed_point import QUANTIZED_LEVELS
 
 __all__ = ["ConfigError", "RunConfig", "Scalar"]
 
+#: Adapter kinds an edge export takes as graph inputs; mirrors
+#: ``kernels.edge_export.EXPORTABLE_KINDS`` (a test keeps them equal: protocols imports no
+#: kernels).
+EDGE_EXPORTABLE_KINDS = ("lora", "ia3", "prompt")
+
 #: A torch device name: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -135,6 +140,14 @@ class LoraSection(Section):
     """The adapter every party shares (its layout is part of the run's identity)."""
 
     NAME = "lora"
+    kind: Literal["lora", "prompt", "prefix", "ia3"] = setting(
+        "lora", "the adapter, through PEFT: 'lora' (low-rank updates of target_modules), "
+        "'prompt' (prompt tuning: virtual_tokens trained input embeddings), 'prefix' (prefix "
+        "tuning: trained keys and values of virtual_tokens in every layer) or 'ia3' ((IA)3: "
+        "trained scales of PEFT's default modules for the architecture, k_proj, v_proj and "
+        "down_proj on Llama). The other [lora] keys but seed apply to 'lora' only")
+    virtual_tokens: int = setting(
+        16, "'prompt' and 'prefix': how many virtual tokens are trained", ge=1)
     r: int = setting(8, "LoRA rank", ge=1)
     alpha: float = setting(16.0, "LoRA scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = setting(0.0, "dropout on the adapter's input while training", ge=0, lt=1)
@@ -156,6 +169,10 @@ class LoraSection(Section):
         if not self.target_modules:
             raise ConfigError('lora.target_modules = []: names no module; give the names of '
                               'the layers to adapt, e.g. ["q_proj", "v_proj"]')
+        if self.kind != "lora" and (self.device_ranks or self.device_rank):
+            raise ConfigError(
+                f"lora.device_ranks / lora.device_rank choose LoRA ranks; lora.kind = "
+                f"{self.kind!r} has none: leave them empty and 0, or use lora.kind = 'lora'")
         if any(not 0 < x <= self.r for x in self.device_ranks) or self.device_rank > self.r:
             raise ConfigError(
                 f"lora.device_ranks = {list(self.device_ranks)} / lora.device_rank = "
@@ -191,7 +208,7 @@ class LoraSection(Section):
         FFA-LoRA (Sun et al., ICLR 2024) freezes A: the average of the B's is then the
         exact average of the products B·A, and only half the adapter travels up.
         """
-        return self.freeze_a and ".lora_A." in adapter_key
+        return self.kind == "lora" and self.freeze_a and ".lora_A." in adapter_key
 
 
 @dataclass(frozen=True)
@@ -270,6 +287,20 @@ class EdgeSection(Section):
         "devices' own codec); under secure aggregation edge updates are always dense and "
         "masked", choices=_edge_uploads)
     max_abs_scalar: float = setting(1e3, "coordinator's bound on one projected gradient", gt=0)
+    subspace: Literal["full", "components"] = setting(
+        "full", "where a MeZO step moves: 'full' (a random sign on every trainable weight) or "
+        "'components' (a random sign per rank-one component of the round's global adapter: "
+        "rescales what the backprop devices learned; ~1,000 directions instead of ~830,000; "
+        "its edge.learning_rate is a relative step, e.g. 0.5, and edge.epsilon e.g. 0.01)")
+    combine: Literal["average", "add", "exclude"] = setting(
+        "average", "how edge updates meet torch ones: 'average' (one example-weighted mean), "
+        "'add' (the edge devices' mean step is added to the torch devices' mean: a small "
+        "forward-only step no longer shrinks the backprop step it is averaged with) or "
+        "'exclude' (a baseline: edge devices train and upload, and their updates are left "
+        "out, so a run measures what its torch devices reach alone at the same sampling); "
+        "'add' and 'exclude' need edge.upload = 'seed-scalar' (replayed, so bounded by steps "
+        "x lr x max_abs_scalar, and told apart from torch updates by what they are, not by "
+        "what a device claims), no security.secagg and no privacy.client_dp")
 
     def is_edge(self, partition_id: int, seed: int = 0) -> bool:
         """Whether a client is an edge device: a fixed pseudo-random ``fraction`` of the
@@ -488,6 +519,15 @@ class RunConfig:
                 "security.secagg (the default): masks hide integers on a grid every device "
                 f"shares, so only {list(inside)} can; pick one of those, or set "
                 "security.secagg = false to use it on plaintext uploads")
+        if self.edge.combine != "average" and (self.edge.upload != "seed-scalar"
+                                           or self.security.secagg or self.privacy.client_dp):
+            raise ConfigError(
+                f"edge.combine = {self.edge.combine!r} takes the edge devices' steps apart from "
+                "the torch "
+                "devices', which needs each edge update in the clear as seeds and scalars (the "
+                "coordinator replays them, so their size is bounded): set edge.upload = "
+                "'seed-scalar', security.secagg = false and privacy.client_dp = false, or use "
+                "edge.combine = 'average'")
         if self.lora.heterogeneous and not self.lora.freeze_a and (
                 self.security.secagg or self.privacy.client_dp):
             raise ConfigError(
@@ -496,6 +536,25 @@ class RunConfig:
                 "update in the clear: not under security.secagg or privacy.client_dp. Keep "
                 "lora.freeze_a = true (FFA-LoRA: zero-padded B's average exactly, also masked "
                 "and with DP), or one rank for every device")
+        if self.lora.kind != "lora":
+            # Each of these needs the LoRA layer structure: the quantized base fuses
+            # lora_A/lora_B into its kernel, Opacus's per-sample hooks sit on them; the edge
+            # export takes LoRA, (IA)3 and prompt tensors as graph inputs, not a prefix's
+            # key/value cache. Prefix tuning also refuses gradient checkpointing (PEFT).
+            needs = [name for name, on in (
+                ("edge.fraction > 0",
+                 self.edge.fraction > 0 and self.lora.kind not in EDGE_EXPORTABLE_KINDS),
+                ("model.quantize", self.model.quantize != "none"),
+                ("privacy.dpsgd", self.privacy.dpsgd),
+                ("client.gradient_checkpointing",
+                 self.lora.kind == "prefix" and self.client.gradient_checkpointing),
+            ) if on]
+            if needs:
+                raise ConfigError(
+                    f"lora.kind = {self.lora.kind!r} cannot run with {', '.join(needs)}: "
+                    "the fused quantized kernels and Opacus's per-sample hooks run LoRA only, "
+                    f"edge devices run {list(EDGE_EXPORTABLE_KINDS)}, and prefix tuning "
+                    "refuses gradient checkpointing. Turn them off, or pick another lora.kind")
         if self.privacy.dpsgd and (self.client.dtype != "float32"
                                    or self.client.gradient_checkpointing):
             raise ConfigError(

@@ -43,6 +43,26 @@ shapes, so a client whose ``[lora]`` settings differ from the coordinator's is r
 with a reason instead of being replayed into garbage. The learning rate is the coordinator's
 own (it sent it in the instruction): a client cannot choose its step size.
 
+Subspaces (``edge.subspace``)
+----------------------------
+``full`` is the direction above, over every trainable coordinate. Zeroth-order estimates
+get worse with the number of coordinates a step perturbs (the projected gradient's variance
+grows with it; Malladi et al., §4), and over FFA-LoRA's 829,440 B coordinates twelve steps
+barely move the adapter. ``components`` perturbs a subspace of about a thousand dimensions
+instead (150 B tensors × rank 8 by default), spanned by the round's global adapter itself:
+one sign per *component* (index along a tensor's last axis; a LoRA B column is one rank-one
+component) scales that component of the global adapter ``θ₀``::
+
+    u = the format-1 Rademacher signs over shapes {key: (shape[-1],)}
+    z[key] = θ₀[key] · u[key]          (broadcast over the last axis; exact, u = ±1)
+
+so a step rescales each rank-one component the backprop devices have learned (how far to go
+along what they found, measured on the edge device's own data); θ₀ is the global adapter the
+round started from, which the coordinator holds, so the replay regenerates ``z`` bit for bit.
+Where θ₀ is zero (LoRA's B before round 1) ``z`` is zero and the step moves nothing. The
+subspace is part of the ``layout`` fingerprint: a device and a coordinator that disagree on
+it are refused, never replayed into garbage.
+
 Dense alternative: the forward-only trainer also returns its final θ, whose delta from the
 global adapter travels through the ordinary ``fp32`` codec like a backprop client's
 (:mod:`protocols.codecs`).
@@ -92,6 +112,8 @@ _WIRE_DTYPES: Final = {
 }
 
 Shapes = Mapping[str, tuple[int, ...]]
+#: The directions a forward-only step may take (module docstring, "Subspaces").
+SUBSPACES: Final = ("full", "components")
 #: One MeZO step: its seed and its projected gradient ``g`` (cast to float32 when used).
 Pair = tuple[int, float | np.float32]
 
@@ -121,14 +143,36 @@ def perturbation(seed: int, shapes: Shapes) -> Tensors:
     return out
 
 
+def direction(
+    seed: int, shapes: Shapes, *, subspace: str = "full", anchor: TensorsView | None = None,
+) -> Tensors:
+    """The step direction ``z`` of ``seed`` in ``subspace`` (module docstring, "Subspaces").
+
+    ``full``: :func:`perturbation`. ``components``: the global adapter ``anchor`` (the
+    round's θ₀, float32, the trainable tensors at least) with each component's sign flipped
+    by the seed's Rademacher draw; the product is exact, so client and replay agree.
+    """
+    if subspace == "full":
+        return perturbation(seed, shapes)
+    if subspace != "components":
+        raise ValueError(f"subspace must be one of {list(SUBSPACES)}, got {subspace!r}")
+    if anchor is None:
+        raise ValueError("the 'components' subspace needs the round's global adapter (anchor)")
+    signs = perturbation(seed, {key: shape[-1:] for key, shape in shapes.items()})
+    return {key: np.multiply(anchor[key], signs[key], dtype=np.float32) for key in shapes}
+
+
 def trainable_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
     """Shapes of the tensors ``z`` covers: the spec's trainable ones (FFA-LoRA: only B)."""
     return {k: spec.tensors[k].shape for k in spec.trainable_keys}
 
 
-def layout_id(shapes: Shapes) -> int:
-    """63-bit fingerprint of the format, the trainable keys and their shapes."""
-    text = json.dumps([FORMAT_VERSION, sorted((k, list(s)) for k, s in shapes.items())])
+def layout_id(shapes: Shapes, subspace: str = "full") -> int:
+    """63-bit fingerprint of the format, the subspace, the trainable keys and their shapes
+    (``full`` hashes as it did before subspaces existed, so its fingerprints are unchanged)."""
+    layout = sorted((k, list(s)) for k, s in shapes.items())
+    text = json.dumps([FORMAT_VERSION, layout] if subspace == "full"
+                      else [FORMAT_VERSION, subspace, layout])
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -168,8 +212,10 @@ def apply_seed_updates(
     *,
     spec: AdapterSpec,
     learning_rate: float,
+    subspace: str = "full",
 ) -> Tensors:
     """Replay MeZO steps ``(seed, g)`` in order from ``global_adapter``; returns a new adapter.
+    Each step's direction is :func:`direction` in ``subspace`` (anchored at ``global_adapter``).
 
     Every tensor of ``global_adapter`` is in the result (copied); only the spec's trainable
     ones change. Raises ``ValueError`` if ``global_adapter`` does not match ``spec`` (the
@@ -187,7 +233,8 @@ def apply_seed_updates(
     theta: Tensors = {k: np.array(v, dtype=np.float32, copy=True) for k, v in
                       global_adapter.items()}
     for seed, scalar in pairs:
-        sgd_step(theta, perturbation(seed, shapes), step_coefficient(learning_rate, scalar))
+        z = direction(seed, shapes, subspace=subspace, anchor=global_adapter)
+        sgd_step(theta, z, step_coefficient(learning_rate, scalar))
     return theta
 
 
@@ -289,7 +336,7 @@ def validate_seed_update(
     if update.layout != expected_layout:
         raise InvalidUpdate(
             "seed update: trainable-tensor layout differs from the coordinator's "
-            "(different [lora] settings or adapter keys)"
+            "(different [lora] settings, adapter keys or edge.subspace)"
         )
     n_seeds, n_scalars = len(update.seeds), len(update.scalars)
     if n_seeds != n_scalars:
@@ -361,10 +408,11 @@ class SeedScalarCodec:
             raise ValueError(f"learning_rate must be > 0, got {ctx.learning_rate}")
         update = self.parse(record)
         validate_seed_update(update, expected_round=ctx.server_round,
-                             expected_layout=layout_id(trainable_shapes(ctx.spec)),
+                             expected_layout=layout_id(trainable_shapes(ctx.spec),
+                                                       ctx.subspace),
                              max_steps=ctx.max_steps, max_abs_scalar=ctx.max_abs_scalar)
         theta = apply_seed_updates(ctx.global_adapter, update.pairs(), spec=ctx.spec,
-                                   learning_rate=ctx.learning_rate)
+                                   learning_rate=ctx.learning_rate, subspace=ctx.subspace)
         return {k: theta[k] - ctx.global_adapter[k] for k in ctx.spec.trainable_keys}
 
 

@@ -220,6 +220,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
             spec,
             codec=codec,
             weighting="uniform" if privacy.client_dp else "examples",
+            edge_combine=config.edge.combine,
             **sampling,
         )
     if not privacy.client_dp:
@@ -253,6 +254,7 @@ def instructions(config: RunConfig) -> tuple[ConfigRecord, ConfigRecord]:
         train[keys.EDGE_LOCAL_STEPS] = config.edge.local_steps
         train[keys.EDGE_LEARNING_RATE] = config.edge.learning_rate
         train[keys.EDGE_CODEC] = edge_codec(config)
+        train[keys.EDGE_SUBSPACE] = config.edge.subspace
     evaluate = ConfigRecord(
         {keys.SEQ_LEN: config.train.seq_len, keys.BATCH_SIZE: config.eval.batch_size}
     )

@@ -45,14 +45,14 @@ class CentralModel:
 
         from kernels.base_model import load_causal_lm, portable_model_name
         from kernels.device import resolve_device
-        from kernels.lora import attach_lora, get_adapter, peft_config_dict
+        from kernels.lora import attach_adapter, get_adapter, peft_config_dict
 
         torch.set_num_threads(threads)
         self.device = resolve_device(config.eval.device, key="eval.device")
         loaded = load_causal_lm(model_dir)
         self.tokenizer = loaded.tokenizer
         torch.nn.Module.to(loaded.model, self.device)  # in place, before the adapter
-        self.model = attach_lora(loaded.model, config.lora)
+        self.model = attach_adapter(loaded.model, config.lora)
         self.initial_adapter = get_adapter(self.model)
         self.peft_config = peft_config_dict(
             self.model, portable_model_name(config.model.source, model_dir))

@@ -13,8 +13,12 @@ from pathlib import Path
 from protocols.run_config import RunConfig
 
 
-def edge_export_dir(cache_dir: Path, model_dir: Path, quantization: str) -> Path:
-    return cache_dir / "edge" / f"{model_dir.name}-{quantization}"
+def edge_export_dir(cache_dir: Path, model_dir: Path, quantization: str,
+                    kind: str = "lora") -> Path:
+    """The cache folder of one export: per base model, adapter kind and quantization, so
+    runs with different kinds never replace each other's export while one is running."""
+    label = model_dir.name if kind == "lora" else f"{model_dir.name}-{kind}"
+    return cache_dir / "edge" / f"{label}-{quantization}"
 
 
 def ensure_edge_export(model_dir: Path, cache_dir: Path, config: RunConfig) -> Path:
@@ -29,5 +33,5 @@ def ensure_edge_export(model_dir: Path, cache_dir: Path, config: RunConfig) -> P
         quantization = DEFAULT_QUANTIZATION
     ensure_signing_key(cache_dir)
     key = load_private_key(coordinator_key_path(cache_dir))
-    out = edge_export_dir(cache_dir, model_dir, quantization)
+    out = edge_export_dir(cache_dir, model_dir, quantization, config.lora.kind)
     return export_edge(model_dir, out, config.lora, quantization=quantization, signing_key=key)

@@ -73,6 +73,7 @@ class RoundRecorder:
                 secagg_s=stats.protocol_seconds,
                 bytes_up_by_kind=stats.bytes_up_by_kind,
                 clients_by_kind=stats.clients_by_kind,
+                train_s_by_kind=stats.train_s_by_kind,
             )
         evaluation = self.strategy.evaluations.get(server_round)
         if evaluation is not None:  # Flower runs federated evaluation before this call

@@ -102,6 +102,8 @@ def carry_over(before: RoundStats, after: RoundStats, attempt: int) -> None:
         after.bytes_up_by_kind[kind] = after.bytes_up_by_kind.get(kind, 0) + nbytes
     for kind, count in before.clients_by_kind.items():
         after.clients_by_kind[kind] = after.clients_by_kind.get(kind, 0) + count
+    for kind, seconds in before.train_s_by_kind.items():
+        after.train_s_by_kind[kind] = after.train_s_by_kind.get(kind, 0.0) + seconds
     after.client_train_seconds[:0] = before.client_train_seconds
     if after.accepted == 0 and after.abandoned is None:
         after.abandoned = before.abandoned  # still says why the round trained nothing

@@ -46,6 +46,7 @@ from protocols.codecs import (
 from protocols.errors import InvalidUpdate
 from protocols.packing import is_packed, pack_record, unpack_record, unpack_views
 from protocols.records import get_float, get_int, get_str
+from protocols.seed_updates import SEED_CODEC_NAME
 from protocols.validation import clip_update, update_norm, validate_metrics, validate_update
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,18 @@ class RoundStats:
     train_loss: float | None = None
     bytes_up_by_kind: dict[str, int] = field(default_factory=dict)  # "edge" / "torch"
     clients_by_kind: dict[str, int] = field(default_factory=dict)
+    train_s_by_kind: dict[str, float] = field(default_factory=dict)  # clients' own seconds
 
     def count_upload(self, metrics: MetricRecord, nbytes: int) -> None:
-        """Attribute an accepted upload to its client kind (a metric the client reports)."""
+        """Attribute an accepted upload, and the training seconds its device reports, to
+        its client kind (a metric the client reports)."""
         flag = metrics.get(keys.EDGE_CLIENT, 0.0)
         kind = "edge" if isinstance(flag, int | float) and flag > 0 else "torch"
         self.bytes_up_by_kind[kind] = self.bytes_up_by_kind.get(kind, 0) + nbytes
         self.clients_by_kind[kind] = self.clients_by_kind.get(kind, 0) + 1
+        seconds = metrics.get(keys.TRAIN_SECONDS)
+        if isinstance(seconds, int | float):
+            self.train_s_by_kind[kind] = self.train_s_by_kind.get(kind, 0.0) + float(seconds)
 
     rejections: list[str] = field(default_factory=list)
     abandoned: str | None = None  # why a secure-aggregation round ended without a sum
@@ -294,6 +300,7 @@ class AdapterFedAvg(FedAvg):
         *,
         codec: str = "fp32",
         weighting: str = "examples",
+        edge_combine: str = "average",
         max_abs_scalar: float = 1e3,
         max_update_norm: float = 0.0,
         clip_norm: float = 0.0,
@@ -320,7 +327,11 @@ class AdapterFedAvg(FedAvg):
         ``max_upload_bytes > 0`` refuses a reply whose packed upload is larger (the
         communication budget, ``federation.max_upload_bytes``), before it is parsed;
         ``max_run_upload_bytes > 0`` refuses one that would take its device's accepted
-        uploads over the run past that many bytes.
+        uploads over the run past that many bytes. ``edge_combine="add"`` folds replayed
+        seed/scalar updates (forward-only devices) into a mean of their own, added to the
+        mean of the other updates (``edge.combine``): the kind is what decoded the upload,
+        not what the device claims, so only a replayed, bounded update is ever added;
+        ``"exclude"`` leaves replayed updates out (a baseline: the other devices alone).
 
         The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
         record keys are fedtune's wire keys.
@@ -337,6 +348,12 @@ class AdapterFedAvg(FedAvg):
             raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
         if clip_norm < 0:
             raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        if edge_combine not in ("average", "add", "exclude"):
+            raise ValueError(f"edge_combine must be 'average', 'add' or 'exclude', got "
+                             f"{edge_combine!r}")
+        if edge_combine != "average" and (denominator or clip_norm):
+            raise ValueError(f"edge_combine={edge_combine!r} changes what one update can move; "
+                             "it cannot run under client-level DP's clip and fixed denominator")
         if denominator < 0 or (denominator and weighting != "uniform"):
             raise ValueError(f"denominator must be >= 0 and needs uniform weighting, got "
                              f"{denominator} with {weighting!r}")
@@ -344,6 +361,7 @@ class AdapterFedAvg(FedAvg):
         self.spec = spec
         self.codec_name = codec
         self.weighting = weighting
+        self.edge_combine = edge_combine
         self.max_abs_scalar = max_abs_scalar
         self.max_update_norm = max_update_norm
         self.clip_norm = clip_norm
@@ -397,7 +415,9 @@ class AdapterFedAvg(FedAvg):
             global_adapter=self._global, server_round=server_round, spec=self.spec,
             learning_rate=get_float(config, keys.EDGE_LEARNING_RATE) if edge else 0.0,
             max_steps=get_int(config, keys.EDGE_LOCAL_STEPS) if edge else 0,
-            max_abs_scalar=self.max_abs_scalar)
+            max_abs_scalar=self.max_abs_scalar,
+            subspace=get_str(config, keys.EDGE_SUBSPACE) if keys.EDGE_SUBSPACE in config
+            else "full")
         self._rank_contexts = {}
         self._codecs = (self.codec_name, *((get_str(config, keys.EDGE_CODEC),) if edge else ()))
         return config
@@ -473,6 +493,7 @@ class AdapterFedAvg(FedAvg):
         # dropped, so the coordinator holds one decoded update at a time, not a round's.
         # (Plain LoRA keeps each device's factors: mixed ranks average their products.)
         running = RunningSum()
+        replayed = RunningSum()  # edge.combine = 'add': the forward-only devices' own mean
         factors: list[tuple[Tensors, int, int]] = []  # plain LoRA: (delta, rank, weight)
         accepted_metrics: list[MetricRecord] = []
         answered: set[int] = set()  # node ids only: no reply's payload is kept
@@ -487,7 +508,7 @@ class AdapterFedAvg(FedAvg):
                 self.node_ranks.pop(node, None)  # next time it gets the whole adapter
                 continue
             try:
-                delta, metrics, nbytes, rank = self._check_reply(msg)
+                delta, metrics, nbytes, rank, seed_steps = self._check_reply(msg)
                 self.charge_upload(node, nbytes)
             except InvalidUpdate as bad:
                 stats.reject(server_round, node, bad.reason)
@@ -498,9 +519,13 @@ class AdapterFedAvg(FedAvg):
                 delta, norm = clip_update(delta, self.clip_norm)
                 stats.clipped += norm > self.clip_norm
             weight = 1 if self.weighting == "uniform" else get_int(metrics, keys.NUM_EXAMPLES)
-            if self.trains_a:
+            apart = seed_steps and self.edge_combine != "average"  # edge.combine
+            if self.trains_a and not apart:
                 factors.append((delta, rank, weight))
-            if rank == self.rank or not self.trains_a:
+            if apart:
+                if self.edge_combine == "add":  # 'exclude': accepted, counted, left out
+                    replayed.add(delta, weight)
+            elif rank == self.rank or not self.trains_a:
                 running.add(delta, weight)
             del delta
             accepted_metrics.append(metrics)
@@ -518,14 +543,18 @@ class AdapterFedAvg(FedAvg):
             # re-factorised at the global rank (FlexLoRA); its deltas stayed at their rank.
             merged = aggregate_products(self._global, factors)
         else:
-            merged = apply_delta(self._global, running.mean(self.denominator))
+            merged = dict(self._global)
+            for part in (running, replayed):
+                if part.weight:
+                    merged = apply_delta(merged, part.mean(self.denominator))
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(accepted_metrics)
 
-    def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int, int]:
+    def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int, int, bool]:
         """A reply's delta (decoded once, by the codec that recognises it), its metrics, its
-        size and the device's rank; :class:`InvalidUpdate` names the defect. A lower rank's
-        FFA-LoRA delta comes back zero-padded to the global rank (exact: A is shared)."""
+        size, the device's rank and whether it was replayed from seeds and scalars;
+        :class:`InvalidUpdate` names the defect. A lower rank's FFA-LoRA delta comes back
+        zero-padded to the global rank (exact: A is shared)."""
         content = msg.content
         metrics = reply_metrics(content, {keys.ARRAYS, keys.METRICS})
         if keys.ARRAYS not in content.array_records:
@@ -537,12 +566,16 @@ class AdapterFedAvg(FedAvg):
                                 f"{self.max_upload_bytes} (federation.max_upload_bytes)")
         rank = self.reply_rank(metrics)
         context, spec = self.at_rank(rank)
+        seed_steps = False
         try:
             views = unpack_views(record) if "fp32" in self._codecs and is_packed(record) else {}
             if views and is_fp32_upload(views):
                 delta = views  # fp32 read in place: no copy of the message's bytes
             else:
-                delta = decode_upload(unpack_record(record), context, self._codecs)
+                upload = unpack_record(record)
+                seed_steps = (SEED_CODEC_NAME in self._codecs
+                              and get_codec(SEED_CODEC_NAME).recognises(upload))
+                delta = decode_upload(upload, context, self._codecs)
         except ValueError as bad:  # e.g. a seed replay against a rank the device only claims
             if isinstance(bad, InvalidUpdate):
                 raise
@@ -551,7 +584,7 @@ class AdapterFedAvg(FedAvg):
         self.check_norm(delta)
         if rank < self.rank and not self.trains_a:
             delta = pad_rank(delta, {k: self.spec.tensors[k].shape for k in delta})
-        return delta, metrics, size, rank
+        return delta, metrics, size, rank, seed_steps
 
     def charge_upload(self, node: int, nbytes: int, *, commit: bool = True) -> None:
         """Count an accepted upload against its device's run budget; refuse one over it.

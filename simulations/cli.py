@@ -222,7 +222,7 @@ def cmd_export_edge(args: argparse.Namespace) -> int:
     quantization = args.quantization or config.edge.quantization
     if quantization == "default":
         quantization = DEFAULT_QUANTIZATION
-    out = args.out or edge_export_dir(cache_dir, model_dir, quantization)
+    out = args.out or edge_export_dir(cache_dir, model_dir, quantization, config.lora.kind)
     key = load_private_key(ensure_signing_key(cache_dir))
     done = export_edge(model_dir, out, config.lora, quantization=quantization, signing_key=key,
                        force=args.force)

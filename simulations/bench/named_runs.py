@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,48 @@ def variant_of(run: Path, names: Iterable[str]) -> str:
     (``secagg+`` before ``secagg``), or the folder's name."""
     name = run.name.removesuffix(".partial")
     return next((n for n in sorted(names, key=len, reverse=True) if name.endswith(n)), name)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run of a comparison: its name, what it is, and its overrides of the preset."""
+
+    name: str
+    what: str
+    overrides: tuple[str, ...]
+
+
+def chosen_runs(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                variants: dict[str, Variant], common: list[str]) -> list[Path]:
+    """The finished runs to analyse: ``--from-runs``, else one simulation per name of
+    ``args.variants`` (comma-separated) with ``common`` then the variant's overrides."""
+    if args.from_runs:
+        return list(args.from_runs)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in variants]
+    if unknown or not names:
+        parser.error(f"unknown run(s) {unknown}; choose from {list(variants)}")
+    runs = NamedRuns(args)
+    return [runs.run(name, runs.inputs([*common, *args.set, *variants[name].overrides]))
+            for name in names]
+
+
+def plot_perplexity(series: dict[str, list[float]], rounds: list[int], title: str,
+                    path: Path) -> None:
+    """Held-out perplexity per round of each run, one line each (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, values in series.items():
+        ax.plot(rounds, values, "o-", ms=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from client.local_data import LocalData
 from client.trainer import TrainInstruction
 from protocols.adapter_spec import AdapterSpec, TensorSpec
 from protocols.codecs import ClientUpdate, RoundContext, get_codec, record_nbytes
+from protocols.errors import InvalidUpdate
 from protocols.run_config import LoraSection
 from protocols.seed_updates import apply_seed_updates, perturbation
 from protocols.validation import validate_update
@@ -75,9 +77,9 @@ DATA = LocalData("c1", train=("x" * 400,), heldout=("y" * 80,))
 
 
 def _instruction(steps: int = 12, *, lr: float = 0.05, seed: int = 3,
-                 server_round: int = 2) -> TrainInstruction:
+                 server_round: int = 2, subspace: str = "full") -> TrainInstruction:
     return TrainInstruction(server_round=server_round, local_steps=steps, batch_size=4,
-                            learning_rate=lr, seq_len=8, seed=seed)
+                            learning_rate=lr, seq_len=8, seed=seed, subspace=subspace)
 
 
 def _start(freeze_a: bool) -> dict[str, np.ndarray]:
@@ -122,6 +124,38 @@ def test_coordinator_replay_is_bit_identical_to_the_client(freeze_a: bool) -> No
     dense = get_codec("fp32").decode(get_codec("fp32").encode(ClientUpdate(delta), ctx), ctx)
     validate_update(dense, _spec(freeze_a))
     assert all(dense[k].tobytes() == decoded[k].tobytes() for k in dense)
+
+
+def test_components_steps_replay_exactly_and_rescale_the_global_components() -> None:
+    """edge.subspace = 'components': each step rescales the round's B columns; the device's
+    seeds and scalars replay to its adapter bit for bit, under the 'components' layout."""
+    trainer = EdgeMeZOTrainer(QuadraticModel(), LoraSection(r=2))  # type: ignore[arg-type]
+    start, instruction = _start(True), _instruction(lr=0.5, subspace="components")
+    outcome = trainer.train(start, DATA, instruction)
+    update = outcome.seed_update
+    assert update is not None and np.abs(update.scalars).max() > 0
+    ctx = RoundContext(global_adapter=start, spec=_spec(True), server_round=2,
+                       learning_rate=0.5, max_steps=12, subspace="components")
+    record = get_codec("seed-scalar").encode(ClientUpdate({}, update), ctx)
+    decoded = get_codec("seed-scalar").decode(record, ctx)
+    assert decoded[B].tobytes() == (outcome.tensors[B] - start[B]).tobytes()
+    # Every column of B is the round's column times one factor: a rescaled component.
+    factor = outcome.tensors[B] / start[B]
+    np.testing.assert_allclose(factor, factor[:1].repeat(5, 0), rtol=1e-5)
+    assert not np.allclose(factor, 1.0)
+    with pytest.raises(InvalidUpdate, match=r"edge\.subspace"):  # a 'full' coordinator refuses
+        get_codec("seed-scalar").decode(record, replace(ctx, subspace="full"))
+
+
+def test_components_of_a_zero_b_train_nothing_in_one_pass_a_step() -> None:
+    """Before any backprop round B = 0 spans no direction: no step moves, and the device
+    spends one forward pass a step (for its reported loss), not two."""
+    model = QuadraticModel()
+    trainer = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
+    start = {**_start(True), B: np.zeros((5, 2), np.float32)}
+    outcome = trainer.train(start, DATA, _instruction(subspace="components"))
+    assert not outcome.tensors[B].any() and model.calls == 12
+    assert outcome.seed_update is not None and not outcome.seed_update.scalars.any()
 
 
 def test_perturbing_theta_in_place_would_drift() -> None:

@@ -385,3 +385,42 @@ def test_chat_data_is_scored_on_the_answers_alike_on_torch_and_edge(
     assert abs(answers_only - float(nll.mean())) > 1e-3
     assert edge.mean_loss(blocks.ids[:2], adapter, scored=blocks.scored[:2]) == pytest.approx(
         float(nll[:2][blocks.scored[:2, 1:]].mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prompt"])
+@pytest.mark.measured
+def test_ia3_and_prompt_exports_take_their_tensors_as_inputs_and_match_peft(
+        tiny_model_dir: Path, tmp_path: Path, kind: str) -> None:
+    """(IA)3 scales and prompt embeddings are graph inputs named by their wire keys; the
+    ORT loss over the real tokens equals PEFT's model holding the same tensors, for any
+    values (one session serves every adapter version), at any batch and length."""
+    from kernels.base_model import load_causal_lm
+    from kernels.lora import attach_adapter, get_adapter, set_adapter
+
+    lora = LoraSection(kind=kind, virtual_tokens=3, seed=3)
+    edge = EdgeModel(export_edge(tiny_model_dir, tmp_path / kind, lora, quantization="fp32"),
+                     threads=THREADS)
+    peft = attach_adapter(load_causal_lm(tiny_model_dir).model, lora)
+    start = get_adapter(peft)
+    assert edge.adapter_shapes == {k: v.shape for k, v in start.items()}
+    assert edge.config["lora"]["kind"] == kind
+    rng = np.random.default_rng(0)
+    for values in (start, {k: (v + 0.4 * rng.standard_normal(v.shape)).astype(np.float32)
+                           for k, v in start.items()}):
+        set_adapter(peft, values)
+        for shape in [(2, 9), (1, 2)]:
+            ids = _ids(edge, shape)
+            x = torch.from_numpy(ids)
+            with torch.no_grad():
+                logits = peft(input_ids=x).logits[:, -shape[1]:-1]  # the real tokens' logits
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                    reduction="none").reshape(shape[0], -1).numpy()
+            within(f"{kind}: max |ORT - PEFT NLL| {shape}",
+                   np.abs(edge.token_nll(ids, values) - nll).max(), below=NLL_ATOL)
+
+
+def test_a_prefix_adapter_has_no_edge_export(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"lora\.kind = 'prefix' has no edge export"):
+        export_edge(tiny_model_dir, tmp_path / "x", LoraSection(kind="prefix"),
+                    quantization="fp32")

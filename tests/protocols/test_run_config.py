@@ -187,3 +187,23 @@ def test_poisson_sampling_under_secure_aggregation_is_refused() -> None:
     with pytest.raises(ConfigError, match="often smaller than the two devices"):
         RunConfig.from_nested({"privacy": {"client_dp": True, "client_sampling": "poisson"},
                                "security": {"secagg": True}})
+
+
+@pytest.mark.parametrize("combine", ["add", "exclude"])
+@pytest.mark.parametrize("other", [
+    {"edge": {"upload": "dense"}, "security": {"secagg": False}},
+    {"security": {"secagg": True}},
+    {"security": {"secagg": False}, "privacy": {"client_dp": True}},
+])
+def test_edge_combine_apart_needs_replayed_plaintext_steps(combine: str,
+                                                           other: dict[str, Any]) -> None:
+    raw: dict[str, Any] = {"edge": {"fraction": 0.5, "combine": combine}}
+    for section, values in other.items():
+        raw.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=rf"edge.combine = '{combine}' .*edge.upload = "
+                                          "'seed-scalar', security.secagg = false"):
+        RunConfig.from_nested(raw)
+    ok = RunConfig.from_nested({"edge": {"fraction": 0.5, "combine": combine,
+                                         "subspace": "components"},
+                                "security": {"secagg": False}})
+    assert ok.edge.combine == combine and ok.edge.subspace == "components"

@@ -27,6 +27,7 @@ from protocols.seed_updates import (
     SeedScalarCodec,
     SeedUpdate,
     apply_seed_updates,
+    direction,
     layout_id,
     perturbation,
     sgd_step,
@@ -125,13 +126,14 @@ def test_perturbation_refuses_bad_seeds(seed: object, error: type[Exception]) ->
 
 
 def _client_side(start: dict[str, np.ndarray], pairs: list[tuple[int, np.float32]],
-                 spec: AdapterSpec, lr: float, eps: float = 1e-3) -> dict[str, np.ndarray]:
+                 spec: AdapterSpec, lr: float, eps: float = 1e-3,
+                 subspace: str = "full") -> dict[str, np.ndarray]:
     """What the edge trainer does: clean θ, perturbations in a separate buffer."""
     theta = {k: v.copy() for k, v in start.items()}
     probe = {k: v.copy() for k, v in start.items()}
     shapes = trainable_shapes(spec)
     for seed, g in pairs:
-        z = perturbation(seed, shapes)
+        z = direction(seed, shapes, subspace=subspace, anchor=start)
         for key in z:
             np.add(theta[key], np.float32(eps) * z[key], out=probe[key])
             np.subtract(theta[key], np.float32(eps) * z[key], out=probe[key])
@@ -154,6 +156,72 @@ def test_server_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
     assert server.keys() == start.keys()
     for key in start:
         assert client[key].tobytes() == server[key].tobytes(), key
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-50, 50, width=32)),
+             min_size=1, max_size=12, unique_by=lambda p: p[0]),
+    st.floats(1e-3, 3.0),
+)
+def test_components_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
+                                                     lr: float) -> None:
+    spec, start = _spec(), _adapter(4)
+    typed = [(s, np.float32(g)) for s, g in pairs]
+    client = _client_side(start, typed, spec, lr, eps=1e-2, subspace="components")
+    server = apply_seed_updates(start, typed, spec=spec, learning_rate=lr,
+                                subspace="components")
+    for key in start:
+        assert client[key].tobytes() == server[key].tobytes(), key
+
+
+def test_components_direction_rescales_each_component_of_the_anchor() -> None:
+    """z = θ₀ with one sign per last-axis index (a B column): exactly ±θ₀, column-wise, and
+    the signs are the format-1 bits over shapes (last axis,)."""
+    start, shapes = _adapter(5), trainable_shapes(_spec())
+    z = direction(9, shapes, subspace="components", anchor=start)
+    signs = perturbation(9, {k: s[-1:] for k, s in shapes.items()})
+    assert set(z) == set(shapes)
+    for key in shapes:
+        assert z[key].dtype == np.float32
+        assert z[key].tobytes() == (start[key] * signs[key][None, :]).tobytes()
+    # One step: each component of B scaled by exactly (1 - lr·g·u): relative, not absolute.
+    out = apply_seed_updates(start, [(9, 0.5)], spec=_spec(), learning_rate=0.2,
+                             subspace="components")
+    ratio = out[B1] / start[B1]
+    np.testing.assert_allclose(ratio, 1 - 0.1 * signs[B1][None, :].repeat(32, 0), rtol=1e-6)
+
+
+def test_components_of_a_zero_adapter_move_nothing() -> None:
+    start = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    out = apply_seed_updates(start, [(1, 5.0)], spec=_spec(), learning_rate=1.0,
+                             subspace="components")
+    assert all(not out[k].any() for k in SHAPES)
+
+
+def test_subspace_is_part_of_the_layout_and_full_keeps_its_fingerprint() -> None:
+    shapes = trainable_shapes(_spec())
+    assert layout_id(shapes) == layout_id(shapes, "full")
+    assert layout_id(shapes, "components") != layout_id(shapes)
+    with pytest.raises(ValueError, match="subspace must be one of"):
+        direction(1, shapes, subspace="sparse", anchor=_adapter())
+    with pytest.raises(ValueError, match="needs the round's global adapter"):
+        direction(1, shapes, subspace="components")
+
+
+def test_codec_refuses_steps_from_another_subspace() -> None:
+    """A device in 'components' and a coordinator in 'full' (or back) never replay."""
+    update = _update(4)  # laid out for 'full'
+    with pytest.raises(InvalidUpdate, match=r"edge.subspace"):
+        SeedScalarCodec().decode(_encode(update), _ctx(subspace="components"))
+    start = _adapter(6)
+    moved = SeedUpdate(base_round=ROUND, seeds=update.seeds, scalars=update.scalars,
+                       layout=layout_id(trainable_shapes(_spec()), "components"))
+    delta = SeedScalarCodec().decode(_encode(moved), _ctx(start, subspace="components"))
+    client = _client_side(start, moved.pairs(), _spec(), LR,  # type: ignore[arg-type]
+                          subspace="components")
+    for key, value in delta.items():
+        assert value.tobytes() == (client[key] - start[key]).tobytes()
 
 
 def test_replay_changes_trainable_tensors_only_and_not_the_input() -> None:

@@ -9,7 +9,8 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from protocols.adapter_spec import AdapterSpec
-from protocols.codecs import from_record, to_record
+from protocols.codecs import ClientUpdate, RoundContext, from_record, get_codec, to_record
+from protocols.seed_updates import SeedUpdate
 from server.strategy import AdapterFedAvg, RunningSum
 
 
@@ -220,3 +221,76 @@ def test_replies_are_folded_in_as_they_arrive_so_memory_does_not_grow_with_the_c
     large, mean_large = peak(40)
     assert mean_small[0, 0] == 2.0 and mean_large[0, 0] == 19.5  # the means themselves
     assert large < 1.3 * small, (small, large)  # a 1 MB update more would already be +10 %
+
+
+def _edge_round(combine: str) -> tuple[AdapterFedAvg, Message, SeedUpdate]:
+    """A round with edge instructions (lr, steps, seed codec) and one forward-only reply."""
+    from protocols import keys
+    from protocols.seed_updates import SEED_CODEC_NAME, layout_id, trainable_shapes
+
+    start = {A: np.full((2, 3), 0.5, np.float32), B: np.full((3, 2), 0.25, np.float32)}
+    spec = AdapterSpec.from_arrays(start, {}, frozen=frozenset({A}))
+    strategy = AdapterFedAvg(spec, edge_combine=combine)
+    strategy.begin_round(1, to_record(start), ConfigRecord({
+        keys.EDGE_LEARNING_RATE: 0.5, keys.EDGE_LOCAL_STEPS: 4, keys.EDGE_CODEC: SEED_CODEC_NAME,
+        keys.EDGE_SUBSPACE: "components"}))
+    update = SeedUpdate(base_round=1, seeds=np.array([3, 4], np.uint64),
+                        scalars=np.array([0.5, -0.25], np.float32),
+                        layout=layout_id(trainable_shapes(spec), "components"))
+    request = Message(RecordDict(), dst_node_id=9, message_type="train", group_id="1")
+    record = get_codec(SEED_CODEC_NAME).encode(ClientUpdate({}, update), RoundContext({}))
+    reply = Message(RecordDict({"arrays": record, "metrics": MetricRecord(
+        {"num-examples": 3, keys.EDGE_CLIENT: 1.0})}), reply_to=request)
+    return strategy, reply, update
+
+
+@pytest.mark.parametrize("combine", ["average", "add", "exclude"])
+def test_edge_steps_are_averaged_or_added_to_the_backprop_mean(combine: str) -> None:
+    """'add': the replayed edge mean is added to the torch mean, so a small edge step does
+    not shrink the torch step; 'average': one example-weighted mean (FedAvg); 'exclude':
+    the torch devices alone (the baseline)."""
+    from protocols.seed_updates import apply_seed_updates
+
+    strategy, edge, update = _edge_round(combine)
+    start = strategy.current_global
+    edge_delta = apply_seed_updates(start, update.pairs(), spec=strategy.spec,
+                                    learning_rate=0.5, subspace="components")[B] - start[B]
+    torch_delta = np.full((3, 2), 0.1, np.float32)
+    request = Message(RecordDict(), dst_node_id=1, message_type="train", group_id="1")
+    torch_reply = Message(RecordDict({"arrays": to_record({B: torch_delta}),
+                                      "metrics": MetricRecord({"num-examples": 3})}),
+                          reply_to=request)
+    arrays, _ = strategy.aggregate_train(1, [torch_reply, edge])
+    assert arrays is not None
+    moved = from_record(arrays)[B] - start[B]
+    expected = {"add": torch_delta + edge_delta, "exclude": torch_delta,
+                "average": (torch_delta + edge_delta) / 2}[combine]
+    np.testing.assert_allclose(moved, expected, rtol=1e-6, atol=1e-7)
+    assert np.abs(edge_delta).max() > 0.01  # the components step moved B
+    assert strategy.stats[1].accepted == 2
+    assert strategy.stats[1].clients_by_kind == {"torch": 1, "edge": 1}
+
+
+def test_a_claimed_edge_device_with_a_dense_upload_is_averaged_not_added() -> None:
+    """Only what the coordinator replayed is added: a dense upload that claims to be from an
+    edge device is averaged with the rest, so the claim buys no extra weight."""
+    from protocols import keys
+
+    strategy, _, _ = _edge_round("add")
+    start = strategy.current_global
+    request = Message(RecordDict(), dst_node_id=5, message_type="train", group_id="1")
+    replies = [Message(RecordDict({"arrays": to_record({B: np.full((3, 2), v, np.float32)}),
+                                   "metrics": MetricRecord({"num-examples": 1,
+                                                            keys.EDGE_CLIENT: 1.0})}),
+                       reply_to=request) for v in (0.2, 0.4)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    np.testing.assert_allclose(from_record(arrays)[B] - start[B], 0.3, rtol=1e-6)
+
+
+def test_edge_combine_is_checked() -> None:
+    spec = AdapterSpec.from_arrays(_global(), {})
+    with pytest.raises(ValueError, match="edge_combine must be"):
+        AdapterFedAvg(spec, edge_combine="sum")
+    with pytest.raises(ValueError, match="client-level DP"):
+        AdapterFedAvg(spec, edge_combine="add", weighting="uniform", denominator=4)
