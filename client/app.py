@@ -108,7 +108,8 @@ def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
     paths = PathsSection.from_flat(flat)
     export_dir = paths.required("edge_export")
     settings = MeZOSettings(epsilon=config.edge.epsilon,
-                            max_abs_scalar=config.edge.max_abs_scalar)
+                            max_abs_scalar=config.edge.max_abs_scalar,
+                            check_blocks=config.edge.check_blocks)
     key = ("edge", str(export_dir), config.lora, config.federation.client_threads, settings,
            config.data.template)
     if key not in _TRAINERS:

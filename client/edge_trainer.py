@@ -42,6 +42,7 @@ from protocols.adapter_spec import AdapterSpec, Tensors, TensorSpec
 from protocols.run_config import LoraSection
 from protocols.seed_updates import (
     SeedUpdate,
+    apply_seed_updates,
     direction,
     layout_id,
     sgd_step,
@@ -66,7 +67,16 @@ class MeZOSettings:
                           "rejects larger scalars"},
     )
 
+    check_blocks: int = field(
+        default=0,
+        metadata={"help": "held-out blocks of the device's own data on which it scores its "
+                          "round's update at 1, 1/2, 1/4 and 0 of its length and sends the "
+                          "best (its scalars scaled, so the replay stays exact); 0 = off"},
+    )
+
     def __post_init__(self) -> None:
+        if self.check_blocks < 0:
+            raise ValueError(f"check_blocks must be >= 0, got {self.check_blocks}")
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ValueError(f"epsilon must be finite and > 0, got {self.epsilon}")
         if not (self.max_abs_scalar > 0 and math.isfinite(self.max_abs_scalar)):
@@ -158,15 +168,16 @@ class EdgeMeZOTrainer:
     ) -> EdgeTrainOutcome:
         start = time.perf_counter()
         blocks = self.blocks.get(data, "train", instruction.seq_len)
-        theta = self._start(adapter)
+        theta0 = self._start(adapter)  # the round's global adapter, kept clean
+        theta = {k: v.copy() for k, v in theta0.items()}
         probe = {k: v.copy() for k, v in theta.items()}  # θ ± εz lives here, never in θ
         order, seeds = _draws(len(blocks), instruction)
         eps = np.float32(self.settings.epsilon)
         bound = self.settings.max_abs_scalar
         subspace = instruction.subspace
         # The 'components' directions are anchored at the round's global adapter (θ₀).
-        anchor = None if subspace == "full" else {k: theta[k].copy() for k in self.shapes}
-        still = anchor is not None and not any(np.any(v) for v in anchor.values())
+        anchor = None if subspace == "full" else theta0
+        still = anchor is not None and not any(np.any(anchor[k]) for k in self.shapes)
         scalars = np.zeros(instruction.local_steps, dtype=np.float32)
         losses = []
         for step in range(instruction.local_steps):
@@ -191,6 +202,8 @@ class EdgeMeZOTrainer:
             scalars[step] = np.float32(min(max(g, -bound), bound))
             sgd_step(theta, z, step_coefficient(instruction.learning_rate, scalars[step]))
             losses.append(0.5 * (loss_plus + loss_minus))
+        if self.settings.check_blocks and not still:
+            theta, scalars = self._checked(theta0, theta, seeds, scalars, data, instruction)
         update = SeedUpdate(base_round=instruction.server_round, seeds=seeds, scalars=scalars,
                             layout=layout_id(self.shapes, subspace))
         log.debug("client %s: %d MeZO steps, mean loss %.4f, |g| max %.3g", data.client_id,
@@ -204,6 +217,40 @@ class EdgeMeZOTrainer:
             },
             seed_update=update,
         )
+
+    def _checked(
+        self, start: Tensors, theta: Tensors, seeds: npt.NDArray[np.uint64],
+        scalars: npt.NDArray[np.float32], data: LocalData, instruction: TrainInstruction,
+    ) -> tuple[Tensors, npt.NDArray[np.float32]]:
+        """The round's update at the length (1, 1/2, 1/4 or 0 of it) that scores best on
+        ``check_blocks`` of the device's own held-out blocks, and its scalars.
+
+        Weighting an update by its measured held-out progress, done where the held-out
+        data is: late in training a forward-only update is mostly noise, and a device that
+        cannot show progress on its own held-out text sends less of it (nothing at 0).
+        The factors are powers of two, so ``factor · g`` is exact and the coordinator's
+        replay of the scaled scalars is the adapter scored here, bit for bit.
+        """
+        held = self.blocks.get(data, "heldout", instruction.seq_len)
+        if len(held) == 0:
+            return theta, scalars
+        blocks = held.take(slice(0, self.settings.check_blocks))
+
+        def loss(candidate: Mapping[str, npt.NDArray[np.float32]]) -> float:
+            return self.model.mean_loss(blocks.ids, candidate, scored=blocks.scored)
+
+        best = (loss(theta), 1.0, theta, scalars)
+        for factor in (0.5, 0.25, 0.0):
+            scaled = (np.float32(factor) * scalars).astype(np.float32)
+            candidate = apply_seed_updates(
+                start, list(zip(seeds.tolist(), scaled, strict=True)), spec=self.spec,
+                learning_rate=instruction.learning_rate, subspace=instruction.subspace)
+            scored = loss(candidate)
+            if scored < best[0]:
+                best = (scored, factor, candidate, scaled)
+        log.debug("client %s: held-out check keeps %.2f of the update (loss %.4f)",
+                  data.client_id, best[1], best[0])
+        return best[2], best[3]
 
     def evaluate(
         self,

@@ -61,7 +61,7 @@ from protocols.manifest import (
     build_manifest,
     write_signed_manifest,
 )
-from protocols.run_config import LoraSection
+from protocols.run_config import EDGE_EXPORTABLE_KINDS, LoraSection
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 #: Adapter kinds (``lora.kind``) whose tensors the graph takes as inputs.
-EXPORTABLE_KINDS = ("lora", "ia3", "prompt")
+EXPORTABLE_KINDS = EDGE_EXPORTABLE_KINDS
 #: Bump when the graph's contract changes: it is part of the cache key.
 EXPORT_REVISION = 3  # 3: the chat template travels with the tokenizer
 #: What an edge device needs to tokenize and render its data like a torch device does.
@@ -89,7 +89,7 @@ def export_edge(
     calibration_texts: Sequence[str] | None = None,
     force: bool = False,
 ) -> Path:
-    """Export ``model_dir`` + LoRA to ``out_dir`` (cached) and return ``out_dir``.
+    """Export ``model_dir`` + its adapter to ``out_dir`` (cached) and return ``out_dir``.
 
     ``out_dir`` ends up holding ``model.onnx``, the tokenizer files, ``edge_config.json`` and
     a manifest (sha256 of every file; signed when ``signing_key`` is given). The folder is
@@ -318,7 +318,7 @@ def _nll_graph(model: Any, keys: list[str]) -> torch.nn.Module:
 
 
 def _cache_key(model_dir: Path, lora: LoraSection, quantization: str) -> str:
-    """Source files by (name, size, mtime), LoRA settings, quantization, exporter revision.
+    """Source files by (name, size, mtime), adapter settings, quantization, exporter revision.
 
     Stat data instead of content hashes: re-hashing a 540 MB model to decide whether to
     skip a one-minute export is not worth it; a converted model is replaced, not edited.

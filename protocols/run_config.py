@@ -22,9 +22,8 @@ from protocols.secagg.fixed_point import QUANTIZED_LEVELS
 
 __all__ = ["ConfigError", "RunConfig", "Scalar"]
 
-#: Adapter kinds an edge export takes as graph inputs; mirrors
-#: ``kernels.edge_export.EXPORTABLE_KINDS`` (a test keeps them equal: protocols imports no
-#: kernels).
+#: Adapter kinds an edge export takes as graph inputs (``kernels.edge_export``: a prefix's
+#: key/value cache is not traced).
 EDGE_EXPORTABLE_KINDS = ("lora", "ia3", "prompt")
 
 #: A torch device name: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -154,7 +153,8 @@ class LoraSection(Section):
     target_modules: tuple[str, ...] = setting(
         ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
         "module names that get an adapter (a list, or one comma-separated string)")
-    seed: int = setting(0, "fixes A's initialisation on every party")
+    seed: int = setting(0, "fixes the adapter's initialisation on every party (LoRA's A, the "
+                        "prompt's and the prefix's tokens)")
     freeze_a: bool = setting(
         True, "FFA-LoRA: A stays at its seeded init; only B is trained and sent")
     device_ranks: tuple[int, ...] = setting(
@@ -287,11 +287,16 @@ class EdgeSection(Section):
         "devices' own codec); under secure aggregation edge updates are always dense and "
         "masked", choices=_edge_uploads)
     max_abs_scalar: float = setting(1e3, "coordinator's bound on one projected gradient", gt=0)
+    check_blocks: int = setting(
+        0, "held-out blocks of its own data on which an edge device scores its round's "
+        "update at 1, 1/2, 1/4 and 0 of its length, sending the best (scaled scalars: the "
+        "replay stays exact); weights each update by its measured progress; 0 = off", ge=0)
     subspace: Literal["full", "components"] = setting(
         "full", "where a MeZO step moves: 'full' (a random sign on every trainable weight) or "
         "'components' (a random sign per rank-one component of the round's global adapter: "
         "rescales what the backprop devices learned; ~1,000 directions instead of ~830,000; "
-        "its edge.learning_rate is a relative step, e.g. 0.5, and edge.epsilon e.g. 0.01)")
+        "FFA-LoRA only; its edge.learning_rate is a relative step, e.g. 4 to 8, and "
+        "edge.epsilon e.g. 0.01)")
     combine: Literal["average", "add", "exclude"] = setting(
         "average", "how edge updates meet torch ones: 'average' (one example-weighted mean), "
         "'add' (the edge devices' mean step is added to the torch devices' mean: a small "
@@ -519,15 +524,27 @@ class RunConfig:
                 "security.secagg (the default): masks hide integers on a grid every device "
                 f"shares, so only {list(inside)} can; pick one of those, or set "
                 "security.secagg = false to use it on plaintext uploads")
-        if self.edge.combine != "average" and (self.edge.upload != "seed-scalar"
-                                           or self.security.secagg or self.privacy.client_dp):
+        apart = self.edge.combine != "average" and self.edge.fraction > 0
+        if apart and (self.edge.upload != "seed-scalar" or self.security.secagg
+                      or self.privacy.client_dp):
             raise ConfigError(
-                f"edge.combine = {self.edge.combine!r} takes the edge devices' steps apart from "
-                "the torch "
-                "devices', which needs each edge update in the clear as seeds and scalars (the "
-                "coordinator replays them, so their size is bounded): set edge.upload = "
-                "'seed-scalar', security.secagg = false and privacy.client_dp = false, or use "
-                "edge.combine = 'average'")
+                f"edge.combine = {self.edge.combine!r} takes the edge devices' steps apart "
+                "from the torch devices', which needs each edge update in the clear as seeds "
+                "and scalars (the coordinator replays them, so their size is bounded): set "
+                "edge.upload = 'seed-scalar', security.secagg = false and privacy.client_dp = "
+                "false, or use edge.combine = 'average'")
+        if apart and self.lora.heterogeneous and not self.lora.freeze_a:
+            raise ConfigError(
+                f"edge.combine = {self.edge.combine!r} with heterogeneous plain-LoRA ranks: "
+                "their mean is re-factorised from each device's product B·A, which an added "
+                "edge step cannot join; use edge.combine = 'average', lora.freeze_a = true or "
+                "one rank for every device")
+        if (self.edge.fraction > 0 and self.edge.subspace == "components"
+                and not (self.lora.kind == "lora" and self.lora.freeze_a)):
+            raise ConfigError(
+                "edge.subspace = 'components' rescales the rank-one components of FFA-LoRA's "
+                "B (one sign per column); it needs lora.kind = 'lora' and lora.freeze_a = true. "
+                "Other adapters are small enough for edge.subspace = 'full'")
         if self.lora.heterogeneous and not self.lora.freeze_a and (
                 self.security.secagg or self.privacy.client_dp):
             raise ConfigError(

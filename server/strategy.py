@@ -541,6 +541,9 @@ class AdapterFedAvg(FedAvg):
         if any(r < self.rank for _, r, _ in factors):
             # Plain LoRA with mixed ranks: the mean of each device's product B·A,
             # re-factorised at the global rank (FlexLoRA); its deltas stayed at their rank.
+            # (The config refuses edge.combine = 'add' here: nothing else to add.)
+            if replayed.weight:
+                raise RuntimeError("edge steps cannot be added to re-factorised products")
             merged = aggregate_products(self._global, factors)
         else:
             merged = dict(self._global)

@@ -158,6 +158,10 @@ def configure(args: argparse.Namespace) -> AuditConfig:
 
     preset = QUICK if args.quick else FULL
     run_config = load_config(args.config)
+    if run_config.lora.kind != "lora":
+        # The attacks read LoRA's B of the residual-writing modules (audit/attacks.py).
+        raise ValueError(f"the leakage audit attacks LoRA updates; {args.config} sets "
+                         f"lora.kind = {run_config.lora.kind!r}: audit with lora.kind = 'lora'")
     if args.out_dir is None:
         args.out_dir = Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S")
     if args.threads < 1:

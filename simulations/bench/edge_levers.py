@@ -17,8 +17,10 @@ same devices in every run with that fraction. The runs (``LEVERS``):
   ``add`` (the edge mean added to the torch mean instead of averaged with it), and the
   ``components`` subspace (MeZO over ~1,000 rescalings of the learned rank-one components,
   :mod:`protocols.seed_updates`), also with three times the steps;
-* the same three federations with a prompt adapter (``lora.kind = 'prompt'``) on every
-  device instead of LoRA: 9,216 coordinates, a space MeZO can search in twelve steps.
+* the same federations with a prompt adapter (``lora.kind = 'prompt'``) on every device
+  instead of LoRA: 9,216 coordinates, a space MeZO can search in twelve steps; and with
+  each edge device weighting its update by the progress it measures on its own held-out
+  blocks (``edge.check_blocks``).
 
 Prints per run the final held-out perplexity, the mean upload per client per round by kind
 and the mean training seconds per client per round by kind (what each device reports), and
@@ -76,6 +78,9 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
             (*PROMPT, *MIXED, "edge.combine=add")),
     Variant("prompt-average", "prompt adapter, half edge, MeZO averaged in",
             (*PROMPT, *MIXED)),
+    Variant("prompt-checked", "prompt-add, each edge device sending the length of its update "
+            "(1, 1/2, 1/4, 0) that scores best on 8 of its own held-out blocks",
+            (*PROMPT, *MIXED, "edge.combine=add", "edge.check_blocks=8")),
 )}
 
 

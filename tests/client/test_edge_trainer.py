@@ -305,3 +305,36 @@ def test_an_int8_activation_export_is_refused_with_the_fix(tiny_model_dir: Path,
                                   quantization="int8-smooth")
     with pytest.raises(ValueError, match=r"MeZO cannot train on it.*int4-gguf"):
         EdgeMeZOTrainer.from_export(out, LoraSection(r=4))
+
+
+@pytest.mark.parametrize("subspace", ["full", "components"])
+def test_the_held_out_check_sends_the_best_length_and_replays_exactly(subspace: str) -> None:
+    """check_blocks: the device scores its update at 1, 1/2, 1/4 and 0 of its length on its
+    own held-out blocks and sends the best as scaled scalars; the coordinator's replay of
+    them is the adapter the device kept, bit for bit, and never scores worse than sending
+    nothing."""
+    model = QuadraticModel()
+    checked = EdgeMeZOTrainer(model, LoraSection(r=2),  # type: ignore[arg-type]
+                              settings=MeZOSettings(check_blocks=2))
+    plain = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
+    start, kept = _start(True), []
+    held = checked.blocks.get(DATA, "heldout", 8).take(slice(0, 2))
+
+    def score(adapter: Mapping[str, Any]) -> float:
+        return model.mean_loss(held.ids, adapter, scored=held.scored)
+
+    for lr in (0.05, 5.0, 500.0):  # a fair step, then steps that overshoot
+        instruction = _instruction(lr=lr, subspace=subspace)
+        ours = checked.train(start, DATA, instruction)
+        theirs = plain.train(start, DATA, instruction)
+        assert ours.seed_update is not None and theirs.seed_update is not None
+        ratio = {float(a / b) for a, b in zip(ours.seed_update.scalars,
+                                              theirs.seed_update.scalars, strict=True) if b}
+        assert len(ratio) <= 1 and ratio <= {1.0, 0.5, 0.25, 0.0}, ratio
+        replay = apply_seed_updates(start, ours.seed_update.pairs(), spec=_spec(True),
+                                    learning_rate=lr, subspace=subspace)
+        assert replay[B].tobytes() == ours.tensors[B].tobytes()
+        assert score({**start, **ours.tensors}) <= score(start)
+        kept.append(ratio)
+    if subspace == "full":
+        assert kept[-1] != {1.0}, "an overshooting update is cut, not sent whole"

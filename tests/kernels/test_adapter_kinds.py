@@ -121,15 +121,15 @@ def test_what_runs_lora_only_is_refused_with_the_reason(kind: str, settings: dic
 
 
 def test_edge_devices_run_the_kinds_the_export_takes() -> None:
-    from kernels.edge_export import EXPORTABLE_KINDS
-    from protocols.run_config import EDGE_EXPORTABLE_KINDS
-
-    assert EXPORTABLE_KINDS == EDGE_EXPORTABLE_KINDS
     edge = {"edge": {"fraction": 0.5}, "security": {"secagg": False}}
     for kind in ("ia3", "prompt"):
         assert RunConfig.from_nested({"lora": {"kind": kind}, **edge}).lora.kind == kind
     with pytest.raises(ConfigError, match=r"lora.kind = 'prefix' cannot run with edge.fraction"):
         RunConfig.from_nested({"lora": {"kind": "prefix"}, **edge})
+    with pytest.raises(ConfigError, match=r"'components' .* needs lora.kind = 'lora'"):
+        RunConfig.from_nested({"lora": {"kind": "ia3"},
+                               "edge": {"fraction": 0.5, "subspace": "components"},
+                               "security": {"secagg": False}})
 
 
 def test_prefix_refuses_gradient_checkpointing_and_kinds_have_no_ranks() -> None:

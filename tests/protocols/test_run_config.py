@@ -207,3 +207,15 @@ def test_edge_combine_apart_needs_replayed_plaintext_steps(combine: str,
                                          "subspace": "components"},
                                 "security": {"secagg": False}})
     assert ok.edge.combine == combine and ok.edge.subspace == "components"
+
+
+def test_edge_levers_refuse_what_they_cannot_combine_with() -> None:
+    plain = {"security": {"secagg": False}}
+    with pytest.raises(ConfigError, match="heterogeneous plain-LoRA ranks"):
+        RunConfig.from_nested({**plain, "edge": {"fraction": 0.5, "combine": "add"},
+                               "lora": {"freeze_a": False, "r": 8, "device_ranks": [4, 8]}})
+    with pytest.raises(ConfigError, match=r"'components' .* lora.freeze_a = true"):
+        RunConfig.from_nested({**plain, "edge": {"fraction": 0.5, "subspace": "components"},
+                               "lora": {"freeze_a": False}})
+    # without edge devices the edge options are inert, whatever else is set
+    assert RunConfig.from_nested({"edge": {"combine": "add"}}).security.secagg

@@ -278,13 +278,15 @@ def test_a_claimed_edge_device_with_a_dense_upload_is_averaged_not_added() -> No
 
     strategy, _, _ = _edge_round("add")
     start = strategy.current_global
-    request = Message(RecordDict(), dst_node_id=5, message_type="train", group_id="1")
-    replies = [Message(RecordDict({"arrays": to_record({B: np.full((3, 2), v, np.float32)}),
-                                   "metrics": MetricRecord({"num-examples": 1,
-                                                            keys.EDGE_CLIENT: 1.0})}),
-                       reply_to=request) for v in (0.2, 0.4)]
+    replies = []
+    for node, value, claim in ((5, 0.2, {}), (6, 0.4, {keys.EDGE_CLIENT: 1.0})):
+        request = Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
+        replies.append(Message(RecordDict({
+            "arrays": to_record({B: np.full((3, 2), value, np.float32)}),
+            "metrics": MetricRecord({"num-examples": 1, **claim})}), reply_to=request))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
+    # averaged: 0.3; had the claim been trusted, 0.2 + 0.4 = 0.6
     np.testing.assert_allclose(from_record(arrays)[B] - start[B], 0.3, rtol=1e-6)
 
 

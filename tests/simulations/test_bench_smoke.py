@@ -699,3 +699,57 @@ def test_round_timing_reads_a_dp_run_whose_devices_report_no_timing() -> None:
     text = render(analyse(rows))
     assert "steady state (median of rounds 2-3): round 74.5 s + eval 2.0 s" in text
     assert "no training time reported" in text
+
+
+@pytest.mark.slow
+def test_edge_levers(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                     capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: run | final ppl | B up torch | B up edge | s torch | s edge | round s |
+    edge upd, then perplexity per round; the baseline's edge updates are accepted and left
+    out, the levers' edge uploads are seeds and scalars under 1 KB."""
+    from simulations.bench import edge_levers
+
+    argv = ["--levers", "torch-half,components,prompt-add", "--rounds", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
+            "--prefix", "smoke"]
+    # four devices, all sampled: partitions 0 and 3 are the edge half (EdgeSection.is_edge)
+    for item in [*_tiny_run_overrides(tiny_model_dir), "train.clients_per_round=4",
+                 "lora.virtual_tokens=4"]:
+        argv += ["--set", item]
+    assert edge_levers.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = table(text, ["run", "final ppl", "B up torch", "B up edge", "s torch", "s edge",
+                        "round s", "edge upd"])
+    assert [r[0] for r in rows] == ["torch-half", "components", "prompt-add"]
+    for row in rows:
+        assert_finite(numbers(row[1:]), nonnegative=True)
+        assert row[-1] == "2"  # the two edge devices' updates were accepted
+        assert 0 < numbers([row[3]])[0] <= 1024
+    got = json.loads((tmp_path / "runs" / "edge_levers.json").read_text())
+    assert set(got["runs"]) == {"torch-half", "components", "prompt-add"}
+    assert (tmp_path / "runs" / "edge_levers.png").is_file()
+    assert edge_levers.main(["--from-runs", *got["runs"].values()]) == 0
+    assert table(capsys.readouterr().out, ["run", "final ppl"]) == rows
+
+
+@pytest.mark.slow
+def test_adapter_kinds(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
+                       capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
+    """BENCHMARKS.md: kind | final ppl | trainable | B up/client/round | round s."""
+    from simulations.bench import adapter_kinds
+
+    argv = ["--kinds", "prefix,ia3", "--rounds", "1", "--runs-dir", str(tmp_path / "runs"),
+            "--cache-dir", str(mini_cache), "--prefix", "smoke"]
+    for item in [*_tiny_run_overrides(tiny_model_dir), "lora.virtual_tokens=4",
+                 "security.secagg_neighbours=0"]:
+        argv += ["--set", item]
+    assert adapter_kinds.main(argv) == 0
+    rows = table(capsys.readouterr().out, ["kind", "final ppl", "trainable",
+                                           "B up/client/round", "round s"])
+    assert [r[0] for r in rows] == ["prefix", "ia3"]
+    for row in rows:
+        assert_finite(numbers(row[1:]), positive=True)
+    got = json.loads((tmp_path / "runs" / "adapter_kinds.json").read_text())
+    prefix, ia3 = got["summary"]
+    assert prefix["trainable"] > 0 and ia3["trainable"] > 0
+    assert (tmp_path / "runs" / "adapter_kinds.png").is_file()
