@@ -18,6 +18,7 @@ from client.local_data import LocalData, LocalDataError
 from kernels.data.blocks import Blocks, encode_blocks
 from kernels.data.templates import PromptTemplate
 from protocols.adapter_spec import Tensors
+from protocols.seed_updates import SUBSPACES
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class TrainInstruction:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.subspace not in SUBSPACES:
+            raise ValueError(f"subspace must be one of {list(SUBSPACES)}, got {self.subspace!r}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from server.metrics_log import read_metrics
 from simulations.bench.named_runs import (
     Variant,
     add_run_options,
+    cell,
     chosen_runs,
     plot_perplexity,
     variant_of,
@@ -43,6 +44,8 @@ KINDS: dict[str, Variant] = {kind.name: kind for kind in (
     Variant("prefix", "prefix tuning, 16 virtual tokens, lr 0.03",
             ("lora.kind=prefix", "train.learning_rate=0.03")),
     Variant("ia3", "(IA)3 on k, v, down, lr 0.03", ("lora.kind=ia3", "train.learning_rate=0.03")),
+    Variant("ia3-lr1", "the same at lr 0.01 (at 0.03 ten rounds oscillate)",
+            ("lora.kind=ia3", "train.learning_rate=0.01")),
 )}
 
 
@@ -83,12 +86,12 @@ def render(result: dict[str, Any]) -> str:
             f"{'round s':>8}")
     lines = [head, "-" * len(head)]
     for s in result["summary"]:
-        lines.append(f"{s['run']:<8} {s['final_perplexity']:>9.2f} {s['trainable']:>10,} "
+        lines.append(f"{s['run']:<8} {cell(s['final_perplexity'], '.2f'):>9} {s['trainable']:>10,} "
                      f"{s['bytes_up_per_client']:>17,.0f} {s['round_s']:>8.1f}")
     names = [s["run"] for s in result["summary"]]
     lines += ["", f"{'round':>5} " + " ".join(f"{n:>9}" for n in names)]
     for r in result["rounds"]:
-        lines.append(f"{r['round']:>5} " + " ".join(f"{r[n]:>9.2f}" for n in names))
+        lines.append(f"{r['round']:>5} " + " ".join(f"{cell(r[n], '.2f'):>9}" for n in names))
     return "\n".join(lines)
 
 

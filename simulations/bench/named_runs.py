@@ -85,6 +85,11 @@ def chosen_runs(args: argparse.Namespace, parser: argparse.ArgumentParser,
             for name in names]
 
 
+def cell(value: float | None, fmt: str) -> str:
+    """A table cell: ``value`` in ``fmt``, or ``-`` when a run has no such figure."""
+    return "-" if value is None else format(value, fmt)
+
+
 def plot_perplexity(series: dict[str, list[float]], rounds: list[int], title: str,
                     path: Path) -> None:
     """Held-out perplexity per round of each run, one line each (log scale)."""
