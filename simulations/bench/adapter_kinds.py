@@ -23,13 +23,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from server.metrics_log import read_metrics
 from simulations.bench.named_runs import (
     Variant,
     add_run_options,
     cell,
     chosen_runs,
-    plot_perplexity,
+    perplexity_rounds,
+    read_runs,
+    render_rounds,
+    save_result,
     variant_of,
 )
 
@@ -56,28 +58,22 @@ def _trainable(run: Path) -> int:
 
 
 def compare(runs: list[Path]) -> dict[str, Any]:
-    metrics = {variant_of(r, KINDS): read_metrics(r) for r in runs}
-    empty = [name for name, rows in metrics.items() if len(rows) < 2]
-    if empty:
-        raise SystemExit(f"no trained round in the runs of {empty}: did they finish?")
-    rounds = min(len(rows) for rows in metrics.values())
-    table = [{"round": metrics[next(iter(metrics))][i]["round"],
-              **{name: rows[i].get("perplexity") for name, rows in metrics.items()}}
-             for i in range(rounds)]
+    metrics = read_runs(runs, KINDS)
+    folders = {variant_of(r, KINDS): r for r in runs}
+    table = perplexity_rounds(metrics)
     summary = []
-    for run in runs:
-        name = variant_of(run, KINDS)
-        trained = metrics[name][1:rounds]
+    for name, rows in metrics.items():
+        trained = rows[1:len(table)]
         clients = sum(int(r.get("clients", 0)) for r in trained)
         summary.append({
             "run": name,
             "final_perplexity": table[-1][name],
-            "trainable": _trainable(run),
+            "trainable": _trainable(folders[name]),
             "bytes_up_per_client": sum(int(r.get("bytes_up", 0)) for r in trained)
             / max(clients, 1),
             "round_s": sum(float(r.get("round_s", 0.0)) for r in trained) / len(trained),
         })
-    return {"runs": {variant_of(r, KINDS): str(r) for r in runs}, "rounds": table,
+    return {"runs": {name: str(run) for name, run in folders.items()}, "rounds": table,
             "summary": summary}
 
 
@@ -89,10 +85,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{s['run']:<8} {cell(s['final_perplexity'], '.2f'):>9} {s['trainable']:>10,} "
                      f"{s['bytes_up_per_client']:>17,.0f} {s['round_s']:>8.1f}")
     names = [s["run"] for s in result["summary"]]
-    lines += ["", f"{'round':>5} " + " ".join(f"{n:>9}" for n in names)]
-    for r in result["rounds"]:
-        lines.append(f"{r['round']:>5} " + " ".join(f"{cell(r[n], '.2f'):>9}" for n in names))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *render_rounds(result["rounds"], names, 9)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,12 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                        [f"train.rounds={args.rounds}"] if args.rounds else [])
     result = compare(runs)
     print(render(result))
-    out = runs[0].parent / "adapter_kinds"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot_perplexity({s["run"]: [r[s["run"]] for r in result["rounds"]]
-                     for s in result["summary"]}, [r["round"] for r in result["rounds"]],
-                    "adapter kinds on torch clients, equal rounds", out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.png')}")
+    plot = save_result(result, runs, "adapter_kinds",
+                       "adapter kinds on torch clients, equal rounds")
+    print(f"wrote {plot}")
     return 0
 
 

@@ -31,17 +31,18 @@ per round every run's perplexity; writes ``edge_levers.json`` and ``.png`` next 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from server.metrics_log import read_metrics
 from simulations.bench.named_runs import (
     Variant,
     add_run_options,
     cell,
     chosen_runs,
-    plot_perplexity,
+    perplexity_rounds,
+    read_runs,
+    render_rounds,
+    save_result,
     variant_of,
 )
 
@@ -106,17 +107,11 @@ def _per_client(rows: list[dict[str, Any]], field: str, kind: str) -> float | No
 def compare(runs: list[Path]) -> dict[str, Any]:
     """Per round every run's held-out perplexity; per run its final perplexity, upload and
     training time per client by kind, and coordinator wall time per round."""
-    metrics = {variant_of(r, LEVERS): read_metrics(r) for r in runs}
-    empty = [name for name, rows in metrics.items() if len(rows) < 2]
-    if empty:
-        raise SystemExit(f"no trained round in the runs of {empty}: did they finish?")
-    rounds = min(len(rows) for rows in metrics.values())
-    table = [{"round": metrics[next(iter(metrics))][i]["round"],
-              **{name: rows[i].get("perplexity") for name, rows in metrics.items()}}
-             for i in range(rounds)]
+    metrics = read_runs(runs, LEVERS)
+    table = perplexity_rounds(metrics)
     summary = []
     for name, rows in metrics.items():
-        trained = [r for r in rows[1:rounds]]
+        trained = rows[1:len(table)]
         summary.append({
             "run": name,
             "final_perplexity": table[-1][name],
@@ -143,10 +138,7 @@ def render(result: dict[str, Any]) -> str:
             f"{cell(s['train_s_torch'], '.1f'):>8} {cell(s['train_s_edge'], '.1f'):>7} "
             f"{s['round_s']:>8.1f} {s['edge_updates']:>8}")
     names = [s["run"] for s in result["summary"]]
-    lines += ["", f"{'round':>5} " + " ".join(f"{n:>14}" for n in names)]
-    for r in result["rounds"]:
-        lines.append(f"{r['round']:>5} " + " ".join(f"{cell(r[n], '.2f'):>14}" for n in names))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *render_rounds(result["rounds"], names, 14)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,13 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = chosen_runs(args, parser, LEVERS, common)
     result = compare(runs)
     print(render(result))
-    out = runs[0].parent / "edge_levers"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot_perplexity({s["run"]: [r[s["run"]] for r in result["rounds"]]
-                     for s in result["summary"]}, [r["round"] for r in result["rounds"]],
-                    "torch and edge devices on one adapter: edge levers",
-                    out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.png')}")
+    plot = save_result(result, runs, "edge_levers",
+                       "torch and edge devices on one adapter: edge levers")
+    print(f"wrote {plot}")
     return 0
 
 

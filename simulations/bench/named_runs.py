@@ -85,6 +85,49 @@ def chosen_runs(args: argparse.Namespace, parser: argparse.ArgumentParser,
             for name in names]
 
 
+def read_runs(runs: list[Path], names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each run's ``metrics.jsonl`` rows by variant; exits naming the runs that have no
+    trained round."""
+    from server.metrics_log import read_metrics
+
+    metrics = {variant_of(r, names): read_metrics(r) for r in runs}
+    empty = [name for name, rows in metrics.items() if len(rows) < 2]
+    if empty:
+        raise SystemExit(f"no trained round in the runs of {empty}: did they finish?")
+    return metrics
+
+
+def perplexity_rounds(metrics: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per round the runs share: ``{"round": n, <run>: held-out perplexity, ...}``."""
+    rounds = min(len(rows) for rows in metrics.values())
+    first = next(iter(metrics.values()))
+    return [{"round": first[i]["round"],
+             **{name: rows[i].get("perplexity") for name, rows in metrics.items()}}
+            for i in range(rounds)]
+
+
+def render_rounds(table: list[dict[str, Any]], names: list[str], width: int) -> list[str]:
+    """The per-round perplexity table, one column per run."""
+    lines = [f"{'round':>5} " + " ".join(f"{n:>{width}}" for n in names)]
+    for r in table:
+        lines.append(f"{r['round']:>5} " + " ".join(f"{cell(r[n], '.2f'):>{width}}"
+                                                   for n in names))
+    return lines
+
+
+def save_result(result: dict[str, Any], runs: list[Path], stem: str, title: str) -> Path:
+    """``<stem>.json`` and the perplexity plot ``<stem>.png`` beside the runs; returns the
+    plot's path."""
+    import json
+
+    out = runs[0].parent / stem
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    names = [s["run"] for s in result["summary"]]
+    plot_perplexity({n: [r[n] for r in result["rounds"]] for n in names},
+                    [r["round"] for r in result["rounds"]], title, out.with_suffix(".png"))
+    return out.with_suffix(".png")
+
+
 def cell(value: float | None, fmt: str) -> str:
     """A table cell: ``value`` in ``fmt``, or ``-`` when a run has no such figure."""
     return "-" if value is None else format(value, fmt)
