@@ -175,6 +175,15 @@ def _local_data(flat: Mapping[str, Any], context: Context) -> LocalData:
 
 def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
     cfg = msg.content.config_records[keys.CONFIG]
+    subspace = (get_str(cfg, keys.EDGE_SUBSPACE) if edge and keys.EDGE_SUBSPACE in cfg
+                else "full")
+    last_step = None
+    if subspace == "trajectory":
+        if keys.LAST_STEP not in msg.content.array_records:
+            raise ValueError(f"the train message has edge-subspace = 'trajectory' but no "
+                             f"`{keys.LAST_STEP}` record (the coordinator's last step of the "
+                             "global adapter, the direction this device searches along)")
+        last_step = from_record(unpack_record(msg.content.array_records[keys.LAST_STEP]))
     return TrainInstruction(
         server_round=get_int(cfg, keys.SERVER_ROUND),
         local_steps=get_int(cfg, keys.EDGE_LOCAL_STEPS if edge else keys.LOCAL_STEPS),
@@ -182,8 +191,8 @@ def _instruction(msg: Message, *, edge: bool = False) -> TrainInstruction:
         learning_rate=get_float(cfg, keys.EDGE_LEARNING_RATE if edge else keys.LEARNING_RATE),
         seq_len=get_int(cfg, keys.SEQ_LEN),
         seed=get_int(cfg, keys.SEED),
-        subspace=get_str(cfg, keys.EDGE_SUBSPACE) if edge and keys.EDGE_SUBSPACE in cfg
-        else "full",
+        subspace=subspace,
+        last_step=last_step,
     )
 
 

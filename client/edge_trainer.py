@@ -43,6 +43,7 @@ from protocols.run_config import LoraSection
 from protocols.seed_updates import (
     SeedUpdate,
     apply_seed_updates,
+    check_last_step,
     direction,
     layout_id,
     sgd_step,
@@ -175,15 +176,15 @@ class EdgeMeZOTrainer:
         eps = np.float32(self.settings.epsilon)
         bound = self.settings.max_abs_scalar
         subspace = instruction.subspace
-        # The 'components' directions are anchored at the round's global adapter (θ₀).
-        anchor = None if subspace == "full" else theta0
+        anchor = self._anchor(theta0, instruction)
         still = anchor is not None and not any(np.any(anchor[k]) for k in self.shapes)
         scalars = np.zeros(instruction.local_steps, dtype=np.float32)
         losses = []
         for step in range(instruction.local_steps):
             batch = blocks.take(
                 order[step * instruction.batch_size:(step + 1) * instruction.batch_size])
-            if still:  # θ₀ = 0 spans nothing (LoRA's B before round 1): g = 0, one pass
+            if still:  # a zero anchor spans nothing (LoRA's B before round 1, no last
+                # step yet): g = 0, one pass
                 losses.append(self.model.mean_loss(batch.ids, theta, scored=batch.scored))
                 continue
             z = direction(int(seeds[step]), self.shapes, subspace=subspace, anchor=anchor)
@@ -218,6 +219,17 @@ class EdgeMeZOTrainer:
             seed_update=update,
         )
 
+    def _anchor(self, theta0: Tensors, instruction: TrainInstruction) -> Tensors | None:
+        """What the round's directions are built from: the global adapter θ₀
+        (``components``), the coordinator's last step (``trajectory``), nothing (``full``)."""
+        if instruction.subspace == "components":
+            return theta0
+        if instruction.subspace != "trajectory":
+            return None
+        check_last_step(instruction.last_step, self.shapes)
+        assert instruction.last_step is not None
+        return {k: np.asarray(instruction.last_step[k], dtype=np.float32) for k in self.shapes}
+
     def _checked(
         self, start: Tensors, theta: Tensors, seeds: npt.NDArray[np.uint64],
         scalars: npt.NDArray[np.float32], data: LocalData, instruction: TrainInstruction,
@@ -244,7 +256,8 @@ class EdgeMeZOTrainer:
             scaled = (np.float32(factor) * scalars).astype(np.float32)
             candidate = apply_seed_updates(
                 start, list(zip(seeds.tolist(), scaled, strict=True)), spec=self.spec,
-                learning_rate=instruction.learning_rate, subspace=instruction.subspace)
+                learning_rate=instruction.learning_rate, subspace=instruction.subspace,
+                last_step=instruction.last_step)
             scored = loss(candidate)
             if scored < best[0]:
                 best = (scored, factor, candidate, scaled)

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from client.local_data import LocalData, LocalDataError
 from kernels.data.blocks import Blocks, encode_blocks
 from kernels.data.templates import PromptTemplate
-from protocols.adapter_spec import Tensors
+from protocols.adapter_spec import Tensors, TensorsView
 from protocols.seed_updates import SUBSPACES
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class TrainInstruction:
     seed: int
     #: Where a forward-only trainer's steps move (``edge.subspace``; torch trainers ignore it).
     subspace: str = "full"
+    #: The coordinator's last step of the global adapter: the ``trajectory`` subspace's one
+    #: direction (sent with the instruction; None for every other subspace).
+    last_step: TensorsView | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("local_steps", "batch_size", "seq_len"):
@@ -44,6 +47,11 @@ class TrainInstruction:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.subspace not in SUBSPACES:
             raise ValueError(f"subspace must be one of {list(SUBSPACES)}, got {self.subspace!r}")
+        if (self.subspace == "trajectory") != (self.last_step is not None):
+            raise ValueError("the 'trajectory' subspace, and only it, comes with the "
+                             "coordinator's last step of the global adapter; got subspace "
+                             f"{self.subspace!r} with{'' if self.last_step is not None else 'out'}"
+                             " a last step")
 
 
 @dataclass

@@ -48,6 +48,9 @@ class RoundContext:
     max_steps: int = 0  # the step count the coordinator sent (seed replay)
     max_abs_scalar: float = 1e3  # the coordinator's bound on one projected gradient
     subspace: str = "full"  # where forward-only steps move (seed replay, edge.subspace)
+    #: The coordinator's last step of the global adapter (trainable tensors; the
+    #: 'trajectory' subspace's anchor), None when the round's subspace needs none.
+    last_step: TensorsView | None = None
     seed: int = 0  # the device's draws for stochastic rounding (the round's seed + device)
 
 

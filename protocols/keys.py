@@ -10,6 +10,9 @@ from typing import Final
 ARRAYS: Final = "arrays"
 CONFIG: Final = "config"
 METRICS: Final = "metrics"
+# The coordinator's last step of the global adapter (trainable tensors, packed like ARRAYS),
+# sent with a train instruction when edge.subspace = 'trajectory'
+LAST_STEP: Final = "last-step"
 
 # ConfigRecord keys sent by the coordinator with a train/evaluate instruction
 SERVER_ROUND: Final = "server-round"

@@ -291,12 +291,15 @@ class EdgeSection(Section):
         0, "held-out blocks of its own data on which an edge device scores its round's "
         "update at 1, 1/2, 1/4 and 0 of its length, sending the best (scaled scalars: the "
         "replay stays exact); weights each update by its measured progress; 0 = off", ge=0)
-    subspace: Literal["full", "components"] = setting(
-        "full", "where a MeZO step moves: 'full' (a random sign on every trainable weight) or "
+    subspace: Literal["full", "components", "trajectory"] = setting(
+        "full", "where a MeZO step moves: 'full' (a random sign on every trainable weight), "
         "'components' (a random sign per rank-one component of the round's global adapter: "
         "rescales what the backprop devices learned; ~1,000 directions instead of ~830,000; "
         "FFA-LoRA only; its edge.learning_rate is a relative step, e.g. 4 to 8, and "
-        "edge.epsilon e.g. 0.01)")
+        "edge.epsilon e.g. 0.01) or 'trajectory' (one direction: the coordinator's last step "
+        "of the global adapter, sent with the instruction; an edge device measures on its own "
+        "data how far to go on along it, or back; edge.learning_rate is in units of that "
+        "step, e.g. 2, and edge.epsilon e.g. 0.01; the step doubles every device's download)")
     combine: Literal["average", "add", "exclude"] = setting(
         "average", "how edge updates meet torch ones: 'average' (one example-weighted mean), "
         "'add' (the edge devices' mean step is added to the torch devices' mean: a small "
@@ -545,6 +548,13 @@ class RunConfig:
                 "edge.subspace = 'components' rescales the rank-one components of FFA-LoRA's "
                 "B (one sign per column); it needs lora.kind = 'lora' and lora.freeze_a = true. "
                 "Other adapters are small enough for edge.subspace = 'full'")
+        if (self.edge.fraction > 0 and self.edge.subspace == "trajectory"
+                and self.lora.heterogeneous and not self.lora.freeze_a):
+            raise ConfigError(
+                "edge.subspace = 'trajectory' searches along the global adapter's last step, "
+                "but with heterogeneous plain-LoRA ranks the global factors are re-factorised "
+                "(SVD) every round, so their change is not the federation's step; use "
+                "lora.freeze_a = true, one rank for every device or another edge.subspace")
         if self.lora.heterogeneous and not self.lora.freeze_a and (
                 self.security.secagg or self.privacy.client_dp):
             raise ConfigError(

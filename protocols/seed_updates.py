@@ -63,6 +63,20 @@ Where θ₀ is zero (LoRA's B before round 1) ``z`` is zero and the step moves n
 subspace is part of the ``layout`` fingerprint: a device and a coordinator that disagree on
 it are refused, never replayed into garbage.
 
+``trajectory`` is one dimension: the coordinator's last step of the global adapter,
+``Δ = θ_r − θ_(r−1)``, the change between the last two adapters the coordinator sent that
+differ (sent with the instruction as its own record; zero in a run's first round and the
+first after a resume), with the seed's one Rademacher sign::
+
+    u = the format-1 Rademacher sign of shape (1,)
+    z[key] = Δ[key] · u                    (exact, u = ±1)
+
+so MeZO becomes a one-dimensional search of how far to go on along the federation's last
+step, measured on the edge device's own data: further where the step helped there, back
+where it hurt (one backprop device's noisy update). A one-dimensional two-point estimate
+has none of the variance that grows with the number of coordinates. The coordinator holds
+``Δ`` (it made both adapters), so the replay regenerates ``z`` bit for bit.
+
 Dense alternative: the forward-only trainer also returns its final θ, whose delta from the
 global adapter travels through the ordinary ``fp32`` codec like a backprop client's
 (:mod:`protocols.codecs`).
@@ -113,7 +127,9 @@ _WIRE_DTYPES: Final = {
 
 Shapes = Mapping[str, tuple[int, ...]]
 #: The directions a forward-only step may take (module docstring, "Subspaces").
-SUBSPACES: Final = ("full", "components")
+SUBSPACES: Final = ("full", "components", "trajectory")
+#: The subspaces whose directions are built from an anchor tensor set (``direction``).
+ANCHORED: Final = ("components", "trajectory")
 #: One MeZO step: its seed and its projected gradient ``g`` (cast to float32 when used).
 Pair = tuple[int, float | np.float32]
 
@@ -150,16 +166,36 @@ def direction(
 
     ``full``: :func:`perturbation`. ``components``: the global adapter ``anchor`` (the
     round's θ₀, float32, the trainable tensors at least) with each component's sign flipped
-    by the seed's Rademacher draw; the product is exact, so client and replay agree.
+    by the seed's Rademacher draw. ``trajectory``: the coordinator's last step ``anchor``
+    with one sign. The products are exact, so client and replay agree.
     """
     if subspace == "full":
         return perturbation(seed, shapes)
-    if subspace != "components":
+    if subspace not in ANCHORED:
         raise ValueError(f"subspace must be one of {list(SUBSPACES)}, got {subspace!r}")
     if anchor is None:
-        raise ValueError("the 'components' subspace needs the round's global adapter (anchor)")
+        what = ("the round's global adapter" if subspace == "components"
+                else "the coordinator's last step of the global adapter")
+        raise ValueError(f"the {subspace!r} subspace needs {what} (anchor)")
+    if subspace == "trajectory":
+        sign = perturbation(seed, {"sign": (1,)})["sign"]
+        return {key: np.multiply(anchor[key], sign, dtype=np.float32) for key in shapes}
     signs = perturbation(seed, {key: shape[-1:] for key, shape in shapes.items()})
     return {key: np.multiply(anchor[key], signs[key], dtype=np.float32) for key in shapes}
+
+
+def check_last_step(last_step: TensorsView | None, shapes: Shapes) -> None:
+    """Raise ``ValueError`` unless ``last_step`` holds a float32 tensor of each shape (the
+    ``trajectory`` subspace's anchor; extra tensors are ignored)."""
+    if last_step is None:
+        raise ValueError("the 'trajectory' subspace needs the coordinator's last step of the "
+                         "global adapter")
+    for key, shape in shapes.items():
+        value = last_step.get(key)
+        if value is None or tuple(value.shape) != shape or value.dtype != np.float32:
+            got = "nothing" if value is None else f"{value.dtype} {tuple(value.shape)}"
+            raise ValueError(f"last step `{key}`: expected float32 {shape}, got {got} (do "
+                             "this device's [lora] settings differ from the coordinator's?)")
 
 
 def trainable_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
@@ -213,13 +249,15 @@ def apply_seed_updates(
     spec: AdapterSpec,
     learning_rate: float,
     subspace: str = "full",
+    last_step: TensorsView | None = None,
 ) -> Tensors:
     """Replay MeZO steps ``(seed, g)`` in order from ``global_adapter``; returns a new adapter.
-    Each step's direction is :func:`direction` in ``subspace`` (anchored at ``global_adapter``).
+    Each step's direction is :func:`direction` in ``subspace``, anchored at
+    ``global_adapter`` (``components``) or at ``last_step`` (``trajectory``).
 
     Every tensor of ``global_adapter`` is in the result (copied); only the spec's trainable
-    ones change. Raises ``ValueError`` if ``global_adapter`` does not match ``spec`` (the
-    caller's own state is wrong, not the client's).
+    ones change. Raises ``ValueError`` if ``global_adapter`` (or, in ``trajectory``,
+    ``last_step``) does not match ``spec``: the caller's own state is wrong, not the client's.
     """
     shapes = trainable_shapes(spec)
     for key, shape in shapes.items():
@@ -232,8 +270,11 @@ def apply_seed_updates(
             )
     theta: Tensors = {k: np.array(v, dtype=np.float32, copy=True) for k, v in
                       global_adapter.items()}
+    anchor = last_step if subspace == "trajectory" else global_adapter
+    if subspace == "trajectory":
+        check_last_step(last_step, shapes)
     for seed, scalar in pairs:
-        z = direction(seed, shapes, subspace=subspace, anchor=global_adapter)
+        z = direction(seed, shapes, subspace=subspace, anchor=anchor)
         sgd_step(theta, z, step_coefficient(learning_rate, scalar))
     return theta
 
@@ -370,7 +411,8 @@ class SeedScalarCodec:
     ``encode`` sends the client's steps instead of its delta; ``decode`` parses and
     validates them against the round (:func:`validate_seed_update`: the round, the adapter
     layout, the coordinator's step and scalar bounds) and replays them from the round's
-    global adapter with the step size *the coordinator* sent, returning the client's delta
+    global adapter (along ``ctx.last_step`` in the ``trajectory`` subspace) with the step
+    size *the coordinator* sent, returning the client's delta
     bit for bit, which :func:`protocols.validation.validate_update` and the average then take
     like any dense delta.
     """
@@ -412,7 +454,8 @@ class SeedScalarCodec:
                                                        ctx.subspace),
                              max_steps=ctx.max_steps, max_abs_scalar=ctx.max_abs_scalar)
         theta = apply_seed_updates(ctx.global_adapter, update.pairs(), spec=ctx.spec,
-                                   learning_rate=ctx.learning_rate, subspace=ctx.subspace)
+                                   learning_rate=ctx.learning_rate, subspace=ctx.subspace,
+                                   last_step=ctx.last_step)
         return {k: theta[k] - ctx.global_adapter[k] for k in ctx.spec.trainable_keys}
 
 

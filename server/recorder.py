@@ -74,6 +74,8 @@ class RoundRecorder:
                 bytes_up_by_kind=stats.bytes_up_by_kind,
                 clients_by_kind=stats.clients_by_kind,
                 train_s_by_kind=stats.train_s_by_kind,
+                **({"edge_along_last_step": stats.along_last_step}
+                   if stats.along_last_step else {}),
             )
         evaluation = self.strategy.evaluations.get(server_round)
         if evaluation is not None:  # Flower runs federated evaluation before this call

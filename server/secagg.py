@@ -317,7 +317,9 @@ class SecAggFedAvg(AdapterFedAvg):
                 skellam_variance=skellam_variance,
             )
             rnd.instruction[node] = inst
-            content = RecordDict({keys.ARRAYS: template.array_records[keys.ARRAYS],
+            # Every array record of the instruction: the adapter, and the last step of
+            # edge.subspace = 'trajectory' (its edge devices train along it, masked dense).
+            content = RecordDict({**dict(template.array_records.items()),
                                   keys.CONFIG: template.config_records[keys.CONFIG],
                                   wire.RECORD: inst.to_record()})
             messages.append(Message(content=content, dst_node_id=node,

@@ -74,6 +74,9 @@ class RoundStats:
     bytes_up_by_kind: dict[str, int] = field(default_factory=dict)  # "edge" / "torch"
     clients_by_kind: dict[str, int] = field(default_factory=dict)
     train_s_by_kind: dict[str, float] = field(default_factory=dict)  # clients' own seconds
+    #: edge.subspace = 'trajectory': each replayed edge update as a multiple s of the last
+    #: step (its update is s·Δ): how far each edge device chose to go on (< 0: back)
+    along_last_step: list[float] = field(default_factory=list)
 
     def count_upload(self, metrics: MetricRecord, nbytes: int) -> None:
         """Attribute an accepted upload, and the training seconds its device reports, to
@@ -155,6 +158,13 @@ class RoundStats:
                                                weights=[c for _, c in losses]))
             out[keys.TRAIN_LOSS] = self.train_loss
         return out
+
+
+def along(delta: TensorsView, step: TensorsView) -> float:
+    """``s`` with ``delta`` = s·``step`` (the least-squares multiple; 0 for a zero step)."""
+    dot = sum(float(np.vdot(delta[k], step[k])) for k in step if k in delta)
+    norm = sum(float(np.vdot(v, v)) for v in step.values())
+    return dot / norm if norm else 0.0
 
 
 def _send_packed(messages: list[Message], arrays: ArrayRecord) -> ArrayRecord:
@@ -376,6 +386,7 @@ class AdapterFedAvg(FedAvg):
         self.stats: dict[int, RoundStats] = {}
         self.evaluations: dict[int, FederatedEval] = {}
         self._global: TensorsView = {}
+        self.last_step: TensorsView = {}  # the global adapter's last change (_track_last_step)
         self._published: tuple[ArrayRecord, TensorsView] | None = None
         self._context = RoundContext(global_adapter={})
         self._codecs: tuple[str, ...] = (codec,)
@@ -407,20 +418,42 @@ class AdapterFedAvg(FedAvg):
                     ) -> ConfigRecord:
         """Take in the round's global adapter and instruction (what its replies are decoded
         against); return the instruction with the codec named."""
-        self._global = self.global_tensors(arrays)
+        previous, self._global = self._global, self.global_tensors(arrays)
         config = ConfigRecord(dict(config))  # Flower's FedAvg writes into it; keep ours clean
         config[keys.CODEC] = self.codec_name
         edge = keys.EDGE_LEARNING_RATE in config
+        subspace = get_str(config, keys.EDGE_SUBSPACE) if keys.EDGE_SUBSPACE in config else "full"
+        if subspace == "trajectory":
+            self._track_last_step(previous)
         self._context = RoundContext(
             global_adapter=self._global, server_round=server_round, spec=self.spec,
             learning_rate=get_float(config, keys.EDGE_LEARNING_RATE) if edge else 0.0,
             max_steps=get_int(config, keys.EDGE_LOCAL_STEPS) if edge else 0,
-            max_abs_scalar=self.max_abs_scalar,
-            subspace=get_str(config, keys.EDGE_SUBSPACE) if keys.EDGE_SUBSPACE in config
-            else "full")
+            max_abs_scalar=self.max_abs_scalar, subspace=subspace,
+            last_step=self.last_step if subspace == "trajectory" else None)
         self._rank_contexts = {}
         self._codecs = (self.codec_name, *((get_str(config, keys.EDGE_CODEC),) if edge else ()))
         return config
+
+    def _track_last_step(self, previous: TensorsView) -> None:
+        """Remember the global adapter's last change (edge.subspace = 'trajectory').
+
+        Taken between the adapters two rounds were *sent*, so it is the step that was
+        actually made, after any wrapper (client-level DP's noise) and whatever combined
+        the updates. A round that left the adapter unchanged (no valid update, a retry)
+        keeps the step before it; a run's first round, or the first after a resume, has
+        none yet (zeros: trajectory steps then move nothing). Only rounds in the
+        'trajectory' subspace call this (one subtraction of the trainable tensors).
+        """
+        trainable = self.spec.trainable_keys
+        if not previous:
+            self.last_step = {k: np.zeros(self.spec.tensors[k].shape, np.float32)
+                              for k in trainable}
+            return
+        step = {k: np.subtract(self._global[k], previous[k], dtype=np.float32)
+                for k in trainable}
+        if any(np.any(v) for v in step.values()):
+            self.last_step = step
 
     def at_rank(self, rank: int) -> tuple[RoundContext, AdapterSpec]:
         """The round's context and spec as a device of ``rank`` sees them (its slice of
@@ -431,7 +464,8 @@ class AdapterFedAvg(FedAvg):
             spec = spec_at_rank(self.spec, rank)
             self._rank_contexts[rank] = (
                 replace(self._context, global_adapter=slice_rank(self._global, rank),
-                        spec=spec), spec)
+                        last_step=None if self._context.last_step is None
+                        else slice_rank(self._context.last_step, rank), spec=spec), spec)
         return self._rank_contexts[rank]
 
     def send_own_ranks(self, messages: list[Message]) -> None:
@@ -453,12 +487,16 @@ class AdapterFedAvg(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         _send_packed(messages, arrays)
         self.send_own_ranks(messages)
+        if self._context.last_step is not None:  # edge.subspace = 'trajectory'
+            step = pack_record(to_record(self._context.last_step))
+            for msg in messages:
+                msg.content[keys.LAST_STEP] = step
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
             msg.metadata.group_id = str(server_round)
         self.stats[server_round] = RoundStats(
             sampled=len(messages),
-            bytes_down=sum(record_nbytes(m.content.array_records[keys.ARRAYS])
-                           for m in messages),
+            bytes_down=sum(record_nbytes(record) for m in messages
+                           for record in m.content.array_records.values()),
             started=time.perf_counter(),
             sent=messages,
         )
@@ -515,6 +553,9 @@ class AdapterFedAvg(FedAvg):
                 self.node_ranks.pop(node, None)
                 continue
             self.node_ranks[node] = rank
+            if seed_steps and self._context.last_step is not None and not (
+                    self.clip_norm or self.denominator):  # under client DP: no per-device number
+                stats.along_last_step.append(along(delta, self._context.last_step))
             if self.clip_norm:
                 delta, norm = clip_update(delta, self.clip_norm)
                 stats.clipped += norm > self.clip_norm

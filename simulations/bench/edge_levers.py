@@ -16,7 +16,9 @@ same devices in every run with that fraction. The runs (``LEVERS``):
 * the mixed federation with each edge lever: today's default (full-space MeZO averaged in),
   ``add`` (the edge mean added to the torch mean instead of averaged with it), and the
   ``components`` subspace (MeZO over ~1,000 rescalings of the learned rank-one components,
-  :mod:`protocols.seed_updates`), also with three times the steps;
+  :mod:`protocols.seed_updates`), also with three times the steps, and the
+  ``trajectory`` subspace (MeZO along one direction, the coordinator's last step of the
+  global adapter: how far to go on along it, or back, measured on edge devices' data);
 * the same federations with a prompt adapter (``lora.kind = 'prompt'``, 9,216
   coordinates) or an (IA)3 adapter (57,600) on every device instead of LoRA: spaces MeZO
   can search in twelve steps; and with
@@ -54,6 +56,13 @@ MIXED = ("edge.fraction=0.5",)
 #: lr·g; measured from a 3-round adapter, 12 steps: lr 3 -> -0.0028 held-out loss per
 #: device, 10 -> -0.0064, 30 -> overshoots) and perturbation (1 % of a component).
 COMPONENTS = ("edge.combine=add", "edge.subspace=components", "edge.epsilon=0.01")
+#: The trajectory subspace: MeZO along the coordinator's last step of the global adapter
+#: (one direction), its step in units of that step (measured from rounds 4 and 5 of
+#: torch-only, 12 steps, 4 devices: lr 2 -> s 0.36..0.59 along a step that helped, 5 ->
+#: 0.45..0.73, 10 -> 0.47..0.90, each -2 to -3 % perplexity; along a step that hurt, lr 10
+#: -> s -0.41..-0.58 on 3 of 4 devices, -1 %), perturbed by 1 % of the step.
+TRAJECTORY = ("edge.combine=add", "edge.subspace=trajectory", "edge.epsilon=0.01",
+              "edge.learning_rate=2")
 #: Prompt tuning on every device, at the best rates of one-device sweeps (torch AdamW and
 #: edge MeZO: both 0.003).
 PROMPT = ("lora.kind=prompt", "train.learning_rate=0.003", "edge.learning_rate=0.003")
@@ -72,6 +81,13 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
           (*MIXED, "edge.combine=add")),
     Variant("components", "half edge, MeZO over the learned components (lr 8), added",
           (*MIXED, *COMPONENTS, "edge.learning_rate=8")),
+    Variant("trajectory", "half edge, MeZO along the federation's last step (lr 2), added",
+            (*MIXED, *TRAJECTORY)),
+    Variant("trajectory-checked", "trajectory, each edge device sending the length of its "
+            "update (1, 1/2, 1/4, 0) that scores best on 8 of its own held-out blocks",
+            (*MIXED, *TRAJECTORY, "edge.check_blocks=8")),
+    Variant("trajectory-checked-5", "trajectory-checked with a 2.5x larger step (lr 5)",
+            (*MIXED, *TRAJECTORY, "edge.check_blocks=8", "edge.learning_rate=5")),
     Variant("components-36", "components with 3x the steps (36, lr 4)",
           (*MIXED, *COMPONENTS, "edge.learning_rate=4", "edge.local_steps=36")),
     # A prompt adapter (16 x 576 = 9,216 coordinates) on every device: MeZO's space is 90x

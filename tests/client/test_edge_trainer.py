@@ -77,9 +77,20 @@ DATA = LocalData("c1", train=("x" * 400,), heldout=("y" * 80,))
 
 
 def _instruction(steps: int = 12, *, lr: float = 0.05, seed: int = 3,
-                 server_round: int = 2, subspace: str = "full") -> TrainInstruction:
+                 server_round: int = 2, subspace: str = "full",
+                 last_step: Mapping[str, np.ndarray] | None = None) -> TrainInstruction:
+    if subspace == "trajectory" and last_step is None:
+        last_step = {B: _toward_target(_start(True))}
     return TrainInstruction(server_round=server_round, local_steps=steps, batch_size=4,
-                            learning_rate=lr, seq_len=8, seed=seed, subspace=subspace)
+                            learning_rate=lr, seq_len=8, seed=seed, subspace=subspace,
+                            last_step=last_step)
+
+
+def _toward_target(start: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A fifth of the way from B to the least-squares B for QuadraticModel's target: a
+    "last step" that went the right way but not far enough."""
+    best = QuadraticModel().target @ np.linalg.pinv(start[A])
+    return (0.2 * (best - start[B])).astype(np.float32)
 
 
 def _start(freeze_a: bool) -> dict[str, np.ndarray]:
@@ -145,6 +156,55 @@ def test_components_steps_replay_exactly_and_rescale_the_global_components() -> 
     assert not np.allclose(factor, 1.0)
     with pytest.raises(InvalidUpdate, match=r"edge\.subspace"):  # a 'full' coordinator refuses
         get_codec("seed-scalar").decode(record, replace(ctx, subspace="full"))
+
+
+def test_trajectory_steps_search_along_the_last_step_and_replay_exactly() -> None:
+    """edge.subspace = 'trajectory': every step moves along the coordinator's last step Δ,
+    so the update is s·Δ; along a step that went the right way but not far enough the
+    device goes further (s > 0) and its loss falls; the replay against the same Δ is the
+    device's adapter bit for bit, a coordinator in another subspace refuses it, and the
+    same seeds replayed along another Δ give another adapter (Δ is part of the round)."""
+    model = QuadraticModel()
+    trainer = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
+    start, instruction = _start(True), _instruction(lr=20.0, subspace="trajectory")
+    assert instruction.last_step is not None
+    step = instruction.last_step[B]
+    outcome = trainer.train(start, DATA, instruction)
+    update = outcome.seed_update
+    assert update is not None and np.abs(update.scalars).max() > 0
+    moved = outcome.tensors[B] - start[B]
+    s = float(np.sum(moved * step) / np.sum(step * step))
+    np.testing.assert_allclose(moved, s * step, rtol=1e-4, atol=1e-6)  # only along Δ
+    assert s > 0.5
+    held = trainer.blocks.get(DATA, "heldout", 8)
+    assert (model.mean_loss(held.ids, {**start, **outcome.tensors})
+            < model.mean_loss(held.ids, start) - 0.01)
+    ctx = RoundContext(global_adapter=start, spec=_spec(True), server_round=2,
+                       learning_rate=20.0, max_steps=12, subspace="trajectory",
+                       last_step=instruction.last_step)
+    record = get_codec("seed-scalar").encode(ClientUpdate({}, update), ctx)
+    decoded = get_codec("seed-scalar").decode(record, ctx)
+    assert decoded[B].tobytes() == moved.tobytes()
+    with pytest.raises(InvalidUpdate, match=r"edge\.subspace"):
+        get_codec("seed-scalar").decode(record, replace(ctx, subspace="components"))
+    other = get_codec("seed-scalar").decode(record, replace(ctx, last_step={B: -step}))
+    np.testing.assert_allclose(other[B], -moved, rtol=1e-6, atol=1e-7)
+
+
+def test_trajectory_without_a_last_step_moves_nothing_or_is_refused() -> None:
+    """A run's first round has no last step yet (zeros): no step moves, one pass a step.
+    An instruction without Δ, or with Δ of the wrong shape, is refused with the reason."""
+    model = QuadraticModel()
+    trainer = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
+    zero = _instruction(subspace="trajectory", last_step={B: np.zeros((5, 2), np.float32)})
+    outcome = trainer.train(_start(True), DATA, zero)
+    assert outcome.tensors[B].tobytes() == _start(True)[B].tobytes() and model.calls == 12
+    with pytest.raises(ValueError, match="last step"):
+        TrainInstruction(server_round=1, local_steps=1, batch_size=1, learning_rate=1.0,
+                         seq_len=8, seed=0, subspace="trajectory")
+    with pytest.raises(ValueError, match=r"last step `.*lora_B.*`: expected float32 \(5, 2\)"):
+        trainer.train(_start(True), DATA, _instruction(
+            subspace="trajectory", last_step={B: np.zeros((2, 5), np.float32)}))
 
 
 def test_components_of_a_zero_b_train_nothing_in_one_pass_a_step() -> None:
@@ -307,7 +367,7 @@ def test_an_int8_activation_export_is_refused_with_the_fix(tiny_model_dir: Path,
         EdgeMeZOTrainer.from_export(out, LoraSection(r=4))
 
 
-@pytest.mark.parametrize("subspace", ["full", "components"])
+@pytest.mark.parametrize("subspace", ["full", "components", "trajectory"])
 def test_the_held_out_check_sends_the_best_length_and_replays_exactly(subspace: str) -> None:
     """check_blocks: the device scores its update at 1, 1/2, 1/4 and 0 of its length on its
     own held-out blocks and sends the best as scaled scalars; the coordinator's replay of
@@ -332,7 +392,8 @@ def test_the_held_out_check_sends_the_best_length_and_replays_exactly(subspace: 
                                               theirs.seed_update.scalars, strict=True) if b}
         assert len(ratio) <= 1 and ratio <= {1.0, 0.5, 0.25, 0.0}, ratio
         replay = apply_seed_updates(start, ours.seed_update.pairs(), spec=_spec(True),
-                                    learning_rate=lr, subspace=subspace)
+                                    learning_rate=lr, subspace=subspace,
+                                    last_step=instruction.last_step)
         assert replay[B].tobytes() == ours.tensors[B].tobytes()
         assert score({**start, **ours.tensors}) <= score(start)
         kept.append(ratio)

@@ -217,5 +217,16 @@ def test_edge_levers_refuse_what_they_cannot_combine_with() -> None:
     with pytest.raises(ConfigError, match=r"'components' .* lora.freeze_a = true"):
         RunConfig.from_nested({**plain, "edge": {"fraction": 0.5, "subspace": "components"},
                                "lora": {"freeze_a": False}})
+    with pytest.raises(ConfigError, match=r"'trajectory' .* re-factorised"):
+        RunConfig.from_nested({**plain, "edge": {"fraction": 0.5, "subspace": "trajectory"},
+                               "lora": {"r": 8, "device_ranks": [4, 8], "freeze_a": False}})
+    # FFA-LoRA's mixed ranks are zero-padded, not re-factorised: the step is the step
+    assert RunConfig.from_nested({**plain, "edge": {"fraction": 0.5, "subspace": "trajectory"},
+                                  "lora": {"r": 8, "device_ranks": [4, 8]}}).lora.freeze_a
+    # the trajectory needs no particular adapter kind
+    ok = RunConfig.from_nested({**plain, "edge": {"fraction": 0.5, "subspace": "trajectory",
+                                                  "combine": "add"},
+                                "lora": {"kind": "ia3"}})
+    assert ok.edge.subspace == "trajectory"
     # without edge devices the edge options are inert, whatever else is set
     assert RunConfig.from_nested({"edge": {"combine": "add"}}).security.secagg

@@ -393,3 +393,67 @@ def test_decode_checks_the_rounds_security_parameters(kwargs: dict[str, float],
                                                       message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SeedScalarCodec().decode(_encode(_update()), _ctx(**kwargs))
+
+
+# --- the trajectory subspace -----------------------------------------------------------------
+
+
+def _last_step(seed: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (0.01 * rng.standard_normal(s)).astype(np.float32)
+            for k, s in trainable_shapes(_spec()).items()}
+
+
+def test_trajectory_direction_is_the_last_step_with_one_sign() -> None:
+    """z = u·Δ with u the seed's first format-1 bit as a sign: exactly ±Δ, every tensor
+    with the same sign; each subspace has its own layout fingerprint."""
+    shapes, step = trainable_shapes(_spec()), _last_step()
+    signs = set()
+    for seed in range(8):
+        z = direction(seed, shapes, subspace="trajectory", anchor=step)
+        sign = float(perturbation(seed, {"sign": (1,)})["sign"][0])
+        signs.add(sign)
+        for key in shapes:
+            assert z[key].dtype == np.float32
+            assert z[key].tobytes() == (sign * step[key]).tobytes()
+    assert signs == {-1.0, 1.0}
+    ids = {layout_id(shapes, s) for s in ("full", "components", "trajectory")}
+    assert len(ids) == 3
+    with pytest.raises(ValueError, match="last step"):
+        direction(1, shapes, subspace="trajectory")
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-50, 50, width=32)),
+             min_size=1, max_size=12, unique_by=lambda p: p[0]),
+    st.floats(1e-3, 30.0),
+)
+def test_trajectory_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
+                                                     lr: float) -> None:
+    """The replay anchored at the coordinator's Δ is the client's adapter, bit for bit,
+    and moves the trainable tensors along Δ only."""
+    spec, start, step = _spec(), _adapter(4), _last_step()
+    typed = [(s, np.float32(g)) for s, g in pairs]
+    theta = {k: v.copy() for k, v in start.items()}
+    for seed, g in typed:  # what the edge trainer does
+        sgd_step(theta, direction(seed, trainable_shapes(spec), subspace="trajectory",
+                                  anchor=step), step_coefficient(lr, g))
+    server = apply_seed_updates(start, typed, spec=spec, learning_rate=lr,
+                                subspace="trajectory", last_step=step)
+    for key in start:
+        assert theta[key].tobytes() == server[key].tobytes(), key
+    moved = server[B1] - start[B1]
+    s = float(np.sum(moved * step[B1]) / np.sum(step[B1] ** 2))
+    np.testing.assert_allclose(moved, s * step[B1], rtol=1e-3, atol=1e-5)
+
+
+def test_trajectory_replay_needs_a_last_step_of_the_right_shape() -> None:
+    spec, start = _spec(), _adapter(1)
+    with pytest.raises(ValueError, match="needs the coordinator's last step"):
+        apply_seed_updates(start, [(1, 1.0)], spec=spec, learning_rate=1.0,
+                           subspace="trajectory")
+    bad = {**_last_step(), B1: np.zeros((4, 32), np.float32)}
+    with pytest.raises(ValueError, match=r"last step `.*`: expected float32 \(32, 4\)"):
+        apply_seed_updates(start, [(1, 1.0)], spec=spec, learning_rate=1.0,
+                           subspace="trajectory", last_step=bad)

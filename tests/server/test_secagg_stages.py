@@ -553,3 +553,25 @@ def test_masked_uploads_are_summed_as_they_arrive_so_memory_does_not_grow() -> N
         few = one_round(4, 100_000, "secagg")["peak_mb"]
         many = one_round(16, 100_000, "secagg")["peak_mb"]
     assert many < few + 1.5, (few, many)  # one upload more is already +0.4 MB
+
+
+def test_train_instructions_under_secure_aggregation_carry_the_last_step(
+        setup: dict[str, Any]) -> None:
+    """edge.subspace = 'trajectory' under SecAgg: the masked round's train messages, built
+    anew for the surviving senders, still carry the coordinator's last step (edge devices
+    train along it and send their masked dense delta)."""
+    from protocols import keys
+    from protocols.packing import unpack_record
+
+    secure, _ = _strategies(setup["spec"])
+    config = ConfigRecord({"local-steps": 2, "batch-size": 2, "learning-rate": 0.01,
+                           "seq-len": 16, "seed": 0, keys.EDGE_LEARNING_RATE: 1.0,
+                           keys.EDGE_LOCAL_STEPS: 2, keys.EDGE_CODEC: "seed-scalar",
+                           keys.EDGE_SUBSPACE: "trajectory"})
+    messages = list(secure.configure_train(1, to_record(setup["adapter"]), config,
+                                           _grid(setup["flat"])))  # type: ignore[arg-type]
+    assert len(messages) == len(NODES)
+    for msg in messages:
+        step = from_record(unpack_record(msg.content.array_records[keys.LAST_STEP]))
+        assert set(step) == set(setup["spec"].trainable_keys)
+        assert not any(v.any() for v in step.values())  # round 1: no step yet

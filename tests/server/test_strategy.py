@@ -296,3 +296,58 @@ def test_edge_combine_is_checked() -> None:
         AdapterFedAvg(spec, edge_combine="sum")
     with pytest.raises(ValueError, match="client-level DP"):
         AdapterFedAvg(spec, edge_combine="add", weighting="uniform", denominator=4)
+
+
+def test_the_last_step_is_the_change_between_sent_adapters_and_travels_for_trajectory() -> None:
+    """edge.subspace = 'trajectory': the coordinator remembers the global adapter's last
+    change (zero before any; kept through a round that changed nothing), sends it with each
+    train instruction of such a round only, and replays an edge reply along it."""
+    from flwr.clientapp import ClientApp
+
+    from protocols import keys
+    from protocols.packing import unpack_record
+    from protocols.seed_updates import (
+        SEED_CODEC_NAME,
+        apply_seed_updates,
+        layout_id,
+        trainable_shapes,
+    )
+    from simulations.loopback_grid import LoopbackGrid
+
+    spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
+    strategy = AdapterFedAvg(spec, edge_combine="add")
+    config = ConfigRecord({keys.EDGE_LEARNING_RATE: 2.0, keys.EDGE_LOCAL_STEPS: 4,
+                           keys.EDGE_CODEC: SEED_CODEC_NAME, keys.EDGE_SUBSPACE: "trajectory"})
+    g0 = {A: np.full((2, 3), 0.5, np.float32), B: np.full((3, 2), 0.1, np.float32)}
+    g1 = {**g0, B: np.array([[0.3, 0.1], [0.2, -0.1], [0.1, 0.7]], np.float32)}
+    strategy.begin_round(1, to_record(g0), config)
+    first = strategy._context.last_step
+    assert first is not None and set(first) == {B} and not first[B].any()
+    grid = LoopbackGrid(ClientApp(), [11, 12])
+    messages = list(strategy.configure_train(2, to_record(g1), config, grid))  # type: ignore[arg-type]
+    step = strategy._context.last_step
+    assert step is not None and step[B].tobytes() == (g1[B] - g0[B]).tobytes()
+    for msg in messages:
+        sent = from_record(unpack_record(msg.content.array_records[keys.LAST_STEP]))
+        assert set(sent) == {B} and sent[B].tobytes() == step[B].tobytes()
+    update = SeedUpdate(base_round=2, seeds=np.array([5, 6], np.uint64),
+                        scalars=np.array([-0.25, 0.125], np.float32),
+                        layout=layout_id(trainable_shapes(spec), "trajectory"))
+    record = get_codec(SEED_CODEC_NAME).encode(ClientUpdate({}, update), RoundContext({}))
+    reply = Message(RecordDict({"arrays": record, "metrics": MetricRecord(
+        {"num-examples": 3, keys.EDGE_CLIENT: 1.0})}), reply_to=messages[0])
+    arrays, _ = strategy.aggregate_train(2, [reply])
+    assert arrays is not None and strategy.stats[2].accepted == 1
+    expected = apply_seed_updates(g1, update.pairs(), spec=spec, learning_rate=2.0,
+                                  subspace="trajectory", last_step=step)
+    assert from_record(arrays)[B].tobytes() == expected[B].tobytes()
+    moved = expected[B] - g1[B]
+    s = float(np.sum(moved * step[B]) / np.sum(step[B] ** 2))
+    assert abs(s) > 0.1  # s·Δ, s ≠ 0, logged per edge device
+    assert strategy.stats[2].along_last_step == pytest.approx([s], rel=1e-5)
+    strategy.begin_round(3, to_record(g1), config)  # nothing changed: the step is kept
+    kept = strategy._context.last_step
+    assert kept is not None and kept[B].tobytes() == step[B].tobytes()
+    plain = AdapterFedAvg(spec)
+    messages = list(plain.configure_train(1, to_record(g0), ConfigRecord(), grid))  # type: ignore[arg-type]
+    assert all(keys.LAST_STEP not in m.content.array_records for m in messages)

@@ -138,19 +138,24 @@ def test_the_edge_client_app_trains_with_torch_unavailable(
 
 
 # (prompt on the edge runs in tests/simulations/test_bench_smoke.py::test_edge_levers)
-@pytest.mark.parametrize(("kind", "subspace"), [("lora", "components"), ("ia3", "full")])
+# (the components subspace is replayed in tests/server/test_strategy.py and the client tests)
+@pytest.mark.parametrize(("kind", "subspace"), [("lora", "trajectory"), ("ia3", "full")])
 def test_edge_levers_and_small_adapters_train_one_adapter_from_seeds(
     tiny_model_dir: Path, mini_cache: Path, tmp_path: Path, kind: str, subspace: str
 ) -> None:
     """The edge levers on the real engine: edge devices send seeds and scalars (under 1 KB)
-    in the 'components' subspace of LoRA or over a prompt or (IA)3 adapter exported as graph
-    inputs; the coordinator replays them (nothing rejected) and adds their mean to the
-    torch mean (edge.combine = 'add'); training seconds are logged per kind."""
+    along the coordinator's last step of LoRA (the 'trajectory' subspace: the step travels
+    with the instruction; round 2 has one) or over a prompt or (IA)3 adapter exported as
+    graph inputs; the coordinator replays them (nothing rejected) and adds their mean to
+    the torch mean (edge.combine = 'add'); training seconds are logged per kind."""
     from simulations.runner import check_inputs, run_federated
 
     nested = _config(tiny_model_dir, secagg=False).to_nested()
     nested["lora"].update({"kind": kind, "virtual_tokens": 4})
-    nested["edge"].update({"combine": "add", "subspace": subspace, "epsilon": 0.01})
+    # (along the trajectory a larger ε: Δ of a tiny model's first round is small, and
+    # the one-dimensional two-point estimate has no variance to fear from it)
+    nested["edge"].update({"combine": "add", "subspace": subspace,
+                           "epsilon": 0.5 if subspace == "trajectory" else 0.01})
     inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
     assert inputs.edge_export is not None
     if kind != "lora":  # each kind has its own export folder
@@ -165,3 +170,7 @@ def test_edge_levers_and_small_adapters_train_one_adapter_from_seeds(
         assert set(row["train_s_by_kind"]) == {"edge", "torch"}
         assert all(s > 0 for s in row["train_s_by_kind"].values())
     assert all(np.isfinite(r["perplexity"]) for r in rows)
+    if subspace == "trajectory":  # no step before round 1; round 2 searches along round 1's
+        assert rows[1]["edge_along_last_step"] == [0.0, 0.0]
+        assert len(rows[2]["edge_along_last_step"]) == 2
+        assert any(s != 0 for s in rows[2]["edge_along_last_step"])
