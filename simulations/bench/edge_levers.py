@@ -144,12 +144,13 @@ def compare(runs: list[Path]) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    head = (f"{'run':<14} {'final ppl':>9} {'B up torch':>11} {'B up edge':>9} "
+    w = max([14, *(len(s["run"]) for s in result["summary"])])
+    head = (f"{'run':<{w}} {'final ppl':>9} {'B up torch':>11} {'B up edge':>9} "
             f"{'s torch':>8} {'s edge':>7} {'round s':>8} {'edge upd':>8}")
     lines = [head, "-" * len(head)]
     for s in result["summary"]:
         lines.append(
-            f"{s['run']:<14} {cell(s['final_perplexity'], '.2f'):>9} "
+            f"{s['run']:<{w}} {cell(s['final_perplexity'], '.2f'):>9} "
             f"{cell(s['bytes_up_torch'], ',.0f'):>11} {cell(s['bytes_up_edge'], ',.0f'):>9} "
             f"{cell(s['train_s_torch'], '.1f'):>8} {cell(s['train_s_edge'], '.1f'):>7} "
             f"{s['round_s']:>8.1f} {s['edge_updates']:>8}")

@@ -107,11 +107,12 @@ def perplexity_rounds(metrics: dict[str, list[dict[str, Any]]]) -> list[dict[str
 
 
 def render_rounds(table: list[dict[str, Any]], names: list[str], width: int) -> list[str]:
-    """The per-round perplexity table, one column per run."""
-    lines = [f"{'round':>5} " + " ".join(f"{n:>{width}}" for n in names)]
+    """The per-round perplexity table, one column per run (at least ``width`` wide)."""
+    widths = [max(width, len(n)) for n in names]
+    lines = [f"{'round':>5} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))]
     for r in table:
-        lines.append(f"{r['round']:>5} " + " ".join(f"{cell(r[n], '.2f'):>{width}}"
-                                                   for n in names))
+        lines.append(f"{r['round']:>5} " + " ".join(
+            f"{cell(r[n], '.2f'):>{w}}" for n, w in zip(names, widths, strict=True)))
     return lines
 
 
