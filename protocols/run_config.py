@@ -299,7 +299,7 @@ class EdgeSection(Section):
         "edge.epsilon e.g. 0.01) or 'trajectory' (one direction: the coordinator's last step "
         "of the global adapter, sent with the instruction; an edge device measures on its own "
         "data how far to go on along it, or back; edge.learning_rate is in units of that "
-        "step, e.g. 2, and edge.epsilon e.g. 0.01; the step doubles every device's download)")
+        "step, e.g. 2, and edge.epsilon e.g. 0.01; the step doubles an edge device's download)")
     combine: Literal["average", "add", "exclude"] = setting(
         "average", "how edge updates meet torch ones: 'average' (one example-weighted mean), "
         "'add' (the edge devices' mean step is added to the torch devices' mean: a small "

@@ -305,7 +305,7 @@ class SecAggFedAvg(AdapterFedAvg):
         else:
             scale = wire.fixed_point_scale(num_clients=len(rnd.senders), clip_range=clip_range,
                                            modulus_bits=modulus_bits)
-        template = plain[0].content
+        contents = {m.metadata.dst_node_id: m.content for m in plain}
         messages = []
         for node in sorted(rnd.senders):
             inst = wire.MaskingInstruction(
@@ -317,8 +317,9 @@ class SecAggFedAvg(AdapterFedAvg):
                 skellam_variance=skellam_variance,
             )
             rnd.instruction[node] = inst
-            # Every array record of the instruction: the adapter, and the last step of
-            # edge.subspace = 'trajectory' (its edge devices train along it, masked dense).
+            # Every array record of the node's instruction: the adapter, and the last step
+            # of edge.subspace = 'trajectory' (edge devices train along it, masked dense).
+            template = contents[node]
             content = RecordDict({**dict(template.array_records.items()),
                                   keys.CONFIG: template.config_records[keys.CONFIG],
                                   wire.RECORD: inst.to_record()})

@@ -392,6 +392,7 @@ class AdapterFedAvg(FedAvg):
         self._codecs: tuple[str, ...] = (codec,)
         self.rank = adapter_rank(spec)
         self.node_ranks: dict[int, int] = {}  # learned from replies: each device's own rank
+        self.torch_nodes: set[int] = set()  # learned from replies: who needs no last step
         self._rank_contexts: dict[int, tuple[RoundContext, AdapterSpec]] = {}
 
     # -- the global adapter, decoded once ------------------------------------------------
@@ -480,6 +481,18 @@ class AdapterFedAvg(FedAvg):
                 # Flower's FedAvg gives every message one shared content: copy it first
                 msg.content = RecordDict({**dict(msg.content.items()), keys.ARRAYS: packed[rank]})
 
+    def send_last_step(self, messages: list[Message]) -> None:
+        """The adapter's last step (edge.subspace = 'trajectory') to every device not known
+        to train with torch: it is as large as the adapter and a torch device ignores it.
+        A device's kind is what its last accepted reply said (a claim, which decides only
+        what it is sent); one that never replied, or failed, gets the step."""
+        assert self._context.last_step is not None
+        step = pack_record(to_record(self._context.last_step))
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.torch_nodes:
+                # Flower's FedAvg gives every message one shared content: copy it first
+                msg.content = RecordDict({**dict(msg.content.items()), keys.LAST_STEP: step})
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -488,9 +501,7 @@ class AdapterFedAvg(FedAvg):
         _send_packed(messages, arrays)
         self.send_own_ranks(messages)
         if self._context.last_step is not None:  # edge.subspace = 'trajectory'
-            step = pack_record(to_record(self._context.last_step))
-            for msg in messages:
-                msg.content[keys.LAST_STEP] = step
+            self.send_last_step(messages)
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
             msg.metadata.group_id = str(server_round)
         self.stats[server_round] = RoundStats(
@@ -544,6 +555,7 @@ class AdapterFedAvg(FedAvg):
             if msg.has_error():
                 stats.fail(server_round, node, msg.error.reason)
                 self.node_ranks.pop(node, None)  # next time it gets the whole adapter
+                self.torch_nodes.discard(node)  # ... and the last step
                 continue
             try:
                 delta, metrics, nbytes, rank, seed_steps = self._check_reply(msg)
@@ -551,8 +563,14 @@ class AdapterFedAvg(FedAvg):
             except InvalidUpdate as bad:
                 stats.reject(server_round, node, bad.reason)
                 self.node_ranks.pop(node, None)
+                self.torch_nodes.discard(node)
                 continue
             self.node_ranks[node] = rank
+            flag = metrics.get(keys.EDGE_CLIENT, 0.0)
+            if isinstance(flag, int | float) and flag > 0:
+                self.torch_nodes.discard(node)
+            else:
+                self.torch_nodes.add(node)
             if seed_steps and self._context.last_step is not None and not (
                     self.clip_norm or self.denominator):  # under client DP: no per-device number
                 stats.along_last_step.append(along(delta, self._context.last_step))

@@ -336,8 +336,11 @@ def test_the_last_step_is_the_change_between_sent_adapters_and_travels_for_traje
     record = get_codec(SEED_CODEC_NAME).encode(ClientUpdate({}, update), RoundContext({}))
     reply = Message(RecordDict({"arrays": record, "metrics": MetricRecord(
         {"num-examples": 3, keys.EDGE_CLIENT: 1.0})}), reply_to=messages[0])
-    arrays, _ = strategy.aggregate_train(2, [reply])
-    assert arrays is not None and strategy.stats[2].accepted == 1
+    still = Message(RecordDict({"arrays": to_record({B: np.zeros((3, 2), np.float32)}),
+                                "metrics": MetricRecord({"num-examples": 3})}),
+                    reply_to=messages[1])  # a torch device whose update is zero
+    arrays, _ = strategy.aggregate_train(2, [reply, still])
+    assert arrays is not None and strategy.stats[2].accepted == 2
     expected = apply_seed_updates(g1, update.pairs(), spec=spec, learning_rate=2.0,
                                   subspace="trajectory", last_step=step)
     assert from_record(arrays)[B].tobytes() == expected[B].tobytes()
@@ -345,9 +348,14 @@ def test_the_last_step_is_the_change_between_sent_adapters_and_travels_for_traje
     s = float(np.sum(moved * step[B]) / np.sum(step[B] ** 2))
     assert abs(s) > 0.1  # s·Δ, s ≠ 0, logged per edge device
     assert strategy.stats[2].along_last_step == pytest.approx([s], rel=1e-5)
-    strategy.begin_round(3, to_record(g1), config)  # nothing changed: the step is kept
+    # nothing changed: the step is kept; the torch device is no longer sent it
+    edge_node, torch_node = (m.metadata.dst_node_id for m in messages)
+    messages = list(strategy.configure_train(3, to_record(g1), config, grid))  # type: ignore[arg-type]
     kept = strategy._context.last_step
     assert kept is not None and kept[B].tobytes() == step[B].tobytes()
+    assert {m.metadata.dst_node_id: keys.LAST_STEP in m.content.array_records
+            for m in messages} == {edge_node: True, torch_node: False}
+    assert strategy.stats[3].bytes_down < strategy.stats[2].bytes_down
     plain = AdapterFedAvg(spec)
     messages = list(plain.configure_train(1, to_record(g0), ConfigRecord(), grid))  # type: ignore[arg-type]
     assert all(keys.LAST_STEP not in m.content.array_records for m in messages)
