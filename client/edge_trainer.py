@@ -38,7 +38,7 @@ from client.trainer import DeviceBlocks, EvalOutcome, TrainInstruction, TrainOut
 from kernels.data.templates import PromptTemplate, TemplateChoice
 from kernels.edge_runtime import EdgeModel
 from protocols import keys
-from protocols.adapter_spec import AdapterSpec, Tensors, TensorSpec
+from protocols.adapter_spec import AdapterSpec, Tensors, TensorSpec, TensorsView
 from protocols.run_config import LoraSection
 from protocols.seed_updates import (
     SeedUpdate,
@@ -219,16 +219,14 @@ class EdgeMeZOTrainer:
             seed_update=update,
         )
 
-    def _anchor(self, theta0: Tensors, instruction: TrainInstruction) -> Tensors | None:
+    def _anchor(self, theta0: Tensors, instruction: TrainInstruction) -> TensorsView | None:
         """What the round's directions are built from: the global adapter θ₀
         (``components``), the coordinator's last step (``trajectory``), nothing (``full``)."""
         if instruction.subspace == "components":
             return theta0
         if instruction.subspace != "trajectory":
             return None
-        check_last_step(instruction.last_step, self.shapes)
-        assert instruction.last_step is not None
-        return {k: np.asarray(instruction.last_step[k], dtype=np.float32) for k in self.shapes}
+        return check_last_step(instruction.last_step, self.shapes)
 
     def _checked(
         self, start: Tensors, theta: Tensors, seeds: npt.NDArray[np.uint64],

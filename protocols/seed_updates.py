@@ -184,9 +184,9 @@ def direction(
     return {key: np.multiply(anchor[key], signs[key], dtype=np.float32) for key in shapes}
 
 
-def check_last_step(last_step: TensorsView | None, shapes: Shapes) -> None:
-    """Raise ``ValueError`` unless ``last_step`` holds a float32 tensor of each shape (the
-    ``trajectory`` subspace's anchor; extra tensors are ignored)."""
+def check_last_step(last_step: TensorsView | None, shapes: Shapes) -> TensorsView:
+    """``last_step`` itself, once it is known to hold a float32 tensor of each shape (the
+    ``trajectory`` subspace's anchor; extra tensors are ignored); ``ValueError`` if not."""
     if last_step is None:
         raise ValueError("the 'trajectory' subspace needs the coordinator's last step of the "
                          "global adapter")
@@ -196,6 +196,7 @@ def check_last_step(last_step: TensorsView | None, shapes: Shapes) -> None:
             got = "nothing" if value is None else f"{value.dtype} {tuple(value.shape)}"
             raise ValueError(f"last step `{key}`: expected float32 {shape}, got {got} (do "
                              "this device's [lora] settings differ from the coordinator's?)")
+    return last_step
 
 
 def trainable_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
@@ -270,9 +271,8 @@ def apply_seed_updates(
             )
     theta: Tensors = {k: np.array(v, dtype=np.float32, copy=True) for k, v in
                       global_adapter.items()}
-    anchor = last_step if subspace == "trajectory" else global_adapter
-    if subspace == "trajectory":
-        check_last_step(last_step, shapes)
+    anchor = (check_last_step(last_step, shapes) if subspace == "trajectory"
+              else global_adapter)
     for seed, scalar in pairs:
         z = direction(seed, shapes, subspace=subspace, anchor=anchor)
         sgd_step(theta, z, step_coefficient(learning_rate, scalar))

@@ -52,6 +52,13 @@ from protocols.validation import clip_update, update_norm, validate_metrics, val
 log = logging.getLogger(__name__)
 
 
+def claims_edge(metrics: MetricRecord) -> bool:
+    """Whether a reply says it comes from an edge (forward-only) device: a claim, used only
+    for statistics and for what the device is sent, never for how its update is weighed."""
+    flag = metrics.get(keys.EDGE_CLIENT, 0.0)
+    return isinstance(flag, int | float) and flag > 0
+
+
 @dataclass
 class RoundStats:
     """What happened in one round, for the metrics log and the benchmark."""
@@ -81,8 +88,7 @@ class RoundStats:
     def count_upload(self, metrics: MetricRecord, nbytes: int) -> None:
         """Attribute an accepted upload, and the training seconds its device reports, to
         its client kind (a metric the client reports)."""
-        flag = metrics.get(keys.EDGE_CLIENT, 0.0)
-        kind = "edge" if isinstance(flag, int | float) and flag > 0 else "torch"
+        kind = "edge" if claims_edge(metrics) else "torch"
         self.bytes_up_by_kind[kind] = self.bytes_up_by_kind.get(kind, 0) + nbytes
         self.clients_by_kind[kind] = self.clients_by_kind.get(kind, 0) + 1
         seconds = metrics.get(keys.TRAIN_SECONDS)
@@ -566,8 +572,7 @@ class AdapterFedAvg(FedAvg):
                 self.torch_nodes.discard(node)
                 continue
             self.node_ranks[node] = rank
-            flag = metrics.get(keys.EDGE_CLIENT, 0.0)
-            if isinstance(flag, int | float) and flag > 0:
+            if claims_edge(metrics):
                 self.torch_nodes.discard(node)
             else:
                 self.torch_nodes.add(node)

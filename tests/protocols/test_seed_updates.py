@@ -125,15 +125,23 @@ def test_perturbation_refuses_bad_seeds(seed: object, error: type[Exception]) ->
 # --- the replay ----------------------------------------------------------------------------
 
 
+#: Distinct seeds with float32 projected gradients: a round's (seed, g) steps.
+PAIRS = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-50, 50, width=32)),
+                 min_size=1, max_size=12, unique_by=lambda p: p[0])
+
+
 def _client_side(start: dict[str, np.ndarray], pairs: list[tuple[int, np.float32]],
                  spec: AdapterSpec, lr: float, eps: float = 1e-3,
-                 subspace: str = "full") -> dict[str, np.ndarray]:
-    """What the edge trainer does: clean θ, perturbations in a separate buffer."""
+                 subspace: str = "full", anchor: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """What the edge trainer does: clean θ, perturbations in a separate buffer; directions
+    anchored at ``anchor`` (default: the start, as in ``components``)."""
     theta = {k: v.copy() for k, v in start.items()}
     probe = {k: v.copy() for k, v in start.items()}
     shapes = trainable_shapes(spec)
     for seed, g in pairs:
-        z = direction(seed, shapes, subspace=subspace, anchor=start)
+        z = direction(seed, shapes, subspace=subspace,
+                      anchor=start if anchor is None else anchor)
         for key in z:
             np.add(theta[key], np.float32(eps) * z[key], out=probe[key])
             np.subtract(theta[key], np.float32(eps) * z[key], out=probe[key])
@@ -143,8 +151,7 @@ def _client_side(start: dict[str, np.ndarray], pairs: list[tuple[int, np.float32
 
 @settings(max_examples=15, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-50, 50, width=32)),
-             min_size=1, max_size=12, unique_by=lambda p: p[0]),
+    PAIRS,
     st.floats(1e-6, 1e-1),
 )
 def test_server_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
@@ -160,8 +167,7 @@ def test_server_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
 
 @settings(max_examples=10, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-50, 50, width=32)),
-             min_size=1, max_size=12, unique_by=lambda p: p[0]),
+    PAIRS,
     st.floats(1e-3, 3.0),
 )
 def test_components_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
@@ -425,8 +431,7 @@ def test_trajectory_direction_is_the_last_step_with_one_sign() -> None:
 
 @settings(max_examples=10, deadline=None)
 @given(
-    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.floats(-50, 50, width=32)),
-             min_size=1, max_size=12, unique_by=lambda p: p[0]),
+    PAIRS,
     st.floats(1e-3, 30.0),
 )
 def test_trajectory_replay_equals_client_bit_for_bit(pairs: list[tuple[int, float]],
@@ -435,10 +440,7 @@ def test_trajectory_replay_equals_client_bit_for_bit(pairs: list[tuple[int, floa
     and moves the trainable tensors along Δ only."""
     spec, start, step = _spec(), _adapter(4), _last_step()
     typed = [(s, np.float32(g)) for s, g in pairs]
-    theta = {k: v.copy() for k, v in start.items()}
-    for seed, g in typed:  # what the edge trainer does
-        sgd_step(theta, direction(seed, trainable_shapes(spec), subspace="trajectory",
-                                  anchor=step), step_coefficient(lr, g))
+    theta = _client_side(start, typed, spec, lr, eps=1e-2, subspace="trajectory", anchor=step)
     server = apply_seed_updates(start, typed, spec=spec, learning_rate=lr,
                                 subspace="trajectory", last_step=step)
     for key in start:
