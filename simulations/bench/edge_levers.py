@@ -59,7 +59,7 @@ COMPONENTS = ("edge.combine=add", "edge.subspace=components", "edge.epsilon=0.01
 #: The trajectory subspace: MeZO along the coordinator's last step of the global adapter
 #: (one direction), its step in units of that step (measured from rounds 4 and 5 of
 #: torch-only, 12 steps, 4 devices: lr 2 -> s 0.36..0.59 along a step that helped, 5 ->
-#: 0.45..0.73, 10 -> 0.47..0.90, each -2 to -3 % perplexity; along a step that hurt, lr 10
+#: 0.45..0.73, 10 -> 0.47..0.90, each -1.6 to -2.7 % perplexity; along a step that hurt, lr 10
 #: -> s -0.41..-0.58 on 3 of 4 devices, -1 %), perturbed by 1 % of the step.
 TRAJECTORY = ("edge.combine=add", "edge.subspace=trajectory", "edge.epsilon=0.01",
               "edge.learning_rate=2")
