@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -54,6 +54,9 @@ from protocols.packing import pack_record, unpack_record
 from protocols.records import get_float, get_int, get_str
 from protocols.run_config import PathsSection, RunConfig
 from protocols.secagg import wire as secagg_wire
+
+if TYPE_CHECKING:
+    from client.edge_trainer import EdgeMeZOTrainer
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ def _trainer(flat: Mapping[str, Any], *, edge: bool = False, rank: int = 0) -> T
     return _TRAINERS[key]
 
 
-def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
+def _edge_trainer(flat: Mapping[str, Any]) -> EdgeMeZOTrainer:
     """The forward-only trainer on the coordinator's signed ONNX export: no torch here."""
     from client.edge_trainer import EdgeMeZOTrainer, MeZOSettings
 
@@ -120,7 +123,9 @@ def _edge_trainer(flat: Mapping[str, Any]) -> Trainer:
             export_dir, config.lora, threads=config.federation.client_threads,
             public_key=public_key, settings=settings, template=config.data.template,
         )
-    return _TRAINERS[key]
+    trainer = _TRAINERS[key]
+    assert isinstance(trainer, EdgeMeZOTrainer)
+    return trainer
 
 
 def pinned_public_key(public_key_hex: str) -> Any:
@@ -303,6 +308,33 @@ def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> 
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 
+def handle_line_search(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
+    """Score the coordinator's line search (``edge.line_search``): this device's own loss at
+    the round's adapter plus each multiple of the aggregated step. Only edge devices are
+    asked; the reply is one loss per multiple and nothing else."""
+    if not is_edge_client(flat, context):
+        raise ValueError("the coordinator asked a torch device to score a line search; only "
+                         "edge devices are asked (a device that trains with torch must not "
+                         "report `edge-client`)")
+    cfg = msg.content.config_records[keys.CONFIG]
+    for key in (keys.ARRAYS, keys.STEP):
+        if key not in msg.content.array_records:
+            raise ValueError(f"the line-search query has no `{key}` record (the round's "
+                             "adapter and the aggregated step it scores)")
+    adapter = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
+    step = from_record(unpack_record(msg.content.array_records[keys.STEP]))
+    multiples = cfg[keys.LINE_SEARCH]
+    if not isinstance(multiples, list) or not multiples or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in multiples):
+        raise ValueError(f"`{keys.LINE_SEARCH}` must be a list of numbers, got {multiples!r}")
+    trainer = _edge_trainer(flat)
+    losses = trainer.score_multiples(
+        adapter, step, [float(x) for x in multiples], _local_data(flat, context),
+        seq_len=get_int(cfg, keys.SEQ_LEN), blocks=get_int(cfg, keys.LINE_SEARCH_BLOCKS))
+    return Message(RecordDict({keys.METRICS: MetricRecord({keys.LINE_SEARCH_LOSSES: losses})}),
+                   reply_to=msg)
+
+
 def make_client_app(
     run_config: Mapping[str, Any] | None = None, *, mods: list[Mod] | None = None,
     late_settings: Callable[[Context], Mapping[str, Any]] | None = None,
@@ -329,6 +361,10 @@ def make_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, settings(context))
+
+    @app.query(keys.LINE_SEARCH_MESSAGE.split(".")[1])
+    def line_search(msg: Message, context: Context) -> Message:
+        return handle_line_search(msg, context, settings(context))
 
     register_secagg_stages(app, settings)
     return app

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from client.local_data import LocalData
+from client.local_data import LocalData, LocalDataError
 from client.trainer import DeviceBlocks, EvalOutcome, TrainInstruction, TrainOutcome
 from kernels.data.templates import PromptTemplate, TemplateChoice
 from kernels.edge_runtime import EdgeModel
@@ -262,6 +262,46 @@ class EdgeMeZOTrainer:
         log.debug("client %s: held-out check keeps %.2f of the update (loss %.4f)",
                   data.client_id, best[1], best[0])
         return best[2], best[3]
+
+    def score_multiples(
+        self,
+        adapter: Mapping[str, npt.NDArray[Any]],
+        step: Mapping[str, npt.NDArray[Any]],
+        multiples: Sequence[float],
+        data: LocalData,
+        *,
+        seq_len: int,
+        blocks: int,
+    ) -> list[float]:
+        """This device's mean loss at θ + η·step for each η of ``multiples`` (the
+        coordinator's line search, ``edge.line_search``): forward passes only, on the first
+        ``blocks`` of its own held-out blocks (its training blocks when it holds none).
+
+        The same blocks score every multiple, so the losses differ only by the adapter."""
+        theta = self._start(adapter)
+        along = {}
+        for key, shape in self.shapes.items():  # the trainable tensors; others stay put
+            value = step.get(key)
+            if value is None or tuple(value.shape) != shape:
+                got = "nothing" if value is None else str(tuple(value.shape))
+                raise ValueError(f"line-search step `{key}`: expected shape {shape}, got {got} "
+                                 "(do this device's [lora] settings differ from the "
+                                 "coordinator's?)")
+            along[key] = np.asarray(value, dtype=np.float32)
+        try:
+            source = self.blocks.get(data, "heldout", seq_len)
+        except LocalDataError:  # no held-out block: the training blocks (the step being
+            source = self.blocks.get(data, "train", seq_len)  # scored is not only its own)
+        batch = source.take(slice(0, blocks))
+        losses = []
+        for eta in multiples:
+            candidate = dict(theta)
+            for key, value in along.items():
+                candidate[key] = theta[key] + np.float32(eta) * value
+            losses.append(self.model.mean_loss(batch.ids, candidate, scored=batch.scored))
+        log.debug("client %s: line search over %s: losses %s", data.client_id,
+                  list(multiples), [round(x, 4) for x in losses])
+        return losses
 
     def evaluate(
         self,

@@ -15,6 +15,7 @@ cryptography and Flower; these ~150 lines are all the validation fedtune needs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field, fields
@@ -119,6 +120,18 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{key} = {value!r}: expected a list of integers or a "
                               "comma-separated string of them") from None
+    if origin is tuple and get_args(kind)[0] is float:
+        items = [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value
+        try:
+            if not isinstance(items, list | tuple) or any(isinstance(i, bool) for i in items):
+                raise ValueError
+            numbers = tuple(float(i) for i in items)
+        except ValueError:
+            raise ConfigError(f"{key} = {value!r}: expected a list of numbers or a "
+                              "comma-separated string of them") from None
+        if not all(math.isfinite(x) for x in numbers):
+            raise ConfigError(f"{key} = {value!r}: every number must be finite")
+        return numbers
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):

@@ -13,6 +13,14 @@ METRICS: Final = "metrics"
 # The coordinator's last step of the global adapter (trainable tensors, packed like ARRAYS),
 # sent with a train instruction when edge.subspace = 'trajectory'
 LAST_STEP: Final = "last-step"
+# The round's aggregated step (trainable tensors, packed like ARRAYS) that the round's edge
+# devices score at several multiples before it is applied (edge.line_search)
+STEP: Final = "step"
+
+# The message type of that scoring (a query: it trains nothing) and its reply's one metric,
+# the device's mean loss at each multiple, in the order asked
+LINE_SEARCH_MESSAGE: Final = "query.line_search"
+LINE_SEARCH_LOSSES: Final = "line-search-losses"
 
 # ConfigRecord keys sent by the coordinator with a train/evaluate instruction
 SERVER_ROUND: Final = "server-round"
@@ -31,6 +39,9 @@ EDGE_LOCAL_STEPS: Final = "edge-local-steps"
 EDGE_EPSILON: Final = "edge-epsilon"
 EDGE_CODEC: Final = "edge-codec"
 EDGE_SUBSPACE: Final = "edge-subspace"
+# ... and with a line-search query: the multiples of the step to score, on how many blocks
+LINE_SEARCH: Final = "line-search"
+LINE_SEARCH_BLOCKS: Final = "line-search-blocks"
 
 # ArrayRecord keys of a seed/scalar (MeZO) update, protocols/seed_updates.py
 SEEDS: Final = "mezo-seeds"

@@ -223,6 +223,10 @@ class TrainSection(Section):
     local_steps: int = setting(12, "optimizer steps per device per round", ge=1)
     batch_size: int = setting(4, "token blocks per step", ge=1)
     learning_rate: float = setting(0.001, "AdamW learning rate", gt=0, lt=1)
+    server_learning_rate: float = setting(
+        1.0, "multiple of the round's aggregated step the coordinator applies (FedAvg's "
+        "server learning rate; 1 = plain FedAvg); needs privacy.client_dp = false, whose "
+        "noise is calibrated to the step", gt=0, le=100)
     seq_len: int = setting(64, "tokens per block", ge=8)
     seed: int = setting(0, "fixes which devices each round samples and each device's batches")
 
@@ -309,6 +313,24 @@ class EdgeSection(Section):
         "'add' and 'exclude' need edge.upload = 'seed-scalar' (replayed, so bounded by steps "
         "x lr x max_abs_scalar, and told apart from torch updates by what they are, not by "
         "what a device claims), no security.secagg and no privacy.client_dp")
+    line_search: tuple[float, ...] = setting(
+        (), "a federated line search: multiples of each round's aggregated step (e.g. [0, 0.5, "
+        "1, 1.5, 2, 3]) that the round's edge devices score on their own held-out blocks "
+        "before it is applied; the coordinator applies the multiple with the lowest summed "
+        "loss (the step as aggregated when no edge device answers). Each such device "
+        "downloads the adapter and the step again and sends one loss per multiple; needs "
+        "privacy.client_dp = false. Empty: off")
+    line_search_blocks: int = setting(
+        8, "held-out blocks of its own data on which an edge device scores each multiple of "
+        "the line search (its training blocks when it holds none)", ge=1)
+
+    def check(self) -> None:
+        if any(abs(x) > 100 for x in self.line_search):
+            raise ConfigError(f"edge.line_search = {list(self.line_search)}: multiples of the "
+                              "round's step must lie in [-100, 100]")
+        if len(set(self.line_search)) != len(self.line_search):
+            raise ConfigError(f"edge.line_search = {list(self.line_search)}: a multiple is "
+                              "repeated; list each once")
 
     def is_edge(self, partition_id: int, seed: int = 0) -> bool:
         """Whether a client is an edge device: a fixed pseudo-random ``fraction`` of the
@@ -458,7 +480,8 @@ class SecuritySection(Section):
         "0 = auto: train.local_steps x train.learning_rate, the furthest Adam's steps move a "
         "weight in a round (widened by the DP noise when client_dp is on)", ge=0)
     secagg_stage_timeout_s: float = setting(
-        600.0, "time limit of each key-exchange / unmask stage", gt=0)
+        600.0, "time limit of each mid-round exchange: secure aggregation's key-exchange and "
+        "unmask stages, and edge.line_search's scoring", gt=0)
     secagg_neighbours: int = setting(
         0, "0 = every device shares keys and masks with every other (SecAgg, Bonawitz et al. "
         "2017: client work grows with n); k = SecAgg+ (Bell et al. 2020): each device shares "
@@ -542,6 +565,20 @@ class RunConfig:
                 "their mean is re-factorised from each device's product B·A, which an added "
                 "edge step cannot join; use edge.combine = 'average', lora.freeze_a = true or "
                 "one rank for every device")
+        if self.edge.line_search and self.privacy.client_dp:
+            raise ConfigError(
+                "edge.line_search has edge devices report their own loss at each multiple in "
+                "the clear and scales the aggregated step, which client-level DP's noise is "
+                "calibrated to: it cannot run with privacy.client_dp = true. Turn one off")
+        if self.train.server_learning_rate != 1 and self.privacy.client_dp:
+            raise ConfigError(
+                f"train.server_learning_rate = {self.train.server_learning_rate} scales the "
+                "aggregated step, which client-level DP's noise is calibrated to: it cannot "
+                "run with privacy.client_dp = true. Set it to 1, or turn client_dp off")
+        if self.edge.line_search and self.edge.fraction <= 0:
+            raise ConfigError(
+                "edge.line_search is scored by the round's edge devices, but edge.fraction = "
+                "0 makes none: set edge.fraction > 0 or edge.line_search = []")
         if (self.edge.fraction > 0 and self.edge.subspace == "components"
                 and not (self.lora.kind == "lora" and self.lora.freeze_a)):
             raise ConfigError(

@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from protocols.adapter_spec import AdapterSpec
 from protocols.errors import InvalidUpdate
-from protocols.keys import CLIENT_METRIC_KEYS, NUM_EXAMPLES
+from protocols.keys import CLIENT_METRIC_KEYS, LINE_SEARCH_LOSSES, NUM_EXAMPLES
 
 
 def validate_update(
@@ -83,6 +83,25 @@ def validate_metrics(metrics: Mapping[str, Any]) -> int:
     if not isinstance(count, int) or count <= 0:
         raise InvalidUpdate(f"metric `{NUM_EXAMPLES}`: expected a positive integer, got {count!r}")
     return count
+
+
+def validate_line_search(metrics: Mapping[str, Any], count: int) -> list[float]:
+    """A line-search reply's losses: exactly ``count`` finite numbers under
+    :data:`protocols.keys.LINE_SEARCH_LOSSES` and nothing else, so the reply can carry
+    nothing but one loss per multiple asked."""
+    unexpected = sorted(set(metrics) - {LINE_SEARCH_LOSSES})
+    if unexpected:
+        raise InvalidUpdate(f"unexpected metric keys {_preview(unexpected)} in a line-search "
+                            f"reply (only `{LINE_SEARCH_LOSSES}`)")
+    losses = metrics.get(LINE_SEARCH_LOSSES)
+    if not isinstance(losses, list) or len(losses) != count:
+        raise InvalidUpdate(f"`{LINE_SEARCH_LOSSES}`: expected a list of {count} losses, one "
+                            f"per multiple asked, got {losses!r:.80}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
+               for x in losses):
+        raise InvalidUpdate(f"`{LINE_SEARCH_LOSSES}`: every loss must be a finite number, got "
+                            f"{losses!r:.80}")
+    return [float(x) for x in losses]
 
 
 def _preview(keys: list[str], limit: int = 3) -> str:

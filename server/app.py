@@ -180,6 +180,9 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
         max_update_norm=security.max_update_norm,
         max_upload_bytes=config.federation.max_upload_bytes,
         max_run_upload_bytes=config.federation.max_run_upload_bytes,
+        server_learning_rate=config.train.server_learning_rate,
+        line_search=config.edge.line_search if config.edge.fraction > 0 else (),
+        line_search_blocks=config.edge.line_search_blocks,
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
@@ -199,12 +202,12 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
             threshold_fraction=security.secagg_threshold,
             clip_range=security.secagg_range,
             modulus_bits=security.secagg_modulus_bits,
-            stage_timeout_s=security.secagg_stage_timeout_s,
             dp_clip_norm=privacy.clip_norm if privacy.client_dp else 0.0,
             dp_noise_multiplier=privacy.noise_multiplier if privacy.client_dp else 0.0,
             roster=roster,
             quant_range=secagg_quant_range(config),
             neighbours=security.secagg_neighbours,
+            stage_timeout_s=security.secagg_stage_timeout_s,
             **sampling,
         )
         if roster:
@@ -221,6 +224,7 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
             codec=codec,
             weighting="uniform" if privacy.client_dp else "examples",
             edge_combine=config.edge.combine,
+            stage_timeout_s=security.secagg_stage_timeout_s,
             **sampling,
         )
     if not privacy.client_dp:

@@ -76,6 +76,9 @@ class RoundRecorder:
                 train_s_by_kind=stats.train_s_by_kind,
                 **({"edge_along_last_step": stats.along_last_step}
                    if stats.along_last_step else {}),
+                **({"line_search_multiple": stats.line_search_multiple,
+                    "line_search_judges": stats.line_search_judges}
+                   if stats.line_search_multiple is not None else {}),
             )
         evaluation = self.strategy.evaluations.get(server_round)
         if evaluation is not None:  # Flower runs federated evaluation before this call

@@ -92,6 +92,8 @@ from protocols.secagg.unmask import MaskedSum
 from server.strategy import (
     AdapterFedAvg,
     RoundStats,
+    claims_edge,
+    content_nbytes,
     last_reply_at,
     reply_metrics,
     stale_reply,
@@ -129,24 +131,6 @@ class _Round:
         return self.graph[node] | {node}
 
 
-def content_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a record dict: arrays, byte strings, 8 per number (no framing)."""
-    total = 0
-    for record in content.array_records.values():
-        total += sum(len(a.data) for a in record.values())
-    for cfg in content.config_records.values():
-        for value in cfg.values():
-            if isinstance(value, bytes | str):
-                total += len(value)
-            elif isinstance(value, list):
-                total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in value)
-            else:
-                total += 8
-    for metrics in content.metric_records.values():
-        total += 8 * len(metrics)
-    return total
-
-
 class SecAggFedAvg(AdapterFedAvg):
     """Uniform FedAvg of adapter updates under secure aggregation."""
 
@@ -157,7 +141,6 @@ class SecAggFedAvg(AdapterFedAvg):
         threshold_fraction: float = 0.66,
         clip_range: float = 0.5,
         modulus_bits: int = 32,
-        stage_timeout_s: float = 600.0,
         dp_clip_norm: float = 0.0,
         dp_noise_multiplier: float = 0.0,
         roster: str = "",
@@ -184,13 +167,11 @@ class SecAggFedAvg(AdapterFedAvg):
         if self.levels and not (math.isfinite(quant_range) and quant_range > 0):
             raise ValueError(f"a quantized codec needs quant_range > 0, got {quant_range}")
         self.quant_range = quant_range
-        self.stage_timeout_s = stage_timeout_s
         self.dp_clip_norm = dp_clip_norm
         self.dp_noise_multiplier = dp_noise_multiplier
         # The coordinator relays the roster; devices check the organisation's signature.
         self._roster_bytes = roster.encode()  # as relayed in every setup
         self._roster = SignedRoster.from_text(roster).unverified() if roster else None
-        self._grid: Grid | None = None
         self._secagg: _Round | None = None
         self._last_round_id = 0
         self._layout = [(k, spec.tensors[k].shape) for k in sorted(spec.trainable_keys)]
@@ -225,7 +206,6 @@ class SecAggFedAvg(AdapterFedAvg):
         if not plain:
             return []
         started = time.perf_counter()
-        self._grid = grid
         nodes = [m.metadata.dst_node_id for m in plain]
         if len(nodes) < 2:
             log.warning("round %d: secure aggregation needs >= 2 clients, %d sampled; "
@@ -395,6 +375,8 @@ class SecAggFedAvg(AdapterFedAvg):
             self.charge_upload(node, sizes[node])
         merged = apply_delta(self._global,
                              self._split(total / (self.denominator or len(folded.nodes))))
+        merged = self.take_step(server_round, merged,
+                                [n for n in folded.nodes if claims_edge(metrics[n])], stats)
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(metrics[n] for n in folded.nodes)
 
@@ -537,38 +519,6 @@ class SecAggFedAvg(AdapterFedAvg):
                 for n in holders}
 
     # -- helpers ----------------------------------------------------------------------------
-    def _exchange(
-        self, stats: RoundStats, requests: Mapping[int, RecordDict], message_type: str,
-        server_round: int, *, count_failures: bool = True,
-    ) -> dict[int, RecordDict]:
-        """Send one stage's requests and collect the answers. A node that answers with an
-        error or not at all is a failed client — except in the unmask stage
-        (``count_failures=False``), whose nodes already count as clients of the round: a
-        missing share there is only logged (the threshold decides whether the sum is
-        recovered)."""
-        assert self._grid is not None, "configure_train stores the grid first"
-        messages = [Message(content=c, dst_node_id=n, message_type=message_type,
-                            group_id=str(server_round)) for n, c in requests.items()]
-        stats.bytes_down += sum(content_nbytes(c) for c in requests.values())
-        out: dict[int, RecordDict] = {}
-        replies = list(self._grid.send_and_receive(messages, timeout=self.stage_timeout_s))
-        stage = message_type.rsplit(".", 1)[-1]
-        if count_failures:
-            stats.fail_silent(server_round, replies, messages, stage=stage)
-        for reply in replies:
-            node = stats.node_of(reply, messages)
-            if reply.has_error():
-                if count_failures:
-                    stats.fail(server_round, node, f"{stage}: {reply.error.reason}")
-                else:
-                    log.warning("round %d: node %d failed in %s: %s", server_round, node,
-                                stage, reply.error.reason)
-                continue
-            if node in requests:
-                stats.bytes_up += content_nbytes(reply.content)
-                out[node] = reply.content
-        return out
-
     def _split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """The flat mean delta as the adapter's trainable tensors (kept in float64: it is
         rounded once, when added to the global adapter)."""

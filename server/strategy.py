@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
@@ -47,7 +47,13 @@ from protocols.errors import InvalidUpdate
 from protocols.packing import is_packed, pack_record, unpack_record, unpack_views
 from protocols.records import get_float, get_int, get_str
 from protocols.seed_updates import SEED_CODEC_NAME
-from protocols.validation import clip_update, update_norm, validate_metrics, validate_update
+from protocols.validation import (
+    clip_update,
+    update_norm,
+    validate_line_search,
+    validate_metrics,
+    validate_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,10 @@ class RoundStats:
     #: edge.subspace = 'trajectory': each replayed edge update as a multiple s of the last
     #: step (its update is s·Δ): how far each edge device chose to go on (< 0: back)
     along_last_step: list[float] = field(default_factory=list)
+    #: edge.line_search: the multiple of the aggregated step that was applied, and how many
+    #: edge devices' losses chose it (None: no line search this round)
+    line_search_multiple: float | None = None
+    line_search_judges: int = 0
 
     def count_upload(self, metrics: MetricRecord, nbytes: int) -> None:
         """Attribute an accepted upload, and the training seconds its device reports, to
@@ -210,6 +220,24 @@ def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
     return metrics
 
 
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a record dict: arrays, byte strings, 8 per number (no framing)."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(a.data) for a in record.values())
+    for cfg in content.config_records.values():
+        for value in cfg.values():
+            if isinstance(value, bytes | str):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in value)
+            else:
+                total += 8
+    for metrics in content.metric_records.values():
+        total += 8 * len(metrics)
+    return total
+
+
 @dataclass(frozen=True)
 class FederatedEval:
     """One round's evaluation on the devices' own held-out data: each device's mean loss
@@ -323,6 +351,10 @@ class AdapterFedAvg(FedAvg):
         denominator: int = 0,
         max_upload_bytes: int = 0,
         max_run_upload_bytes: int = 0,
+        server_learning_rate: float = 1.0,
+        line_search: Sequence[float] = (),
+        line_search_blocks: int = 8,
+        stage_timeout_s: float = 600.0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -348,6 +380,11 @@ class AdapterFedAvg(FedAvg):
         mean of the other updates (``edge.combine``): the kind is what decoded the upload,
         not what the device claims, so only a replayed, bounded update is ever added;
         ``"exclude"`` leaves replayed updates out (a baseline: the other devices alone).
+        ``server_learning_rate`` scales the aggregated step (``train.server_learning_rate``);
+        ``line_search`` (``edge.line_search``) lists multiples of the aggregated step that
+        the round's edge devices score on ``line_search_blocks`` of their own held-out
+        blocks before the step is applied (:meth:`take_step`); ``stage_timeout_s`` bounds
+        each such mid-round exchange (and secure aggregation's stages).
 
         The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
         record keys are fedtune's wire keys.
@@ -370,6 +407,13 @@ class AdapterFedAvg(FedAvg):
         if edge_combine != "average" and (denominator or clip_norm):
             raise ValueError(f"edge_combine={edge_combine!r} changes what one update can move; "
                              "it cannot run under client-level DP's clip and fixed denominator")
+        if (line_search or server_learning_rate != 1) and (denominator or clip_norm):
+            raise ValueError("line_search and server_learning_rate scale the aggregated step, "
+                             "which client-level DP's noise is calibrated to; they cannot run "
+                             "under its clip and fixed denominator")
+        if not (np.isfinite(server_learning_rate) and server_learning_rate > 0):
+            raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate}")
+        self.server_learning_rate = server_learning_rate
         if denominator < 0 or (denominator and weighting != "uniform"):
             raise ValueError(f"denominator must be >= 0 and needs uniform weighting, got "
                              f"{denominator} with {weighting!r}")
@@ -388,6 +432,15 @@ class AdapterFedAvg(FedAvg):
         if max_run_upload_bytes < 0:
             raise ValueError(f"max_run_upload_bytes must be >= 0, got {max_run_upload_bytes}")
         self.max_run_upload_bytes = max_run_upload_bytes
+        if any(not np.isfinite(x) for x in line_search) or line_search_blocks < 1:
+            raise ValueError(f"line_search needs finite multiples and line_search_blocks >= 1, "
+                             f"got {list(line_search)} and {line_search_blocks}")
+        self.line_search = tuple(float(x) for x in line_search)
+        self.line_search_blocks = line_search_blocks
+        self.stage_timeout_s = stage_timeout_s
+        self._grid: Grid | None = None  # stored by configure_train for mid-round exchanges
+        self._sent_global: ArrayRecord | None = None  # the round's adapter, packed as sent
+        self._round_config = ConfigRecord()  # the round's train instruction
         self.node_upload_bytes: dict[int, int] = {}  # accepted bytes per device, this run
         self.stats: dict[int, RoundStats] = {}
         self.evaluations: dict[int, FederatedEval] = {}
@@ -428,6 +481,7 @@ class AdapterFedAvg(FedAvg):
         previous, self._global = self._global, self.global_tensors(arrays)
         config = ConfigRecord(dict(config))  # Flower's FedAvg writes into it; keep ours clean
         config[keys.CODEC] = self.codec_name
+        self._round_config = config
         edge = keys.EDGE_LEARNING_RATE in config
         subspace = get_str(config, keys.EDGE_SUBSPACE) if keys.EDGE_SUBSPACE in config else "full"
         if subspace == "trajectory":
@@ -503,8 +557,9 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = self.begin_round(server_round, arrays, config)
+        self._grid = grid
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        _send_packed(messages, arrays)
+        self._sent_global = _send_packed(messages, arrays)
         self.send_own_ranks(messages)
         if self._context.last_step is not None:  # edge.subspace = 'trajectory'
             self.send_last_step(messages)
@@ -551,6 +606,7 @@ class AdapterFedAvg(FedAvg):
         replayed = RunningSum()  # edge.combine = 'add': the forward-only devices' own mean
         factors: list[tuple[Tensors, int, int]] = []  # plain LoRA: (delta, rank, weight)
         accepted_metrics: list[MetricRecord] = []
+        judges: list[int] = []  # edge.line_search: the accepted edge devices of the round
         answered: set[int] = set()  # node ids only: no reply's payload is kept
         for msg in replies:
             node = stats.node_of(msg)
@@ -574,6 +630,7 @@ class AdapterFedAvg(FedAvg):
             self.node_ranks[node] = rank
             if claims_edge(metrics):
                 self.torch_nodes.discard(node)
+                judges.append(node)
             else:
                 self.torch_nodes.add(node)
             if seed_steps and self._context.last_step is not None and not (
@@ -614,8 +671,122 @@ class AdapterFedAvg(FedAvg):
             for part in (running, replayed):
                 if part.weight:
                     merged = apply_delta(merged, part.mean(self.denominator))
+        merged = self.take_step(server_round, merged, judges, stats)
         stats.aggregated_at = time.perf_counter()
         return self.publish(merged), stats.summarise(accepted_metrics)
+
+    # -- edge.line_search: the round's edge devices choose the step's length -----------
+    def take_step(self, server_round: int, merged: Tensors, judges: Sequence[int],
+                  stats: RoundStats) -> Tensors:
+        """The new global adapter θ + η·s·u: u = ``merged`` − θ is the aggregated step,
+        s = :attr:`server_learning_rate`, and η the multiple of :attr:`line_search` with the
+        lowest summed loss on the ``judges``' own held-out blocks (1 without a line search,
+        a judge's answer or a step). ``merged`` itself when s·η = 1.
+
+        Why the line search: the aggregated step has one length whatever the round's data
+        say. An edge device cannot compute a gradient, but it scores a candidate adapter
+        exactly, with forward passes, on text no torch device of the round saw. Scoring the
+        step actually being made, before it is applied, measured one device's choice of η
+        within 0.5 of the central optimum along steps that helped (1.5-2) and along one that
+        hurt (0.5-1) (BENCHMARKS.md, "Edge levers"). Each judge sends one loss per multiple;
+        a lying judge can move η only within the configured multiples.
+        """
+        lr = self.server_learning_rate
+        if lr == 1 and not (self.line_search and judges):
+            return merged
+        trainable = self.spec.trainable_keys
+        step = {k: np.subtract(merged[k], self._global[k], dtype=np.float32) for k in trainable}
+        if lr != 1:
+            step = {k: (np.float32(lr) * v).astype(np.float32) for k, v in step.items()}
+        eta = self.search_line(server_round, step, judges, stats) if any(
+            np.any(v) for v in step.values()) else 1.0
+        if eta == 1 and lr == 1:
+            return merged
+        moved = dict(merged)
+        for k in trainable:
+            moved[k] = (self._global[k] + np.float32(eta) * step[k]).astype(np.float32)
+        return moved
+
+    def search_line(self, server_round: int, step: TensorsView, judges: Sequence[int],
+                    stats: RoundStats) -> float:
+        """The multiple of ``step`` the ``judges`` score lowest (edge.line_search), or 1."""
+        if not self.line_search or not judges:
+            return 1.0
+        assert self._sent_global is not None, "configure_train packs the round's adapter"
+        request = RecordDict({
+            keys.ARRAYS: self._sent_global,
+            keys.STEP: pack_record(to_record(step)),
+            keys.CONFIG: ConfigRecord({
+                keys.SERVER_ROUND: server_round,
+                keys.LINE_SEARCH: list(self.line_search),
+                keys.LINE_SEARCH_BLOCKS: self.line_search_blocks,
+                keys.SEQ_LEN: get_int(self._round_config, keys.SEQ_LEN),
+            }),
+        })
+        total = np.zeros(len(self.line_search), dtype=np.float64)
+        count = 0
+        answers = self._exchange(stats, dict.fromkeys(judges, request), keys.LINE_SEARCH_MESSAGE,
+                                 server_round, count_failures=False)
+        for node, content in answers.items():
+            try:
+                unexpected = sorted(set(content.keys()) - {keys.METRICS})
+                if unexpected or keys.METRICS not in content.metric_records:
+                    raise InvalidUpdate(f"a line-search reply holds only `{keys.METRICS}`, "
+                                        f"got {sorted(content.keys())}")
+                losses = validate_line_search(content.metric_records[keys.METRICS],
+                                              len(self.line_search))
+            except InvalidUpdate as bad:
+                log.warning("round %d: node %d's line-search reply ignored: %s", server_round,
+                            node, bad.reason)
+                continue
+            total += losses
+            count += 1
+        if not count:
+            log.warning("round %d: no edge device scored the line search; the aggregated "
+                        "step is applied as it is", server_round)
+            return 1.0
+        # The lowest summed loss; a tie goes to the multiple nearest the step as aggregated.
+        best = min(range(len(self.line_search)),
+                   key=lambda i: (total[i], abs(self.line_search[i] - 1.0)))
+        eta = self.line_search[best]
+        stats.line_search_multiple, stats.line_search_judges = eta, count
+        log.info("round %d: line search by %d edge device(s): %.2f x the aggregated step",
+                 server_round, count, eta)
+        return eta
+
+    def _exchange(
+        self, stats: RoundStats, requests: Mapping[int, RecordDict], message_type: str,
+        server_round: int, *, count_failures: bool = True,
+    ) -> dict[int, RecordDict]:
+        """Send one stage's requests and collect the answers. A node that answers with an
+        error or not at all is a failed client — except in the unmask stage
+        (``count_failures=False``), whose nodes already count as clients of the round: a
+        missing share there is only logged (the threshold decides whether the sum is
+        recovered) and the line search, whose judges already answered their train
+        instruction."""
+        assert self._grid is not None, "configure_train stores the grid first"
+        messages = [Message(content=c, dst_node_id=n, message_type=message_type,
+                            group_id=str(server_round)) for n, c in requests.items()]
+        stats.bytes_down += sum(content_nbytes(c) for c in requests.values())
+        out: dict[int, RecordDict] = {}
+        replies = list(self._grid.send_and_receive(messages, timeout=self.stage_timeout_s))
+        stage = message_type.rsplit(".", 1)[-1]
+        if count_failures:
+            stats.fail_silent(server_round, replies, messages, stage=stage)
+        for reply in replies:
+            node = stats.node_of(reply, messages)
+            if reply.has_error():
+                if count_failures:
+                    stats.fail(server_round, node, f"{stage}: {reply.error.reason}")
+                else:
+                    log.warning("round %d: node %d failed in %s: %s", server_round, node,
+                                stage, reply.error.reason)
+                continue
+            if node in requests:
+                stats.bytes_up += content_nbytes(reply.content)
+                out[node] = reply.content
+        return out
+
 
     def _check_reply(self, msg: Message) -> tuple[Tensors, MetricRecord, int, int, bool]:
         """A reply's delta (decoded once, by the codec that recognises it), its metrics, its

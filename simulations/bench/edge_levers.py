@@ -63,6 +63,11 @@ COMPONENTS = ("edge.combine=add", "edge.subspace=components", "edge.epsilon=0.01
 #: -> s -0.41..-0.58 on 3 of 4 devices, -1 %), perturbed by 1 % of the step.
 TRAJECTORY = ("edge.combine=add", "edge.subspace=trajectory", "edge.epsilon=0.01",
               "edge.learning_rate=2")
+#: The federated line search: the round's edge devices score the aggregated step at these
+#: multiples on 8 of their own held-out blocks and the coordinator applies the best. Offline,
+#: along torch-only's round-4 step (central optimum about 2), eight devices each chose 1.5,
+#: 1 or 2; along round 5's harmful step (central optimum 0.5), four chose 0.5 or 1.
+LINE_SEARCH = ("edge.line_search=0,0.5,1,1.5,2,3",)
 #: Prompt tuning on every device, at the best rates of one-device sweeps (torch AdamW and
 #: edge MeZO: both 0.003).
 PROMPT = ("lora.kind=prompt", "train.learning_rate=0.003", "edge.learning_rate=0.003")
@@ -88,6 +93,21 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
             (*MIXED, *TRAJECTORY, "edge.check_blocks=8")),
     Variant("trajectory-checked-5", "trajectory-checked with a 2.5x larger step (lr 5)",
             (*MIXED, *TRAJECTORY, "edge.check_blocks=8", "edge.learning_rate=5")),
+    Variant("judged", "half edge, full-space MeZO added; the round's edge devices choose the "
+            "length of the aggregated step (0 to 3x) on their own held-out blocks",
+            (*MIXED, "edge.combine=add", *LINE_SEARCH)),
+    Variant("trajectory-judged", "trajectory-checked, and the round's edge devices choose "
+            "the length of the aggregated step (0 to 3x) on their own held-out blocks",
+            (*MIXED, *TRAJECTORY, "edge.check_blocks=8", *LINE_SEARCH)),
+    # The fair reference for the line search: torch devices only, with their aggregated
+    # step lengthened by a fixed factor every round (the lengths the judges chose most).
+    Variant("torch-only-x1.5", "every role a torch device, the aggregated step x1.5 "
+            "(train.server_learning_rate)", ("edge.fraction=0", "train.server_learning_rate=1.5")),
+    Variant("torch-only-x2", "every role a torch device, the aggregated step x2",
+            ("edge.fraction=0", "train.server_learning_rate=2")),
+    Variant("torch-half-x1.5", "the torch half alone (edge updates left out), its "
+            "aggregated step x1.5", (*MIXED, "edge.combine=exclude",
+                                     "train.server_learning_rate=1.5")),
     Variant("components-36", "components with 3x the steps (36, lr 4)",
           (*MIXED, *COMPONENTS, "edge.learning_rate=4", "edge.local_steps=36")),
     # A prompt adapter (16 x 576 = 9,216 coordinates) on every device: MeZO's space is 90x
@@ -139,8 +159,11 @@ def compare(runs: list[Path]) -> dict[str, Any]:
             "edge_updates": sum(int(r.get("clients_by_kind", {}).get("edge", 0))
                                 for r in trained),
         })
+    searched = {name: [r.get("line_search_multiple") for r in rows[1:len(table)]]
+                for name, rows in metrics.items()
+                if any("line_search_multiple" in r for r in rows)}
     return {"runs": {variant_of(r, LEVERS): str(r) for r in runs}, "rounds": table,
-            "summary": summary}
+            "summary": summary, "line_search": searched}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -155,7 +178,16 @@ def render(result: dict[str, Any]) -> str:
             f"{cell(s['train_s_torch'], '.1f'):>8} {cell(s['train_s_edge'], '.1f'):>7} "
             f"{s['round_s']:>8.1f} {s['edge_updates']:>8}")
     names = [s["run"] for s in result["summary"]]
-    return "\n".join([*lines, "", *render_rounds(result["rounds"], names, 14)])
+    lines += ["", *render_rounds(result["rounds"], names, 14)]
+    searched: dict[str, list[float | None]] = result.get("line_search", {})
+    if searched:  # edge.line_search: the multiple of each round's step that was applied
+        rounds = max(len(v) for v in searched.values())
+        head = f"{'line search':<{w}} " + " ".join(f"{r:>5}" for r in range(1, rounds + 1))
+        lines += ["", head, "-" * len(head)]
+        for name, multiples in searched.items():
+            lines.append(f"{name:<{w}} " + " ".join(
+                f"{cell(m, 'g'):>5}" for m in multiples))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -399,3 +399,38 @@ def test_the_held_out_check_sends_the_best_length_and_replays_exactly(subspace: 
         kept.append(ratio)
     if subspace == "full":
         assert kept[-1] != {1.0}, "an overshooting update is cut, not sent whole"
+
+
+def test_the_line_search_scores_each_multiple_on_the_same_own_blocks() -> None:
+    """edge.line_search: the device's loss at θ + η·u for each η, forward only, on its
+    own held-out blocks; along a fifth of the way to the least-squares B the quadratic
+    loss is lowest near η = 5 (the exact minimiser), and η = 0 scores θ itself."""
+    model = QuadraticModel()
+    trainer = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
+    start = _start(True)
+    step = {B: _toward_target(start)}
+    multiples = [0.0, 1.0, 2.5, 5.0, 7.5]
+    losses = trainer.score_multiples(start, step, multiples, DATA, seq_len=8, blocks=2)
+    held = trainer.blocks.get(DATA, "heldout", 8).take(slice(0, 2))
+
+    def score(adapter: Mapping[str, Any]) -> float:
+        return model.mean_loss(held.ids, adapter, scored=held.scored)
+
+    expected = [score({**start, B: start[B] + np.float32(eta) * step[B]}) for eta in multiples]
+    assert losses == pytest.approx(expected, rel=1e-6)
+    assert losses[0] == pytest.approx(score(start), rel=1e-6)
+    assert int(np.argmin(losses)) == 3  # η = 5: the least-squares B
+    assert losses[3] < losses[1] < losses[0]
+    # a device without held-out blocks scores on its training blocks
+    no_held = LocalData("c2", train=("x" * 400,), heldout=())
+    assert len(trainer.score_multiples(start, step, [0.0, 1.0], no_held, seq_len=8,
+                                       blocks=2)) == 2
+
+
+def test_a_line_search_step_of_the_wrong_shape_is_refused() -> None:
+    trainer = EdgeMeZOTrainer(QuadraticModel(), LoraSection(r=2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"line-search step `.*lora_B.*`: expected shape"):
+        trainer.score_multiples(_start(True), {B: np.zeros((4, 2), np.float32)}, [1.0], DATA,
+                                seq_len=8, blocks=2)
+    with pytest.raises(ValueError, match="got nothing"):
+        trainer.score_multiples(_start(True), {}, [1.0], DATA, seq_len=8, blocks=2)

@@ -230,3 +230,27 @@ def test_edge_levers_refuse_what_they_cannot_combine_with() -> None:
     assert ok.edge.subspace == "trajectory"
     # without edge devices the edge options are inert, whatever else is set
     assert RunConfig.from_nested({"edge": {"combine": "add"}}).security.secagg
+
+
+def test_the_line_search_takes_a_list_of_numbers_and_refuses_what_it_cannot_run_with() -> None:
+    edge = {"fraction": 0.5}
+    as_list = RunConfig.from_nested({"edge": {**edge, "line_search": [0, 0.5, 1, 2]}})
+    as_text = RunConfig.from_nested({"edge": {**edge, "line_search": "0, 0.5, 1, 2"}})
+    assert as_list == as_text and as_list.edge.line_search == (0.0, 0.5, 1.0, 2.0)
+    assert RunConfig.from_flat(as_list.to_flat()) == as_list  # Flower's flat run config
+    assert RunConfig.from_nested({}).edge.line_search == ()  # off by default
+    # under secure aggregation too: the judges score the unmasked sum's step
+    assert as_list.security.secagg
+    for bad, message in [
+        ([0, "x"], "expected a list of numbers"),
+        ([1, 1], "repeated"),
+        ([0, 1000], r"\[-100, 100\]"),
+        ([0, float("nan")], "finite"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_nested({"edge": {**edge, "line_search": bad}})
+    with pytest.raises(ConfigError, match=r"edge\.fraction = 0 makes none"):
+        RunConfig.from_nested({"edge": {"line_search": [0, 1]}})
+    with pytest.raises(ConfigError, match="client_dp"):
+        RunConfig.from_nested({"edge": {**edge, "line_search": [0, 1]},
+                               "privacy": {"client_dp": True}})

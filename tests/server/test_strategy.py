@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -359,3 +361,137 @@ def test_the_last_step_is_the_change_between_sent_adapters_and_travels_for_traje
     plain = AdapterFedAvg(spec)
     messages = list(plain.configure_train(1, to_record(g0), ConfigRecord(), grid))  # type: ignore[arg-type]
     assert all(keys.LAST_STEP not in m.content.array_records for m in messages)
+
+
+def _judged_round(judge_losses: dict[int, object], multiples: tuple[float, ...] = (0, 1, 2, 3)
+                  ) -> tuple[AdapterFedAvg, Any, dict[str, np.ndarray], Any]:
+    """One round of a line-searching coordinator with an edge device (node 11) and a torch
+    device (node 12): node 11's line-search answer is ``judge_losses[11]`` (a list of
+    losses, an Exception to fail with, or a MetricRecord as it is)."""
+    from flwr.clientapp import ClientApp
+
+    from protocols import keys
+    from simulations.loopback_grid import LoopbackGrid
+
+    app = ClientApp()
+
+    @app.query("line_search")
+    def judge(msg: Message, context: Any) -> Message:
+        answer = judge_losses[context.node_id]
+        if isinstance(answer, Exception):
+            raise answer
+        record = answer if isinstance(answer, MetricRecord) else MetricRecord(
+            {keys.LINE_SEARCH_LOSSES: answer})
+        return Message(RecordDict({keys.METRICS: record}), reply_to=msg)
+
+    spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
+    strategy = AdapterFedAvg(spec, line_search=multiples, line_search_blocks=3)
+    grid = LoopbackGrid(app, [11, 12], errors_as_replies=True)
+    config = ConfigRecord({keys.SEQ_LEN: 16})
+    messages = list(strategy.configure_train(1, to_record(_global()), config, grid))  # type: ignore[arg-type]
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    edge = {B: np.full((3, 2), 0.3, np.float32)}
+    torch = {B: np.full((3, 2), 0.1, np.float32)}
+    replies = [
+        Message(RecordDict({"arrays": to_record(edge), "metrics": MetricRecord(
+            {"num-examples": 1, keys.EDGE_CLIENT: 1.0})}), reply_to=by_node[11]),
+        Message(RecordDict({"arrays": to_record(torch), "metrics": MetricRecord(
+            {"num-examples": 1})}), reply_to=by_node[12]),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    return strategy, grid, from_record(arrays), strategy.stats[1]
+
+
+def test_the_line_search_applies_the_multiple_the_edge_devices_score_lowest() -> None:
+    """edge.line_search: the round's aggregated step u (here the mean of 0.3 and 0.1) is
+    sent with the round's adapter to its edge devices only, and θ + η·u is applied at the
+    multiple with the lowest loss they report."""
+    from protocols import keys
+    from protocols.packing import unpack_record
+
+    strategy, grid, out, stats = _judged_round({11: [4.0, 3.5, 3.2, 3.4]})
+    u = np.full((3, 2), 0.2, np.float32)
+    np.testing.assert_array_equal(out[B], (np.float32(2) * u).astype(np.float32))
+    np.testing.assert_array_equal(out[A], _global()[A])
+    assert (stats.line_search_multiple, stats.line_search_judges) == (2.0, 1)
+    asked = [m for m in grid.sent if m.metadata.message_type == keys.LINE_SEARCH_MESSAGE]
+    assert [m.metadata.dst_node_id for m in asked] == [11]  # not the torch device
+    content = asked[0].content
+    np.testing.assert_array_equal(
+        from_record(unpack_record(content.array_records[keys.STEP]))[B], u)
+    assert from_record(unpack_record(content.array_records[keys.ARRAYS]))[B].tobytes() == \
+        _global()[B].tobytes()
+    cfg = content.config_records[keys.CONFIG]
+    assert (cfg[keys.LINE_SEARCH], cfg[keys.LINE_SEARCH_BLOCKS], cfg[keys.SEQ_LEN]) == \
+        ([0.0, 1.0, 2.0, 3.0], 3, 16)
+    assert strategy.stats[1].bytes_down > 0
+
+
+@pytest.mark.parametrize(("answer", "log_says"), [
+    (RuntimeError("no data"), "failed in line_search"),
+    ([3.0, 2.0], "expected a list of 4 losses"),
+    ([3.0, float("nan"), 1.0, 2.0], "not finite|finite number"),
+    (MetricRecord({"line-search-losses": [4.0, 3.0, 2.0, 1.0], "train-loss": 1.0}),
+     "unexpected metric keys"),
+])
+def test_a_failed_or_malformed_line_search_answer_leaves_the_step_as_aggregated(
+    answer: object, log_says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        _, _, out, stats = _judged_round({11: answer})
+    np.testing.assert_allclose(out[B], 0.2, rtol=1e-6)  # η = 1: the step as aggregated
+    assert stats.line_search_multiple is None
+    assert re.search(log_says, caplog.text), caplog.text
+    assert "applied as it is" in caplog.text
+
+
+def test_a_tie_goes_to_the_multiple_nearest_the_step_as_aggregated() -> None:
+    _, _, out, stats = _judged_round({11: [2.0, 2.0, 2.0, 3.0]})
+    assert stats.line_search_multiple == 1.0
+    np.testing.assert_allclose(out[B], 0.2, rtol=1e-6)
+
+
+def test_the_line_search_is_refused_under_client_dp() -> None:
+    spec = AdapterSpec.from_arrays(_global(), {})
+    with pytest.raises(ValueError, match="client-level DP"):
+        AdapterFedAvg(spec, line_search=(0.5, 1.0), weighting="uniform", denominator=4)
+    with pytest.raises(ValueError, match="finite multiples"):
+        AdapterFedAvg(spec, line_search=(float("inf"),))
+
+
+def test_the_server_learning_rate_scales_the_step_and_the_line_search_scales_that() -> None:
+    """train.server_learning_rate = s: θ + s·u; with a line search the judges score
+    multiples of s·u (here η = 3 of a step of 2 × 0.2)."""
+    from protocols import keys
+    from protocols.packing import unpack_record
+
+    spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
+    scaled = AdapterFedAvg(spec, server_learning_rate=2.0)
+    scaled.begin_round(1, to_record(_global()), ConfigRecord())
+    arrays, _ = scaled.aggregate_train(1, [_reply(1, {B: np.full((3, 2), 0.2, np.float32)}, 1)])
+    assert arrays is not None
+    np.testing.assert_allclose(from_record(arrays)[B], 0.4, rtol=1e-6)
+    assert from_record(arrays)[A].tobytes() == _global()[A].tobytes()
+    with pytest.raises(ValueError, match="server_learning_rate must be > 0"):
+        AdapterFedAvg(spec, server_learning_rate=0.0)
+    with pytest.raises(ValueError, match="client-level DP"):
+        AdapterFedAvg(spec, server_learning_rate=2.0, weighting="uniform", denominator=4)
+
+    strategy, grid, out, stats = _judged_round({11: [4.0, 3.0, 2.0, 1.0]})
+    strategy.server_learning_rate = 2.0  # the next round: judged multiples of 2u
+    assert stats.line_search_multiple == 3.0
+    np.testing.assert_allclose(out[B], 0.6, rtol=1e-6)  # 3 × 0.2
+    messages = list(strategy.configure_train(2, to_record(out), ConfigRecord({keys.SEQ_LEN: 16}),
+                                             grid))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    replies = [Message(RecordDict({"arrays": to_record({B: np.full((3, 2), 0.1, np.float32)}),
+                                   "metrics": MetricRecord({"num-examples": 1,
+                                                            keys.EDGE_CLIENT: 1.0})}),
+                       reply_to=by_node[11])]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is not None
+    sent = [m for m in grid.sent if m.metadata.message_type == keys.LINE_SEARCH_MESSAGE][-1]
+    np.testing.assert_allclose(
+        from_record(unpack_record(sent.content.array_records[keys.STEP]))[B], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(from_record(arrays)[B], 0.6 + 3 * 0.2, rtol=1e-6)

@@ -64,10 +64,12 @@ def test_edge_clients_under_secure_aggregation_send_masked_dense_updates(
 
     nested = _config(tiny_model_dir).to_nested()
     nested["train"]["rounds"] = 1
+    nested["edge"]["line_search"] = [0, 1, 4]  # scored on the unmasked sum's step
     inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
     run_dir = run_federated(inputs, tmp_path / "runs", name="mixed-secagg")
     row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1]
     assert row["clients"] == 4 and row["clients_by_kind"] == {"edge": 2, "torch": 2}
+    assert row["line_search_judges"] == 2 and row["line_search_multiple"] in (0, 1, 4)
     edge, torch = row["bytes_up_by_kind"]["edge"], row["bytes_up_by_kind"]["torch"]
     assert edge / 2 > 1024, "under SecAgg an edge client sends the dense masked delta"
     assert abs(edge - torch) <= 64  # same masked vector; metrics differ by one entry
@@ -147,7 +149,8 @@ def test_edge_levers_and_small_adapters_train_one_adapter_from_seeds(
     along the coordinator's last step of LoRA (the 'trajectory' subspace: the step travels
     with the instruction; round 2 has one) or over a prompt or (IA)3 adapter exported as
     graph inputs; the coordinator replays them (nothing rejected) and adds their mean to
-    the torch mean (edge.combine = 'add'); training seconds are logged per kind."""
+    the torch mean (edge.combine = 'add'); training seconds are logged per kind; the
+    round's edge devices score its aggregated step at several multiples (edge.line_search)."""
     from simulations.runner import check_inputs, run_federated
 
     nested = _config(tiny_model_dir, secagg=False).to_nested()
@@ -155,7 +158,8 @@ def test_edge_levers_and_small_adapters_train_one_adapter_from_seeds(
     # (along the trajectory a larger ε: Δ of a tiny model's first round is small, and
     # the one-dimensional two-point estimate has no variance to fear from it)
     nested["edge"].update({"combine": "add", "subspace": subspace,
-                           "epsilon": 0.5 if subspace == "trajectory" else 0.01})
+                           "epsilon": 0.5 if subspace == "trajectory" else 0.01,
+                           "line_search": [0, 0.5, 1, 2, 4]})
     inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
     assert inputs.edge_export is not None
     if kind != "lora":  # each kind has its own export folder
@@ -170,6 +174,10 @@ def test_edge_levers_and_small_adapters_train_one_adapter_from_seeds(
         assert set(row["train_s_by_kind"]) == {"edge", "torch"}
         assert all(s > 0 for s in row["train_s_by_kind"].values())
     assert all(np.isfinite(r["perplexity"]) for r in rows)
+    # the round's two edge devices scored its aggregated step; the coordinator applied
+    # the multiple of theirs with the lowest summed loss
+    assert [r["line_search_judges"] for r in rows[1:]] == [2, 2]
+    assert all(r["line_search_multiple"] in (0, 0.5, 1, 2, 4) for r in rows[1:])
     if subspace == "trajectory":  # no step before round 1; round 2 searches along round 1's
         assert rows[1]["edge_along_last_step"] == [0.0, 0.0]
         assert len(rows[2]["edge_along_last_step"]) == 2
