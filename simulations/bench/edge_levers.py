@@ -23,11 +23,17 @@ same devices in every run with that fraction. The runs (``LEVERS``):
   coordinates) or an (IA)3 adapter (57,600) on every device instead of LoRA: spaces MeZO
   can search in twelve steps; and with
   each edge device weighting its update by the progress it measures on its own held-out
-  blocks (``edge.check_blocks``).
+  blocks (``edge.check_blocks``);
+* ``judged`` and ``trajectory-judged``: the round's edge devices score multiples of the
+  aggregated step on their own held-out blocks before it is applied (``edge.line_search``),
+  beside the same federations with a fixed longer step (``train.server_learning_rate``,
+  ``torch-only-x1.5``, ``torch-only-x2``, ``torch-half-x1.5``): does the edge devices'
+  choice add more than a longer step would?
 
 Prints per run the final held-out perplexity, the mean upload per client per round by kind
 and the mean training seconds per client per round by kind (what each device reports), and
-per round every run's perplexity; writes ``edge_levers.json`` and ``.png`` next to the runs.
+per round every run's perplexity and the multiple each line search applied; writes
+``edge_levers.json`` and ``.png`` next to the runs.
 """
 
 from __future__ import annotations
@@ -105,6 +111,10 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
             "(train.server_learning_rate)", ("edge.fraction=0", "train.server_learning_rate=1.5")),
     Variant("torch-only-x2", "every role a torch device, the aggregated step x2",
             ("edge.fraction=0", "train.server_learning_rate=2")),
+    Variant("trajectory-judged-narrow", "trajectory-judged choosing among 0.5 to 2x: a "
+            "judge can halve a step, not refuse it", (*MIXED, *TRAJECTORY,
+                                                      "edge.check_blocks=8",
+                                                      "edge.line_search=0.5,1,1.5,2")),
     Variant("torch-half-x1.5", "the torch half alone (edge updates left out), its "
             "aggregated step x1.5", (*MIXED, "edge.combine=exclude",
                                      "train.server_learning_rate=1.5")),

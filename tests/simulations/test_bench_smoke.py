@@ -705,11 +705,11 @@ def test_round_timing_reads_a_dp_run_whose_devices_report_no_timing() -> None:
 def test_edge_levers(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
     """BENCHMARKS.md: run | final ppl | B up torch | B up edge | s torch | s edge | round s |
-    edge upd, then perplexity per round; the baseline's edge updates are accepted and left
-    out, the levers' edge uploads are seeds and scalars under 1 KB."""
+    edge upd, then perplexity per round and the line search's multiple per round; the
+    levers' edge uploads are seeds and scalars under 1 KB."""
     from simulations.bench import edge_levers
 
-    argv = ["--levers", "torch-half,prompt-add", "--rounds", "1",
+    argv = ["--levers", "judged,prompt-add", "--rounds", "1",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
             "--prefix", "smoke"]
     # four devices, all sampled: partitions 0 and 3 are the edge half (EdgeSection.is_edge)
@@ -720,13 +720,16 @@ def test_edge_levers(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
     text = capsys.readouterr().out
     rows = table(text, ["run", "final ppl", "B up torch", "B up edge", "s torch", "s edge",
                         "round s", "edge upd"])
-    assert [r[0] for r in rows] == ["torch-half", "prompt-add"]
+    assert [r[0] for r in rows] == ["judged", "prompt-add"]
     for row in rows:
         assert_finite(numbers(row[1:]), nonnegative=True)
         assert row[-1] == "2"  # the two edge devices' updates were accepted
         assert 0 < numbers([row[3]])[0] <= 1024
+    searched = table(text, ["line search", "1"])
+    assert [r[0] for r in searched] == ["judged"]  # only the run with a line search
+    assert float(searched[0][1]) in (0, 0.5, 1, 1.5, 2, 3)
     got = json.loads((tmp_path / "runs" / "edge_levers.json").read_text())
-    assert set(got["runs"]) == {"torch-half", "prompt-add"}
+    assert set(got["runs"]) == {"judged", "prompt-add"}
     assert (tmp_path / "runs" / "edge_levers.png").is_file()
     assert edge_levers.main(["--from-runs", *got["runs"].values()]) == 0
     assert table(capsys.readouterr().out, ["run", "final ppl"]) == rows
