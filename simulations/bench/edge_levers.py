@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(result))
     plot = save_result(result, runs, "edge_levers",
                        "torch and edge devices on one adapter: edge levers")
-    print(f"wrote {plot}")
+    print(f"\nwrote {plot}")
     return 0
 
 
