@@ -314,10 +314,11 @@ class EdgeSection(Section):
         "x lr x max_abs_scalar, and told apart from torch updates by what they are, not by "
         "what a device claims), no security.secagg and no privacy.client_dp")
     line_search: tuple[float, ...] = setting(
-        (), "a federated line search: multiples of each round's aggregated step (e.g. [0, 0.5, "
-        "1, 1.5, 2, 3]) that the round's edge devices score on their own held-out blocks "
-        "before it is applied; the coordinator applies the multiple with the lowest summed "
-        "loss (the step as aggregated when no edge device answers). Each such device "
+        (), "a federated line search: multiples of each round's aggregated step (e.g. [0.5, "
+        "1, 1.5, 2]; with 0 one device can refuse a step) that the round's edge devices "
+        "score on their own held-out blocks before it is applied; the coordinator applies "
+        "the multiple with the lowest summed loss (the step as aggregated when no edge "
+        "device answers). Each such device "
         "downloads the adapter and the step again and sends one loss per multiple; needs "
         "privacy.client_dp = false. Empty: off")
     line_search_blocks: int = setting(
