@@ -208,14 +208,20 @@ def stale_reply(msg: Message, server_round: int) -> str | None:
             "replayed); ignored")
 
 
-def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
-    """A reply's validated metrics, once the reply holds nothing but ``allowed`` records."""
+def reply_metric_record(content: RecordDict, allowed: set[str]) -> MetricRecord:
+    """A reply's MetricRecord, once the reply holds nothing but ``allowed`` records (its
+    entries are for the caller to validate)."""
     unexpected = sorted(set(content.keys()) - allowed)
     if unexpected:
         raise InvalidUpdate(f"unexpected records {unexpected}")
     if keys.METRICS not in content.metric_records:
         raise InvalidUpdate(f"no MetricRecord under `{keys.METRICS}`")
-    metrics = content.metric_records[keys.METRICS]
+    return content.metric_records[keys.METRICS]
+
+
+def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
+    """A reply's validated metrics, once the reply holds nothing but ``allowed`` records."""
+    metrics = reply_metric_record(content, allowed)
     validate_metrics(metrics)
     return metrics
 
@@ -730,11 +736,7 @@ class AdapterFedAvg(FedAvg):
                                  server_round, count_failures=False)
         for node, content in answers.items():
             try:
-                unexpected = sorted(set(content.keys()) - {keys.METRICS})
-                if unexpected or keys.METRICS not in content.metric_records:
-                    raise InvalidUpdate(f"a line-search reply holds only `{keys.METRICS}`, "
-                                        f"got {sorted(content.keys())}")
-                losses = validate_line_search(content.metric_records[keys.METRICS],
+                losses = validate_line_search(reply_metric_record(content, {keys.METRICS}),
                                               len(self.line_search))
             except InvalidUpdate as bad:
                 log.warning("round %d: node %d's line-search reply ignored: %s", server_round,
