@@ -335,6 +335,14 @@ def handle_line_search(msg: Message, context: Context, flat: Mapping[str, Any]) 
                    reply_to=msg)
 
 
+def handle_kind(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
+    """Tell the coordinator this device's kind (edge.role = 'judge', edge.judges: it samples
+    torch devices to train and edge devices to judge): 1 for an edge (forward-only) device,
+    0 for a torch one, and nothing else. Train replies carry the same claim."""
+    return Message(RecordDict({keys.METRICS: MetricRecord(
+        {keys.EDGE_CLIENT: 1.0 if is_edge_client(flat, context) else 0.0})}), reply_to=msg)
+
+
 def make_client_app(
     run_config: Mapping[str, Any] | None = None, *, mods: list[Mod] | None = None,
     late_settings: Callable[[Context], Mapping[str, Any]] | None = None,
@@ -365,6 +373,10 @@ def make_client_app(
     @app.query(keys.LINE_SEARCH_MESSAGE.split(".")[1])
     def line_search(msg: Message, context: Context) -> Message:
         return handle_line_search(msg, context, settings(context))
+
+    @app.query(keys.KIND_MESSAGE.split(".")[1])
+    def kind(msg: Message, context: Context) -> Message:
+        return handle_kind(msg, context, settings(context))
 
     register_secagg_stages(app, settings)
     return app

@@ -21,6 +21,9 @@ STEP: Final = "step"
 # the device's mean loss at each multiple, in the order asked
 LINE_SEARCH_MESSAGE: Final = "query.line_search"
 LINE_SEARCH_LOSSES: Final = "line-search-losses"
+# The query that asks a device its kind before the coordinator samples a round by kind
+# (edge.role = 'judge', edge.judges); the reply is one metric, EDGE_CLIENT (1 or 0)
+KIND_MESSAGE: Final = "query.kind"
 
 # ConfigRecord keys sent by the coordinator with a train/evaluate instruction
 SERVER_ROUND: Final = "server-round"

@@ -324,6 +324,18 @@ class EdgeSection(Section):
     line_search_blocks: int = setting(
         8, "held-out blocks of its own data on which an edge device scores each multiple of "
         "the line search (its training blocks when it holds none)", ge=1)
+    role: Literal["train", "judge"] = setting(
+        "train", "what edge devices do: 'train' (a round samples any device, and a sampled "
+        "edge device trains with MeZO) or 'judge' (a round trains torch devices only, so a "
+        "round keeps its backprop updates; edge devices only score the line search, "
+        "edge.judges of them a round). With 'judge' or edge.judges > 0 the coordinator asks "
+        "devices their kind with a small query, in the round's random order, as it samples; "
+        "'judge' needs privacy.client_dp = false, whose accounting assumes a uniform sample")
+    judges: int = setting(
+        0, "edge devices outside the round's training sample that score the line search "
+        "each round (edge.line_search), drawn in the round's random order; with edge.role = "
+        "'train' they judge beside the round's own edge devices. Each downloads the adapter "
+        "and the step and sends one loss per multiple", ge=0)
 
     def check(self) -> None:
         if any(abs(x) > 100 for x in self.line_search):
@@ -576,6 +588,19 @@ class RunConfig:
                 f"train.server_learning_rate = {self.train.server_learning_rate} scales the "
                 "aggregated step, which client-level DP's noise is calibrated to: it cannot "
                 "run with privacy.client_dp = true. Set it to 1, or turn client_dp off")
+        if self.edge.judges and not self.edge.line_search:
+            raise ConfigError(
+                f"edge.judges = {self.edge.judges}: judges score the line search, which is "
+                "off; set edge.line_search (e.g. [0.5, 1, 1.5, 2]) or edge.judges = 0")
+        if self.edge.role == "judge" and self.privacy.client_dp:
+            raise ConfigError(
+                "edge.role = 'judge' trains torch devices only, so a round's sample is not "
+                "a uniform draw of the population, which client-level DP's amplification by "
+                "subsampling assumes: set edge.role = 'train', or turn client_dp off")
+        if self.edge.role == "judge" and self.edge.fraction <= 0:
+            raise ConfigError(
+                "edge.role = 'judge' makes edge devices judges, but edge.fraction = 0 makes "
+                "none: set edge.fraction > 0 or edge.role = 'train'")
         if self.edge.line_search and self.edge.fraction <= 0:
             raise ConfigError(
                 "edge.line_search is scored by the round's edge devices, but edge.fraction = "

@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from protocols.adapter_spec import AdapterSpec
 from protocols.errors import InvalidUpdate
-from protocols.keys import CLIENT_METRIC_KEYS, LINE_SEARCH_LOSSES, NUM_EXAMPLES
+from protocols.keys import CLIENT_METRIC_KEYS, EDGE_CLIENT, LINE_SEARCH_LOSSES, NUM_EXAMPLES
 
 
 def validate_update(
@@ -102,6 +102,21 @@ def validate_line_search(metrics: Mapping[str, Any], count: int) -> list[float]:
         raise InvalidUpdate(f"`{LINE_SEARCH_LOSSES}`: every loss must be a finite number, got "
                             f"{losses!r:.80}")
     return [float(x) for x in losses]
+
+
+def validate_kind_reply(metrics: Mapping[str, Any]) -> bool:
+    """A kind reply's answer, whether the device is an edge device: exactly
+    :data:`protocols.keys.EDGE_CLIENT` set to 0 or 1 and nothing else, so the reply carries
+    nothing but the kind asked."""
+    unexpected = sorted(set(metrics) - {EDGE_CLIENT})
+    if unexpected:
+        raise InvalidUpdate(f"unexpected metric keys {_preview(unexpected)} in a kind reply "
+                            f"(only `{EDGE_CLIENT}`)")
+    flag = metrics.get(EDGE_CLIENT)
+    if isinstance(flag, bool) or flag not in (0, 1):
+        raise InvalidUpdate(f"`{EDGE_CLIENT}`: expected 1 (an edge device) or 0 (a torch "
+                            f"device), got {flag!r:.40}")
+    return bool(flag)
 
 
 def _preview(keys: list[str], limit: int = 3) -> str:

@@ -183,6 +183,8 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
         server_learning_rate=config.train.server_learning_rate,
         line_search=config.edge.line_search if config.edge.fraction > 0 else (),
         line_search_blocks=config.edge.line_search_blocks,
+        edge_role=config.edge.role if config.edge.fraction > 0 else "train",
+        judges=config.edge.judges if config.edge.fraction > 0 else 0,
         fraction_train=_SAMPLE_EXACTLY_MIN,
         min_train_nodes=k,
         min_available_nodes=k,
@@ -315,6 +317,7 @@ def run_coordinator(grid: Grid, flat: Mapping[str, Any]) -> dict[str, Any]:
     sampler = node_sampler(config.train.seed, secret=config.privacy.client_dp,
                            poisson=config.privacy.poisson_sampling(
                                secagg=config.security.secagg))
+    strategy.node_sampler = sampler  # edge.role = 'judge' / edge.judges draw with it too
     retrying = RetryFailedRounds(dp or strategy, strategy,
                                  retries=config.federation.round_retries,
                                  timeout=config.federation.round_timeout_s,

@@ -79,6 +79,8 @@ class RoundRecorder:
                 **({"line_search_multiple": stats.line_search_multiple,
                     "line_search_judges": stats.line_search_judges}
                    if stats.line_search_multiple is not None else {}),
+                **({"kinds_asked": stats.kinds_asked, "judges_drawn": stats.judges_drawn}
+                   if stats.kinds_asked or stats.judges_drawn else {}),
             )
         evaluation = self.strategy.evaluations.get(server_round)
         if evaluation is not None:  # Flower runs federated evaluation before this call

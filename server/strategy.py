@@ -13,15 +13,17 @@ clients upload only trainable tensors (FFA-LoRA keeps A frozen).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from protocols import keys
 from protocols.adapter_rank import (
@@ -50,10 +52,12 @@ from protocols.seed_updates import SEED_CODEC_NAME
 from protocols.validation import (
     clip_update,
     update_norm,
+    validate_kind_reply,
     validate_line_search,
     validate_metrics,
     validate_update,
 )
+from server.kind_sampling import KindSample, sample_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,10 @@ class RoundStats:
     #: edge devices' losses chose it (None: no line search this round)
     line_search_multiple: float | None = None
     line_search_judges: int = 0
+    #: edge.role = 'judge' / edge.judges: devices asked their kind while sampling, and the
+    #: edge devices drawn to judge without training
+    kinds_asked: int = 0
+    judges_drawn: int = 0
 
     def count_upload(self, metrics: MetricRecord, nbytes: int) -> None:
         """Attribute an accepted upload, and the training seconds its device reports, to
@@ -360,6 +368,8 @@ class AdapterFedAvg(FedAvg):
         server_learning_rate: float = 1.0,
         line_search: Sequence[float] = (),
         line_search_blocks: int = 8,
+        edge_role: str = "train",
+        judges: int = 0,
         stage_timeout_s: float = 600.0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -389,8 +399,12 @@ class AdapterFedAvg(FedAvg):
         ``server_learning_rate`` scales the aggregated step (``train.server_learning_rate``);
         ``line_search`` (``edge.line_search``) lists multiples of the aggregated step that
         the round's edge devices score on ``line_search_blocks`` of their own held-out
-        blocks before the step is applied (:meth:`take_step`); ``stage_timeout_s`` bounds
-        each such mid-round exchange (and secure aggregation's stages).
+        blocks before the step is applied (:meth:`take_step`); ``edge_role="judge"``
+        (``edge.role``) trains torch devices only and ``judges`` (``edge.judges``) draws
+        that many edge devices a round to score the line search without training
+        (:mod:`server.kind_sampling`; :attr:`node_sampler` draws the round's order);
+        ``stage_timeout_s`` bounds each such mid-round exchange (and secure aggregation's
+        stages).
 
         The sampling options are Flower's ``FedAvg`` ones, passed through unchanged; its
         record keys are fedtune's wire keys.
@@ -443,6 +457,21 @@ class AdapterFedAvg(FedAvg):
                              f"got {list(line_search)} and {line_search_blocks}")
         self.line_search = tuple(float(x) for x in line_search)
         self.line_search_blocks = line_search_blocks
+        if edge_role not in ("train", "judge"):
+            raise ValueError(f"edge_role must be 'train' or 'judge', got {edge_role!r}")
+        if judges < 0 or (judges and not line_search):
+            raise ValueError(f"judges must be >= 0 and score a line search, got {judges} "
+                             f"with line_search {list(line_search)}")
+        if edge_role == "judge" and (denominator or clip_norm):
+            raise ValueError("edge_role='judge' samples torch devices only, which client-level "
+                             "DP's accounting (a uniform sample) does not allow")
+        self.edge_role = edge_role
+        self.judges = judges
+        #: draws each round's order of devices for sampling by kind; the run sets it to the
+        #: sampler Flower's uniform sample uses (server.node_sampling), reseeded each round
+        self.node_sampler: random.Random = random.Random(0)
+        self.node_kinds: dict[int, bool] = {}  # learnt: is the device an edge device
+        self._round_judges: list[int] = []  # this round's judges outside its training sample
         self.stage_timeout_s = stage_timeout_s
         self._grid: Grid | None = None  # stored by configure_train for mid-round exchanges
         self._sent_global: ArrayRecord | None = None  # the round's adapter, packed as sent
@@ -564,21 +593,77 @@ class AdapterFedAvg(FedAvg):
     ) -> Iterable[Message]:
         config = self.begin_round(server_round, arrays, config)
         self._grid = grid
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats = self.stats[server_round] = RoundStats(started=time.perf_counter())
+        self._round_judges = []
+        if self.edge_role == "judge":
+            draw = self.draw_by_kind(server_round, grid, stats)
+            messages = self.train_messages(server_round, arrays, config, draw.trainers)
+        else:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+            if self.judges:
+                draw = self.draw_by_kind(server_round, grid, stats,
+                                         chosen=[m.metadata.dst_node_id for m in messages])
         self._sent_global = _send_packed(messages, arrays)
         self.send_own_ranks(messages)
         if self._context.last_step is not None:  # edge.subspace = 'trajectory'
             self.send_last_step(messages)
         for msg in messages:  # Flower's FedAvg leaves it empty; replies inherit it
             msg.metadata.group_id = str(server_round)
-        self.stats[server_round] = RoundStats(
-            sampled=len(messages),
-            bytes_down=sum(record_nbytes(record) for m in messages
-                           for record in m.content.array_records.values()),
-            started=time.perf_counter(),
-            sent=messages,
-        )
+        stats.sampled = len(messages)
+        stats.bytes_down += sum(record_nbytes(record) for m in messages
+                                for record in m.content.array_records.values())
+        stats.sent = messages
         return messages
+
+    # -- edge.role = 'judge', edge.judges: sampling by kind ------------------------------
+    def draw_by_kind(self, server_round: int, grid: Grid, stats: RoundStats,
+                     chosen: Sequence[int] = ()) -> KindSample:
+        """The round's trainers and judges (:mod:`server.kind_sampling`): the connected
+        devices in an order the run's sampler draws, asked their kind as needed. ``chosen``:
+        the uniform sample already drawn (``edge.role = 'train'``), which trains as it is."""
+        _, population = sample_nodes(grid, self.min_available_nodes, 0)  # waits like FedAvg
+        order = self.node_sampler.sample(sorted(population), len(population))
+
+        def ask(nodes: list[int]) -> dict[int, bool]:
+            return self.ask_kinds(server_round, nodes, stats)
+
+        draw = sample_by_kind(order, self.node_kinds, ask, trainers=self.min_train_nodes,
+                              judges=self.judges, torch_trainers=self.edge_role == "judge",
+                              chosen=chosen)
+        self._round_judges = draw.judges
+        stats.kinds_asked, stats.judges_drawn = draw.asked, len(draw.judges)
+        if len(draw.trainers) < self.min_train_nodes:
+            log.warning("round %d: %d of %d devices to train found among %d connected (the "
+                        "rest are edge devices or did not answer)", server_round,
+                        len(draw.trainers), self.min_train_nodes, len(population))
+        log.info("round %d: sampled by kind: %d to train, %d edge judge(s); %d asked their "
+                 "kind", server_round, len(draw.trainers), len(draw.judges), draw.asked)
+        return draw
+
+    def ask_kinds(self, server_round: int, nodes: list[int], stats: RoundStats
+                  ) -> dict[int, bool]:
+        """Ask ``nodes`` whether they are edge devices (``query.kind``); a device that
+        fails, stays silent or answers anything but its kind is left out of the answer."""
+        request = RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: server_round})})
+        answers = self._exchange(stats, dict.fromkeys(nodes, request), keys.KIND_MESSAGE,
+                                 server_round, count_failures=False)
+        kinds: dict[int, bool] = {}
+        for node, content in answers.items():
+            try:
+                kinds[node] = validate_kind_reply(reply_metric_record(content, {keys.METRICS}))
+            except InvalidUpdate as bad:
+                log.warning("round %d: node %d's kind reply ignored: %s", server_round, node,
+                            bad.reason)
+        return kinds
+
+    def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       nodes: Sequence[int]) -> list[Message]:
+        """The round's train instructions to ``nodes``, as Flower's ``FedAvg`` builds them
+        for its own sample (one shared content)."""
+        config[keys.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n)
+                for n in nodes]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -634,6 +719,7 @@ class AdapterFedAvg(FedAvg):
                 self.torch_nodes.discard(node)
                 continue
             self.node_ranks[node] = rank
+            self.node_kinds[node] = claims_edge(metrics)
             if claims_edge(metrics):
                 self.torch_nodes.discard(node)
                 judges.append(node)
@@ -699,6 +785,7 @@ class AdapterFedAvg(FedAvg):
         a lying judge can move η only within the configured multiples.
         """
         lr = self.server_learning_rate
+        judges = [*judges, *(n for n in self._round_judges if n not in judges)]
         if lr == 1 and not (self.line_search and judges):
             return merged
         trainable = self.spec.trainable_keys

@@ -118,6 +118,16 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
     Variant("torch-half-x1.5", "the torch half alone (edge updates left out), its "
             "aggregated step x1.5", (*MIXED, "edge.combine=exclude",
                                      "train.server_learning_rate=1.5")),
+    # Each kind doing what it can (edge.role = 'judge'): every round trains two torch
+    # devices, found by asking kinds in the round's order, and edge devices outside the
+    # sample score the length of their step. The torch half alone at that sampling is the
+    # same draw without judges.
+    Variant("judge-torch-half", "half the roles edge; every round trains torch devices "
+            "only (edge.role = 'judge'), no judges: the torch half alone at that sampling",
+            (*MIXED, "edge.role=judge")),
+    Variant("judge-4", "half the roles edge; every round trains torch devices only and 4 "
+            "edge devices outside the sample choose the length of their step (0.5 to 2x)",
+            (*MIXED, "edge.role=judge", "edge.judges=4", "edge.line_search=0.5,1,1.5,2")),
     Variant("components-36", "components with 3x the steps (36, lr 4)",
           (*MIXED, *COMPONENTS, "edge.learning_rate=4", "edge.local_steps=36")),
     # A prompt adapter (16 x 576 = 9,216 coordinates) on every device: MeZO's space is 90x
@@ -168,6 +178,7 @@ def compare(runs: list[Path]) -> dict[str, Any]:
             "round_s": sum(float(r.get("round_s", 0.0)) for r in trained) / len(trained),
             "edge_updates": sum(int(r.get("clients_by_kind", {}).get("edge", 0))
                                 for r in trained),
+            "judges": sum(int(r.get("line_search_judges", 0)) for r in trained) / len(trained),
         })
     searched = {name: [r.get("line_search_multiple") for r in rows[1:len(table)]]
                 for name, rows in metrics.items()
@@ -179,14 +190,14 @@ def compare(runs: list[Path]) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     w = max([14, *(len(s["run"]) for s in result["summary"])])
     head = (f"{'run':<{w}} {'final ppl':>9} {'B up torch':>11} {'B up edge':>9} "
-            f"{'s torch':>8} {'s edge':>7} {'round s':>8} {'edge upd':>8}")
+            f"{'s torch':>8} {'s edge':>7} {'round s':>8} {'edge upd':>8} {'judges':>6}")
     lines = [head, "-" * len(head)]
     for s in result["summary"]:
         lines.append(
             f"{s['run']:<{w}} {cell(s['final_perplexity'], '.2f'):>9} "
             f"{cell(s['bytes_up_torch'], ',.0f'):>11} {cell(s['bytes_up_edge'], ',.0f'):>9} "
             f"{cell(s['train_s_torch'], '.1f'):>8} {cell(s['train_s_edge'], '.1f'):>7} "
-            f"{s['round_s']:>8.1f} {s['edge_updates']:>8}")
+            f"{s['round_s']:>8.1f} {s['edge_updates']:>8} {s.get('judges', 0):>6.1f}")
     names = [s["run"] for s in result["summary"]]
     lines += ["", *render_rounds(result["rounds"], names, 14)]
     searched: dict[str, list[float | None]] = result.get("line_search", {})

@@ -54,3 +54,20 @@ def test_a_query_without_the_step_or_with_bad_multiples_is_refused() -> None:
         handle_line_search(_query(multiples="0,1"), _context(0), FLAT)
     with pytest.raises(ValueError, match="must be a list of numbers"):
         handle_line_search(_query(multiples=[]), _context(0), FLAT)
+
+
+def test_a_device_tells_its_kind_and_nothing_else() -> None:
+    """query.kind (edge.role = 'judge', edge.judges): 1 from an edge device, 0 from a torch
+    device, as the one metric of the reply; the coordinator's check accepts exactly that."""
+    from client.app import handle_kind
+    from protocols.validation import validate_kind_reply
+
+    query = Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}),
+                    dst_node_id=7, message_type=keys.KIND_MESSAGE)
+    answers = {p: handle_kind(query, _context(p), FLAT).content for p in (0, 1, 2, 3)}
+    assert {p: dict(c.metric_records[keys.METRICS]) for p, c in answers.items()} == {
+        0: {keys.EDGE_CLIENT: 1.0}, 1: {keys.EDGE_CLIENT: 0.0},
+        2: {keys.EDGE_CLIENT: 0.0}, 3: {keys.EDGE_CLIENT: 1.0}}
+    assert all(set(c.keys()) == {keys.METRICS} for c in answers.values())
+    assert [validate_kind_reply(c.metric_records[keys.METRICS]) for c in answers.values()] == \
+        [True, False, False, True]

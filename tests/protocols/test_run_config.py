@@ -254,3 +254,25 @@ def test_the_line_search_takes_a_list_of_numbers_and_refuses_what_it_cannot_run_
     with pytest.raises(ConfigError, match="client_dp"):
         RunConfig.from_nested({"edge": {**edge, "line_search": [0, 1]},
                                "privacy": {"client_dp": True}})
+
+
+def test_edge_judges_need_a_line_search_and_the_judge_role_a_uniform_free_run() -> None:
+    edge = {"fraction": 0.5, "line_search": [0.5, 1, 1.5, 2]}
+    judged = RunConfig.from_nested({"edge": {**edge, "role": "judge", "judges": 4}})
+    assert (judged.edge.role, judged.edge.judges) == ("judge", 4)
+    assert RunConfig.from_flat(judged.to_flat()) == judged
+    assert (RunConfig.from_nested({}).edge.role, RunConfig.from_nested({}).edge.judges) == \
+        ("train", 0)
+    # the torch half alone at that sampling: the judge role without a line search
+    assert RunConfig.from_nested({"edge": {"fraction": 0.5, "role": "judge"}}).edge.judges == 0
+    with pytest.raises(ConfigError, match="judges score the line search, which is off"):
+        RunConfig.from_nested({"edge": {"fraction": 0.5, "judges": 2}})
+    with pytest.raises(ConfigError, match="not a uniform draw"):
+        RunConfig.from_nested({"edge": {"fraction": 0.5, "role": "judge"},
+                               "privacy": {"client_dp": True}})
+    with pytest.raises(ConfigError, match=r"edge\.fraction = 0 makes none"):
+        RunConfig.from_nested({"edge": {"role": "judge"}})
+    with pytest.raises(ConfigError, match=r"edge\.role"):
+        RunConfig.from_nested({"edge": {"role": "watch"}})
+    with pytest.raises(ConfigError, match=r"edge\.judges"):
+        RunConfig.from_nested({"edge": {**edge, "judges": -1}})

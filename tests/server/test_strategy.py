@@ -495,3 +495,110 @@ def test_the_server_learning_rate_scales_the_step_and_the_line_search_scales_tha
     np.testing.assert_allclose(
         from_record(unpack_record(sent.content.array_records[keys.STEP]))[B], 0.2, rtol=1e-6)
     np.testing.assert_allclose(from_record(arrays)[B], 0.6 + 3 * 0.2, rtol=1e-6)
+
+
+def _kind_app(edge: set[int], bad: dict[int, MetricRecord] | None = None) -> Any:
+    """A ClientApp that answers query.kind from ``edge`` (``bad``: a node's reply as it is)
+    and scores every line search lowest at the largest multiple."""
+    from flwr.clientapp import ClientApp
+
+    from protocols import keys
+
+    app = ClientApp()
+
+    @app.query("kind")
+    def kind(msg: Message, context: Any) -> Message:
+        record = (bad or {}).get(context.node_id) or MetricRecord(
+            {keys.EDGE_CLIENT: 1.0 if context.node_id in edge else 0.0})
+        return Message(RecordDict({keys.METRICS: record}), reply_to=msg)
+
+    @app.query("line_search")
+    def judge(msg: Message, context: Any) -> Message:
+        count = len(msg.content.config_records[keys.CONFIG][keys.LINE_SEARCH])
+        losses = [float(count - i) for i in range(count)]
+        return Message(RecordDict({keys.METRICS: MetricRecord({keys.LINE_SEARCH_LOSSES: losses})}),
+                       reply_to=msg)
+
+    return app
+
+
+def test_with_edge_role_judge_torch_devices_train_and_edge_devices_judge() -> None:
+    """edge.role = 'judge': a round's training sample holds torch devices only, found by
+    asking kinds in the round's order (once per device and run); edge devices outside it
+    score the line search of the torch devices' step."""
+    import random
+
+    from protocols import keys
+    from simulations.loopback_grid import LoopbackGrid
+
+    edge = {11, 13, 15}
+    grid = LoopbackGrid(_kind_app(edge), range(11, 17), errors_as_replies=True)
+    spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
+    strategy = AdapterFedAvg(spec, line_search=(0.5, 1.0, 2.0), edge_role="judge", judges=2,
+                             min_train_nodes=2, min_available_nodes=2)
+    strategy.node_sampler = random.Random(3)
+    config = ConfigRecord({keys.SEQ_LEN: 16})
+    messages = list(strategy.configure_train(1, to_record(_global()), config, grid))  # type: ignore[arg-type]
+    trainers = [m.metadata.dst_node_id for m in messages]
+    assert len(trainers) == 2 and not set(trainers) & edge
+    assert all(m.metadata.message_type == "train" for m in messages)
+    assert messages[0].content.config_records[keys.CONFIG][keys.SERVER_ROUND] == 1
+    asked = [m.metadata.dst_node_id for m in grid.sent
+             if m.metadata.message_type == keys.KIND_MESSAGE]
+    stats = strategy.stats[1]
+    assert stats.kinds_asked == len(asked) >= 4 and stats.judges_drawn == 2
+    judges = strategy._round_judges
+    assert len(judges) == 2 and set(judges) <= edge
+    replies = [Message(RecordDict({"arrays": to_record({B: np.full((3, 2), 0.1, np.float32)}),
+                                   "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+               for m in messages]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    np.testing.assert_allclose(from_record(arrays)[B], 0.2, rtol=1e-6)  # 2 x the mean step
+    scored = [m.metadata.dst_node_id for m in grid.sent
+              if m.metadata.message_type == keys.LINE_SEARCH_MESSAGE]
+    assert sorted(scored) == sorted(judges)
+    assert (stats.line_search_multiple, stats.line_search_judges) == (2.0, 2)
+    # the next rounds ask no kind already known
+    sent_before = len(grid.sent)
+    for server_round in (2, 3):
+        strategy.node_sampler.seed(server_round)
+        again = list(strategy.configure_train(server_round, arrays, config, grid))  # type: ignore[arg-type]
+        assert not {m.metadata.dst_node_id for m in again} & edge
+    repeated = [m.metadata.dst_node_id for m in grid.sent[sent_before:]
+                if m.metadata.message_type == keys.KIND_MESSAGE]
+    assert not set(repeated) & set(asked)
+
+
+def test_a_malformed_kind_reply_leaves_the_device_out_of_the_round(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    import random
+
+    from protocols import keys
+    from simulations.loopback_grid import LoopbackGrid
+
+    bad = {12: MetricRecord({keys.EDGE_CLIENT: 0.5}),
+           14: MetricRecord({keys.EDGE_CLIENT: 0.0, "train-loss": 1.0})}
+    grid = LoopbackGrid(_kind_app({11}, bad), range(11, 15), errors_as_replies=True)
+    spec = AdapterSpec.from_arrays(_global(), {})
+    strategy = AdapterFedAvg(spec, line_search=(1.0, 2.0), edge_role="judge", judges=1,
+                             min_train_nodes=2, min_available_nodes=2)
+    strategy.node_sampler = random.Random(0)
+    with caplog.at_level(logging.WARNING):
+        messages = list(strategy.configure_train(1, to_record(_global()), ConfigRecord(), grid))  # type: ignore[arg-type]
+    assert [m.metadata.dst_node_id for m in messages] == [13]  # the one torch device left
+    assert strategy._round_judges == [11]
+    assert "node 12's kind reply ignored" in caplog.text
+    assert "node 14's kind reply ignored: unexpected metric keys" in caplog.text
+    assert "1 of 2 devices to train found" in caplog.text
+
+
+def test_judges_and_the_judge_role_are_checked() -> None:
+    spec = AdapterSpec.from_arrays(_global(), {})
+    with pytest.raises(ValueError, match="edge_role must be"):
+        AdapterFedAvg(spec, edge_role="watch")
+    with pytest.raises(ValueError, match="score a line search"):
+        AdapterFedAvg(spec, judges=2)
+    with pytest.raises(ValueError, match="client-level"):
+        AdapterFedAvg(spec, edge_role="judge", weighting="uniform", denominator=4)
