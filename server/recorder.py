@@ -77,7 +77,9 @@ class RoundRecorder:
                 **({"edge_along_last_step": stats.along_last_step}
                    if stats.along_last_step else {}),
                 **({"line_search_multiple": stats.line_search_multiple,
-                    "line_search_judges": stats.line_search_judges}
+                    "line_search_judges": stats.line_search_judges,
+                    "judge_bytes_down": stats.judge_bytes_down,
+                    "judge_bytes_up": stats.judge_bytes_up}
                    if stats.line_search_multiple is not None else {}),
                 **({"kinds_asked": stats.kinds_asked, "judges_drawn": stats.judges_drawn}
                    if stats.kinds_asked or stats.judges_drawn else {}),

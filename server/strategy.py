@@ -98,6 +98,9 @@ class RoundStats:
     #: edge devices' losses chose it (None: no line search this round)
     line_search_multiple: float | None = None
     line_search_judges: int = 0
+    #: the line search's traffic: what its judges were sent and what they answered
+    judge_bytes_down: int = 0
+    judge_bytes_up: int = 0
     #: edge.role = 'judge' / edge.judges: devices asked their kind while sampling, and the
     #: edge devices drawn to judge without training
     kinds_asked: int = 0
@@ -821,6 +824,8 @@ class AdapterFedAvg(FedAvg):
         count = 0
         answers = self._exchange(stats, dict.fromkeys(judges, request), keys.LINE_SEARCH_MESSAGE,
                                  server_round, count_failures=False)
+        stats.judge_bytes_down += content_nbytes(request) * len(judges)
+        stats.judge_bytes_up += sum(content_nbytes(c) for c in answers.values())
         for node, content in answers.items():
             try:
                 losses = validate_line_search(reply_metric_record(content, {keys.METRICS}),

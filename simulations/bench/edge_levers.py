@@ -160,6 +160,12 @@ def _per_client(rows: list[dict[str, Any]], field: str, kind: str) -> float | No
     return total / clients if clients else None
 
 
+def _per_judge(rows: list[dict[str, Any]], field: str) -> float | None:
+    """Mean of ``field`` (a line search's traffic per round) per judge that answered."""
+    judges = sum(int(r.get("line_search_judges", 0)) for r in rows)
+    return sum(int(r.get(field, 0)) for r in rows) / judges if judges else None
+
+
 def compare(runs: list[Path]) -> dict[str, Any]:
     """Per round every run's held-out perplexity; per run its final perplexity, upload and
     training time per client by kind, and coordinator wall time per round."""
@@ -179,6 +185,8 @@ def compare(runs: list[Path]) -> dict[str, Any]:
             "edge_updates": sum(int(r.get("clients_by_kind", {}).get("edge", 0))
                                 for r in trained),
             "judges": sum(int(r.get("line_search_judges", 0)) for r in trained) / len(trained),
+            "bytes_up_judge": _per_judge(trained, "judge_bytes_up"),
+            "bytes_down_judge": _per_judge(trained, "judge_bytes_down"),
         })
     searched = {name: [r.get("line_search_multiple") for r in rows[1:len(table)]]
                 for name, rows in metrics.items()
@@ -190,14 +198,17 @@ def compare(runs: list[Path]) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     w = max([14, *(len(s["run"]) for s in result["summary"])])
     head = (f"{'run':<{w}} {'final ppl':>9} {'B up torch':>11} {'B up edge':>9} "
-            f"{'s torch':>8} {'s edge':>7} {'round s':>8} {'edge upd':>8} {'judges':>6}")
+            f"{'s torch':>8} {'s edge':>7} {'round s':>8} {'edge upd':>8} {'judges':>6} "
+            f"{'B up judge':>10} {'B down judge':>12}")
     lines = [head, "-" * len(head)]
     for s in result["summary"]:
         lines.append(
             f"{s['run']:<{w}} {cell(s['final_perplexity'], '.2f'):>9} "
             f"{cell(s['bytes_up_torch'], ',.0f'):>11} {cell(s['bytes_up_edge'], ',.0f'):>9} "
             f"{cell(s['train_s_torch'], '.1f'):>8} {cell(s['train_s_edge'], '.1f'):>7} "
-            f"{s['round_s']:>8.1f} {s['edge_updates']:>8} {s.get('judges', 0):>6.1f}")
+            f"{s['round_s']:>8.1f} {s['edge_updates']:>8} {s.get('judges', 0):>6.1f} "
+            f"{cell(s.get('bytes_up_judge'), ',.0f'):>10} "
+            f"{cell(s.get('bytes_down_judge'), ',.0f'):>12}")
     names = [s["run"] for s in result["summary"]]
     lines += ["", *render_rounds(result["rounds"], names, 14)]
     searched: dict[str, list[float | None]] = result.get("line_search", {})

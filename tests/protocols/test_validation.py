@@ -93,3 +93,20 @@ def test_spec_json_round_trip(spec: AdapterSpec) -> None:
     again = AdapterSpec.from_json(spec.to_json())
     assert again == spec
     assert again.nbytes == (4 * 16 + 16 * 4) * 4
+
+
+@pytest.mark.parametrize(("metrics", "reason"), [
+    ({}, "expected 1 .* or 0"),
+    ({"edge-client": 0.5}, "got 0.5"),
+    ({"edge-client": True}, "got True"),
+    ({"edge-client": "1"}, "got '1'"),
+    ({"edge-client": 1.0, "train-loss": 2.0}, "unexpected metric keys `train-loss`"),
+])
+def test_a_kind_reply_is_one_flag_and_nothing_else(metrics: dict[str, object],
+                                                  reason: str) -> None:
+    from protocols.validation import validate_kind_reply
+
+    assert validate_kind_reply({"edge-client": 1.0}) is True
+    assert validate_kind_reply({"edge-client": 0}) is False
+    with pytest.raises(InvalidUpdate, match=reason):
+        validate_kind_reply(metrics)

@@ -29,6 +29,9 @@ A = "m.q_proj.lora_A.weight"
 B = "m.q_proj.lora_B.weight"
 
 
+B_BYTES = 3 * 2 * 4  # B in float32
+
+
 def _global() -> dict[str, np.ndarray]:
     return {A: np.full((2, 3), 0.5, np.float32), B: np.zeros((3, 2), np.float32)}
 
@@ -559,6 +562,8 @@ def test_with_edge_role_judge_torch_devices_train_and_edge_devices_judge() -> No
               if m.metadata.message_type == keys.LINE_SEARCH_MESSAGE]
     assert sorted(scored) == sorted(judges)
     assert (stats.line_search_multiple, stats.line_search_judges) == (2.0, 2)
+    # each judge was sent the round's adapter and the step, and answered three losses
+    assert stats.judge_bytes_down > 2 * 2 * B_BYTES and 0 < stats.judge_bytes_up < 2 * 200
     # the next rounds ask no kind already known
     sent_before = len(grid.sent)
     for server_round in (2, 3):

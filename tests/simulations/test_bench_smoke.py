@@ -705,31 +705,42 @@ def test_round_timing_reads_a_dp_run_whose_devices_report_no_timing() -> None:
 def test_edge_levers(tiny_model_dir: Path, mini_cache: Path, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str], quiet_logs: None) -> None:
     """BENCHMARKS.md: run | final ppl | B up torch | B up edge | s torch | s edge | round s |
-    edge upd, then perplexity per round and the line search's multiple per round; the
-    levers' edge uploads are seeds and scalars under 1 KB."""
+    edge upd | judges | B up judge | B down judge, then perplexity per round and the line
+    search's multiple per round; the levers' edge uploads are seeds and scalars under 1 KB,
+    a judge's answer is a few losses."""
     from simulations.bench import edge_levers
 
-    argv = ["--levers", "judged,prompt-add", "--rounds", "1",
+    argv = ["--levers", "judge-4,prompt-add", "--rounds", "1",
             "--runs-dir", str(tmp_path / "runs"), "--cache-dir", str(mini_cache),
             "--prefix", "smoke"]
-    # four devices, all sampled: partitions 0 and 3 are the edge half (EdgeSection.is_edge)
+    # four devices, all sampled: partitions 0 and 3 are the edge half (EdgeSection.is_edge);
+    # judge-4 trains the two torch devices and finds two of its four judges
     for item in [*_tiny_run_overrides(tiny_model_dir), "train.clients_per_round=4",
                  "lora.virtual_tokens=4"]:
         argv += ["--set", item]
     assert edge_levers.main(argv) == 0
     text = capsys.readouterr().out
     rows = table(text, ["run", "final ppl", "B up torch", "B up edge", "s torch", "s edge",
-                        "round s", "edge upd"])
-    assert [r[0] for r in rows] == ["judged", "prompt-add"]
-    for row in rows:
-        assert_finite(numbers(row[1:]), nonnegative=True)
-        assert row[-1] == "2"  # the two edge devices' updates were accepted
-        assert 0 < numbers([row[3]])[0] <= 1024
+                        "round s", "edge upd", "judges", "B up judge", "B down judge"])
+    assert [r[0] for r in rows] == ["judge-4", "prompt-add"]
+    judged, prompt = rows
+    assert_finite(numbers([judged[1], judged[2], judged[4], judged[6], *judged[9:]]),
+                  nonnegative=True)
+    assert (judged[3], judged[5], judged[7], judged[8]) == ("-", "-", "0", "2.0")
+    assert 0 < numbers([judged[9]])[0] <= 1024  # one loss per multiple, and the envelope
+    assert numbers([judged[10]])[0] > numbers([judged[2]])[0]  # the adapter and the step
+    assert_finite(numbers(prompt[1:9]), nonnegative=True)
+    assert prompt[7] == "2" and 0 < numbers([prompt[3]])[0] <= 1024
     searched = table(text, ["line search", "1"])
-    assert [r[0] for r in searched] == ["judged"]  # only the run with a line search
-    assert float(searched[0][1]) in (0, 0.5, 1, 1.5, 2, 3)
+    assert [r[0] for r in searched] == ["judge-4"]  # only the run with a line search
+    assert float(searched[0][1]) in (0.5, 1, 1.5, 2)
     got = json.loads((tmp_path / "runs" / "edge_levers.json").read_text())
-    assert set(got["runs"]) == {"judged", "prompt-add"}
+    assert set(got["runs"]) == {"judge-4", "prompt-add"}
+    # edge.role = 'judge' on the real engine: the coordinator asked all four kinds
+    # (query.kind), trained the two torch devices and had the two edge devices judge
+    row = json.loads(Path(got["runs"]["judge-4"], "metrics.jsonl").read_text().splitlines()[1])
+    assert (row["clients_by_kind"], row["kinds_asked"], row["judges_drawn"],
+            row["line_search_judges"], row["failed"]) == ({"torch": 2}, 4, 2, 2, 0)
     assert (tmp_path / "runs" / "edge_levers.png").is_file()
     assert edge_levers.main(["--from-runs", *got["runs"].values()]) == 0
     assert table(capsys.readouterr().out, ["run", "final ppl"]) == rows

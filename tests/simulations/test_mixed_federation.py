@@ -75,30 +75,6 @@ def test_edge_clients_under_secure_aggregation_send_masked_dense_updates(
     assert abs(edge - torch) <= 64  # same masked vector; metrics differ by one entry
 
 
-def test_with_the_judge_role_torch_devices_train_and_edge_devices_judge(
-    tiny_model_dir: Path, mini_cache: Path, tmp_path: Path
-) -> None:
-    """edge.role = 'judge' on the real engine: the coordinator asks kinds (query.kind) in
-    round 1 only, every round trains the two torch devices, and the two edge devices,
-    outside the sample, score the line search of their step."""
-    from simulations.runner import check_inputs, run_federated
-
-    nested = _config(tiny_model_dir, secagg=False).to_nested()
-    nested["train"]["clients_per_round"] = 2
-    nested["edge"].update({"role": "judge", "judges": 2, "line_search": [0.5, 1, 2]})
-    inputs = check_inputs(RunConfig.from_nested(nested), mini_cache)
-    run_dir = run_federated(inputs, tmp_path / "runs", name="judges")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    for row in rows[1:]:
-        assert row["rejected"] == 0 and row["failed"] == 0
-        assert row["clients_by_kind"] == {"torch": 2}
-        assert row["judges_drawn"] == 2 and row["line_search_judges"] == 2
-        assert row["line_search_multiple"] in (0.5, 1, 2)
-    assert rows[1]["kinds_asked"] == 4 and rows[2]["kinds_asked"] == 0
-    assert all(np.isfinite(r["perplexity"]) for r in rows)
-
-
 BLOCK_TORCH = """
 import sys
 class _Block:
