@@ -308,6 +308,15 @@ def handle_evaluate(msg: Message, context: Context, flat: Mapping[str, Any]) -> 
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 
+def _numbers(cfg: Mapping[str, Any], key: str) -> list[float]:
+    """A non-empty list of numbers from a config record (the line search's multiples)."""
+    values = cfg.get(key)
+    if not isinstance(values, list) or not values or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in values):
+        raise ValueError(f"`{key}` must be a list of numbers, got {values!r}")
+    return [float(x) for x in values]
+
+
 def handle_line_search(msg: Message, context: Context, flat: Mapping[str, Any]) -> Message:
     """Score the coordinator's line search (``edge.line_search``): this device's own loss at
     the round's adapter plus each multiple of the aggregated step. Only edge devices are
@@ -323,14 +332,19 @@ def handle_line_search(msg: Message, context: Context, flat: Mapping[str, Any]) 
                              "adapter and the aggregated step it scores)")
     adapter = from_record(unpack_record(msg.content.array_records[keys.ARRAYS]))
     step = from_record(unpack_record(msg.content.array_records[keys.STEP]))
-    multiples = cfg[keys.LINE_SEARCH]
-    if not isinstance(multiples, list) or not multiples or not all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in multiples):
-        raise ValueError(f"`{keys.LINE_SEARCH}` must be a list of numbers, got {multiples!r}")
+    multiples = _numbers(cfg, keys.LINE_SEARCH)
+    last_step, momenta = None, [0.0]
+    if keys.LINE_SEARCH_MOMENTUM in cfg:  # edge.line_search_momentum: with the last step
+        if keys.LAST_STEP not in msg.content.array_records:
+            raise ValueError(f"the line-search query has `{keys.LINE_SEARCH_MOMENTUM}` but no "
+                             f"`{keys.LAST_STEP}` record to scale")
+        momenta = _numbers(cfg, keys.LINE_SEARCH_MOMENTUM)
+        last_step = from_record(unpack_record(msg.content.array_records[keys.LAST_STEP]))
     trainer = _edge_trainer(flat)
     losses = trainer.score_multiples(
-        adapter, step, [float(x) for x in multiples], _local_data(flat, context),
-        seq_len=get_int(cfg, keys.SEQ_LEN), blocks=get_int(cfg, keys.LINE_SEARCH_BLOCKS))
+        adapter, step, multiples, _local_data(flat, context),
+        seq_len=get_int(cfg, keys.SEQ_LEN), blocks=get_int(cfg, keys.LINE_SEARCH_BLOCKS),
+        last_step=last_step, momenta=momenta)
     return Message(RecordDict({keys.METRICS: MetricRecord({keys.LINE_SEARCH_LOSSES: losses})}),
                    reply_to=msg)
 

@@ -272,22 +272,21 @@ class EdgeMeZOTrainer:
         *,
         seq_len: int,
         blocks: int,
+        last_step: Mapping[str, npt.NDArray[Any]] | None = None,
+        momenta: Sequence[float] = (0.0,),
     ) -> list[float]:
         """This device's mean loss at θ + η·step for each η of ``multiples`` (the
         coordinator's line search, ``edge.line_search``): forward passes only, on the first
         ``blocks`` of its own held-out blocks (its training blocks when it holds none).
+        With ``last_step`` (``edge.line_search_momentum``): at θ + η·step + μ·last_step for
+        every η and every μ of ``momenta``, η major (η₁μ₁, η₁μ₂, …).
 
-        The same blocks score every multiple, so the losses differ only by the adapter."""
+        The same blocks score every candidate, so the losses differ only by the adapter."""
         theta = self._start(adapter)
-        along = {}
-        for key, shape in self.shapes.items():  # the trainable tensors; others stay put
-            value = step.get(key)
-            if value is None or tuple(value.shape) != shape:
-                got = "nothing" if value is None else str(tuple(value.shape))
-                raise ValueError(f"line-search step `{key}`: expected shape {shape}, got {got} "
-                                 "(do this device's [lora] settings differ from the "
-                                 "coordinator's?)")
-            along[key] = np.asarray(value, dtype=np.float32)
+        along = self._direction(step, "step")
+        back = self._direction(last_step, "last step") if last_step is not None else None
+        if back is None and list(momenta) != [0.0]:
+            raise ValueError(f"momenta {list(momenta)} need the last step to scale")
         try:
             source = self.blocks.get(data, "heldout", seq_len)
         except LocalDataError:  # no held-out block: the training blocks (the step being
@@ -295,13 +294,31 @@ class EdgeMeZOTrainer:
         batch = source.take(slice(0, blocks))
         losses = []
         for eta in multiples:
-            candidate = dict(theta)
-            for key, value in along.items():
-                candidate[key] = theta[key] + np.float32(eta) * value
-            losses.append(self.model.mean_loss(batch.ids, candidate, scored=batch.scored))
-        log.debug("client %s: line search over %s: losses %s", data.client_id,
-                  list(multiples), [round(x, 4) for x in losses])
+            for mu in momenta:
+                candidate = dict(theta)
+                for key, value in along.items():
+                    moved = theta[key] + np.float32(eta) * value
+                    if back is not None and mu:
+                        moved = moved + np.float32(mu) * back[key]
+                    candidate[key] = moved
+                losses.append(self.model.mean_loss(batch.ids, candidate, scored=batch.scored))
+        log.debug("client %s: line search over %s x %s: losses %s", data.client_id,
+                  list(multiples), list(momenta), [round(x, 4) for x in losses])
         return losses
+
+    def _direction(self, step: Mapping[str, npt.NDArray[Any]], what: str
+                   ) -> dict[str, npt.NDArray[np.float32]]:
+        """A direction of the line search: every trainable tensor, in its shape."""
+        along = {}
+        for key, shape in self.shapes.items():  # the trainable tensors; others stay put
+            value = step.get(key)
+            if value is None or tuple(value.shape) != shape:
+                got = "nothing" if value is None else str(tuple(value.shape))
+                raise ValueError(f"line-search {what} `{key}`: expected shape {shape}, got "
+                                 f"{got} (do this device's [lora] settings differ from the "
+                                 "coordinator's?)")
+            along[key] = np.asarray(value, dtype=np.float32)
+        return along
 
     def evaluate(
         self,

@@ -45,6 +45,9 @@ EDGE_SUBSPACE: Final = "edge-subspace"
 # ... and with a line-search query: the multiples of the step to score, on how many blocks
 LINE_SEARCH: Final = "line-search"
 LINE_SEARCH_BLOCKS: Final = "line-search-blocks"
+# multiples of the last applied step tried with each multiple of the round's step
+# (edge.line_search_momentum; the last step travels as LAST_STEP)
+LINE_SEARCH_MOMENTUM: Final = "line-search-momentum"
 
 # ArrayRecord keys of a seed/scalar (MeZO) update, protocols/seed_updates.py
 SEEDS: Final = "mezo-seeds"

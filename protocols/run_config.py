@@ -324,6 +324,11 @@ class EdgeSection(Section):
     line_search_blocks: int = setting(
         8, "held-out blocks of its own data on which an edge device scores each multiple of "
         "the line search (its training blocks when it holds none)", ge=1)
+    line_search_momentum: tuple[float, ...] = setting(
+        (), "multiples of the step the last round applied that the line search also tries "
+        "with each multiple of the round's step (e.g. [0, 0.5]: candidates θ + η·u + μ·m, "
+        "server momentum where the judges' data say it helps); each judge then downloads "
+        "the last step too and sends one loss per pair. Empty: off")
     role: Literal["train", "judge"] = setting(
         "train", "what edge devices do: 'train' (a round samples any device, and a sampled "
         "edge device trains with MeZO) or 'judge' (a round trains torch devices only, so a "
@@ -338,12 +343,18 @@ class EdgeSection(Section):
         "and the step and sends one loss per multiple", ge=0)
 
     def check(self) -> None:
-        if any(abs(x) > 100 for x in self.line_search):
-            raise ConfigError(f"edge.line_search = {list(self.line_search)}: multiples of the "
-                              "round's step must lie in [-100, 100]")
-        if len(set(self.line_search)) != len(self.line_search):
-            raise ConfigError(f"edge.line_search = {list(self.line_search)}: a multiple is "
-                              "repeated; list each once")
+        for name, values in (("line_search", self.line_search),
+                             ("line_search_momentum", self.line_search_momentum)):
+            if any(abs(x) > 100 for x in values):
+                raise ConfigError(f"edge.{name} = {list(values)}: multiples of a step must "
+                                  "lie in [-100, 100]")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"edge.{name} = {list(values)}: a multiple is repeated; "
+                                  "list each once")
+        if self.line_search_momentum and not self.line_search:
+            raise ConfigError(f"edge.line_search_momentum = {list(self.line_search_momentum)} "
+                              "is tried with each multiple of the line search, which is off: "
+                              "set edge.line_search too, or edge.line_search_momentum = []")
 
     def is_edge(self, partition_id: int, seed: int = 0) -> bool:
         """Whether a client is an edge device: a fixed pseudo-random ``fraction`` of the

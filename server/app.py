@@ -183,6 +183,8 @@ def build_strategy(config: RunConfig, spec: AdapterSpec, *, ledger: PrivacyLedge
         server_learning_rate=config.train.server_learning_rate,
         line_search=config.edge.line_search if config.edge.fraction > 0 else (),
         line_search_blocks=config.edge.line_search_blocks,
+        line_search_momentum=(config.edge.line_search_momentum if config.edge.fraction > 0
+                              else ()),
         edge_role=config.edge.role if config.edge.fraction > 0 else "train",
         judges=config.edge.judges if config.edge.fraction > 0 else 0,
         fraction_train=_SAMPLE_EXACTLY_MIN,

@@ -81,6 +81,8 @@ class RoundRecorder:
                     "judge_bytes_down": stats.judge_bytes_down,
                     "judge_bytes_up": stats.judge_bytes_up}
                    if stats.line_search_multiple is not None else {}),
+                **({"line_search_momentum": stats.line_search_momentum}
+                   if stats.line_search_momentum is not None else {}),
                 **({"kinds_asked": stats.kinds_asked, "judges_drawn": stats.judges_drawn}
                    if stats.kinds_asked or stats.judges_drawn else {}),
             )

@@ -98,6 +98,8 @@ class RoundStats:
     #: edge devices' losses chose it (None: no line search this round)
     line_search_multiple: float | None = None
     line_search_judges: int = 0
+    #: edge.line_search_momentum: the multiple of the last step added (None: not searched)
+    line_search_momentum: float | None = None
     #: the line search's traffic: what its judges were sent and what they answered
     judge_bytes_down: int = 0
     judge_bytes_up: int = 0
@@ -371,6 +373,7 @@ class AdapterFedAvg(FedAvg):
         server_learning_rate: float = 1.0,
         line_search: Sequence[float] = (),
         line_search_blocks: int = 8,
+        line_search_momentum: Sequence[float] = (),
         edge_role: str = "train",
         judges: int = 0,
         stage_timeout_s: float = 600.0,
@@ -402,7 +405,8 @@ class AdapterFedAvg(FedAvg):
         ``server_learning_rate`` scales the aggregated step (``train.server_learning_rate``);
         ``line_search`` (``edge.line_search``) lists multiples of the aggregated step that
         the round's edge devices score on ``line_search_blocks`` of their own held-out
-        blocks before the step is applied (:meth:`take_step`); ``edge_role="judge"``
+        blocks before the step is applied (:meth:`take_step`), each also with every
+        multiple of the last applied step in ``line_search_momentum``; ``edge_role="judge"``
         (``edge.role``) trains torch devices only and ``judges`` (``edge.judges``) draws
         that many edge devices a round to score the line search without training
         (:mod:`server.kind_sampling`; :attr:`node_sampler` draws the round's order);
@@ -460,6 +464,14 @@ class AdapterFedAvg(FedAvg):
                              f"got {list(line_search)} and {line_search_blocks}")
         self.line_search = tuple(float(x) for x in line_search)
         self.line_search_blocks = line_search_blocks
+        if line_search_momentum and not line_search:
+            raise ValueError("line_search_momentum is searched with a line search, which is off")
+        if any(not np.isfinite(x) for x in line_search_momentum):
+            raise ValueError(f"line_search_momentum needs finite multiples, got "
+                             f"{list(line_search_momentum)}")
+        self.line_search_momentum = tuple(float(x) for x in line_search_momentum)
+        #: the step the last round applied (edge.line_search_momentum); none after a resume
+        self.applied_step: TensorsView | None = None
         if edge_role not in ("train", "judge"):
             raise ValueError(f"edge_role must be 'train' or 'judge', got {edge_role!r}")
         if judges < 0 or (judges and not line_search):
@@ -773,10 +785,11 @@ class AdapterFedAvg(FedAvg):
     # -- edge.line_search: the round's edge devices choose the step's length -----------
     def take_step(self, server_round: int, merged: Tensors, judges: Sequence[int],
                   stats: RoundStats) -> Tensors:
-        """The new global adapter θ + η·s·u: u = ``merged`` − θ is the aggregated step,
-        s = :attr:`server_learning_rate`, and η the multiple of :attr:`line_search` with the
-        lowest summed loss on the ``judges``' own held-out blocks (1 without a line search,
-        a judge's answer or a step). ``merged`` itself when s·η = 1.
+        """The new global adapter θ + η·s·u + μ·m: u = ``merged`` − θ is the aggregated
+        step, s = :attr:`server_learning_rate`, m the step applied last round, and (η, μ)
+        the pair of :attr:`line_search` × :attr:`line_search_momentum` with the lowest
+        summed loss on the ``judges``' own held-out blocks (η = 1, μ = 0 without a line
+        search, a judge's answer or a step). ``merged`` itself when s·η = 1 and μ = 0.
 
         Why the line search: the aggregated step has one length whatever the round's data
         say. An edge device cannot compute a gradient, but it scores a candidate adapter
@@ -784,9 +797,19 @@ class AdapterFedAvg(FedAvg):
         step actually being made, before it is applied: offline, along a step whose central
         optimum was about 2, seven of eight devices alone chose 1.5 or 2 (one chose 1); along
         a harmful one (optimum 0.5), four of four chose 0.5 or 1 (BENCHMARKS.md, "Edge
-        levers"). Each judge sends one loss per multiple;
-        a lying judge can move η only within the configured multiples.
+        levers"). Why momentum: with two devices a round each step is noisy; adding part of
+        the last step keeps the direction successive rounds agree on (server momentum, as in
+        FedAvgM), here only where the judges' data say it helps. Each judge sends one loss
+        per candidate; a lying judge can move the step only within the configured candidates.
         """
+        moved = self._judged_step(server_round, merged, judges, stats)
+        if self.line_search_momentum:
+            self.applied_step = {k: np.subtract(moved[k], self._global[k], dtype=np.float32)
+                                 for k in self.spec.trainable_keys}
+        return moved
+
+    def _judged_step(self, server_round: int, merged: Tensors, judges: Sequence[int],
+                     stats: RoundStats) -> Tensors:
         lr = self.server_learning_rate
         judges = [*judges, *(n for n in self._round_judges if n not in judges)]
         if lr == 1 and not (self.line_search and judges):
@@ -795,32 +818,41 @@ class AdapterFedAvg(FedAvg):
         step = {k: np.subtract(merged[k], self._global[k], dtype=np.float32) for k in trainable}
         if lr != 1:
             step = {k: (np.float32(lr) * v).astype(np.float32) for k, v in step.items()}
-        eta = self.search_line(server_round, step, judges, stats) if any(
-            np.any(v) for v in step.values()) else 1.0
-        if eta == 1 and lr == 1:
+        last = self.applied_step if self.line_search_momentum and self.applied_step and any(
+            np.any(v) for v in self.applied_step.values()) else None
+        eta, mu = self.search_line(server_round, step, judges, stats, last) if any(
+            np.any(v) for v in step.values()) else (1.0, 0.0)
+        if eta == 1 and lr == 1 and not mu:
             return merged
         moved = dict(merged)
         for k in trainable:
-            moved[k] = (self._global[k] + np.float32(eta) * step[k]).astype(np.float32)
+            value = self._global[k] + np.float32(eta) * step[k]
+            if mu and last is not None:
+                value = value + np.float32(mu) * last[k]
+            moved[k] = value.astype(np.float32)
         return moved
 
     def search_line(self, server_round: int, step: TensorsView, judges: Sequence[int],
-                    stats: RoundStats) -> float:
-        """The multiple of ``step`` the ``judges`` score lowest (edge.line_search), or 1."""
+                    stats: RoundStats, last: TensorsView | None = None) -> tuple[float, float]:
+        """The multiple η of ``step`` (and, with ``last``, the multiple μ of the last step,
+        edge.line_search_momentum) the ``judges`` score lowest, or (1, 0)."""
         if not self.line_search or not judges:
-            return 1.0
+            return 1.0, 0.0
         assert self._sent_global is not None, "configure_train packs the round's adapter"
-        request = RecordDict({
-            keys.ARRAYS: self._sent_global,
-            keys.STEP: pack_record(to_record(step)),
-            keys.CONFIG: ConfigRecord({
-                keys.SERVER_ROUND: server_round,
-                keys.LINE_SEARCH: list(self.line_search),
-                keys.LINE_SEARCH_BLOCKS: self.line_search_blocks,
-                keys.SEQ_LEN: get_int(self._round_config, keys.SEQ_LEN),
-            }),
+        momenta = self.line_search_momentum if last is not None else (0.0,)
+        config = ConfigRecord({
+            keys.SERVER_ROUND: server_round,
+            keys.LINE_SEARCH: list(self.line_search),
+            keys.LINE_SEARCH_BLOCKS: self.line_search_blocks,
+            keys.SEQ_LEN: get_int(self._round_config, keys.SEQ_LEN),
         })
-        total = np.zeros(len(self.line_search), dtype=np.float64)
+        request = RecordDict({keys.ARRAYS: self._sent_global,
+                              keys.STEP: pack_record(to_record(step)), keys.CONFIG: config})
+        if last is not None:
+            config[keys.LINE_SEARCH_MOMENTUM] = list(momenta)
+            request[keys.LAST_STEP] = pack_record(to_record(last))
+        candidates = [(eta, mu) for eta in self.line_search for mu in momenta]  # η major
+        total = np.zeros(len(candidates), dtype=np.float64)
         count = 0
         answers = self._exchange(stats, dict.fromkeys(judges, request), keys.LINE_SEARCH_MESSAGE,
                                  server_round, count_failures=False)
@@ -829,7 +861,7 @@ class AdapterFedAvg(FedAvg):
         for node, content in answers.items():
             try:
                 losses = validate_line_search(reply_metric_record(content, {keys.METRICS}),
-                                              len(self.line_search))
+                                              len(candidates))
             except InvalidUpdate as bad:
                 log.warning("round %d: node %d's line-search reply ignored: %s", server_round,
                             node, bad.reason)
@@ -839,15 +871,18 @@ class AdapterFedAvg(FedAvg):
         if not count:
             log.warning("round %d: no edge device scored the line search; the aggregated "
                         "step is applied as it is", server_round)
-            return 1.0
-        # The lowest summed loss; a tie goes to the multiple nearest the step as aggregated.
-        best = min(range(len(self.line_search)),
-                   key=lambda i: (total[i], abs(self.line_search[i] - 1.0)))
-        eta = self.line_search[best]
+            return 1.0, 0.0
+        # The lowest summed loss; a tie goes to the candidate nearest the step as aggregated.
+        best = min(range(len(candidates)), key=lambda i: (
+            total[i], abs(candidates[i][0] - 1.0) + abs(candidates[i][1])))
+        eta, mu = candidates[best]
         stats.line_search_multiple, stats.line_search_judges = eta, count
-        log.info("round %d: line search by %d edge device(s): %.2f x the aggregated step",
-                 server_round, count, eta)
-        return eta
+        if last is not None:
+            stats.line_search_momentum = mu
+        log.info("round %d: line search by %d edge device(s): %.2f x the aggregated step%s",
+                 server_round, count, eta,
+                 f" + {mu:.2f} x the last step" if last is not None else "")
+        return eta, mu
 
     def _exchange(
         self, stats: RoundStats, requests: Mapping[int, RecordDict], message_type: str,

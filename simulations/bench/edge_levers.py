@@ -128,6 +128,10 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
     Variant("judge-4", "half the roles edge; every round trains torch devices only and 4 "
             "edge devices outside the sample choose the length of their step (0.5 to 2x)",
             (*MIXED, "edge.role=judge", "edge.judges=4", "edge.line_search=0.5,1,1.5,2")),
+    Variant("judge-4-momentum", "judge-4, the judges also choosing whether to add half of "
+            "the last round's step (edge.line_search_momentum = [0, 0.5])",
+            (*MIXED, "edge.role=judge", "edge.judges=4", "edge.line_search=0.5,1,1.5,2",
+             "edge.line_search_momentum=0,0.5")),
     Variant("components-36", "components with 3x the steps (36, lr 4)",
           (*MIXED, *COMPONENTS, "edge.learning_rate=4", "edge.local_steps=36")),
     # A prompt adapter (16 x 576 = 9,216 coordinates) on every device: MeZO's space is 90x
@@ -163,7 +167,9 @@ def _per_client(rows: list[dict[str, Any]], field: str, kind: str) -> float | No
 def _per_judge(rows: list[dict[str, Any]], field: str) -> float | None:
     """Mean of ``field`` (a line search's traffic per round) per judge that answered."""
     judges = sum(int(r.get("line_search_judges", 0)) for r in rows)
-    return sum(int(r.get(field, 0)) for r in rows) / judges if judges else None
+    if not judges or not any(field in r for r in rows):  # (runs from before it was logged)
+        return None
+    return sum(int(r.get(field, 0)) for r in rows) / judges
 
 
 def compare(runs: list[Path]) -> dict[str, Any]:
@@ -191,12 +197,17 @@ def compare(runs: list[Path]) -> dict[str, Any]:
     searched = {name: [r.get("line_search_multiple") for r in rows[1:len(table)]]
                 for name, rows in metrics.items()
                 if any("line_search_multiple" in r for r in rows)}
+    # edge.line_search_momentum: the multiple of the last step added, as its own row
+    searched.update({f"{name} +m": [r.get("line_search_momentum") for r in rows[1:len(table)]]
+                     for name, rows in metrics.items()
+                     if any("line_search_momentum" in r for r in rows)})
     return {"runs": {variant_of(r, LEVERS): str(r) for r in runs}, "rounds": table,
             "summary": summary, "line_search": searched}
 
 
 def render(result: dict[str, Any]) -> str:
-    w = max([14, *(len(s["run"]) for s in result["summary"])])
+    w = max([14, *(len(s["run"]) for s in result["summary"]),
+             *(len(name) for name in result.get("line_search", {}))])
     head = (f"{'run':<{w}} {'final ppl':>9} {'B up torch':>11} {'B up edge':>9} "
             f"{'s torch':>8} {'s edge':>7} {'round s':>8} {'edge upd':>8} {'judges':>6} "
             f"{'B up judge':>10} {'B down judge':>12}")

@@ -434,3 +434,30 @@ def test_a_line_search_step_of_the_wrong_shape_is_refused() -> None:
                                 seq_len=8, blocks=2)
     with pytest.raises(ValueError, match="got nothing"):
         trainer.score_multiples(_start(True), {}, [1.0], DATA, seq_len=8, blocks=2)
+
+
+def test_the_line_search_with_momentum_scores_every_pair_eta_major() -> None:
+    """edge.line_search_momentum: θ + η·u + μ·m for every (η, μ), η major; μ = 0 scores
+    exactly what the plain line search scores."""
+    model = QuadraticModel()
+    trainer = EdgeMeZOTrainer(model, LoraSection(r=2))  # type: ignore[arg-type]
+    start = _start(True)
+    step = {B: _toward_target(start)}
+    last = {B: (np.float32(0.5) * _toward_target(start)).astype(np.float32)}
+    pairs = [(eta, mu) for eta in (1.0, 2.0) for mu in (0.0, 2.0)]
+    losses = trainer.score_multiples(start, step, [1.0, 2.0], DATA, seq_len=8, blocks=2,
+                                     last_step=last, momenta=[0.0, 2.0])
+    held = trainer.blocks.get(DATA, "heldout", 8).take(slice(0, 2))
+    expected = [model.mean_loss(held.ids, {**start, B: start[B] + np.float32(eta) * step[B]
+                                           + np.float32(mu) * last[B]}, scored=held.scored)
+                for eta, mu in pairs]
+    assert losses == pytest.approx(expected, rel=1e-6)
+    plain = trainer.score_multiples(start, step, [1.0, 2.0], DATA, seq_len=8, blocks=2)
+    assert [losses[0], losses[2]] == pytest.approx(plain, rel=1e-6)
+    # (2, 2) is 3 x the step toward the least-squares B, (1, 0) is 1 x: closer is lower
+    assert losses[3] < losses[0]
+    with pytest.raises(ValueError, match="need the last step"):
+        trainer.score_multiples(start, step, [1.0], DATA, seq_len=8, blocks=2, momenta=[0.5])
+    with pytest.raises(ValueError, match=r"line-search last step `.*`: expected shape"):
+        trainer.score_multiples(start, step, [1.0], DATA, seq_len=8, blocks=2,
+                                last_step={B: np.zeros((4, 2), np.float32)}, momenta=[0.5])

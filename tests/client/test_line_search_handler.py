@@ -71,3 +71,10 @@ def test_a_device_tells_its_kind_and_nothing_else() -> None:
     assert all(set(c.keys()) == {keys.METRICS} for c in answers.values())
     assert [validate_kind_reply(c.metric_records[keys.METRICS]) for c in answers.values()] == \
         [True, False, False, True]
+
+
+def test_a_momentum_query_without_the_last_step_is_refused() -> None:
+    query = _query()
+    query.content.config_records[keys.CONFIG][keys.LINE_SEARCH_MOMENTUM] = [0.0, 0.5]
+    with pytest.raises(ValueError, match="no `last-step` record"):
+        handle_line_search(query, _context(0), FLAT)

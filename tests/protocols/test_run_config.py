@@ -276,3 +276,16 @@ def test_edge_judges_need_a_line_search_and_the_judge_role_a_uniform_free_run() 
         RunConfig.from_nested({"edge": {"role": "watch"}})
     with pytest.raises(ConfigError, match=r"edge\.judges"):
         RunConfig.from_nested({"edge": {**edge, "judges": -1}})
+
+
+def test_line_search_momentum_needs_the_line_search_and_distinct_bounded_multiples() -> None:
+    edge = {"fraction": 0.5, "line_search": [0.5, 1, 2]}
+    ok = RunConfig.from_nested({"edge": {**edge, "line_search_momentum": [0, 0.5]}})
+    assert ok.edge.line_search_momentum == (0.0, 0.5)
+    assert RunConfig.from_flat(ok.to_flat()) == ok
+    assert RunConfig.from_nested({}).edge.line_search_momentum == ()
+    for bad, message in [([0, 0], "repeated"), ([0, 500], r"\[-100, 100\]")]:
+        with pytest.raises(ConfigError, match=message):
+            RunConfig.from_nested({"edge": {**edge, "line_search_momentum": bad}})
+    with pytest.raises(ConfigError, match="the line search, which is off"):
+        RunConfig.from_nested({"edge": {"fraction": 0.5, "line_search_momentum": [0, 0.5]}})

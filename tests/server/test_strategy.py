@@ -502,7 +502,7 @@ def test_the_server_learning_rate_scales_the_step_and_the_line_search_scales_tha
 
 def _kind_app(edge: set[int], bad: dict[int, MetricRecord] | None = None) -> Any:
     """A ClientApp that answers query.kind from ``edge`` (``bad``: a node's reply as it is)
-    and scores every line search lowest at the largest multiple."""
+    and scores every line search lowest at its last candidate."""
     from flwr.clientapp import ClientApp
 
     from protocols import keys
@@ -517,7 +517,8 @@ def _kind_app(edge: set[int], bad: dict[int, MetricRecord] | None = None) -> Any
 
     @app.query("line_search")
     def judge(msg: Message, context: Any) -> Message:
-        count = len(msg.content.config_records[keys.CONFIG][keys.LINE_SEARCH])
+        cfg = msg.content.config_records[keys.CONFIG]
+        count = len(cfg[keys.LINE_SEARCH]) * len(cfg.get(keys.LINE_SEARCH_MOMENTUM, [0]))
         losses = [float(count - i) for i in range(count)]
         return Message(RecordDict({keys.METRICS: MetricRecord({keys.LINE_SEARCH_LOSSES: losses})}),
                        reply_to=msg)
@@ -607,3 +608,49 @@ def test_judges_and_the_judge_role_are_checked() -> None:
         AdapterFedAvg(spec, judges=2)
     with pytest.raises(ValueError, match="client-level"):
         AdapterFedAvg(spec, edge_role="judge", weighting="uniform", denominator=4)
+
+
+def test_line_search_momentum_adds_the_multiple_of_the_last_step_the_judges_choose() -> None:
+    """edge.line_search_momentum: round 1 has no last step (η only); from round 2 the judges
+    also get the step round 1 applied and score every (η, μ); the coordinator applies
+    θ + η·u + μ·m of the lowest pair (here the judge prefers the last candidate)."""
+    from protocols import keys
+    from protocols.packing import unpack_record
+    from simulations.loopback_grid import LoopbackGrid
+
+    grid = LoopbackGrid(_kind_app({11}), [11, 12], errors_as_replies=True)
+    spec = AdapterSpec.from_arrays(_global(), {}, frozen=frozenset({A}))
+    strategy = AdapterFedAvg(spec, line_search=(1.0, 2.0), line_search_momentum=(0.0, 1.0))
+    config = ConfigRecord({keys.SEQ_LEN: 16})
+    arrays = to_record(_global())
+    expected = _global()[B]
+    steps = []
+    for server_round, value in ((1, 0.1), (2, -0.05)):
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))  # type: ignore[arg-type]
+        replies = [Message(RecordDict({"arrays": to_record({B: np.full((3, 2), value, np.float32)}),
+                                       "metrics": MetricRecord({"num-examples": 1, **(
+                                           {keys.EDGE_CLIENT: 1.0}
+                                           if m.metadata.dst_node_id == 11 else {})})}),
+                           reply_to=m) for m in messages]
+        out, _ = strategy.aggregate_train(server_round, replies)
+        assert out is not None
+        arrays = out
+        steps.append(strategy.stats[server_round])
+        asked = [m for m in grid.sent if m.metadata.message_type == keys.LINE_SEARCH_MESSAGE]
+        content = asked[-1].content
+        if server_round == 1:
+            assert keys.LAST_STEP not in content.array_records
+            assert keys.LINE_SEARCH_MOMENTUM not in content.config_records[keys.CONFIG]
+            expected = expected + np.float32(2) * np.full((3, 2), value, np.float32)
+            last = expected - _global()[B]
+        else:
+            assert content.config_records[keys.CONFIG][keys.LINE_SEARCH_MOMENTUM] == [0.0, 1.0]
+            np.testing.assert_allclose(
+                from_record(unpack_record(content.array_records[keys.LAST_STEP]))[B], last,
+                rtol=1e-6)
+            expected = expected + np.float32(2) * np.full((3, 2), value, np.float32) + last
+        np.testing.assert_allclose(from_record(arrays)[B], expected, rtol=1e-5, atol=1e-7)
+    assert [(s.line_search_multiple, s.line_search_momentum) for s in steps] == \
+        [(2.0, None), (2.0, 1.0)]
+    with pytest.raises(ValueError, match="with a line search, which is off"):
+        AdapterFedAvg(spec, line_search_momentum=(0.0, 0.5))
