@@ -170,6 +170,9 @@ class QuantBackend:
     grad_input: LinearFn
 
 
+Dequantizer = Callable[[QuantizedWeight, torch.dtype], torch.Tensor]
+
+
 def reference_linear(
     x: torch.Tensor,
     qw: QuantizedWeight,
@@ -177,9 +180,14 @@ def reference_linear(
     xa: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
+    *,
+    dequant: Dequantizer = dequantize,
 ) -> torch.Tensor:
-    """Pure-torch forward; rounds like PEFT (base in x's dtype, LoRA in the adapter's)."""
-    y = F.linear(x, dequantize(qw, x.dtype), None if bias is None else bias.to(x.dtype))
+    """Pure-torch forward; rounds like PEFT (base in x's dtype, LoRA in the adapter's).
+
+    ``dequant`` makes the (N, K) weight: :func:`dequantize` here; the Triton backend's
+    two-stage path passes its one-pass kernel and reuses the rest (cuBLAS for the matmul)."""
+    y = F.linear(x, dequant(qw, x.dtype), None if bias is None else bias.to(x.dtype))
     if xa is not None and lora_b is not None:
         y = (y + (xa @ lora_b.T) * scaling).to(x.dtype)
     return y
@@ -191,9 +199,11 @@ def reference_grad_input(
     gb: torch.Tensor | None,
     lora_a: torch.Tensor | None,
     scaling: float,
+    *,
+    dequant: Dequantizer = dequantize,
 ) -> torch.Tensor:
-    """Pure-torch input gradient: g W (+ s (g B) A)."""
-    gx = g @ dequantize(qw, g.dtype)
+    """Pure-torch input gradient: g W (+ s (g B) A); ``dequant`` as in :func:`reference_linear`."""
+    gx = g @ dequant(qw, g.dtype)
     if gb is not None and lora_a is not None:
         gx = (gx + (gb @ lora_a) * scaling).to(g.dtype)
     return gx

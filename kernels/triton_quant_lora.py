@@ -9,8 +9,19 @@ Forward, one kernel per (BM, BN) output tile:  y = x W^T + b + s * xa B^T
   every N tile would repeat it N/BN times and still need a store.
 Backward, one kernel per (BM, BK) tile of grad_x:  gx = g W + s * gb A, with gb = g B.
 
-Weights are never materialised in float in global memory; int8 codes are exact in
-bf16/fp16, so int8 applies its per-channel scale to the fp32 accumulator instead.
+The fused kernels never materialise the weight in float in global memory; int8 codes are
+exact in bf16/fp16, so int8 applies its per-channel scale to the fp32 accumulator instead.
+
+Training-sized inputs on large weights take a two-stage path instead: one kernel
+dequantizes the whole (N, K) weight into x's dtype in a single pass, and cuBLAS does the
+matmul. The GPU check on an H200 (BENCHMARKS.md) found the fused kernels at 0.1-0.6x cuBLAS
+bf16 with 4096 rows on 4096-wide layers: every row tile dequantizes the same weight tiles
+again (M / BM times) on the CUDA cores, while cuBLAS keeps the tensor cores fed. There one
+extra pass over a bf16 copy of the layer's weight costs less; the copy lives only for the
+call (autograd keeps the quantized weight, never the copy), as bitsandbytes does for 4-bit
+training. Few rows (decoding, small evaluation batches) and small 16-bit layers keep the
+fused kernel, which reads the packed weight once and writes nothing extra
+(:func:`two_stage_chosen` has the rule and the measurements behind it).
 
 Importing this module never fails: without triton, :func:`require_triton` says how to get
 it. Kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set
@@ -24,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kernels.quant_linear import QuantizedWeight
+from kernels.quant_linear import QuantizedWeight, reference_grad_input, reference_linear
 
 try:
     import triton
@@ -37,6 +48,18 @@ except ImportError as exc:  # the module stays importable; the kernels say what 
 
 #: Tile shapes used under the interpreter (no autotuning: every config would run on CPU).
 INTERPRET_TILES = {"BM": 16, "BN": 32, "BK": 32, "GROUP_M": 4}
+#: When forward and input gradient take the two-stage path (module docstring): from this
+#: many rows (a training step of the default run has 8 x 64 = 512), for 16-bit inputs only
+#: on weights of at least TWO_STAGE_MIN_WEIGHT elements. Measured on an H200 with 4096 rows
+#: (BENCHMARKS.md, GPU check): at 4096 x 4096 and larger, two-stage 0.83-0.96x cuBLAS bf16
+#: and fused 0.10-0.60x; at SmolLM2's 576 x 576 the fused kernel with LoRA 0.69-0.85x and
+#: two-stage 0.26-0.45x (three launches where cuBLAS needs one). fp32 inputs always take
+#: two-stage from TWO_STAGE_MIN_ROWS: the fused kernel's exact fp32 dot runs without tensor
+#: cores (SmolLM2 int8 training step 0.289 s fused, 0.248 s two-stage).
+TWO_STAGE_MIN_ROWS = 256
+TWO_STAGE_MIN_WEIGHT = 1 << 22  # 2048 x 2048; between the measured shapes
+#: Weight tile of the dequantize kernel (memory-bound: no autotuning).
+DEQUANT_BN = 64
 _MODE_CODE = {("int8", False): 0, ("int4", False): 1, ("int4", True): 2}  # (mode, has mins)
 
 
@@ -87,6 +110,36 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in ``dtype``, made in one pass: each value is computed in fp32 as
+    :func:`kernels.quant_linear.dequantize` computes it, then cast once."""
+    _check_inputs(qw, qw.qweight)
+    n, k = qw.out_features, qw.in_features
+    w = torch.empty((n, k), dtype=dtype, device=qw.qweight.device)
+    group = max(qw.group_size, 1)
+    # A tile within one int4 group loads one scale per row instead of one per element.
+    bk = min(64, group) if qw.mode == "int4" else 64
+    grid = (int(triton.cdiv(n, DEQUANT_BN)), int(triton.cdiv(k, bk)))
+    _dequant_weight[grid](
+        qw.qweight, qw.scales, qw.mins if qw.mins is not None else qw.scales, w, n, k,
+        qw.qweight.stride(0), _sstride(qw), w.stride(0),
+        MODE=_MODE_CODE[(qw.mode, qw.mins is not None)], GROUP=group, BN=DEQUANT_BN, BK=bk)
+    return w
+
+
+def two_stage_chosen(rows: int, qw: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether :func:`fused_linear` and :func:`fused_linear_grad_input` take the two-stage
+    path by default for ``rows`` rows of ``dtype`` against ``qw``."""
+    if rows < TWO_STAGE_MIN_ROWS:
+        return False
+    return dtype == torch.float32 or qw.out_features * qw.in_features >= TWO_STAGE_MIN_WEIGHT
+
+
+def _two_stage(rows: int, qw: QuantizedWeight, dtype: torch.dtype,
+               two_stage: bool | None) -> bool:
+    return two_stage_chosen(rows, qw, dtype) if two_stage is None else two_stage
+
+
 def fused_linear(
     x: torch.Tensor,
     qw: QuantizedWeight,
@@ -94,10 +147,17 @@ def fused_linear(
     xa: torch.Tensor | None,
     lora_b: torch.Tensor | None,
     scaling: float,
+    *,
+    two_stage: bool | None = None,
 ) -> torch.Tensor:
-    """y (M, N) = x (M, K) W^T + bias + scaling * xa (M, r) B (N, r)^T, x's dtype."""
+    """y (M, N) = x (M, K) W^T + bias + scaling * xa (M, r) B (N, r)^T, x's dtype.
+
+    ``two_stage``: None chooses (:func:`two_stage_chosen`); True or False forces the
+    dequantize + cuBLAS path or the fused kernel (benchmarks, tests)."""
     _check_inputs(qw, x, qw.qweight, bias, xa, lora_b)
     m, k = x.shape
+    if m and _two_stage(m, qw, x.dtype, two_stage):
+        return reference_linear(x, qw, bias, xa, lora_b, scaling, dequant=dequantize_weight)
     n = qw.out_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -126,10 +186,15 @@ def fused_linear_grad_input(
     gb: torch.Tensor | None,
     lora_a: torch.Tensor | None,
     scaling: float,
+    *,
+    two_stage: bool | None = None,
 ) -> torch.Tensor:
-    """gx (M, K) = g (M, N) W + scaling * gb (M, r) A (r, K), g's dtype."""
+    """gx (M, K) = g (M, N) W + scaling * gb (M, r) A (r, K), g's dtype; ``two_stage`` as
+    in :func:`fused_linear`."""
     _check_inputs(qw, g, qw.qweight, gb, lora_a)
     m, n = g.shape
+    if m and _two_stage(m, qw, g.dtype, two_stage):
+        return reference_grad_input(g, qw, gb, lora_a, scaling, dequant=dequantize_weight)
     k = qw.in_features
     gx = torch.empty((m, k), dtype=g.dtype, device=g.device)
     if m == 0:
@@ -295,6 +360,22 @@ if triton is not None:
         tl.store(gx_ptr + rm[:, None] * stride_xm + rk[None, :], acc.to(gx_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _dequant_weight(  # type: ignore[no-untyped-def]
+        q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
+        MODE: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        """One (BN, BK) tile of the dense weight, stored in w's dtype."""
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        k0 = tl.program_id(1) * BK
+        w = _dequant_tile(q_ptr, s_ptr, m_ptr, rn, k0, N, K, stride_qn, stride_sn,
+                          MODE, GROUP, BK)
+        if MODE == 0:  # int8: the per-row scale the fused kernels apply to the accumulator
+            w *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+        rk = k0 + tl.arange(0, BK)
+        tl.store(w_ptr + rn[:, None] * stride_wn + rk[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=(rn[:, None] < N) & (rk[None, :] < K))
+
     def _configs() -> list[Any]:
         tiles = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                  (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5),
@@ -306,4 +387,4 @@ if triton is not None:
     _fwd_autotuned = triton.autotune(configs=_configs(), key=_KEY)(_qlinear_fwd)
     _bwd_autotuned = triton.autotune(configs=_configs(), key=_KEY)(_qlinear_bwd)
 else:
-    _qlinear_fwd = _qlinear_bwd = _fwd_autotuned = _bwd_autotuned = None
+    _qlinear_fwd = _qlinear_bwd = _fwd_autotuned = _bwd_autotuned = _dequant_weight = None

@@ -236,12 +236,22 @@ def model_step(args: argparse.Namespace, variants: list[Variant]) -> None:
 # --- CUDA: the Triton kernels against cuBLAS -------------------------------------------------
 
 
+#: The Triton backend's two paths (kernels.triton_quant_lora): one fused kernel, or a
+#: one-pass dequantize kernel then cuBLAS. fedtune picks by the row count.
+KERNEL_PATHS = ("fused", "two-stage")
+
+
 def kernel_rows(shapes: list[tuple[int, int, int]], variants: list[Variant], rank: int,
-                *, timed: bool = True) -> list[dict[str, Any]]:
-    """Each Triton kernel (base only and with the LoRA term, forward and input gradient)
+                *, timed: bool = True,
+                progress: Callable[[dict[str, Any]], None] | None = None,
+                paths: tuple[str, ...] = KERNEL_PATHS,
+                ) -> list[dict[str, Any]]:
+    """Each Triton path (base only and with the LoRA term, forward and input gradient)
     against the pure-torch reference, and with ``timed`` against cuBLAS on a bf16 weight of
-    the same shape. On CUDA in bf16; without CUDA in float32 under Triton's interpreter
-    (``TRITON_INTERPRET=1`` set before the kernels were imported), correctness only."""
+    the same shape. Each row says its ``path`` and whether fedtune takes it at that row
+    count (``chosen``). On CUDA in bf16; without CUDA in float32 under Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before the kernels were imported), correctness only.
+    ``progress`` sees each row as soon as it is measured (autotuning takes minutes on a GPU)."""
     import torch
     import torch.nn.functional as F
 
@@ -277,38 +287,58 @@ def kernel_rows(shapes: list[tuple[int, int, int]], variants: list[Variant], ran
                 continue
             qw = quantize(w, v.mode, group_size=v.group_size, symmetric=v.symmetric)
             xa, gb = x.float() @ a.T, g.float() @ b  # (M, r): the caller's skinny GEMMs
-            ops: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
-                "fwd": (partial(tq.fused_linear, x, qw, None, None, None, 0.0),
-                        partial(reference_linear, x, qw, None, None, None, 0.0)),
-                "fwd+lora": (partial(_fused_with_lora, tq.fused_linear, x, qw, a, b, True),
-                             partial(reference_linear, x, qw, None, xa, b, 2.0)),
-                "grad_x": (partial(tq.fused_linear_grad_input, g, qw, None, None, 0.0),
-                           partial(reference_grad_input, g, qw, None, None, 0.0)),
-                "grad_x+lora": (
-                    partial(_fused_with_lora, tq.fused_linear_grad_input, g, qw, a, b, False),
-                    partial(reference_grad_input, g, qw, gb, a, 2.0)),
+            refs: dict[str, Callable[[], Any]] = {
+                "fwd": partial(reference_linear, x, qw, None, None, None, 0.0),
+                "fwd+lora": partial(reference_linear, x, qw, None, xa, b, 2.0),
+                "grad_x": partial(reference_grad_input, g, qw, None, None, 0.0),
+                "grad_x+lora": partial(reference_grad_input, g, qw, gb, a, 2.0),
             }
-            for op, (kernel, ref) in ops.items():
-                want = ref().float()
-                row: dict[str, Any] = {
-                    "shape": f"{m}x{n}x{k}", "variant": v.spec, "op": op,
-                    "rel_err": float((kernel().float() - want).norm() / want.norm()),
-                    "weight_vs_bf16": qw.nbytes / (w.numel() * 2), "dtype": str(dtype)}
-                if timed:
-                    ms = float(do_bench(kernel, return_mode="median"))
-                    row |= {"ms": ms, "cublas_ms": base_ms[op], "ratio": base_ms[op] / ms,
-                            "tflops": 2 * m * n * k / (ms * 1e-3) / 1e12}
-                rows.append(row)
+            chosen = "two-stage" if tq.two_stage_chosen(m, qw, dtype) else "fused"
+            for path in paths:
+                two = path == "two-stage"
+                fwd = partial(tq.fused_linear, two_stage=two)
+                bwd = partial(tq.fused_linear_grad_input, two_stage=two)
+                kernels: dict[str, Callable[[], Any]] = {
+                    "fwd": partial(fwd, x, qw, None, None, None, 0.0),
+                    "fwd+lora": partial(_fused_with_lora, fwd, x, qw, a, b, True),
+                    "grad_x": partial(bwd, g, qw, None, None, 0.0),
+                    "grad_x+lora": partial(_fused_with_lora, bwd, g, qw, a, b, False),
+                }
+                for op, kernel in kernels.items():
+                    row = _kernel_row(kernel, refs[op], base_ms.get(op) if timed else None,
+                                      (m, n, k))
+                    row |= {"shape": f"{m}x{n}x{k}", "variant": v.spec, "op": op,
+                            "path": path, "chosen": path == chosen,
+                            "weight_vs_bf16": qw.nbytes / (w.numel() * 2), "dtype": str(dtype)}
+                    rows.append(row)
+                    if progress is not None:
+                        progress(row)
     return rows
+
+
+def _kernel_row(kernel: Callable[[], Any], ref: Callable[[], Any], cublas_ms: float | None,
+                mnk: tuple[int, int, int]) -> dict[str, Any]:
+    """Relative error against the reference; with a cuBLAS time, the kernel's time too."""
+    want = ref().float()
+    row: dict[str, Any] = {"rel_err": float((kernel().float() - want).norm() / want.norm())}
+    if cublas_ms is not None:
+        from triton.testing import do_bench
+
+        ms = float(do_bench(kernel, return_mode="median"))
+        m, n, k = mnk
+        row |= {"ms": ms, "cublas_ms": cublas_ms, "ratio": cublas_ms / ms,
+                "tflops": 2 * m * n * k / (ms * 1e-3) / 1e12}
+    return row
+
 
 
 def gpu_kernels(shapes: list[tuple[int, int, int]], variants: list[Variant], rank: int) -> None:
     print("\n[kernel] Triton fused kernels vs cuBLAS bf16 (median ms; ratio = cuBLAS time / "
           "kernel time, >= 0.8 is the goal; LoRA variants include the rank-r GEMMs)")
-    print(f"{'M x N x K':<20} {'variant':<18} {'op':<12} {'ms':>8} {'cuBLAS':>8} {'ratio':>6} "
-          f"{'TFLOP/s':>8} {'weight x bf16':>13} {'max rel err':>11}")
+    print(f"{'M x N x K':<20} {'variant':<18} {'path':<10} {'op':<12} {'ms':>8} {'cuBLAS':>8} "
+          f"{'ratio':>6} {'TFLOP/s':>8} {'weight x bf16':>13} {'max rel err':>11}")
     for r in kernel_rows(shapes, variants, rank):
-        print(f"{r['shape']:<20} {r['variant']:<18} {r['op']:<12} {r['ms']:>8.3f} "
+        print(f"{r['shape']:<20} {r['variant']:<18} {r['path']:<10} {r['op']:<12} {r['ms']:>8.3f} "
               f"{r['cublas_ms']:>8.3f} {r['ratio']:>6.2f} {r['tflops']:>8.1f} "
               f"{r['weight_vs_bf16']:>13.3f} {r['rel_err']:>11.2e}")
 

@@ -101,6 +101,68 @@ def test_tiles_wider_and_narrower_than_a_group(monkeypatch: pytest.MonkeyPatch, 
 
 
 @needs_triton
+@pytest.mark.parametrize(
+    ("mode", "group", "sym"),
+    [("int8", 128, True), ("int4", 32, True), ("int4", 32, False), ("int4", 64, True),
+     ("int4", 128, False)],
+)
+def test_dequantize_kernel_matches_the_reference_dequantize(mode: str, group: int,
+                                                            sym: bool) -> None:
+    """The two-stage path's one-pass kernel makes the same (N, K) weight, padding cut off."""
+    qw = _case(mode, group, sym, seed=9)
+    w = tq.dequantize_weight(qw, torch.float32)
+    assert w.shape == (N, K) and w.dtype == torch.float32
+    close("dequantized weight", w, quant_linear.dequantize(qw), rtol=1e-6, atol=1e-7)
+    assert tq.dequantize_weight(qw, torch.float16).dtype == torch.float16
+
+
+@needs_triton
+@pytest.mark.parametrize(("mode", "group", "sym"), [("int8", 128, True), ("int4", 32, False)])
+def test_two_stage_path_matches_reference_and_is_chosen_from_enough_rows(
+    monkeypatch: pytest.MonkeyPatch, mode: str, group: int, sym: bool,
+) -> None:
+    """Forced, it equals the reference; by default fp32 inputs take it from
+    TWO_STAGE_MIN_ROWS rows on (M here), the fused kernel below."""
+    qw = _case(mode, group, sym, seed=10)
+    t = _tensors(seed=11)
+    xa, gb = t["x"] @ t["a"].T, t["g"] @ t["b"]
+    calls: list[int] = []
+    dequant = tq.dequantize_weight
+    monkeypatch.setattr(tq, "dequantize_weight",
+                        lambda q, dtype: calls.append(1) or dequant(q, dtype))
+    close("two-stage forward", tq.fused_linear(t["x"], qw, t["bias"], xa, t["b"], 2.0,
+                                               two_stage=True),
+          reference_linear(t["x"], qw, t["bias"], xa, t["b"], 2.0), **CLOSE)
+    close("two-stage grad input", tq.fused_linear_grad_input(t["g"], qw, gb, t["a"], 2.0,
+                                                             two_stage=True),
+          reference_grad_input(t["g"], qw, gb, t["a"], 2.0), **CLOSE)
+    assert len(calls) == 2
+    monkeypatch.setattr(tq, "TWO_STAGE_MIN_ROWS", M + 1)
+    tq.fused_linear(t["x"], qw, None, None, None, 0.0)
+    tq.fused_linear_grad_input(t["g"], qw, None, None, 0.0)
+    assert len(calls) == 2  # M rows < the threshold: the fused kernels
+    monkeypatch.setattr(tq, "TWO_STAGE_MIN_ROWS", M)
+    tq.fused_linear(t["x"], qw, None, None, None, 0.0)
+    tq.fused_linear_grad_input(t["g"], qw, None, None, 0.0)
+    assert len(calls) == 4
+
+
+def test_two_stage_rule_for_16_bit_inputs_needs_a_large_weight() -> None:
+    """16-bit inputs: small layers keep the fused kernel at any row count, large ones take
+    the two-stage path from TWO_STAGE_MIN_ROWS rows; fp32 inputs from the rows alone."""
+    small = _case("int8", 128, True)  # 40 x 100
+    large = QuantizedWeight(mode="int4", qweight=torch.zeros(4096, 2048, dtype=torch.uint8),
+                            scales=torch.ones(4096, 64), mins=None, group_size=64,
+                            in_features=4096)
+    rows = tq.TWO_STAGE_MIN_ROWS
+    assert not tq.two_stage_chosen(rows, small, torch.bfloat16)
+    assert tq.two_stage_chosen(rows, large, torch.bfloat16)
+    assert not tq.two_stage_chosen(rows - 1, large, torch.bfloat16)
+    assert tq.two_stage_chosen(rows, small, torch.float32)
+    assert not tq.two_stage_chosen(rows - 1, small, torch.float32)
+
+
+@needs_triton
 def test_autograd_through_the_triton_backend_matches_torch_backend() -> None:
     qw = _case("int4", 32, True, seed=5)
     t = _tensors(seed=6)
