@@ -5,12 +5,13 @@
 
 On a CUDA machine, in order:
 
-1. **kernels** — each Triton kernel of :mod:`kernels.triton_quant_lora` (forward and input
-   gradient, base only and with the LoRA term, int8 / int4 / int4 asymmetric) against the
-   pure-torch reference (relative error), then timed against cuBLAS on a bf16 weight of the
-   same shape (the shapes of BENCHMARKS.md: ratio = cuBLAS time / kernel time). The goal of
-   issue 15: fused 4-bit >= 0.8x cuBLAS bf16 throughput at <= 1/3 of its weight bytes;
-   the last row says whether it is met;
+1. **kernels** — each path of :mod:`kernels.triton_quant_lora` (the fused kernel and the
+   two-stage dequantize + cuBLAS; forward and input gradient, base only and with the LoRA
+   term, int8 / int4 / int4 asymmetric) against the pure-torch reference (relative error),
+   then timed against cuBLAS on a bf16 weight of the same shape (the shapes of
+   BENCHMARKS.md: ratio = cuBLAS time / kernel time); ``*`` marks the path fedtune takes.
+   The goal of issue 15: 4-bit >= 0.8x cuBLAS bf16 throughput at <= 1/3 of its weight
+   bytes; the last row says whether it holds at every shape;
 2. **LoRA step** — fedtune's own torch client (:class:`client.torch_trainer.TorchLoraTrainer`
    with ``client.device``/``client.dtype``/``model.quantize``) timing training steps of the
    base model on the GPU in fp32, bf16, int8 and int4 against the same step on the CPU
