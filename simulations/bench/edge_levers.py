@@ -132,6 +132,13 @@ LEVERS: dict[str, Variant] = {lever.name: lever for lever in (
             "the last round's step (edge.line_search_momentum = [0, 0.5])",
             (*MIXED, "edge.role=judge", "edge.judges=4", "edge.line_search=0.5,1,1.5,2",
              "edge.line_search_momentum=0,0.5")),
+    # Its reference: the same torch-only training with fixed server momentum (every round's
+    # step plus half the last round's), no choice left to the edge devices (one judge, one
+    # candidate; it downloads and scores, but cannot change the step).
+    Variant("judge-torch-half-m0.5", "judge-torch-half with fixed server momentum: every "
+            "round's step plus half the last round's (the reference for judge-4-momentum)",
+            (*MIXED, "edge.role=judge", "edge.judges=1", "edge.line_search=1",
+             "edge.line_search_momentum=0.5")),
     Variant("components-36", "components with 3x the steps (36, lr 4)",
           (*MIXED, *COMPONENTS, "edge.learning_rate=4", "edge.local_steps=36")),
     # A prompt adapter (16 x 576 = 9,216 coordinates) on every device: MeZO's space is 90x
