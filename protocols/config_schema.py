@@ -110,6 +110,9 @@ def coerce(key: str, kind: Any, value: Any) -> Any:
         if isinstance(value, Path) or (isinstance(value, str) and value):
             return Path(value)
         raise ConfigError(f"{key} = {value!r}: expected a path")
+    if origin is tuple and get_args(kind)[0] in (int, float) and isinstance(value, int | float) \
+            and not isinstance(value, bool):
+        value = [value]  # one number is a list of one, as the string "1" already is
     if origin is tuple and get_args(kind)[0] is int:
         items = [i for i in value.split(",") if i.strip()] if isinstance(value, str) else value
         try:

@@ -239,10 +239,17 @@ def test_the_line_search_takes_a_list_of_numbers_and_refuses_what_it_cannot_run_
     assert as_list == as_text and as_list.edge.line_search == (0.0, 0.5, 1.0, 2.0)
     assert RunConfig.from_flat(as_list.to_flat()) == as_list  # Flower's flat run config
     assert RunConfig.from_nested({}).edge.line_search == ()  # off by default
+    # one number is a list of one (`--set edge.line_search=1` parses the value as a number)
+    one = RunConfig.from_nested({"edge": {**edge, "line_search": 1,
+                                          "line_search_momentum": 0.5}})
+    assert one.edge.line_search == (1.0,) and one.edge.line_search_momentum == (0.5,)
+    assert RunConfig.from_nested({"edge": {**edge, "role": "judge", "judges": 1,
+                                           "line_search": 1}}).edge.judges == 1
     # under secure aggregation too: the judges score the unmasked sum's step
     assert as_list.security.secagg
     for bad, message in [
         ([0, "x"], "expected a list of numbers"),
+        (True, "expected a list of numbers"),
         ([1, 1], "repeated"),
         ([0, 1000], r"\[-100, 100\]"),
         ([0, float("nan")], "finite"),
