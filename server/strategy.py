@@ -240,7 +240,8 @@ def reply_metrics(content: RecordDict, allowed: set[str]) -> MetricRecord:
 
 
 def content_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a record dict: arrays, byte strings, 8 per number (no framing)."""
+    """Payload bytes of a record dict: arrays, byte strings, 8 per number, also per number
+    of a list (no framing)."""
     total = 0
     for record in content.array_records.values():
         total += sum(len(a.data) for a in record.values())
@@ -253,7 +254,7 @@ def content_nbytes(content: RecordDict) -> int:
             else:
                 total += 8
     for metrics in content.metric_records.values():
-        total += 8 * len(metrics)
+        total += sum(8 * len(v) if isinstance(v, list) else 8 for v in metrics.values())
     return total
 
 

@@ -564,7 +564,8 @@ def test_with_edge_role_judge_torch_devices_train_and_edge_devices_judge() -> No
     assert sorted(scored) == sorted(judges)
     assert (stats.line_search_multiple, stats.line_search_judges) == (2.0, 2)
     # each judge was sent the round's adapter and the step, and answered three losses
-    assert stats.judge_bytes_down > 2 * 2 * B_BYTES and 0 < stats.judge_bytes_up < 2 * 200
+    assert stats.judge_bytes_down > 2 * 2 * B_BYTES
+    assert stats.judge_bytes_up == 2 * 3 * 8  # three losses each, 8 bytes a number
     # the next rounds ask no kind already known
     sent_before = len(grid.sent)
     for server_round in (2, 3):
