@@ -40,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from simulations.bench.quant_lora import KERNEL_PATHS
+
 log = logging.getLogger(__name__)
 
 #: Kernel error bounds against the reference: bf16 inputs on CUDA (accumulation order),
@@ -62,13 +64,7 @@ def _row(part: str, setting: str, measured: str, baseline: str = "", ratio: str 
 
 def kernel_part(args: argparse.Namespace, cuda: bool) -> tuple[list[dict[str, str]], bool]:
     """Rows of the kernel checks (and timings on CUDA); whether every kernel agreed."""
-    from simulations.bench.quant_lora import (
-        KERNEL_PATHS,
-        LAYER_SHAPES_GPU,
-        Variant,
-        _shapes,
-        kernel_rows,
-    )
+    from simulations.bench.quant_lora import LAYER_SHAPES_GPU, Variant, _shapes, kernel_rows
 
     try:
         from kernels import triton_quant_lora as tq
@@ -81,7 +77,7 @@ def kernel_part(args: argparse.Namespace, cuda: bool) -> tuple[list[dict[str, st
         return [_row("kernels", "all", "not run", note=f"triton unavailable: {exc}")], True
     shapes = _shapes(args.shapes or (TOY_SHAPES if args.toy or not cuda else LAYER_SHAPES_GPU))
     variants = [Variant.parse(v) for v in args.variants.split(",")]
-    paths = tuple(p for p in KERNEL_PATHS if p in args.paths.split(","))
+    paths = tuple(args.paths.split(","))  # checked and ordered by main
     bound = REL_ERR_CUDA if cuda else REL_ERR_INTERPRETER
     rows, ok = [], True
     try:
@@ -242,6 +238,18 @@ def render(rows: list[dict[str, str]], header: str) -> str:
     return "\n".join(lines)
 
 
+def _choices(parser: argparse.ArgumentParser, flag: str, value: str,
+             allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated option's names, in ``allowed``'s order; anything else is refused
+    (a misspelt name would otherwise leave its part or path out without a word)."""
+    given = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = sorted(given - set(allowed))
+    if unknown or not given:
+        parser.error(f"{flag} {value!r}: unknown name(s) {', '.join(unknown) or '(none given)'};"
+                     f" choose from {', '.join(allowed)}")
+    return [name for name in allowed if name in given]
+
+
 def main(argv: list[str] | None = None) -> int:
     from kernels.base_model import converted_dir
     from protocols.cache_dir import default_cache_dir
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help="kernel shapes MxNxK, comma-separated")
     parser.add_argument("--variants", default=KERNEL_VARIANTS,
                         help="quantized formats of the kernel part, comma-separated")
-    parser.add_argument("--paths", default="fused,two-stage",
+    parser.add_argument("--paths", default=",".join(KERNEL_PATHS),
                         help="Triton paths of the kernel part: fused, two-stage or both; the "
                              "path fedtune takes at a shape is marked * in the table")
     parser.add_argument("--rank", type=int, default=8)
@@ -276,13 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave the simulation part out (as --toy does)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown or not parts:
-        parser.error(f"--parts {args.parts!r}: unknown part(s) "
-                     f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}")
-    parts = [p for p in PARTS if p in parts and not (
+    parts = [p for p in _choices(parser, "--parts", args.parts, tuple(PARTS)) if not (
         p == "simulation" and (args.toy or args.no_simulation))]
+    args.paths = ",".join(_choices(parser, "--paths", args.paths, KERNEL_PATHS))
     args.batch = args.batch or (2 if args.toy else 8)
     args.seq = args.seq or (16 if args.toy else 256)
     args.steps = args.steps or (1 if args.toy else 5)

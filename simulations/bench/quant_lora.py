@@ -237,7 +237,8 @@ def model_step(args: argparse.Namespace, variants: list[Variant]) -> None:
 
 
 #: The Triton backend's two paths (kernels.triton_quant_lora): one fused kernel, or a
-#: one-pass dequantize kernel then cuBLAS. fedtune picks by the row count.
+#: one-pass dequantize kernel then cuBLAS. fedtune picks by rows, layer size and dtype
+#: (kernels.triton_quant_lora.two_stage_chosen).
 KERNEL_PATHS = ("fused", "two-stage")
 
 
@@ -329,7 +330,6 @@ def _kernel_row(kernel: Callable[[], Any], ref: Callable[[], Any], cublas_ms: fl
         row |= {"ms": ms, "cublas_ms": cublas_ms, "ratio": cublas_ms / ms,
                 "tflops": 2 * m * n * k / (ms * 1e-3) / 1e12}
     return row
-
 
 
 def gpu_kernels(shapes: list[tuple[int, int, int]], variants: list[Variant], rank: int) -> None:

@@ -167,6 +167,17 @@ def test_secagg_scaling(capsys: pytest.CaptureFixture[str]) -> None:
         secagg_scaling.main(["--modes", "secagg"])  # no baseline for the ratios
 
 
+def test_gpu_check_refuses_unknown_parts_and_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt --parts or --paths name is an error, not a part silently left out."""
+    from simulations.bench import gpu_check
+
+    for flag, value in (("--parts", "kernel"), ("--paths", "twostage")):
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main([flag, value])
+        assert exit_info.value.code == 2
+        assert f"unknown name(s) {value}" in capsys.readouterr().err
+
+
 def test_gpu_check(tiny_model_dir: Path, tmp_path: Path) -> None:
     """BENCHMARKS.md, GPU check: part | setting | measured | baseline | ratio | note. Here
     (no CUDA) the kernels run in Triton's interpreter against the reference and the LoRA
